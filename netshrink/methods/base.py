@@ -1,0 +1,204 @@
+"""What every compression method shares: layer selection, per-layer settings, validation, reports.
+
+A method is an inert, frozen config dataclass (what to do); :func:`apply` does it to a model.
+Settings are checked, layers selected and every new transform computed before the model is
+touched, so a rejected call leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import NetshrinkError
+
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern
+
+
+def select_layers(model: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+                  ) -> dict[str, nn.Module]:
+    """The Linear/Conv layers of ``model`` named by ``targets`` (all of them when empty), minus
+    ``ignore``. Names are ``model.named_modules()`` names; ``re:`` prefixes a regular expression."""
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    for pattern in targets:
+        if not any(_matches(name, pattern) for name in layers):
+            raise NetshrinkError(f"target {pattern!r} matches no Linear/Conv layer; layers are: "
+                                 f"{', '.join(layers) or 'none'}")
+    chosen = {n: m for n, m in layers.items()
+              if (not targets or any(_matches(n, p) for p in targets))
+              and not any(_matches(n, p) for p in ignore)}
+    if not chosen:
+        raise NetshrinkError(f"nothing to compress: {type(model).__name__} has no selected Linear or "
+                             f"Conv layer (targets={list(targets)}, ignore={list(ignore)})")
+    return chosen
+
+
+def per_layer(value: Any, name: str, what: str) -> Any:
+    """Resolve a setting that is one value or a ``{layer name | 're:pattern' | '*': value}`` map."""
+    if not isinstance(value, Mapping):
+        return value
+    for pattern, v in value.items():
+        if pattern != "*" and _matches(name, pattern):
+            return v
+    if "*" in value:
+        return value["*"]
+    raise NetshrinkError(f"{what} has no entry for layer {name!r} (add it or a '*' default). "
+                         f"Received: {what}={dict(value)}")
+
+
+def each_value(value: Any) -> list:
+    return list(value.values()) if isinstance(value, Mapping) else [value]
+
+
+def check_range(what: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                integer: bool = False) -> None:
+    """Raise unless every value of a (possibly per-layer) setting lies in its range."""
+    for v in each_value(value):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+        ok = ok and (low < v if low_open else low <= v) and v <= high
+        if not ok:
+            bracket = "(" if low_open else "["
+            kind = "an integer" if integer else "a number"
+            raise NetshrinkError(f"{what} must be {kind} in {bracket}{low}, {high}]. Received: {what}={v!r}")
+
+
+def check_choice(what: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise NetshrinkError(f"{what} must be one of {', '.join(map(str, choices))}. Received: {what}={value!r}")
+
+
+@dataclass
+class Report:
+    """What a call changed and what it skipped, one row per layer."""
+
+    method: str
+    changed: list[tuple[str, str]] = field(default_factory=list)  # (layer, detail)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, reason)
+
+    def __str__(self) -> str:
+        lines = [f"{self.method}: {len(self.changed)} layer(s) changed"]
+        lines += [f"  {layer}: {detail}" for layer, detail in self.changed]
+        lines += [f"  skipped {layer}: {reason}" for layer, reason in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """Base of every method config. ``targets``/``ignore`` choose layers by name or ``re:`` pattern."""
+
+    name: ClassVar[str] = "method"
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raise :class:`NetshrinkError` for invalid settings. Must not touch any model."""
+
+    def prepare(self, layers: dict[str, nn.Module], **context: Any) -> list[tuple[str, nn.Module, str]]:
+        """Compute one transform per layer: ``(layer name, parametrization, detail)``."""
+        raise NotImplementedError
+
+    def commit(self, layer: nn.Module, transform: nn.Module) -> None:
+        """Attach a prepared transform; weight methods stack a parametrization."""
+        add_transform(layer, transform)
+
+    def to_dict(self) -> dict:
+        """JSON-able ``{method name: settings}``, the form recipes and files store."""
+        data = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v != f.default:
+                data[f.name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+        return {self.name: data}
+
+
+def apply(model: nn.Module, method: Method, **context: Any) -> Report:
+    """Apply one method to ``model`` in place and report what changed.
+
+    >>> from netshrink.models import build_model
+    >>> from netshrink.methods.prune import Prune
+    >>> print(apply(build_model("mlp"), Prune(keep=0.5)).changed[0])
+    ('fc1', 'kept 50176 of 100352 weights (50.0%)')
+    """
+    method.check()
+    layers = select_layers(model, tuple(method.targets), tuple(method.ignore))
+    planned = method.prepare(layers, model=model, **context)  # everything is computed before anything changes
+    report = Report(method.name)
+    for layer_name, transform, detail in planned:
+        method.commit(layers[layer_name], transform)
+        report.changed.append((layer_name, detail))
+    done = {name for name, _, _ in planned}
+    report.skipped += [(n, "left as it is by this method") for n in layers if n not in done]
+    return report
+
+
+def add_transform(layer: nn.Module, transform: nn.Module) -> None:
+    """Stack ``transform`` on the layer's weight; one already there of the same kind is replaced
+    in place (so re-pruning tightens a mask instead of stacking a second one)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        stack = layer.parametrizations.weight
+        for i, existing in enumerate(stack):
+            if type(existing) is type(transform):
+                stack[i] = transform
+                return
+    parametrize.register_parametrization(layer, "weight", transform)
+
+
+def transforms(layer: nn.Module) -> list[nn.Module]:
+    return list(layer.parametrizations.weight) if parametrize.is_parametrized(layer, "weight") else []
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight as the layer uses it (all transforms applied), detached."""
+    with torch.no_grad():
+        return layer.weight.detach()
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Remove every weight transform, leaving the transformed weights as plain parameters.
+
+    Activation quantizers stay: they are part of how the model computes.
+    """
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            # A deep copy of a parametrized module shares its generated class, and removing a
+            # parametrization deletes the property from that class, which would break every copy.
+            # Give this module a private class first so copies (e.g. teachers) stay intact.
+            cls = module.__class__
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model
+
+
+def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``bake(model)`` would have, computed without changing ``model``."""
+    state = {}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if ".parametrizations." not in f".{key}":
+                state[key] = value
+                continue
+            prefix, rest = f".{key}".split(".parametrizations.", 1)
+            tensor_name, tail = rest.split(".", 1)
+            if tail == "original":
+                owner = model.get_submodule(prefix[1:]) if prefix else model
+                state[f"{prefix[1:]}.{tensor_name}" if prefix else tensor_name] = getattr(owner, tensor_name).detach()
+    return state
+
+
+def channel_view(w: torch.Tensor) -> torch.Tensor:
+    """[out_channels, everything else]: the groups that per-channel methods work on."""
+    return w.reshape(w.shape[0], -1)

@@ -1,0 +1,155 @@
+"""Magnitude pruning: unstructured (per layer or global), N:M, and gradual schedules.
+
+The founding text's ``(1 - r) * W`` only rescales every weight; pruning means zeroing the
+smallest-magnitude weights and keeping them at zero, which a mask does.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import NetshrinkError
+from .base import Method, check_choice, check_range, per_layer, transforms, weight_of
+
+
+class Mask(nn.Module):
+    """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero."""
+
+    def __init__(self, mask: torch.Tensor, label: str = "prune") -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+        self.label = label
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+    def extra_repr(self) -> str:
+        return f"{self.label}, keep={self.mask.float().mean().item():.3f}"
+
+
+def _current_magnitude(layer: nn.Module) -> torch.Tensor:
+    """|w| of the weight as used now: already-pruned weights count as zero and are pruned first."""
+    return weight_of(layer).abs()
+
+
+def keep_largest(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of exactly ``count`` largest entries (ties broken by position)."""
+    flat = magnitude.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        mask[torch.topk(flat, count, sorted=False).indices] = True
+    return mask.view_as(magnitude)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prune(Method):
+    """Keep the fraction ``keep`` (0 < keep <= 1) of weights with the largest magnitude.
+
+    ``keep`` is one number or a per-layer map (``{"fc1": 0.08, "re:conv.*": 0.5, "*": 0.2}``).
+    ``scope="global"`` ranks all selected layers' weights together (one number only).
+    Applied again, it tightens the existing mask: pruned weights stay pruned.
+    """
+
+    name: ClassVar[str] = "prune"
+    keep: float | Mapping[str, float] = 0.1
+    scope: str = "layer"
+
+    def check(self) -> None:
+        check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_choice("scope", self.scope, ("layer", "global"))
+        if self.scope == "global" and isinstance(self.keep, Mapping):
+            raise NetshrinkError(f"scope='global' takes one keep fraction, not a map. Received: keep={dict(self.keep)}")
+
+    def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
+        magnitudes = {name: _current_magnitude(layer) for name, layer in layers.items()}
+        if self.scope == "global":
+            total = sum(m.numel() for m in magnitudes.values())
+            count = int(round(self.keep * total))
+            everything = torch.cat([m.flatten() for m in magnitudes.values()])
+            kept = keep_largest(everything, count)
+            masks, offset = {}, 0
+            for name, m in magnitudes.items():
+                masks[name] = kept[offset:offset + m.numel()].view_as(m)
+                offset += m.numel()
+        else:
+            masks = {name: keep_largest(m, int(round(per_layer(self.keep, name, "keep") * m.numel())))
+                     for name, m in magnitudes.items()}
+        plan = []
+        for name, mask in masks.items():
+            kept_count = int(mask.sum())
+            plan.append((name, Mask(mask), f"kept {kept_count} of {mask.numel()} weights "
+                                           f"({100 * kept_count / mask.numel():.1f}%)"))
+        return plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class NMSparsity(Method):
+    """Keep the ``n`` largest-magnitude weights in every group of ``m`` consecutive input weights
+    (2:4 is what sparse tensor cores accelerate). Layers whose input size is not a multiple of
+    ``m`` are skipped and reported."""
+
+    name: ClassVar[str] = "nm"
+    n: int = 2
+    m: int = 4
+
+    def check(self) -> None:
+        check_range("m", self.m, 1, 1024, integer=True)
+        check_range("n", self.n, 1, self.m, integer=True)
+
+    def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
+        plan = []
+        for name, layer in layers.items():
+            magnitude = _current_magnitude(layer)
+            # Group along the input dimension: [out, in, *kernel] -> groups of m inputs per kernel tap.
+            moved = magnitude.movedim(1, -1)
+            if moved.shape[-1] % self.m:
+                continue
+            groups = moved.reshape(-1, self.m)
+            mask = torch.zeros_like(groups, dtype=torch.bool)
+            mask.scatter_(1, groups.topk(self.n, dim=1).indices, True)
+            mask = mask.reshape(moved.shape).movedim(-1, 1)
+            plan.append((name, Mask(mask, label=f"{self.n}:{self.m}"), f"{self.n}:{self.m} sparsity"))
+        return plan
+
+
+def polynomial_keep(final_keep: float, progress: float, power: int = 3) -> float:
+    """Zhu & Gupta (2017): sparsity rises from 0 to its final value as 1 - (1 - progress)^3, fast
+    at first while the network has redundancy to spare, slowly at the end."""
+    progress = min(max(progress, 0.0), 1.0)
+    final_sparsity = 1.0 - final_keep
+    return 1.0 - final_sparsity * (1.0 - (1.0 - progress) ** power)
+
+
+def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.75):
+    """A ``fit(on_step=...)`` callback that prunes gradually to ``method.keep``: every ``every``
+    steps the mask tightens along :func:`polynomial_keep`, reaching the final keep at fraction
+    ``end`` of training (the rest of training recovers accuracy at full sparsity)."""
+    from .base import apply
+
+    method.check()
+    check_range("end", end, 0.0, 1.0, low_open=True)
+    check_range("every", every, 1, 1e9, integer=True)
+
+    def on_step(step: int, total: int) -> None:
+        end_step = max(1, int(end * total))
+        if step > end_step or (step % every and step != end_step):
+            return
+        keep = method.keep
+        scheduled = ({k: polynomial_keep(v, step / end_step) for k, v in keep.items()}
+                     if isinstance(keep, Mapping) else polynomial_keep(keep, step / end_step))
+        apply(model, Prune(keep=scheduled, scope=method.scope, targets=method.targets, ignore=method.ignore))
+
+    return on_step
+
+
+def sparsity(layer: nn.Module) -> float:
+    w = weight_of(layer)
+    return 1.0 - float((w != 0).sum()) / w.numel()
+
+
+def has_mask(layer: nn.Module) -> bool:
+    return any(isinstance(t, Mask) for t in transforms(layer))

@@ -1,0 +1,173 @@
+"""Weight quantization: 1 to 8 bits, symmetric or affine, per tensor or per output channel;
+binary (XNOR-Net) and ternary (TWN) weights; optional learned step size (LSQ).
+
+The founding text's ``round(w / 2^(b-1)) * 2^(b-1)`` rounds every weight with |w| < 2^(b-2) to zero,
+i.e. all of a normal network. The step must come from the tensor's own range:
+``scale = max|w| / (2^(b-1) - 1)`` (symmetric) or ``(max - min) / (2^b - 1)`` (affine).
+
+During fine-tuning the rounding passes gradients straight through (STE, Bengio et al. 2013).
+Zeros stay exactly zero: the grid always contains 0, so pruned weights survive quantization.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import NetshrinkError
+from .base import Method, channel_view, check_choice, check_range, each_value, per_layer
+
+SCHEMES = ("symmetric", "affine", "ternary")
+GRANULARITIES = ("channel", "tensor")
+
+
+def _reduce(w: torch.Tensor, per_channel: bool, op) -> torch.Tensor:
+    """Reduce |w| or w to one value per group, shaped to broadcast back against ``w``."""
+    if per_channel:
+        return op(channel_view(w), dim=1).view(-1, *([1] * (w.dim() - 1)))
+    return op(w.reshape(1, -1), dim=1).view(*([1] * w.dim()))
+
+
+def _amax(x, dim):
+    return x.amax(dim=dim)
+
+
+def _amin(x, dim):
+    return x.amin(dim=dim)
+
+
+def quantization_grid(w: torch.Tensor, bits: int, scheme: str, per_channel: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` for ``w``, broadcastable against it.
+
+    Symmetric uses the narrow range [-(2^(b-1)-1), 2^(b-1)-1] so that +-max|w| are both on the grid;
+    affine stretches [min(w, 0), max(w, 0)] over [0, 2^b - 1] with an integer zero point.
+    """
+    w = w.detach()
+    if scheme == "affine":
+        qmin, qmax = 0, 2 ** bits - 1
+        low = _reduce(w, per_channel, _amin).clamp(max=0)
+        high = _reduce(w, per_channel, _amax).clamp(min=0)
+        scale = (high - low) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.round(-low / scale).clamp(qmin, qmax)
+        return scale, zero_point, qmin, qmax
+    qmax = 2 ** (bits - 1) - 1
+    scale = _reduce(w.abs(), per_channel, _amax) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.zeros_like(scale), -qmax, qmax
+
+
+def fake_quantize(w: torch.Tensor, bits: int, scheme: str = "symmetric", per_channel: bool = True,
+                  ) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (no gradient trick; see :class:`FakeQuantize` for training)."""
+    if bits == 1:
+        return binarize(w, per_channel)
+    if scheme == "ternary":
+        return ternarize(w, per_channel)
+    scale, zero_point, qmin, qmax = quantization_grid(w, bits, scheme, per_channel)
+    q = torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def binarize(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """XNOR-Net (Rastegari et al. 2016): sign(w) * mean|w| per output channel; the scale minimises
+    the L2 error. Existing zeros (pruned weights) stay zero and cost no value."""
+    nonzero = (w != 0).to(w.dtype)
+    count = _reduce(nonzero, per_channel, lambda x, dim: x.sum(dim=dim)).clamp(min=1)
+    scale = _reduce(w.abs(), per_channel, lambda x, dim: x.sum(dim=dim)) / count
+    return torch.sign(w) * scale
+
+
+def ternarize(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Ternary weight networks (Li & Liu 2016): |w| <= 0.7 * mean|w| -> 0, the rest -> +-alpha,
+    alpha being the mean |w| of the survivors (the approximate L2-optimal rule of the paper)."""
+    magnitude = w.abs()
+    mean = _reduce(magnitude, per_channel, lambda x, dim: x.mean(dim=dim))
+    keep = (magnitude > 0.7 * mean).to(w.dtype)
+    count = _reduce(keep, per_channel, lambda x, dim: x.sum(dim=dim)).clamp(min=1)
+    alpha = _reduce(magnitude * keep, per_channel, lambda x, dim: x.sum(dim=dim)) / count
+    return torch.sign(w) * keep * alpha
+
+
+class FakeQuantize(nn.Module):
+    """Weight transform: quantize-dequantize in the forward pass, identity gradient in the backward
+    pass (straight-through estimator). The grid is recomputed from the current weight each call,
+    so it follows the weights as they are fine-tuned."""
+
+    def __init__(self, bits: int, scheme: str = "symmetric", per_channel: bool = True) -> None:
+        super().__init__()
+        self.bits, self.scheme, self.per_channel = int(bits), scheme, bool(per_channel)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (fake_quantize(w, self.bits, self.scheme, self.per_channel) - w).detach()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {self.scheme}, per_{'channel' if self.per_channel else 'tensor'}"
+
+
+class LearnedStepQuantize(nn.Module):
+    """LSQ (Esser et al. 2020): symmetric fake quantization whose step size per channel is a
+    trained parameter, with the paper's gradient scale 1 / sqrt(numel * qmax)."""
+
+    def __init__(self, w: torch.Tensor, bits: int, per_channel: bool = True) -> None:
+        super().__init__()
+        self.bits, self.per_channel = int(bits), bool(per_channel)
+        self.qmax = 2 ** (bits - 1) - 1 if bits > 1 else 1
+        init = 2 * _reduce(w.detach().abs(), per_channel, lambda x, dim: x.mean(dim=dim)) / self.qmax ** 0.5
+        self.step = nn.Parameter(init.clamp(min=1e-8))
+        self.grad_scale = 1.0 / (w.numel() * self.qmax) ** 0.5
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        step = self.step * self.grad_scale + (self.step - self.step * self.grad_scale).detach()
+        qmin = -self.qmax if self.bits > 1 else -1
+        scaled = torch.clamp(w / step, qmin, self.qmax)
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        if self.bits == 1:  # two levels, +-step: round away from zero
+            rounded = scaled + (torch.where(scaled >= 0, 1.0, -1.0) * (w != 0) - scaled).detach()
+        return rounded * step
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, learned step, per_{'channel' if self.per_channel else 'tensor'}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeWeights(Method):
+    """Quantize weights to ``bits`` (1..8, or a per-layer map).
+
+    ``scheme``: ``symmetric`` (zero on the grid, 2^b - 1 levels), ``affine`` (2^b levels over
+    [min, max]) or ``ternary`` (TWN threshold rule; needs bits=2). 1 bit is always binary
+    (sign * per-channel mean |w|). ``granularity``: one grid per output ``channel`` or per
+    ``tensor``. ``learned_step=True`` trains the step size (LSQ, symmetric only).
+    """
+
+    name: ClassVar[str] = "quantize"
+    bits: int | Mapping[str, int] = 8
+    scheme: str = "symmetric"
+    granularity: str = "channel"
+    learned_step: bool = False
+
+    def check(self) -> None:
+        check_range("bits", self.bits, 1, 8, integer=True)
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.scheme == "ternary" and any(b != 2 for b in each_value(self.bits)):
+            raise NetshrinkError(f"scheme='ternary' means 2-bit weights. Received: bits={self.bits}")
+        if self.learned_step and self.scheme != "symmetric":
+            raise NetshrinkError(f"learned_step works with scheme='symmetric'. Received: scheme={self.scheme!r}")
+
+    def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
+        plan = []
+        per_channel = self.granularity == "channel"
+        for name, layer in layers.items():
+            bits = int(per_layer(self.bits, name, "bits"))
+            if self.learned_step:
+                transform = LearnedStepQuantize(layer.weight.detach(), bits, per_channel)
+            else:
+                transform = FakeQuantize(bits, self.scheme, per_channel)
+            scheme = "binary" if bits == 1 else self.scheme
+            plan.append((name, transform, f"{bits}-bit {scheme} weights per {self.granularity}"))
+        return plan

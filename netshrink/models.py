@@ -1,0 +1,52 @@
+"""The model zoo: the founding MLP, LeNet-300-100 and LeNet-5 (Caffe's layout).
+
+Layers carry names (``fc1``, ``conv1``...) so that per-layer settings and reports read well.
+A model is rebuilt from a small JSON-able spec, ``{"name", "in_shape", "classes"}``, which is what
+checkpoints and compressed files store instead of pickled code.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from torch import nn
+
+from .errors import NetshrinkError
+
+MODELS = ("mlp", "lenet-300-100", "lenet-5")
+
+
+def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10) -> nn.Sequential:
+    """Build a zoo model with freshly initialised weights.
+
+    >>> sum(p.numel() for p in build_model("lenet-300-100").parameters())
+    266610
+    """
+    in_shape = tuple(int(d) for d in in_shape)
+    features = math.prod(in_shape)
+    if name == "mlp":  # the founding text's model
+        layers = [("flatten", nn.Flatten()), ("fc1", nn.Linear(features, 128)), ("relu1", nn.ReLU()),
+                  ("fc2", nn.Linear(128, classes))]
+    elif name == "lenet-300-100":
+        layers = [("flatten", nn.Flatten()), ("fc1", nn.Linear(features, 300)), ("relu1", nn.ReLU()),
+                  ("fc2", nn.Linear(300, 100)), ("relu2", nn.ReLU()), ("fc3", nn.Linear(100, classes))]
+    elif name == "lenet-5":
+        if len(in_shape) != 3 or in_shape[1] < 16 or in_shape[2] < 16:
+            raise NetshrinkError(f"lenet-5 needs images of at least 16x16; got in_shape={in_shape}")
+        # Caffe's lenet_train_test.prototxt: no ReLU after the convolutions, one after ip1.
+        h, w = ((in_shape[1] - 4) // 2 - 4) // 2, ((in_shape[2] - 4) // 2 - 4) // 2
+        layers = [("conv1", nn.Conv2d(in_shape[0], 20, 5)), ("pool1", nn.MaxPool2d(2)),
+                  ("conv2", nn.Conv2d(20, 50, 5)), ("pool2", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+                  ("fc1", nn.Linear(50 * h * w, 500)), ("relu1", nn.ReLU()), ("fc2", nn.Linear(500, classes))]
+    else:
+        raise NetshrinkError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    model = nn.Sequential(OrderedDict(layers))
+    model.spec = {"name": name, "in_shape": list(in_shape), "classes": classes}  # type: ignore[assignment]
+    return model
+
+
+def model_from_spec(spec: dict) -> nn.Sequential:
+    try:
+        return build_model(spec["name"], tuple(spec["in_shape"]), int(spec["classes"]))
+    except (KeyError, TypeError) as exc:
+        raise NetshrinkError(f"bad model spec {spec!r}: {exc}") from None
