@@ -112,7 +112,7 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
             array = stored[name]
             shape = tuple(entry["shape"])
             if "enc" in entry:
-                array = codec.decode(array.tobytes(), int(np.prod(shape))).reshape(shape)
+                array = codec.decode(array.tobytes(), shape)
             if tuple(array.shape) != shape or _digest(array) != entry["sha"]:
                 raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
             state[name] = torch.from_numpy(np.array(array))

@@ -2,7 +2,12 @@
 
 * ``raw``: float32 bytes.
 * ``dense``: a codebook of the distinct values + one symbol stream of codebook indices.
-* ``sparse``: positions of the non-zeros as relative gaps + their values (codebook indices or raw).
+* ``sparse``: positions of the non-zeros as relative gaps + their values.
+
+Values (all of them, or the non-zeros) are stored as raw floats, as indices into a codebook of
+distinct values (shared weights), or as a ``grid``: one float scale per row (output channel) and
+small integer codes with value = code * scale, bit-exact, which is what per-channel quantization
+produces (a tensor-wide codebook would need one entry per channel and level).
 
 Sparse positions improve on Deep Compression's scheme: there, a gap longer than 2^g inserts a
 "filler zero" that costs an index in the value stream too. Here the gap alphabet has one extra
@@ -24,76 +29,125 @@ from .streams import Reader, write_varint
 RAW, DENSE, SPARSE = 0, 1, 2
 NAMES = {RAW: "raw", DENSE: "dense", SPARSE: "sparse"}
 MAX_CODEBOOK = 1 << 16  # beyond this a codebook rarely beats raw floats
-VALUES_RAW, VALUES_CODEBOOK = 0, 1
+VALUES_RAW, VALUES_CODEBOOK, VALUES_GRID = 0, 1, 2
+MAX_GRID_CODE = 1 << 15
 
 
 def encode(array: np.ndarray) -> bytes:
-    """Encode a float32 array (any shape; the shape is stored by the caller)."""
-    flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
+    """Encode a float32 array (any shape; the shape is stored by the caller). Rows for the grid
+    encoding are the first dimension (output channels of Linear/Conv weights)."""
+    array = np.asarray(array, dtype=np.float32)
+    row_length = int(np.prod(array.shape[1:])) if array.ndim > 1 else max(1, array.size)
+    flat = np.ascontiguousarray(array).ravel()
     # Compare bit patterns, not float values: -0.0 and NaN payloads must survive exactly.
     bits = flat.view(np.uint32)
     candidates = [bytes([RAW]) + flat.tobytes()]
     distinct = np.unique(bits) if flat.size else bits
     if flat.size and len(distinct) <= MAX_CODEBOOK:
-        candidates.append(bytes([DENSE]) + _encode_values(bits, distinct))
+        candidates.append(bytes([DENSE]) + _encode_values(bits, np.arange(flat.size) // row_length, distinct))
     nonzero = np.flatnonzero(bits)  # +0.0 is the all-zero bit pattern
     if flat.size and len(nonzero) < 0.5 * flat.size:
-        candidates.append(bytes([SPARSE]) + _encode_sparse(bits, nonzero))
+        candidates.append(bytes([SPARSE]) + _encode_sparse(bits, nonzero, row_length))
     return min(candidates, key=len)
 
 
-def decode(data: bytes | memoryview, size: int) -> np.ndarray:
-    """Decode ``size`` float32 values from bytes written by :func:`encode`."""
+def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode a float32 array of ``shape`` from bytes written by :func:`encode`."""
+    shape = tuple(int(d) for d in shape)
+    size = int(np.prod(shape))
+    row_length = int(np.prod(shape[1:])) if len(shape) > 1 else max(1, size)
     reader = Reader(data)
     kind = reader.u8()
     if kind == RAW:
         out = np.frombuffer(reader.take(4 * size), dtype=np.float32).copy()
     elif kind == DENSE:
-        out = _decode_values(reader, size)
+        out = _decode_values(reader, np.arange(size) // row_length)
     elif kind == SPARSE:
-        out = _decode_sparse(reader, size)
+        out = _decode_sparse(reader, size, row_length)
     else:
         raise NetshrinkError(f"encoded tensor is corrupt (unknown encoding {kind})")
     if reader.pos != len(reader.data):
         raise NetshrinkError("encoded tensor is corrupt (trailing bytes)")
-    return out
+    return out.reshape(shape)
 
 
 def encoding_name(data: bytes) -> str:
     return NAMES.get(data[0], "?") if data else "?"
 
 
-def _encode_values(bits: np.ndarray, distinct: np.ndarray | None = None) -> bytes:
-    """Values as a codebook plus an index stream, or as raw floats if that is smaller."""
-    out = io.BytesIO()
+def _encode_values(bits: np.ndarray, rows: np.ndarray, distinct: np.ndarray | None = None) -> bytes:
+    """Values (float32 bit patterns; ``rows`` their row numbers, ascending) as the smallest of raw
+    floats, a codebook plus index stream, and a per-row grid."""
+    candidates = [bytes([VALUES_RAW]) + bits.astype("<u4").tobytes()]
     distinct = np.unique(bits) if distinct is None else distinct
-    raw_size = 4 * bits.size
-    if len(distinct) <= MAX_CODEBOOK:
-        indices = np.searchsorted(distinct, bits)
-        coded = streams.encode(indices)
-        if 4 * len(distinct) + len(coded) < raw_size:
-            out.write(bytes([VALUES_CODEBOOK]))
-            write_varint(out, len(distinct))
-            out.write(distinct.astype("<u4").tobytes())
-            out.write(coded)
-            return out.getvalue()
-    out.write(bytes([VALUES_RAW]))
-    out.write(bits.astype("<u4").tobytes())
-    return out.getvalue()
+    if 0 < len(distinct) <= MAX_CODEBOOK:
+        out = io.BytesIO()
+        out.write(bytes([VALUES_CODEBOOK]))
+        write_varint(out, len(distinct))
+        out.write(distinct.astype("<u4").tobytes())
+        out.write(streams.encode(np.searchsorted(distinct, bits)))
+        candidates.append(out.getvalue())
+    found = grid(bits, rows)
+    if found is not None:
+        scales, codes = found
+        out = io.BytesIO()
+        out.write(bytes([VALUES_GRID]))
+        write_varint(out, len(scales))
+        out.write(scales.astype("<f4").tobytes())
+        out.write(streams.encode(np.where(codes >= 0, 2 * codes, -2 * codes - 1)))  # zigzag
+        candidates.append(out.getvalue())
+    return min(candidates, key=len)
 
 
-def _decode_values(reader: Reader, size: int) -> np.ndarray:
+def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-row scale s (the row's smallest non-zero |value|) and integer codes k with
+    float32(k * s) == value bit for bit; None when some value is off every such grid."""
+    if bits.size == 0:
+        return None
+    values = bits.view(np.float32)
+    if not np.isfinite(values).all():
+        return None
+    row_count = int(rows[-1]) + 1
+    magnitude = np.where(values != 0, np.abs(values), np.inf)
+    scales = np.full(row_count, np.inf, dtype=np.float32)
+    _row_min(scales, rows, magnitude)
+    scales[~np.isfinite(scales)] = 1.0
+    per_value = scales[rows]
+    codes = np.rint(values / per_value)
+    if np.abs(codes).max() > MAX_GRID_CODE:
+        return None
+    codes = codes.astype(np.int64)
+    if not np.array_equal((codes.astype(np.float32) * per_value).view(np.uint32), bits):
+        return None
+    return scales, codes
+
+
+def _row_min(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """Row-wise minimum for rows given in ascending order (reduceat: much faster than minimum.at)."""
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    out[rows[starts]] = np.minimum.reduceat(values, starts)
+
+
+def _decode_values(reader: Reader, rows: np.ndarray) -> np.ndarray:
+    size = len(rows)
     kind = reader.u8()
     if kind == VALUES_RAW:
         return np.frombuffer(reader.take(4 * size), dtype="<u4").view(np.float32).copy()
-    if kind != VALUES_CODEBOOK:
-        raise NetshrinkError("encoded tensor is corrupt (unknown value kind)")
-    k = reader.varint()
-    codebook = np.frombuffer(reader.take(4 * k), dtype="<u4")
-    indices = streams.decode(reader)
-    if len(indices) != size or (size and (indices.min() < 0 or indices.max() >= k)):
-        raise NetshrinkError("encoded tensor is corrupt (bad codebook indices)")
-    return codebook[indices].view(np.float32)
+    if kind == VALUES_CODEBOOK:
+        k = reader.varint()
+        codebook = np.frombuffer(reader.take(4 * k), dtype="<u4")
+        indices = streams.decode(reader)
+        if len(indices) != size or (size and (indices.min() < 0 or indices.max() >= k)):
+            raise NetshrinkError("encoded tensor is corrupt (bad codebook indices)")
+        return codebook[indices].view(np.float32)
+    if kind == VALUES_GRID:
+        scales = np.frombuffer(reader.take(4 * reader.varint()), dtype="<f4")
+        zigzag = streams.decode(reader)
+        if len(zigzag) != size or (size and rows[-1] >= len(scales)):
+            raise NetshrinkError("encoded tensor is corrupt (bad grid)")
+        codes = np.where(zigzag % 2 == 0, zigzag // 2, -(zigzag + 1) // 2)
+        return codes.astype(np.float32) * scales[rows]
+    raise NetshrinkError("encoded tensor is corrupt (unknown value kind)")
 
 
 def gap_symbols(skips: np.ndarray, log_span: int) -> np.ndarray:
@@ -123,17 +177,17 @@ def _best_log_span(skips: np.ndarray) -> int:
     return best
 
 
-def _encode_sparse(bits: np.ndarray, nonzero: np.ndarray) -> bytes:
+def _encode_sparse(bits: np.ndarray, nonzero: np.ndarray, row_length: int) -> bytes:
     out = io.BytesIO()
     skips = np.diff(nonzero, prepend=-1) - 1
     log_span = _best_log_span(skips) if len(skips) else 0
     out.write(bytes([log_span]))
     out.write(streams.encode(gap_symbols(skips, log_span)))
-    out.write(_encode_values(bits[nonzero]))
+    out.write(_encode_values(bits[nonzero], nonzero // row_length))
     return out.getvalue()
 
 
-def _decode_sparse(reader: Reader, size: int) -> np.ndarray:
+def _decode_sparse(reader: Reader, size: int, row_length: int) -> np.ndarray:
     log_span = reader.u8()
     if log_span > 40:
         raise NetshrinkError("encoded tensor is corrupt (bad gap width)")
@@ -143,8 +197,10 @@ def _decode_sparse(reader: Reader, size: int) -> np.ndarray:
         raise NetshrinkError("encoded tensor is corrupt (bad gap symbol)")
     is_value = symbols != span
     positions = (np.cumsum(np.where(is_value, symbols + 1, span)) - 1)[is_value]
-    values = _decode_values(reader, len(positions))
-    if len(positions) and (positions[-1] >= size or len(values) != len(positions)):
+    if len(positions) and positions[-1] >= size:
+        raise NetshrinkError("encoded tensor is corrupt (positions out of range)")
+    values = _decode_values(reader, positions // row_length)
+    if len(values) != len(positions):
         raise NetshrinkError("encoded tensor is corrupt (positions out of range)")
     out = np.zeros(size, dtype=np.float32)
     out[positions] = values

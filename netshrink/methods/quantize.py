@@ -93,6 +93,16 @@ def ternarize(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return torch.sign(w) * keep * alpha
 
 
+def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the gradient of ``source`` in the backward pass.
+
+    Written ``value + (source - source.detach())`` because ``source - source.detach()`` is exactly
+    zero, so the result is exactly ``value``; the common ``source + (value - source).detach()``
+    is off by rounding and would leave weights just off their grid.
+    """
+    return value + (source - source.detach())
+
+
 class FakeQuantize(nn.Module):
     """Weight transform: quantize-dequantize in the forward pass, identity gradient in the backward
     pass (straight-through estimator). The grid is recomputed from the current weight each call,
@@ -103,7 +113,7 @@ class FakeQuantize(nn.Module):
         self.bits, self.scheme, self.per_channel = int(bits), scheme, bool(per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (fake_quantize(w, self.bits, self.scheme, self.per_channel) - w).detach()
+        return straight_through(fake_quantize(w.detach(), self.bits, self.scheme, self.per_channel), w)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {self.scheme}, per_{'channel' if self.per_channel else 'tensor'}"
@@ -122,13 +132,14 @@ class LearnedStepQuantize(nn.Module):
         self.grad_scale = 1.0 / (w.numel() * self.qmax) ** 0.5
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        step = self.step * self.grad_scale + (self.step - self.step * self.grad_scale).detach()
+        step = straight_through(self.step.detach(), self.step * self.grad_scale)
         qmin = -self.qmax if self.bits > 1 else -1
         scaled = torch.clamp(w / step, qmin, self.qmax)
-        rounded = scaled + (torch.round(scaled) - scaled).detach()
         if self.bits == 1:  # two levels, +-step: round away from zero
-            rounded = scaled + (torch.where(scaled >= 0, 1.0, -1.0) * (w != 0) - scaled).detach()
-        return rounded * step
+            levels = torch.where(scaled >= 0, 1.0, -1.0) * (w != 0)
+        else:
+            levels = torch.round(scaled)
+        return straight_through(levels.detach(), scaled) * step
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learned step, per_{'channel' if self.per_channel else 'tensor'}"

@@ -1,0 +1,210 @@
+"""Recipes: an ordered list of compression steps and fine-tuning, in Python or YAML.
+
+A step is one method (``prune``, ``nm``, ``clip``, ``quantize``, ``activations``, ``share``) with its
+settings, or ``finetune``. What and when stay apart: a ``prune`` step with a ``gradual`` schedule
+tightens its masks along Zhu & Gupta's polynomial during that many epochs of fine-tuning::
+
+    name: example
+    steps:
+      - prune: {keep: {fc1: 0.08, "*": 0.2}}
+        gradual: {epochs: 4, lr: 0.001, every: 50}
+      - finetune: {epochs: 2, lr: 0.0001, distill: {temperature: 4, alpha: 0.7}}
+      - share: {bits: 5}
+
+The whole recipe is parsed and checked before the model is touched. The teacher for distillation
+is a frozen copy of the model as it was when the recipe started.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .errors import NetshrinkError
+from .methods import REGISTRY
+from .methods.base import Method, apply
+from .methods.prune import Prune, gradual
+from .train import Data, Distill, evaluate, fit, frozen_copy
+
+STEP_KINDS = tuple(REGISTRY) + ("finetune",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finetune:
+    """Fine-tune for ``epochs`` at ``lr`` (cosine-annealed), optionally distilling from the teacher."""
+
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 128
+    distill: Distill | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    action: Method | Finetune
+    schedule: Finetune | None = None  # only for gradual pruning: prune while fine-tuning
+    every: int = 50  # with a schedule: steps between mask updates
+
+    def describe(self) -> str:
+        if isinstance(self.action, Finetune):
+            text = f"finetune {self.action.epochs:g} epochs, lr {self.action.lr:g}"
+            return text + (" + distillation" if self.action.distill else "")
+        (name, settings), = self.action.to_dict().items()
+        text = name + " " + ", ".join(f"{k}={v}" for k, v in settings.items())
+        if self.schedule is not None:
+            text += f" (gradual over {self.schedule.epochs:g} epochs)"
+        return text
+
+
+def _build(cls: type, settings: Any, where: str):
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise NetshrinkError(f"{where}: settings must be a mapping. Received: {settings!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(settings) - known
+    if unknown:
+        raise NetshrinkError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(known - {'name'}))}")
+    settings = {k: tuple(v) if k in ("targets", "ignore") else v for k, v in settings.items()}
+    try:
+        obj = cls(**settings)
+    except TypeError as exc:
+        raise NetshrinkError(f"{where}: {exc}") from None
+    if isinstance(obj, Method):
+        obj.check()
+    return obj
+
+
+def _finetune(settings: Any, where: str) -> Finetune:
+    settings = dict(settings or {})
+    distill = settings.pop("distill", None)
+    if distill is True:
+        distill = Distill()
+    elif isinstance(distill, dict):
+        distill = _build(Distill, distill, f"{where}.distill")
+    elif distill not in (None, False):
+        raise NetshrinkError(f"{where}: distill must be true, false or a mapping. Received: {distill!r}")
+    step = _build(Finetune, settings, where)
+    step = Finetune(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, distill=distill or None)
+    if not step.epochs > 0 or not step.lr > 0:
+        raise NetshrinkError(f"{where}: epochs and lr must be > 0. Received: epochs={step.epochs}, lr={step.lr}")
+    return step
+
+
+def parse_step(raw: Any, index: int) -> Step:
+    where = f"step {index + 1}"
+    if isinstance(raw, Step):
+        return raw
+    if isinstance(raw, (Method, Finetune)):
+        return Step(raw)
+    if not isinstance(raw, dict):
+        raise NetshrinkError(f"{where}: expected a mapping like {{prune: {{keep: 0.1}}}}. Received: {raw!r}")
+    raw = dict(raw)
+    schedule = raw.pop("gradual", None)
+    if len(raw) != 1:
+        raise NetshrinkError(f"{where}: exactly one of {', '.join(STEP_KINDS)} per step. Received: {sorted(raw)}")
+    (kind, settings), = raw.items()
+    if kind not in STEP_KINDS:
+        raise NetshrinkError(f"{where}: unknown step {kind!r}; choose one of {', '.join(STEP_KINDS)}")
+    if kind == "finetune":
+        action: Method | Finetune = _finetune(settings, where)
+    else:
+        action = _build(REGISTRY[kind], settings, f"{where} ({kind})")
+    if schedule is not None and not isinstance(action, Prune):
+        raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
+    every = 50
+    if schedule is not None:
+        schedule = dict(schedule)
+        every = int(schedule.pop("every", 50))
+        if every < 1:
+            raise NetshrinkError(f"{where}: gradual.every must be >= 1. Received: every={every}")
+        schedule = _finetune(schedule, f"{where}.gradual")
+    return Step(action, schedule, every)
+
+
+@dataclass
+class Recipe:
+    """An ordered list of steps. Build from Python objects, dicts, YAML text, a file or a name."""
+
+    steps: list[Step]
+    name: str = "custom"
+    raw: list = field(default_factory=list)
+
+    @classmethod
+    def from_steps(cls, steps: list, name: str = "custom") -> "Recipe":
+        if not isinstance(steps, list) or not steps:
+            raise NetshrinkError(f"a recipe needs a non-empty list of steps. Received: {steps!r}")
+        parsed = [parse_step(s, i) for i, s in enumerate(steps)]
+        raw = [s if isinstance(s, dict) else _to_raw(p) for s, p in zip(steps, parsed)]
+        return cls(parsed, name, raw)
+
+    @classmethod
+    def from_yaml(cls, text: str, name: str = "custom") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise NetshrinkError(f"recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if isinstance(data, dict):
+            return cls.from_steps(data.get("steps"), data.get("name", name))
+        return cls.from_steps(data, name)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "Recipe":
+        """A built-in recipe by name (see :func:`builtin_recipes`) or a YAML file."""
+        if name_or_path in builtin_recipes():
+            text = resources.files("netshrink").joinpath(f"recipes/{name_or_path}.yaml").read_text()
+            return cls.from_yaml(text, name_or_path)
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise NetshrinkError(f"no recipe {name_or_path!r}: not a built-in ({', '.join(builtin_recipes())}) "
+                                 "and no such file")
+        return cls.from_yaml(path.read_text(), path.stem)
+
+    def run(self, model: nn.Module, train: Data, test: Data | None = None, *, seed: int = 0,
+            progress: bool = True, on_row=None) -> list[dict]:
+        """Run every step on ``model`` in place; returns one row per step (accuracy if ``test``)."""
+        teacher = frozen_copy(model) if any(_distills(s) for s in self.steps) else None
+        rows = []
+        for i, step in enumerate(self.steps):
+            started = time.perf_counter()
+            if isinstance(step.action, Finetune):
+                _run_finetune(model, step.action, train, teacher, seed + i, progress, f"step {i + 1}")
+            elif step.schedule is not None:
+                callback = gradual(model, step.action, every=step.every)
+                _run_finetune(model, step.schedule, train, teacher, seed + i, progress, f"step {i + 1}", callback)
+            else:
+                apply(model, step.action, calibration=train)
+            row = {"step": i + 1, "what": step.describe(), "seconds": time.perf_counter() - started}
+            if test is not None:
+                row["accuracy"] = evaluate(model, test)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        return rows
+
+
+def _distills(step: Step) -> bool:
+    return any(isinstance(s, Finetune) and s.distill for s in (step.action, step.schedule))
+
+
+def _run_finetune(model, step: Finetune, train, teacher, seed, progress, desc, on_step=None) -> None:
+    fit(model, train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, seed=seed,
+        teacher=teacher if step.distill else None, distill=step.distill, on_step=on_step,
+        progress=progress, desc=desc)
+
+
+def _to_raw(step: Step) -> dict:
+    if isinstance(step.action, Finetune):
+        return {"finetune": {"epochs": step.action.epochs, "lr": step.action.lr}}
+    return step.action.to_dict()
+
+
+def builtin_recipes() -> list[str]:
+    folder = resources.files("netshrink").joinpath("recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))

@@ -1,0 +1,123 @@
+"""Per-layer accounting: what each layer stores now, and real bytes of the compressed file."""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .methods.activations import input_quantizer
+from .methods.base import COMPRESSIBLE, transforms, weight_of
+
+
+@dataclass
+class Summary:
+    """Rows (one per Linear/Conv layer) and totals; ``str()`` renders a table."""
+
+    rows: list[dict] = field(default_factory=list)
+    parameters: int = 0
+    nonzero_weights: int = 0
+    weights: int = 0
+    dense_bytes: int = 0
+    file_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.file_bytes if self.file_bytes else float("nan")
+
+    def table(self, title: str = "netshrink summary") -> Table:
+        columns = ["layer", "weights", "non-zero", "distinct", "bits/w", "act bits", "transforms"]
+        rows = [[r["layer"], f"{r['weights']:,}", f"{r['nonzero']:,} ({100 * r['nonzero'] / r['weights']:.1f}%)",
+                 f"{r['distinct']:,}", str(r["bits"]), str(r["activation_bits"] or "-"), r["transforms"]]
+                for r in self.rows]
+        caption = (f"{self.parameters:,} parameters, {self.nonzero_weights:,} non-zero weights; "
+                   f"file {self.file_bytes:,} B vs dense fp32 {self.dense_bytes:,} B ({self.ratio:.1f}x)")
+        return make_table(title, columns, rows, caption)
+
+    def __str__(self) -> str:
+        return render(self.table())
+
+
+def nominal_bits(w: torch.Tensor) -> int:
+    """Bits one stored value needs: log2 of the codebook size when the tensor has at most 256
+    distinct non-zero values, of the code range when every output channel is an integer grid
+    (per-channel quantization), else 32 (floats). Read off the values, not the settings."""
+    from .codec.tensors import grid
+
+    values = w.detach().float().cpu().numpy()
+    nonzero = values[values != 0]
+    distinct = len(np.unique(nonzero))
+    if distinct <= 256:
+        return max(1, math.ceil(math.log2(max(distinct, 2))))
+    rows = np.nonzero(values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1))[0]
+    found = grid(nonzero.view(np.uint32), rows)
+    if found is not None:
+        levels = int(found[1].max() - found[1].min()) + 1
+        if levels <= 256:
+            return max(1, math.ceil(math.log2(levels)))
+    return 32
+
+
+def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
+    """Account for ``model`` layer by layer; ``file_bytes`` is measured by serialising it.
+
+    >>> from netshrink.models import build_model
+    >>> s = summary(build_model("mlp")); s.parameters, s.ratio < 1.01
+    (101770, True)
+    """
+    from .artifact import to_bytes
+
+    result = Summary()
+    result.parameters = parameter_count(model)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, COMPRESSIBLE):
+            continue
+        w = weight_of(layer)
+        quantizer = input_quantizer(layer)
+        result.rows.append({
+            "layer": name, "weights": w.numel(), "nonzero": int((w != 0).sum()),
+            "distinct": int(torch.unique(w).numel()) if w.numel() <= 1 << 24 else -1,
+            "bits": nominal_bits(w), "activation_bits": quantizer.bits if quantizer is not None else None,
+            "transforms": ", ".join(type(t).__name__ for t in transforms(layer)) or "-"})
+    result.weights = sum(r["weights"] for r in result.rows)
+    result.nonzero_weights = sum(r["nonzero"] for r in result.rows)
+    result.dense_bytes = 4 * result.parameters
+    result.file_bytes = file_bytes if file_bytes is not None else len(to_bytes(model))
+    return result
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of the model as it computes: a parametrized weight counts once, as the weight it
+    stands for (codebook centroids and learned steps are stored state, accounted in the file)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if ".parametrizations." not in name or name.endswith(".original"):
+            total += p.numel()
+    return total
+
+
+def make_table(title: str, columns: list[str], rows: list[list], caption: str | None = None) -> Table:
+    table = Table(title=title, caption=caption, header_style="bold", title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    return table
+
+
+def render(table: Table) -> str:
+    console = Console(width=200, file=io.StringIO(), force_terminal=False)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def markdown(columns: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (for committed benchmark results)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
