@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from .errors import NetshrinkError
@@ -16,8 +17,10 @@ from .errors import NetshrinkError
 MODELS = ("mlp", "lenet-300-100", "lenet-5")
 
 
-def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10) -> nn.Sequential:
-    """Build a zoo model with freshly initialised weights.
+def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10,
+                seed: int | None = 0) -> nn.Sequential:
+    """Build a zoo model with freshly initialised weights (from ``seed``: reproducible; ``None``
+    draws from the global generator).
 
     >>> sum(p.numel() for p in build_model("lenet-300-100").parameters())
     266610
@@ -40,6 +43,12 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
                   ("fc1", nn.Linear(50 * h * w, 500)), ("relu1", nn.ReLU()), ("fc2", nn.Linear(500, classes))]
     else:
         raise NetshrinkError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if seed is not None:  # re-initialise from the seed, leaving the global RNG state as it was
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for _, layer in layers:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
     model = nn.Sequential(OrderedDict(layers))
     model.spec = {"name": name, "in_shape": list(in_shape), "classes": classes}  # type: ignore[assignment]
     return model

@@ -52,15 +52,16 @@ def nominal_bits(w: torch.Tensor) -> int:
     values = w.detach().float().cpu().numpy()
     nonzero = values[values != 0]
     distinct = len(np.unique(nonzero))
+    candidates = [32]
     if distinct <= 256:
-        return max(1, math.ceil(math.log2(max(distinct, 2))))
+        candidates.append(max(1, math.ceil(math.log2(max(distinct, 2)))))
     rows = np.nonzero(values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1))[0]
-    found = grid(nonzero.view(np.uint32), rows)
+    found = grid(nonzero.view(np.uint32), rows) if nonzero.size else None
     if found is not None:
         levels = int(found[1].max() - found[1].min()) + 1
         if levels <= 256:
-            return max(1, math.ceil(math.log2(levels)))
-    return 32
+            candidates.append(max(1, math.ceil(math.log2(max(levels, 2)))))
+    return min(candidates)
 
 
 def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:

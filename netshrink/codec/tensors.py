@@ -99,33 +99,52 @@ def _encode_values(bits: np.ndarray, rows: np.ndarray, distinct: np.ndarray | No
     return min(candidates, key=len)
 
 
+# Candidate scales per row: the row's largest |value| over each symmetric qmax (2^(b-1) - 1, where
+# per-channel quantization puts the largest weight exactly), then its smallest |value| over small
+# integers (affine grids, shared grids). Every candidate is verified bit for bit.
+_FROM_MAX = (1, 3, 7, 15, 31, 63, 127)
+_FROM_MIN = (1, 2, 3, 4)
+
+
 def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-row scale s (the row's smallest non-zero |value|) and integer codes k with
-    float32(k * s) == value bit for bit; None when some value is off every such grid."""
+    """Per-row scale s and integer codes k with float32(k * s) == value bit for bit, for values
+    given as float32 bit patterns with their (ascending) row numbers; None when no candidate
+    scale fits every row."""
     if bits.size == 0:
         return None
     values = bits.view(np.float32)
     if not np.isfinite(values).all():
         return None
     row_count = int(rows[-1]) + 1
-    magnitude = np.where(values != 0, np.abs(values), np.inf)
-    scales = np.full(row_count, np.inf, dtype=np.float32)
-    _row_min(scales, rows, magnitude)
-    scales[~np.isfinite(scales)] = 1.0
-    per_value = scales[rows]
-    codes = np.rint(values / per_value)
-    if np.abs(codes).max() > MAX_GRID_CODE:
-        return None
-    codes = codes.astype(np.int64)
-    if not np.array_equal((codes.astype(np.float32) * per_value).view(np.uint32), bits):
-        return None
-    return scales, codes
+    magnitude = np.abs(values)
+    largest = np.zeros(row_count, dtype=np.float32)
+    smallest = np.full(row_count, np.inf, dtype=np.float32)
+    _row_reduce(np.maximum, largest, rows, magnitude)
+    _row_reduce(np.minimum, smallest, rows, np.where(values != 0, magnitude, np.inf))
+    scales = np.ones(row_count, dtype=np.float32)
+    unresolved = np.unique(rows)
+    candidates = [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]
+    for reference, k in candidates:
+        trial = (reference.astype(np.float64) / k).astype(np.float32)
+        trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
+        selected = np.isin(rows, unresolved)
+        v, r = values[selected], rows[selected]
+        codes = np.rint(v / trial[r])
+        exact = (np.abs(codes) <= MAX_GRID_CODE) & ((codes.astype(np.float32) * trial[r]) == v)
+        bad_rows = np.unique(r[~exact])
+        good_rows = np.setdiff1d(unresolved, bad_rows, assume_unique=True)
+        scales[good_rows] = trial[good_rows]
+        unresolved = bad_rows
+        if unresolved.size == 0:
+            codes = np.rint(values / scales[rows]).astype(np.int64)
+            return scales, codes
+    return None
 
 
-def _row_min(out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
-    """Row-wise minimum for rows given in ascending order (reduceat: much faster than minimum.at)."""
+def _row_reduce(ufunc, out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """Row-wise reduction for rows given in ascending order (reduceat: much faster than ufunc.at)."""
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
-    out[rows[starts]] = np.minimum.reduceat(values, starts)
+    out[rows[starts]] = ufunc.reduceat(values, starts)
 
 
 def _decode_values(reader: Reader, rows: np.ndarray) -> np.ndarray:
