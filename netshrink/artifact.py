@@ -45,6 +45,10 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     entries: dict[str, dict] = {}
     for name, tensor in baked_state_dict(model).items():
         array = tensor.detach().cpu().numpy()
+        if array.dtype == np.float32:
+            # -0.0 equals 0.0 and computes identically, but its sign bit would make the codec
+            # store it as a non-zero (masks written as w * mask leave many of them).
+            array = np.where(array == 0, np.float32(0), array).astype(np.float32)
         entry: dict[str, Any] = {"shape": list(array.shape), "sha": _digest(array)}
         if array.dtype == np.float32 and array.size:
             encoded = codec.encode(array)

@@ -113,7 +113,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
-                    loss = distill.loss(logits, teacher(x), y)
+                    teacher_logits = teacher(x)
+                loss = distill.loss(logits, teacher_logits, y)
             else:
                 loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)

@@ -129,8 +129,13 @@ def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
         trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
         selected = np.isin(rows, unresolved)
         v, r = values[selected], rows[selected]
-        codes = np.rint(v / trial[r])
-        exact = (np.abs(codes) <= MAX_GRID_CODE) & ((codes.astype(np.float32) * trial[r]) == v)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge ratios simply fail the check
+            codes = np.rint(v / trial[r])
+            product = codes.astype(np.float32) * trial[r]
+        # Bit patterns, not float equality: -0.0 == 0.0 but would not survive the round trip.
+        # Integer codes have no -0, so a -0.0 value is off every grid.
+        exact = ((np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == bits[selected])
+                 & ((codes != 0) | (bits[selected] == 0)))
         bad_rows = np.unique(r[~exact])
         good_rows = np.setdiff1d(unresolved, bad_rows, assume_unique=True)
         scales[good_rows] = trial[good_rows]

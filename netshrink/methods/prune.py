@@ -17,7 +17,8 @@ from .base import Method, check_choice, check_range, per_layer, transforms, weig
 
 
 class Mask(nn.Module):
-    """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero."""
+    """Weight transform: ``w`` where the mask is set, +0.0 elsewhere. Gradients of pruned weights
+    are zero, so they stay zero. (``w * mask`` would leave -0.0 for negative weights.)"""
 
     def __init__(self, mask: torch.Tensor, label: str = "prune") -> None:
         super().__init__()
@@ -25,7 +26,7 @@ class Mask(nn.Module):
         self.label = label
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+        return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.label}, keep={self.mask.float().mean().item():.3f}"

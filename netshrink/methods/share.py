@@ -66,7 +66,7 @@ class Codebook(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.centroids.numel() == 0:
             return torch.zeros_like(w)
-        return self.centroids[self.assignment.long()] * self.nonzero
+        return torch.where(self.nonzero, self.centroids[self.assignment.long()], torch.zeros((), dtype=w.dtype))
 
     def extra_repr(self) -> str:
         return f"clusters={self.centroids.numel()}"

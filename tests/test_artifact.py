@@ -1,0 +1,98 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import netshrink
+from netshrink import artifact
+
+
+def test_roundtrip_bit_identical_weights_and_predictions(trained, digits, tmp_path):
+    netshrink.prune(trained, keep=0.1)
+    netshrink.share(trained, bits=4)
+    netshrink.quantize(trained, weight_bits=None, activation_bits=8, calibration=digits[0])
+    path = tmp_path / "m.nsk"
+    size = netshrink.save(trained, path, recipe=[{"prune": {"keep": 0.1}}])
+    assert size == path.stat().st_size
+    loaded = netshrink.load(path)
+    for name, tensor in artifact.baked_state_dict(trained).items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = digits[1].tensors[0]
+    assert torch.equal(loaded(x), trained(x))
+    assert loaded.netshrink_manifest["recipe"] == [{"prune": {"keep": 0.1}}]
+
+
+def test_user_model_needs_and_accepts_a_skeleton(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model(torch.randn(8, 1, 8, 8))  # touch BatchNorm statistics
+    netshrink.prune(model, keep=0.5)
+    path = tmp_path / "user.nsk"
+    netshrink.save(model, path)
+    with pytest.raises(netshrink.NetshrinkError, match="pass model="):
+        netshrink.load(path)
+    skeleton = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    loaded = netshrink.load(path, model=skeleton)
+    model.eval()
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
+def _corruptions(data: bytes):
+    yield "empty", b""
+    yield "truncated header", data[:20]
+    yield "truncated body", data[: len(data) // 2]
+    yield "one byte short", data[:-1]
+    flipped = bytearray(data)
+    flipped[-50] ^= 0x5A
+    yield "flipped byte in payload", bytes(flipped)
+    yield "garbage", os.urandom(3000)
+
+
+def test_corrupt_files_give_one_line_errors(trained, tmp_path):
+    netshrink.prune(trained, keep=0.1)
+    netshrink.share(trained, bits=3)
+    good = tmp_path / "good.nsk"
+    netshrink.save(trained, good)
+    data = good.read_bytes()
+    for label, bad in _corruptions(data):
+        path = tmp_path / "bad.nsk"
+        path.write_bytes(bad)
+        with pytest.raises(netshrink.NetshrinkError) as info:
+            netshrink.load(path)
+        assert "\n" not in str(info.value), label
+
+
+def test_foreign_safetensors_and_missing_file(tmp_path):
+    save_file({"w": torch.zeros(3)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(netshrink.NetshrinkError, match="not a netshrink file|not a readable"):
+        netshrink.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(netshrink.NetshrinkError, match="cannot read"):
+        netshrink.load(tmp_path / "missing.nsk")
+
+
+def test_dense_checkpoint_is_plain_safetensors(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "dense.nsk"
+    netshrink.save(trained, path)
+    plain = load_file(path)
+    assert torch.equal(plain["fc1.weight"], trained.fc1.weight)
+
+
+def test_atomic_write_keeps_old_file_on_failure(trained, tmp_path, monkeypatch):
+    path = tmp_path / "m.nsk"
+    netshrink.save(trained, path)
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    netshrink.prune(trained, keep=0.1)
+    with pytest.raises(OSError):
+        netshrink.save(trained, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.nsk"]  # no temporary left behind

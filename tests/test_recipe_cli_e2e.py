@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import netshrink
+from netshrink.cli import main
+from netshrink.recipe import Recipe, builtin_recipes
+
+
+def test_builtin_recipes_parse():
+    assert "deep-compression" in builtin_recipes()
+    for name in builtin_recipes():
+        assert Recipe.load(name).steps
+
+
+@pytest.mark.parametrize("steps,match", [
+    ([{"prune": {"keep": 2}}], "keep"),
+    ([{"prune": {"kep": 0.1}}], "unknown setting"),
+    ([{"squash": {}}], "unknown step"),
+    ([{"share": {"bits": 4}, "gradual": {"epochs": 1}}], "gradual"),
+    ([{"finetune": {"epochs": 0}}], "epochs"),
+    ([], "non-empty"),
+])
+def test_bad_recipes_rejected_before_running(steps, match):
+    with pytest.raises(netshrink.NetshrinkError, match=match):
+        Recipe.from_steps(steps)
+
+
+def test_end_to_end_on_digits(digits, tmp_path):
+    """Train, compress with a gradual-pruning + sharing + distillation recipe, fine-tune, save, load."""
+    train, test = digits
+    model = netshrink.build_model("lenet-300-100", (1, 8, 8))
+    netshrink.fit(model, train, epochs=20, lr=2e-3, batch_size=64, progress=False)
+    dense = netshrink.evaluate(model, test)
+    assert dense > 0.93
+    recipe = Recipe.from_yaml("""
+name: test
+steps:
+  - prune: {keep: {fc1: 0.1, "*": 0.3}}
+    gradual: {epochs: 6, lr: 0.002, every: 10}
+  - share: {bits: 4}
+  - finetune: {epochs: 3, lr: 0.0005, distill: {temperature: 2, alpha: 0.5}}
+""")
+    rows = recipe.run(model, train, test, progress=False)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert int((model.fc1.weight != 0).sum()) == round(0.1 * model.fc1.weight.numel())
+    assert torch.unique(model.fc1.weight[model.fc1.weight != 0]).numel() <= 16
+    compressed = netshrink.evaluate(model, test)
+    assert compressed > dense - 0.05
+    size = netshrink.save(model, tmp_path / "small.nsk", recipe=recipe.raw)
+    dense_size = 4 * sum(p.numel() for p in netshrink.build_model("lenet-300-100", (1, 8, 8)).parameters())
+    assert size < dense_size / 10  # 90% pruned, 4-bit codebook, entropy coded
+    assert netshrink.evaluate(netshrink.load(tmp_path / "small.nsk"), test) == compressed
+
+
+def test_cli_train_compress_evaluate_summary(tmp_path, capsys):
+    dense, small = tmp_path / "dense.nsk", tmp_path / "small.nsk"
+    assert main(["train", "--model", "mlp", "--data", "digits", "--epochs", "5", "-o", str(dense)]) == 0
+    assert main(["compress", str(dense), "--data", "digits", "--prune", "0.3", "--weight-bits", "4",
+                 "--finetune", "1", "-o", str(small)]) == 0
+    assert main(["evaluate", str(small), "--data", "digits"]) == 0
+    assert main(["summary", str(small)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "fc1" in out
+    assert small.stat().st_size < dense.stat().st_size / 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compress", "x.nsk", "--data", "digits", "--prune", "1.5", "-o", "y.nsk"], "keep"),
+    (["compress", "x.nsk", "--data", "digits", "--weight-bits", "9", "-o", "y.nsk"], "bits"),
+    (["compress", "x.nsk", "--data", "digits", "--weight-bits", "0", "-o", "y.nsk"], "bits"),
+    (["compress", "x.nsk", "--data", "digits", "--recipe", "nope", "-o", "y.nsk"], "no recipe"),
+    (["evaluate", "missing.nsk", "--data", "digits"], "cannot read"),
+])
+def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    assert message in result.stdout + result.stderr
+
+
+def test_cli_unknown_model_and_data(tmp_path):
+    for args in (["train", "--model", "resnet", "-o", "m.nsk"], ["train", "--data", "imagenet", "-o", "m.nsk"]):
+        result = subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
