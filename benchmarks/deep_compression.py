@@ -44,11 +44,11 @@ def layer_table(model) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def run(name: str, dense_epochs: float, seed: int, out_dir: Path) -> dict:
+def run(name: str, dense_epochs: float, seed: int, out_dir: Path, augment: int) -> dict:
     train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
     model = netshrink.build_model(name)
     started = time.perf_counter()
-    netshrink.fit(model, train, epochs=dense_epochs, lr=1e-3, seed=seed, desc=f"{name} dense")
+    netshrink.fit(model, train, epochs=dense_epochs, lr=1e-3, seed=seed, augment=augment, desc=f"{name} dense")
     dense_seconds = time.perf_counter() - started
     dense_error = 100 * (1 - netshrink.evaluate(model, test))
     dense_path = out_dir / f"{name}-dense.nsk"
@@ -74,13 +74,14 @@ def run(name: str, dense_epochs: float, seed: int, out_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5"])
-    parser.add_argument("--dense-epochs", type=float, default=20)
+    parser.add_argument("--dense-epochs", type=float, default=30)
+    parser.add_argument("--augment", type=int, default=2, help="random shift of up to N pixels in training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "deep_compression.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(name, args.dense_epochs, args.seed, Path(tmp)) for name in args.models]
+        results = [run(name, args.dense_epochs, args.seed, Path(tmp), args.augment) for name in args.models]
     lines = ["# Deep Compression on MNIST: paper's Table 1 vs netshrink", "",
              f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ",
              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "

@@ -41,6 +41,7 @@ class Finetune:
     epochs: float = 1.0
     lr: float = 1e-4
     batch_size: int = 128
+    augment: int = 0
     distill: Distill | None = None
 
 
@@ -92,7 +93,8 @@ def _finetune(settings: Any, where: str) -> Finetune:
     elif distill not in (None, False):
         raise NetshrinkError(f"{where}: distill must be true, false or a mapping. Received: {distill!r}")
     step = _build(Finetune, settings, where)
-    step = Finetune(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, distill=distill or None)
+    step = Finetune(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, augment=step.augment,
+                    distill=distill or None)
     if not step.epochs > 0 or not step.lr > 0:
         raise NetshrinkError(f"{where}: epochs and lr must be > 0. Received: epochs={step.epochs}, lr={step.lr}")
     return step
@@ -196,7 +198,7 @@ def _distills(step: Step) -> bool:
 
 def _run_finetune(model, step: Finetune, train, teacher, seed, progress, desc, on_step=None) -> None:
     fit(model, train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, seed=seed,
-        teacher=teacher if step.distill else None, distill=step.distill, on_step=on_step,
+        teacher=teacher if step.distill else None, distill=step.distill, on_step=on_step, augment=step.augment,
         progress=progress, desc=desc)
 
 

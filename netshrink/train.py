@@ -72,15 +72,28 @@ class Distill:
 StepCallback = Callable[[int, int], None]  # (step, total_steps) -> None; called before each step
 
 
+def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``pixels`` in x and y (zero fill): the classic MNIST
+    augmentation. [N, C, H, W] -> same shape."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (n,), generator=generator) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pixels)
+    shifted = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
+    return shifted.gather(3, cols)
+
+
 def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, batch_size: int = 128,
         seed: int = 0, teacher: nn.Module | None = None, distill: Distill | None = None,
-        on_step: StepCallback | None = None, lr_decay: bool = True, progress: bool = True,
-        desc: str = "train") -> dict:
+        on_step: StepCallback | None = None, lr_decay: bool = True, augment: int = 0,
+        progress: bool = True, desc: str = "train") -> dict:
     """Train ``model`` in place with Adam; returns ``{"steps", "seconds", "loss"}``.
 
     ``epochs`` may be fractional. With ``teacher`` (or ``distill``), the loss distils from the
     teacher (a frozen copy of the model as it was is a good default teacher). ``lr_decay`` anneals
-    the learning rate to zero along a cosine. Seeded: the same seed gives the same weights.
+    the learning rate to zero along a cosine. ``augment`` > 0 shifts training images by up to that
+    many pixels. Seeded: the same seed gives the same weights.
     """
     if not epochs > 0:
         raise NetshrinkError(f"epochs must be > 0. Received: epochs={epochs}")
@@ -110,6 +123,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
                 break
             if on_step is not None:
                 on_step(step, total or 0)
+            if augment:
+                x = random_shift(x, augment, generator)
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():

@@ -17,16 +17,22 @@ INITS = ("linear", "density", "random")
 
 
 def kmeans_1d(values: torch.Tensor, clusters: int, init: str = "linear", iterations: int = 30,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, fit_limit: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on scalars: returns ``(centroids [k], assignment [n])``.
 
     Written by hand because in one dimension the nearest centroid is found by binary search on the
     midpoints between sorted centroids: O(n log k) and no n x k distance matrix, which is what
     makes 100M-weight models practical (scikit-learn's KMeans computes the full distances).
     ``init``: ``linear`` spaces centroids evenly over [min, max] (the paper's best), ``density``
-    places them at quantiles, ``random`` picks random weights.
+    places them at quantiles, ``random`` picks random weights. Layers above ``fit_limit`` weights
+    fit the centroids on an evenly strided sample of that size (plus the extremes), then assign
+    every weight: 1-D centroids converge long before that sample runs out of information.
     """
     values = values.float().flatten()
+    everything = values
+    if values.numel() > fit_limit:
+        sample = torch.sort(values).values[:: -(-values.numel() // fit_limit)]
+        values = torch.cat([sample, everything.min().view(1), everything.max().view(1)])
     unique_count = int(torch.unique(values).numel()) if values.numel() <= 1 << 22 else clusters + 1
     clusters = max(1, min(clusters, unique_count))
     if values.numel() == 0:
@@ -49,7 +55,7 @@ def kmeans_1d(values: torch.Tensor, clusters: int, init: str = "linear", iterati
             break
         centroids = updated
     centroids, _ = torch.sort(centroids)
-    assignment = torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
+    assignment = torch.bucketize(everything, (centroids[1:] + centroids[:-1]) / 2)
     return centroids, assignment
 
 
