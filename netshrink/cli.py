@@ -8,6 +8,8 @@ Examples::
     netshrink compress dense.nsk --data mnist --recipe deep-compression -o small.nsk
     netshrink compress dense.nsk --data mnist --prune 0.1 --weight-bits 4 --finetune 1 -o small.nsk
     netshrink summary small.nsk
+    netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime
+    netshrink bench dense.nsk --data mnist            # latency/size/accuracy vs the alternatives
 """
 from __future__ import annotations
 
@@ -71,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--finetune", type=float, metavar="EPOCHS", help="fine-tune this many epochs at the end")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("-o", "--output", type=Path, required=True)
+
+    export = sub.add_parser("export", help="export a saved model to ONNX (fp32 or int8 QDQ)")
+    export.add_argument("path", type=Path)
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--int8", action="store_true", help="int8 weights per channel + uint8 activations (QDQ)")
+    _data_arguments(export)
+
+    bench = sub.add_parser("bench", help="latency/size/accuracy: PyTorch, ONNX Runtime, int8 export, baselines")
+    bench.add_argument("path", type=Path)
+    _data_arguments(bench)
+    bench.add_argument("--threads", type=int, default=2, help="threads for every runtime (default: 2)")
+    bench.add_argument("--repeats", type=int, default=300, help="timed runs at batch 1 (default: 300)")
+    bench.add_argument("--batch-repeats", type=int, default=40, help="timed runs at batch 256 (default: 40)")
+    bench.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
 
     summary = sub.add_parser("summary", help="per-layer table of a saved model")
     summary.add_argument("path", type=Path)
@@ -185,6 +201,42 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import artifact
+    from .data import load_dataset
+    from .export import export
+
+    model = artifact.load(args.path)
+    report = export(model, args.output, int8=args.int8,
+                    calibration=load_dataset(args.data, "train") if args.int8 else None)
+    _print_rows(f"exported {args.output} ({'int8 QDQ' if args.int8 else 'fp32'})", ["layer", "exported as"],
+                [list(row) for row in report.layers])
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import artifact
+    from .bench import COLUMNS, benchmark
+    from .data import load_dataset
+    from .report import markdown
+
+    if args.threads < 1 or args.repeats < 1 or args.batch_repeats < 1:
+        raise NetshrinkError(f"threads and repeats must be >= 1. Received: threads={args.threads}, "
+                             f"repeats={args.repeats}, batch_repeats={args.batch_repeats}")
+    model = artifact.load(args.path)
+    rows, report = benchmark(model, load_dataset(args.data, "test"), load_dataset(args.data, "train"),
+                             threads=args.threads, repeats=args.repeats, batch_repeats=args.batch_repeats,
+                             progress=lambda name: console.print(f"  measuring {name}", highlight=False))
+    _print_rows(f"{args.path} on {args.data}, {args.threads} threads", COLUMNS, rows)
+    for note in report.notes:
+        console.print(f"note (int8 export): {note}", highlight=False)
+    if args.markdown:
+        args.markdown.write_text(markdown(COLUMNS, rows) + "\n")
+    return 0
+
+
 def cmd_summary(args) -> int:
     from . import artifact
     from .report import summary
@@ -219,6 +271,7 @@ def _print_rows(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "compress": cmd_compress,
+            "export": cmd_export, "bench": cmd_bench,
             "summary": cmd_summary, "recipes": cmd_recipes, "download": cmd_download}
 
 if __name__ == "__main__":

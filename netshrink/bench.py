@@ -1,0 +1,126 @@
+"""Latency, throughput, size and accuracy of one model across runtimes, measured in one run.
+
+Candidates: the model in PyTorch (fp32), the same in ONNX Runtime (fp32), netshrink's int8 QDQ
+export, and the baselines a user would otherwise pick: PyTorch dynamic int8 quantization of
+Linear layers, ONNX Runtime ``quantize_dynamic`` and ``quantize_static`` (QDQ, per channel,
+calibrated on the same data). Latency is the median and 90th percentile over repeats after a
+warm-up, per batch size; all candidates use the same thread count. Ratios are against PyTorch fp32.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import NetshrinkError
+from .export import ExportReport, export
+from .methods.activations import detach_all
+from .methods.base import bake
+
+COLUMNS = ["candidate", "batch 1 median (us)", "batch 1 p90 (us)", "batch 256 median (us)", "batch 256 p90 (us)",
+           "throughput (img/s)", "speed-up b1", "speed-up b256", "file bytes", "test accuracy"]
+
+
+def _time(run: Callable[[], object], repeats: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - started)
+    return float(np.median(samples)), float(np.percentile(samples, 90))
+
+
+def _ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _Reader:
+    """ONNX Runtime calibration data reader over netshrink data."""
+
+    def __init__(self, images: np.ndarray, batch: int = 128) -> None:
+        self.batches = iter([{"input": images[i:i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def benchmark(model: nn.Module, test, calibration, *, threads: int = 2, repeats: int = 200,
+              batch_repeats: int = 30, input_shape=None, workdir: Path | None = None,
+              progress: Callable[[str], None] = lambda s: None) -> tuple[list[list], "ExportReport"]:
+    """Measure every candidate; returns table rows (see ``COLUMNS``) and the int8 export report."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    except ImportError:
+        raise NetshrinkError("bench needs onnxruntime: pip install 'netshrink[export]'") from None
+    torch.set_num_threads(threads)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="netshrink-bench-"))
+    x_test, y_test = test.tensors if hasattr(test, "tensors") else test
+    x_cal = (calibration.tensors[0] if hasattr(calibration, "tensors") else calibration[0])[:1024]
+    one, many = x_test[:1].numpy(), x_test[:256].numpy()
+    dense = bake(copy.deepcopy(model)).eval()
+    detach_all(dense)
+    candidates: list[tuple[str, Callable, Callable, int]] = []  # name, run(batch), predict(all), bytes
+
+    def torch_candidate(name: str, module: nn.Module):
+        path = workdir / f"{name.replace(' ', '_')}.pt"
+        torch.save(module.state_dict(), path)  # our own file, just written: the size of what ships
+        with torch.no_grad():
+            return (name, lambda b: module(torch.from_numpy(b)), lambda: module(x_test).argmax(1).numpy(),
+                    path.stat().st_size)
+
+    def ort_candidate(name: str, path: Path):
+        session = _ort_session(path, threads)
+        return (name, lambda b: session.run(None, {"input": b}),
+                lambda: np.concatenate([session.run(None, {"input": x_test[i:i + 1000].numpy()})[0]
+                                        for i in range(0, len(x_test), 1000)]).argmax(1), path.stat().st_size)
+
+    progress("exporting")
+    fp32_path, int8_path = workdir / "fp32.onnx", workdir / "netshrink_int8.onnx"
+    export(dense, fp32_path, input_shape=input_shape or _shape(model))
+    report = export(model, int8_path, int8=True, calibration=calibration, input_shape=input_shape or _shape(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(dense), {nn.Linear}, dtype=torch.qint8)
+        ort_dynamic, ort_static = workdir / "ort_dynamic.onnx", workdir / "ort_static.onnx"
+        quantize_dynamic(str(fp32_path), str(ort_dynamic), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_static(str(fp32_path), str(ort_static), _Reader(x_cal.numpy()), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    candidates = [torch_candidate("PyTorch fp32", dense), ort_candidate("ONNX Runtime fp32", fp32_path),
+                  ort_candidate("netshrink int8 (ONNX Runtime)", int8_path),
+                  torch_candidate("PyTorch dynamic int8 (Linear)", dynamic),
+                  ort_candidate("ONNX Runtime quantize_dynamic", ort_dynamic),
+                  ort_candidate("ONNX Runtime quantize_static", ort_static)]
+    rows, reference = [], None
+    for name, run, predict, size in candidates:
+        progress(name)
+        with torch.no_grad():
+            b1 = _time(lambda: run(one), repeats, max(10, repeats // 10))
+            b256 = _time(lambda: run(many), batch_repeats, max(3, batch_repeats // 10))
+            accuracy = float((predict() == y_test.numpy()).mean())
+        reference = reference or (b1[0], b256[0])
+        rows.append([name, f"{b1[0] * 1e6:.0f}", f"{b1[1] * 1e6:.0f}", f"{b256[0] * 1e6:.0f}", f"{b256[1] * 1e6:.0f}",
+                     f"{256 / b256[0]:,.0f}", f"{reference[0] / b1[0]:.2f}x", f"{reference[1] / b256[0]:.2f}x",
+                     f"{size:,}", f"{100 * accuracy:.2f}%"])
+    return rows, report
+
+
+def _shape(model: nn.Module):
+    spec = getattr(model, "spec", None)
+    return tuple(spec["in_shape"]) if spec else None

@@ -1,0 +1,184 @@
+"""Export to ONNX: fp32, or int8 in QDQ form that ONNX Runtime fuses into integer kernels.
+
+The int8 graph is the fp32 export with, for every compressed Linear/Conv layer:
+
+* its weight stored as an int8 initializer with one float scale per output channel, behind a
+  DequantizeLinear (axis 0). Weights already on a per-channel grid of at most 8 bits (netshrink
+  quantization at b <= 8) are stored exactly: a b-bit weight is its own 8-bit equivalent.
+  Other weights are quantized to 8 bits per channel (symmetric) and the report says so.
+* its input activation behind QuantizeLinear/DequantizeLinear (uint8, affine) with the range that
+  netshrink calibrated (the layer's ``input_quantizer``; b < 8 bits are widened to 8 bits over the
+  same range), or, for a model without activation quantizers, 8-bit ranges calibrated now.
+
+ONNX Runtime's graph optimizer turns "DQ -> Gemm/Conv -> (Relu) -> Q" into QGemm / QLinearConv.
+The graph surgery uses the ``onnx`` helpers: exporter and runtime do the rest.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import NetshrinkError
+from .methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
+from .methods.base import COMPRESSIBLE, apply, bake
+
+
+@dataclass
+class ExportReport:
+    path: str
+    int8: bool
+    layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, how it was exported)
+    notes: list[str] = field(default_factory=list)
+
+
+def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
+    if input_shape is not None:
+        return tuple(int(d) for d in input_shape)
+    spec = getattr(model, "spec", None)
+    if spec:
+        return tuple(spec["in_shape"])
+    raise NetshrinkError("give input_shape=(C, H, W) (without the batch dimension) for a model netshrink did not build")
+
+
+def _to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["input"],
+                              output_names=["logits"], opset_version=opset,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as exc:  # the exporter raises many types; the first line says which op failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NetshrinkError(f"ONNX export failed: {first}") from None
+    return buffer.getvalue()
+
+
+def _fold_batchnorm(model: nn.Module, report: ExportReport) -> nn.Module:
+    """Fold eval-mode BatchNorm into the convolution before it (PyTorch's fx fusion), so that the
+    int8 weights are the folded ones and no float BatchNorm runs between integer kernels. Models
+    that fx cannot trace are exported as they are."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(model)
+    except Exception as exc:  # fx tracing fails on data-dependent control flow
+        report.notes.append(f"BatchNorm not folded ({type(exc).__name__}); its convolutions may stay fp32")
+        return model
+    report.notes.append("BatchNorm folded into the preceding convolutions before quantizing")
+    return fused
+
+
+def _weight_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(int8 codes, per-channel scales, how): exact when the weight is a per-row grid within int8."""
+    from .codec.tensors import grid
+
+    rows = np.repeat(np.arange(w.shape[0]), int(np.prod(w.shape[1:])))
+    flat = np.ascontiguousarray(w, dtype=np.float32).ravel()
+    found = grid(flat.view(np.uint32), rows) if flat.size else None
+    if found is not None and np.abs(found[1]).max() <= 127:
+        scales, codes = found
+        levels = int(np.abs(codes).max())
+        return codes.reshape(w.shape).astype(np.int8), scales.astype(np.float32), f"exact int8 ({levels} levels each side)"
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    scales = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w / scales.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
+    return codes, scales, "quantized now to int8 per channel"
+
+
+def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
+           input_shape: tuple[int, ...] | None = None, opset: int = 17) -> ExportReport:
+    """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``).
+
+    The model is not changed. For int8, activation ranges come from the model's activation
+    quantizers, else from ``calibration`` data (8 bits, min/max).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shape = _input_shape(model, input_shape)
+    work = bake(copy.deepcopy(model)).eval()
+    layers = {name: m for name, m in work.named_modules() if isinstance(m, COMPRESSIBLE)}
+    report = ExportReport(str(path), int8)
+    ranges: dict[str, ActivationQuantizer] = {}
+    if int8:
+        if not layers:
+            raise NetshrinkError("nothing to export as int8: the model has no Linear or Conv layer")
+        missing = [n for n, m in layers.items() if not isinstance(input_quantizer(m), ActivationQuantizer)]
+        if missing:
+            if calibration is None:
+                raise NetshrinkError(f"int8 export needs activation ranges: layers {', '.join(missing)} have none; "
+                                     "pass calibration data or quantize activations first")
+            apply(work, QuantizeActivations(bits=8, targets=tuple(missing)), calibration=calibration)
+            report.notes.append(f"activation ranges calibrated now (8-bit min/max) for {', '.join(missing)}")
+        ranges = {n: input_quantizer(m) for n, m in layers.items()}
+        narrow = sorted({q.bits for q in ranges.values() if q.bits < 8})
+        if narrow:
+            report.notes.append(f"{'/'.join(map(str, narrow))}-bit activations exported as 8-bit over the same range")
+    detach_all(work)
+    work = _fold_batchnorm(work, report)
+    graph_model = onnx.load_from_string(_to_onnx_bytes(work, torch.zeros(1, *shape), opset))
+    if int8:
+        _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper)
+    else:
+        report.layers = [(n, "fp32") for n in layers]
+    onnx.checker.check_model(graph_model)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph_model, str(path))
+    return report
+
+
+def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> None:
+    graph = graph_model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    nodes = []
+    seen = set()
+    for node in graph.node:
+        weight_name = node.input[1] if len(node.input) > 1 else ""
+        layer = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else None
+        if node.op_type in ("Gemm", "Conv", "MatMul") and layer in layers and weight_name in initializers:
+            if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+                nodes.append(node)  # a transposed weight layout we do not rewrite: stays fp32
+                report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
+                continue
+            w = numpy_helper.to_array(initializers[weight_name])
+            codes, scales, how = _weight_as_int8(w)
+            graph.initializer.remove(initializers[weight_name])
+            graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
+                                      numpy_helper.from_array(scales, f"{layer}.weight_scale"),
+                                      numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{layer}.weight_zero")])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.weight_int8", f"{layer}.weight_scale",
+                                                               f"{layer}.weight_zero"], [f"{layer}.weight_dq"], axis=0))
+            quantizer = ranges[layer]
+            scale, zero_point = quantizer.grid() if quantizer.bits == 8 else _widened(quantizer)
+            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{layer}.input_scale"),
+                                      numpy_helper.from_array(np.array(zero_point, np.uint8), f"{layer}.input_zero")])
+            source = node.input[0]
+            nodes.append(helper.make_node("QuantizeLinear", [source, f"{layer}.input_scale", f"{layer}.input_zero"],
+                                          [f"{layer}.input_q"]))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.input_q", f"{layer}.input_scale",
+                                                               f"{layer}.input_zero"], [f"{layer}.input_dq"]))
+            node.input[0], node.input[1] = f"{layer}.input_dq", f"{layer}.weight_dq"
+            report.layers.append((layer, f"int8: weights {how}; inputs uint8 scale {scale:.4g}, zero {zero_point}"))
+            seen.add(layer)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for name in layers:
+        if name not in seen:
+            report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)"))
+
+
+def _widened(quantizer: ActivationQuantizer) -> tuple[float, int]:
+    """The 8-bit grid over the same range as a narrower quantizer."""
+    wide = ActivationQuantizer(8, float(quantizer.low), float(quantizer.high))
+    return wide.grid()
