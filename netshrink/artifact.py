@@ -129,6 +129,7 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
             raise NetshrinkError(f"{source} holds a model netshrink cannot rebuild by itself; "
                                  "pass model=<an instance of the same architecture>")
         model = model_from_spec(manifest["model"])
+        model = _fit_shapes(model, state)
     modules = dict(model.named_modules())
     for layer, bits in manifest.get("activation_quantizers", {}).items():
         if layer not in modules:
@@ -141,6 +142,31 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         raise NetshrinkError(f"{source} does not fit this model: {first}") from None
     model.eval()
     model.netshrink_manifest = {k: manifest[k] for k in ("recipe", "info")}  # type: ignore[assignment]
+    return model
+
+
+def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give a freshly built zoo model the layer sizes stored in the file (structured pruning
+    removes neurons and channels, so the spec's default widths no longer match)."""
+    for key, tensor in state.items():
+        owner_name, _, attribute = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attribute, None)
+        if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
+            continue
+        if not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
+            continue  # load_state_dict will report the mismatch
+        replacement = torch.empty(tensor.shape, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, attribute, nn.Parameter(replacement))
+        else:
+            setattr(owner, attribute, replacement)
+        if attribute == "weight" and isinstance(owner, nn.Linear):
+            owner.out_features, owner.in_features = tensor.shape
+        elif attribute == "weight" and not isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1]
+        elif isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            owner.num_features = tensor.shape[0]
     return model
 
 
