@@ -129,12 +129,16 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
             raise NetshrinkError(f"{source} holds a model netshrink cannot rebuild by itself; "
                                  "pass model=<an instance of the same architecture>")
         model = model_from_spec(manifest["model"])
-        model = _fit_shapes(model, state)
+        rebuilt = True
+    else:
+        rebuilt = False
     modules = dict(model.named_modules())
     for layer, bits in manifest.get("activation_quantizers", {}).items():
         if layer not in modules:
             raise NetshrinkError(f"{source}: layer {layer!r} is not in the given model")
         attach(modules[layer], ActivationQuantizer(int(bits)))
+    if rebuilt:
+        _fit_shapes(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -145,12 +149,15 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
     return model
 
 
-def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give a freshly built zoo model the layer sizes stored in the file (structured pruning
     removes neurons and channels, so the spec's default widths no longer match)."""
     for key, tensor in state.items():
         owner_name, _, attribute = key.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        try:
+            owner = model.get_submodule(owner_name) if owner_name else model
+        except AttributeError:
+            continue  # load_state_dict will name the unexpected key
         current = getattr(owner, attribute, None)
         if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
             continue
@@ -167,7 +174,6 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
             owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1]
         elif isinstance(owner, nn.modules.batchnorm._BatchNorm):
             owner.num_features = tensor.shape[0]
-    return model
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -7,9 +7,10 @@ from .clip import ClipWeights
 from .prune import NMSparsity, Prune
 from .quantize import QuantizeWeights
 from .share import ShareWeights
+from .structured import RemoveUnits
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
-    Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights)}
+    Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits)}
 
 __all__ = ["REGISTRY", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
-           "QuantizeWeights", "QuantizeActivations", "ShareWeights"]
+           "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits"]

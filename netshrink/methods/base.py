@@ -110,6 +110,19 @@ class Method:
         """Compute one transform per layer: ``(layer name, parametrization, detail)``."""
         raise NotImplementedError
 
+    def run(self, model: nn.Module, **context: Any) -> "Report":
+        """Apply to ``model``. The default stacks one transform per selected layer; a method that
+        reshapes the model (structured pruning) overrides this."""
+        layers = select_layers(model, tuple(self.targets), tuple(self.ignore))
+        planned = self.prepare(layers, model=model, **context)  # everything computed before any change
+        report = Report(self.name)
+        for layer_name, transform, detail in planned:
+            self.commit(layers[layer_name], transform)
+            report.changed.append((layer_name, detail))
+        done = {name for name, _, _ in planned}
+        report.skipped += [(n, "left as it is by this method") for n in layers if n not in done]
+        return report
+
     def commit(self, layer: nn.Module, transform: nn.Module) -> None:
         """Attach a prepared transform; weight methods stack a parametrization."""
         add_transform(layer, transform)
@@ -133,15 +146,7 @@ def apply(model: nn.Module, method: Method, **context: Any) -> Report:
     ('fc1', 'kept 50176 of 100352 weights (50.0%)')
     """
     method.check()
-    layers = select_layers(model, tuple(method.targets), tuple(method.ignore))
-    planned = method.prepare(layers, model=model, **context)  # everything is computed before anything changes
-    report = Report(method.name)
-    for layer_name, transform, detail in planned:
-        method.commit(layers[layer_name], transform)
-        report.changed.append((layer_name, detail))
-    done = {name for name, _, _ in planned}
-    report.skipped += [(n, "left as it is by this method") for n in layers if n not in done]
-    return report
+    return method.run(model, **context)
 
 
 def add_transform(layer: nn.Module, transform: nn.Module) -> None:

@@ -17,12 +17,13 @@ import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, Report, check_choice, check_range, per_layer, select_layers
+from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, select_layers
 
 PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
                         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -106,61 +107,81 @@ def _consumers(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str]
     return norms, consumers, None
 
 
+@dataclass(frozen=True, kw_only=True)
+class RemoveUnits(Method):
+    """Physically remove the fraction 1 - ``keep`` of output units (neurons / channels) of each
+    selected layer, ranked by ``criterion`` (``l1``, ``l2``, or ``l1-bn``: L1 times the following
+    BatchNorm's |gamma|). The model's output layer is never shrunk. Applies in place; calibration
+    data (one batch) supplies shapes when a convolution feeds a Linear through a flatten.
+    """
+
+    name: ClassVar[str] = "structured"
+    keep: float | Mapping[str, float] = 0.5
+    criterion: str = "l1"
+
+    def check(self) -> None:
+        check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
+
+    def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
+        layers = select_layers(model, tuple(self.targets), tuple(self.ignore))
+        if any(hasattr(m, "parametrizations") for m in layers.values()):
+            raise NetshrinkError("remove units before other compression (the model has weight transforms): "
+                                 "start from the dense model, or netshrink.bake it first")
+        try:
+            traced = fx.symbolic_trace(model)
+        except Exception as exc:  # fx raises many types on untraceable Python control flow
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: {first})") from None
+        modules = dict(traced.named_modules())
+        if calibration is not None:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            from ..train import batches
+
+            example = calibration if torch.is_tensor(calibration) else next(iter(batches(calibration, 2)))[0]
+            ShapeProp(traced).propagate(example)
+        report = StructuredReport(self.name)
+        plans = []
+        for node in traced.graph.nodes:
+            if node.op != "call_module" or node.target not in layers:
+                continue
+            norms, consumers, reason = _consumers(node, modules)
+            if reason is not None:
+                report.skipped.append((node.target, reason))
+                continue
+            weight = modules[node.target].weight.detach()
+            units = weight.shape[0]
+            flat = weight.reshape(units, -1)
+            score = flat.pow(2).sum(1).sqrt() if self.criterion == "l2" else flat.abs().sum(1)
+            if self.criterion == "l1-bn" and norms:
+                score = score * modules[norms[0]].weight.detach().abs()
+            count = max(1, int(round(float(per_layer(self.keep, node.target, "keep")) * units)))
+            kept = torch.sort(torch.topk(score, count).indices).values
+            plans.append(_Plan(node.target, kept, norms, consumers))
+            report.changed.append((node.target, f"kept {count} of {units} units ({self.criterion})"))
+            report.kept[node.target] = kept.tolist()
+        _rebuild(model, plans)  # all plans made first: a failure above leaves the model untouched
+        return report
+
+
 def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, criterion: str = "l1",
                  example_input: torch.Tensor | None = None, targets: tuple[str, ...] = (),
                  ignore: tuple[str, ...] = ()) -> tuple[nn.Module, StructuredReport]:
-    """Return a smaller copy of ``model`` keeping ``keep`` of the output units (neurons/channels)
-    of each selected layer, ranked by ``criterion`` (``l1``, ``l2``, or ``l1-bn``: L1 times the
-    following BatchNorm's |gamma|). ``model`` itself is not changed; its output layer is never shrunk.
-
-    ``example_input`` (a batch) is needed when a convolution feeds a Linear through a flatten.
+    """A smaller copy of ``model`` (``model`` is unchanged); see :class:`RemoveUnits`.
 
     >>> from netshrink.models import build_model
     >>> small, report = remove_units(build_model("lenet-300-100"), keep=0.5)
     >>> small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape
     (torch.Size([150, 784]), torch.Size([50, 150]), torch.Size([10, 50]))
     """
-    check_range("keep", keep, 0.0, 1.0, low_open=True)
-    check_choice("criterion", criterion, ("l1", "l2", "l1-bn"))
-    layers = select_layers(model, tuple(targets), tuple(ignore))
-    if any(hasattr(m, "parametrizations") for m in layers.values()):
-        raise NetshrinkError("remove units before other compression (the model has weight transforms): "
-                             "start from the dense model, or netshrink.bake it first")
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types on untraceable Python control flow
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: {first})") from None
-    modules = dict(traced.named_modules())
-    if example_input is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        ShapeProp(traced).propagate(example_input)
-    report = StructuredReport("structured")
-    plans = []
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or node.target not in layers:
-            continue
-        norms, consumers, reason = _consumers(node, modules)
-        if reason is not None:
-            report.skipped.append((node.target, reason))
-            continue
-        weight = modules[node.target].weight.detach()
-        units = weight.shape[0]
-        flat = weight.reshape(units, -1)
-        score = flat.pow(2).sum(1).sqrt() if criterion == "l2" else flat.abs().sum(1)
-        if criterion == "l1-bn" and norms:
-            score = score * modules[norms[0]].weight.detach().abs()
-        count = max(1, int(round(float(per_layer(keep, node.target, "keep")) * units)))
-        kept = torch.sort(torch.topk(score, count).indices).values
-        plans.append(_Plan(node.target, kept, norms, consumers))
-        report.changed.append((node.target, f"kept {count} of {units} units ({criterion})"))
-        report.kept[node.target] = kept.tolist()
-    return _rebuild(model, plans), report
-
-
-def _rebuild(model: nn.Module, plans: list[_Plan]) -> nn.Module:
+    method = RemoveUnits(keep=keep, criterion=criterion, targets=tuple(targets), ignore=tuple(ignore))
+    method.check()
     result = copy.deepcopy(model)
+    return result, method.run(result, calibration=example_input)
+
+
+def _rebuild(result: nn.Module, plans: list[_Plan]) -> None:
     with torch.no_grad():
         for plan in plans:
             _shrink(result.get_submodule(plan.layer), 0, plan.keep)
@@ -176,7 +197,6 @@ def _rebuild(model: nn.Module, plans: list[_Plan]) -> nn.Module:
             for consumer_name, per_unit in plan.consumers:
                 columns = (plan.keep[:, None] * per_unit + torch.arange(per_unit)).flatten()
                 _shrink(result.get_submodule(consumer_name), 1, columns)
-    return result
 
 
 def _shrink(layer: nn.Module, dim: int, index: torch.Tensor) -> None:
