@@ -17,16 +17,20 @@ from .base import Method, check_choice, check_range, per_layer, transforms, weig
 
 
 class Mask(nn.Module):
-    """Weight transform: ``w`` where the mask is set, +0.0 elsewhere. Gradients of pruned weights
-    are zero, so they stay zero. (``w * mask`` would leave -0.0 for negative weights.)"""
+    """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero.
+
+    A float multiply costs about as much as nothing in forward + backward, where ``torch.where``
+    costs 2.5x (measured), and on small models that is the whole training step. Pruned negative
+    weights become -0.0, equal to 0.0 in every computation; files store them as +0.0.
+    """
 
     def __init__(self, mask: torch.Tensor, label: str = "prune") -> None:
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
+        self.register_buffer("mask", mask.to(torch.float32))
         self.label = label
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
+        return w * self.mask
 
     def extra_repr(self) -> str:
         return f"{self.label}, keep={self.mask.float().mean().item():.3f}"

@@ -67,12 +67,12 @@ class Codebook(nn.Module):
         super().__init__()
         self.centroids = nn.Parameter(centroids.clone())
         self.register_buffer("assignment", assignment.to(torch.int16 if len(centroids) < 32768 else torch.int32))
-        self.register_buffer("nonzero", nonzero.to(torch.bool))
+        self.register_buffer("nonzero", nonzero.to(torch.float32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.centroids.numel() == 0:
             return torch.zeros_like(w)
-        return torch.where(self.nonzero, self.centroids[self.assignment.long()], torch.zeros((), dtype=w.dtype))
+        return self.centroids[self.assignment.long()] * self.nonzero
 
     def extra_repr(self) -> str:
         return f"clusters={self.centroids.numel()}"
