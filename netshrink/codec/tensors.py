@@ -104,6 +104,7 @@ def _encode_values(bits: np.ndarray, rows: np.ndarray, distinct: np.ndarray | No
 # integers (affine grids, shared grids). Every candidate is verified bit for bit.
 _FROM_MAX = (1, 3, 7, 15, 31, 63, 127)
 _FROM_MIN = (1, 2, 3, 4)
+_SAMPLE_ROWS = 32
 
 
 def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -115,6 +116,9 @@ def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     values = bits.view(np.float32)
     if not np.isfinite(values).all():
         return None
+    sample_end = np.searchsorted(rows, rows[0] + _SAMPLE_ROWS)
+    if sample_end < len(rows) and grid(bits[:sample_end], rows[:sample_end]) is None:
+        return None  # a grid holds on every row: a few rows reject most tensors cheaply
     row_count = int(rows[-1]) + 1
     magnitude = np.abs(values)
     largest = np.zeros(row_count, dtype=np.float32)
