@@ -16,8 +16,9 @@ from torch import nn
 from .artifact import load, save
 from .data import load_dataset
 from .errors import NetshrinkError
-from .methods import (ClipWeights, NMSparsity, Prune, QuantizeActivations, QuantizeWeights, Report,
-                      ShareWeights, apply, bake)
+from .methods import (ClipWeights, NMSparsity, Prune, QuantizeActivations, QuantizeWeights, RemoveUnits,
+                      Report, ShareWeights, apply, bake)
+from .methods.structured import remove_units
 from .models import build_model
 from .recipe import Recipe
 from .report import summary
@@ -70,6 +71,14 @@ def share(model: nn.Module, bits: int | Mapping[str, int] = 5, *, init: str = "l
     return apply(model, ShareWeights(bits=bits, init=init, targets=tuple(targets), ignore=tuple(ignore)))
 
 
-__all__ = ["prune", "quantize", "clip", "share", "apply", "bake", "summary", "fit", "evaluate",
-           "save", "load", "Recipe", "build_model", "load_dataset", "Distill", "NetshrinkError",
-           "Prune", "NMSparsity", "QuantizeWeights", "QuantizeActivations", "ClipWeights", "ShareWeights"]
+def export(model: nn.Module, path, *, int8: bool = False, calibration=None, input_shape=None):
+    """Write ONNX for ONNX Runtime: fp32, or int8 QDQ (see :mod:`netshrink.export`)."""
+    from .export import export as _export
+
+    return _export(model, path, int8=int8, calibration=calibration, input_shape=input_shape)
+
+
+__all__ = ["prune", "quantize", "clip", "share", "remove_units", "apply", "bake", "summary", "fit",
+           "evaluate", "save", "load", "export", "Recipe", "build_model", "load_dataset", "Distill",
+           "NetshrinkError", "Prune", "NMSparsity", "QuantizeWeights", "QuantizeActivations", "ClipWeights",
+           "ShareWeights", "RemoveUnits"]

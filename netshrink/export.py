@@ -10,7 +10,12 @@ The int8 graph is the fp32 export with, for every compressed Linear/Conv layer:
   netshrink calibrated (the layer's ``input_quantizer``; b < 8 bits are widened to 8 bits over the
   same range), or, for a model without activation quantizers, 8-bit ranges calibrated now.
 
-ONNX Runtime's graph optimizer turns "DQ -> Gemm/Conv -> (Relu) -> Q" into QGemm / QLinearConv.
+* the same Quantize/Dequantize pair on the output of the layer that produces that input, when
+  only ReLU, MaxPool, Flatten or Reshape stand between them. Those ops commute with a monotone
+  quantizer (ReLU of a grid value is on the grid, a max of grid values is one of them), so the
+  result is exactly what netshrink computes, and ONNX Runtime sees "DQ -> Conv/Gemm -> Q", which it
+  fuses into QLinearConv / QGemm, with int8 MaxPool in between.
+
 The graph surgery uses the ``onnx`` helpers: exporter and runtime do the rest.
 """
 from __future__ import annotations
@@ -137,45 +142,75 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     return report
 
 
+COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape")
+
+
 def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> None:
     graph = graph_model.graph
     initializers = {i.name: i for i in graph.initializer}
-    nodes = []
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    before: dict[int, list] = {}  # id(node) -> nodes to insert before it
+    after: dict[int, list] = {}  # id(node) -> nodes to insert after it
     seen = set()
     for node in graph.node:
         weight_name = node.input[1] if len(node.input) > 1 else ""
         layer = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else None
-        if node.op_type in ("Gemm", "Conv", "MatMul") and layer in layers and weight_name in initializers:
-            if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
-                nodes.append(node)  # a transposed weight layout we do not rewrite: stays fp32
-                report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
-                continue
-            w = numpy_helper.to_array(initializers[weight_name])
-            codes, scales, how = _weight_as_int8(w)
-            graph.initializer.remove(initializers[weight_name])
-            graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
-                                      numpy_helper.from_array(scales, f"{layer}.weight_scale"),
-                                      numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{layer}.weight_zero")])
-            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.weight_int8", f"{layer}.weight_scale",
-                                                               f"{layer}.weight_zero"], [f"{layer}.weight_dq"], axis=0))
-            quantizer = ranges[layer]
-            scale, zero_point = quantizer.grid() if quantizer.bits == 8 else _widened(quantizer)
-            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{layer}.input_scale"),
-                                      numpy_helper.from_array(np.array(zero_point, np.uint8), f"{layer}.input_zero")])
-            source = node.input[0]
-            nodes.append(helper.make_node("QuantizeLinear", [source, f"{layer}.input_scale", f"{layer}.input_zero"],
-                                          [f"{layer}.input_q"]))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{layer}.input_q", f"{layer}.input_scale",
-                                                               f"{layer}.input_zero"], [f"{layer}.input_dq"]))
-            node.input[0], node.input[1] = f"{layer}.input_dq", f"{layer}.weight_dq"
-            report.layers.append((layer, f"int8: weights {how}; inputs uint8 scale {scale:.4g}, zero {zero_point}"))
+        if not (node.op_type in ("Gemm", "Conv", "MatMul") and layer in layers and weight_name in initializers):
+            continue
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
             seen.add(layer)
-        nodes.append(node)
+            continue
+        codes, scales, how = _weight_as_int8(numpy_helper.to_array(initializers[weight_name]))
+        graph.initializer.remove(initializers[weight_name])
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
+                                  numpy_helper.from_array(scales, f"{layer}.weight_scale"),
+                                  numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{layer}.weight_zero")])
+        quantizer = ranges[layer]
+        scale, zero_point = quantizer.grid() if quantizer.bits == 8 else _widened(quantizer)
+        qparams = [f"{layer}.input_scale", f"{layer}.input_zero"]
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), qparams[0]),
+                                  numpy_helper.from_array(np.array(zero_point, np.uint8), qparams[1])])
+        inserted = [helper.make_node("DequantizeLinear", [f"{layer}.weight_int8", f"{layer}.weight_scale",
+                                                           f"{layer}.weight_zero"], [f"{layer}.weight_dq"], axis=0),
+                    helper.make_node("QuantizeLinear", [node.input[0], *qparams], [f"{layer}.input_q"]),
+                    helper.make_node("DequantizeLinear", [f"{layer}.input_q", *qparams], [f"{layer}.input_dq"])]
+        before.setdefault(id(node), []).extend(inserted)
+        upstream = _commuting_source(node.input[0], producer, consumers)
+        if upstream is not None and id(upstream) not in after:
+            # The producer now writes a raw tensor; the pair re-creates the original name, so every
+            # consumer downstream reads the quantized values without being rewired.
+            out = upstream.output[0]
+            upstream.output[0] = f"{layer}.producer_raw"
+            after[id(upstream)] = [
+                helper.make_node("QuantizeLinear", [f"{layer}.producer_raw", *qparams], [f"{layer}.producer_q"]),
+                helper.make_node("DequantizeLinear", [f"{layer}.producer_q", *qparams], [out])]
+        node.input[0], node.input[1] = f"{layer}.input_dq", f"{layer}.weight_dq"
+        report.layers.append((layer, f"int8: weights {how}; inputs uint8 scale {scale:.4g}, zero {zero_point}"))
+        seen.add(layer)
+    nodes = []
+    for node in graph.node:
+        nodes += before.get(id(node), []) + [node] + after.get(id(node), [])
     del graph.node[:]
     graph.node.extend(nodes)
     for name in layers:
         if name not in seen:
             report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)"))
+
+
+def _commuting_source(tensor: str, producer: dict, consumers: dict):
+    """The Conv/Gemm/MatMul whose output reaches ``tensor`` through single-consumer ReLU/MaxPool/
+    Flatten/Reshape nodes only, or None."""
+    node = producer.get(tensor)
+    while node is not None and node.op_type in COMMUTING_OPS and consumers.get(node.input[0], 0) == 1:
+        node = producer.get(node.input[0])
+    if node is not None and node.op_type in ("Conv", "Gemm", "MatMul") and consumers.get(node.output[0], 0) == 1:
+        return node
+    return None
 
 
 def _widened(quantizer: ActivationQuantizer) -> tuple[float, int]:
