@@ -194,10 +194,9 @@ def cmd_compress(args) -> int:
                          info={"data": args.data, "test_accuracy": rows[-1]["accuracy"]})
     console.print(summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
     after = rows[-1]["accuracy"]
-    _print_rows("result", ["", "test error", "file bytes", "ratio"],
+    _print_rows(f"result ({time.perf_counter() - started:.0f}s)", ["", "test error", "file bytes", "ratio"],
                 [["before", f"{100 * (1 - before):.2f}%", f"{dense_bytes:,}", "1.0x"],
-                 ["after", f"{100 * (1 - after):.2f}%", f"{size:,}", f"{dense_bytes / size:.1f}x"],
-                 ["", "", "", f"{time.perf_counter() - started:.0f}s"]])
+                 ["after", f"{100 * (1 - after):.2f}%", f"{size:,}", f"{dense_bytes / size:.1f}x"]])
     return 0
 
 
