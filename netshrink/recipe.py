@@ -202,10 +202,21 @@ def _run_finetune(model, step: Finetune, train, teacher, seed, progress, desc, o
         progress=progress, desc=desc)
 
 
+def _finetune_raw(step: Finetune) -> dict:
+    raw = {f.name: getattr(step, f.name) for f in fields(step) if f.name != "distill"}
+    if step.distill is not None:
+        raw["distill"] = {"temperature": step.distill.temperature, "alpha": step.distill.alpha}
+    return raw
+
+
 def _to_raw(step: Step) -> dict:
+    """The dict (YAML) form of a step, complete enough to rebuild it: files store this."""
     if isinstance(step.action, Finetune):
-        return {"finetune": {"epochs": step.action.epochs, "lr": step.action.lr}}
-    return step.action.to_dict()
+        return {"finetune": _finetune_raw(step.action)}
+    raw = step.action.to_dict()
+    if step.schedule is not None:
+        raw["gradual"] = {**_finetune_raw(step.schedule), "every": step.every}
+    return raw
 
 
 def builtin_recipes() -> list[str]:

@@ -99,3 +99,16 @@ def test_cli_export_and_bench_on_digits(tmp_path, capsys):
     table = (tmp_path / "bench.md").read_text()
     for candidate in ("PyTorch fp32", "netshrink int8", "quantize_static", "quantize_dynamic", "PyTorch dynamic int8"):
         assert candidate in table
+
+
+def test_recipe_raw_form_rebuilds_the_same_steps():
+    from netshrink.recipe import Finetune, Step
+
+    steps = [Step(netshrink.Prune(keep=0.2), Finetune(epochs=2, lr=1e-3, augment=1), every=7),
+             Step(Finetune(epochs=1, lr=1e-4, distill=netshrink.Distill(temperature=3, alpha=0.5))),
+             netshrink.ShareWeights(bits=3)]
+    recipe = Recipe.from_steps(steps)
+    again = Recipe.from_steps(recipe.raw)
+    assert [s.describe() for s in again.steps] == [s.describe() for s in recipe.steps]
+    assert again.steps[0].every == 7 and again.steps[0].schedule.augment == 1
+    assert again.steps[1].action.distill == netshrink.Distill(temperature=3, alpha=0.5)
