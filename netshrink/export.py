@@ -129,6 +129,11 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
         narrow = sorted({q.bits for q in ranges.values() if q.bits < 8})
         if narrow:
             report.notes.append(f"{'/'.join(map(str, narrow))}-bit activations exported as 8-bit over the same range")
+    sparse = [f"{n} ({100 * float((m.weight == 0).float().mean()):.0f}% zeros)" for n, m in layers.items()
+              if float((m.weight == 0).float().mean()) >= 0.5]
+    if sparse:
+        report.notes.append(f"sparse weights exported as dense tensors with zeros (ONNX Runtime has no sparse "
+                            f"CPU kernels for these ops): {', '.join(sparse)}")
     detach_all(work)
     work = _fold_batchnorm(work, report)
     graph_model = onnx.load_from_string(_to_onnx_bytes(work, torch.zeros(1, *shape), opset))

@@ -88,3 +88,14 @@ def test_export_errors_are_clear(tmp_path, trained):
     with pytest.raises(netshrink.NetshrinkError, match="ONNX export failed"):
         export(NotExportable(), tmp_path / "x.onnx", input_shape=(4,))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_structured_and_sparse_models_export(tmp_path, trained, digits):
+    small, _ = netshrink.remove_units(trained, keep=0.5)
+    netshrink.prune(small, keep=0.2)
+    report = export(small, tmp_path / "small.onnx", int8=True, calibration=digits[0])
+    assert any("dense tensors with zeros" in note and "fc1 (80% zeros)" in note for note in report.notes)
+    x = digits[1].tensors[0]
+    ours, theirs = small(x).detach().numpy(), run_onnx(tmp_path / "small.onnx", x)
+    assert theirs.shape == (len(x), 10)
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.97  # 8-bit activations calibrated at export
