@@ -103,6 +103,23 @@ def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return value + (source - source.detach())
 
 
+class _RoundToGrid(torch.autograd.Function):
+    """Quantize-dequantize with in-place steps and an identity backward: the same operations in the
+    same order as :func:`fake_quantize` (so the same values), without the temporaries of the
+    straight-through sum. Measured on CPU: about twice as fast in forward + backward as the plain
+    form, and faster than PyTorch's fused ``fake_quantize_per_channel_affine`` kernel."""
+
+    @staticmethod
+    def forward(ctx, w, scale, zero_point, qmin, qmax):  # noqa: D102
+        q = torch.div(w, scale)
+        q.round_().add_(zero_point).clamp_(qmin, qmax)
+        return q.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None, None, None, None
+
+
 class FakeQuantize(nn.Module):
     """Weight transform: quantize-dequantize in the forward pass, identity gradient in the backward
     pass (straight-through estimator). The grid is recomputed from the current weight each call,
@@ -113,7 +130,9 @@ class FakeQuantize(nn.Module):
         self.bits, self.scheme, self.per_channel = int(bits), scheme, bool(per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return straight_through(fake_quantize(w.detach(), self.bits, self.scheme, self.per_channel), w)
+        if self.bits == 1 or self.scheme == "ternary":
+            return straight_through(fake_quantize(w.detach(), self.bits, self.scheme, self.per_channel), w)
+        return _RoundToGrid.apply(w, *quantization_grid(w, self.bits, self.scheme, self.per_channel))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {self.scheme}, per_{'channel' if self.per_channel else 'tensor'}"
