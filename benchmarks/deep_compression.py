@@ -19,7 +19,7 @@ import torch
 
 import netshrink
 from netshrink.codec import tensors as codec
-from netshrink.methods.base import baked_state_dict
+from netshrink.artifact import stored_arrays
 from netshrink.report import markdown, nominal_bits
 
 # Beyond the paper: sparser layers and narrower codebooks, same schedule shape, as a sweep.
@@ -48,13 +48,12 @@ PAPER = {"lenet-300-100": {"error": 1.64, "compressed_error": 1.58, "ratio": 40,
 
 def layer_table(model) -> tuple[list[str], list[list]]:
     """Per-layer accounting in the shape of the paper's Table 2."""
-    state = baked_state_dict(model)
+    state = stored_arrays(model)
     rows = []
     for name, layer in model.named_modules():
         if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        w = state[f"{name}.weight"].numpy()
-        b = state[f"{name}.bias"].numpy()
+        w, b = state[f"{name}.weight"], state[f"{name}.bias"]
         kept = int((w != 0).sum())
         coded_w, coded_b = len(codec.encode(w)), len(codec.encode(b))
         rows.append([name, f"{w.size:,}", f"{100 * kept / w.size:.1f}%", nominal_bits(torch.from_numpy(w)),
@@ -85,7 +84,7 @@ def run(name: str, dense, dense_seconds: float, recipe, seed: int, out_dir: Path
     file_bytes = netshrink.save(model, path, recipe=recipe.raw)
     reloaded = netshrink.load(path)
     error = 100 * (1 - netshrink.evaluate(reloaded, test))
-    payload = sum(len(codec.encode(t.numpy())) for t in baked_state_dict(model).values())
+    payload = sum(len(codec.encode(a)) for a in stored_arrays(model).values())
     return {"name": name, "recipe": recipe.name, "params": params, "dense_error": dense_error, "error": error,
             "fp32_bytes": 4 * params, "file_bytes": file_bytes, "payload": payload,
             "dense_seconds": dense_seconds, "compress_seconds": compress_seconds,

@@ -37,18 +37,26 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
+def stored_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The arrays a file stores for ``model``: its baked state, with -0.0 as +0.0 (they compare
+    equal and compute identically, but the sign bit would make the codec store it as a non-zero;
+    masks written as w * mask leave many of them)."""
+    arrays = {}
+    for name, tensor in baked_state_dict(model).items():
+        array = tensor.detach().cpu().numpy()
+        if array.dtype == np.float32:
+            array = np.where(array == 0, np.float32(0), array).astype(np.float32)
+        arrays[name] = array
+    return arrays
+
+
 def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
     """Serialise ``model`` (its transforms baked into a copy; the model itself is not changed)."""
     quantizers = {name: m.input_quantizer.bits for name, m in model.named_modules()
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
     stored: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
-    for name, tensor in baked_state_dict(model).items():
-        array = tensor.detach().cpu().numpy()
-        if array.dtype == np.float32:
-            # -0.0 equals 0.0 and computes identically, but its sign bit would make the codec
-            # store it as a non-zero (masks written as w * mask leave many of them).
-            array = np.where(array == 0, np.float32(0), array).astype(np.float32)
+    for name, array in stored_arrays(model).items():
         entry: dict[str, Any] = {"shape": list(array.shape), "sha": _digest(array)}
         if array.dtype == np.float32 and array.size:
             encoded = codec.encode(array)

@@ -96,3 +96,15 @@ def test_atomic_write_keeps_old_file_on_failure(trained, tmp_path, monkeypatch):
         netshrink.save(trained, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.nsk"]  # no temporary left behind
+
+
+def test_masked_negative_zeros_are_stored_as_sparse(trained):
+    """w * mask leaves -0.0 for pruned negative weights; the file must still store them as zeros."""
+    from netshrink.codec import tensors as codec
+
+    netshrink.prune(trained, keep=0.1)
+    assert torch.signbit(trained.fc1.weight[trained.fc1.weight == 0]).any()  # the -0.0s are there
+    arrays = artifact.stored_arrays(trained)
+    assert codec.encoding_name(codec.encode(arrays["fc1.weight"])) == "sparse"
+    dense_bytes = 4 * sum(a.size for a in arrays.values())
+    assert sum(len(codec.encode(a)) for a in arrays.values()) <= len(artifact.to_bytes(trained)) < dense_bytes / 4
