@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, check_choice, check_range, per_layer, transforms, weight_of
+from .base import Method, check_choice, check_range, per_layer, weight_of
 
 
 class Mask(nn.Module):
@@ -149,12 +149,3 @@ def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.
         apply(model, Prune(keep=scheduled, scope=method.scope, targets=method.targets, ignore=method.ignore))
 
     return on_step
-
-
-def sparsity(layer: nn.Module) -> float:
-    w = weight_of(layer)
-    return 1.0 - float((w != 0).sum()) / w.numel()
-
-
-def has_mask(layer: nn.Module) -> bool:
-    return any(isinstance(t, Mask) for t in transforms(layer))
