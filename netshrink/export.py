@@ -101,11 +101,13 @@ def _weight_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
-           input_shape: tuple[int, ...] | None = None, opset: int = 17) -> ExportReport:
+           input_shape: tuple[int, ...] | None = None, opset: int = 17, int8_logits: bool = False) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``).
 
     The model is not changed. For int8, activation ranges come from the model's activation
-    quantizers, else from ``calibration`` data (8 bits, min/max).
+    quantizers, else from ``calibration`` data (8 bits, min/max). ``int8_logits=True`` also
+    quantizes the model's output (range calibrated on ``calibration``), so the last layer runs as
+    an integer kernel too; its predictions may then differ from netshrink's evaluation on near-ties.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -139,6 +141,10 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     graph_model = onnx.load_from_string(_to_onnx_bytes(work, torch.zeros(1, *shape), opset))
     if int8:
         _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper)
+        if int8_logits:
+            if calibration is None:
+                raise NetshrinkError("int8_logits needs calibration data for the output range")
+            _quantize_output(graph_model, work, calibration, report, helper, numpy_helper)
     else:
         report.layers = [(n, "fp32") for n in layers]
     onnx.checker.check_model(graph_model)
@@ -205,6 +211,29 @@ def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> No
     for name in layers:
         if name not in seen:
             report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)"))
+
+
+def _quantize_output(graph_model, model: nn.Module, calibration, report, helper, numpy_helper) -> None:
+    """Q/DQ on the graph output, over the logits' min/max on (at most 8 batches of) calibration data."""
+    from .train import batches
+
+    low, high = 0.0, 0.0
+    with torch.no_grad():
+        for i, (x, _) in enumerate(batches(calibration, 256)):
+            if i >= 8:
+                break
+            logits = model(x)
+            low, high = min(low, float(logits.min())), max(high, float(logits.max()))
+    scale, zero_point = ActivationQuantizer(8, low, high).grid()
+    graph = graph_model.graph
+    output = graph.output[0].name
+    producer = next(node for node in graph.node if output in node.output)
+    producer.output[list(producer.output).index(output)] = "logits_raw"
+    graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "logits_scale"),
+                              numpy_helper.from_array(np.array(zero_point, np.uint8), "logits_zero")])
+    graph.node.extend([helper.make_node("QuantizeLinear", ["logits_raw", "logits_scale", "logits_zero"], ["logits_q"]),
+                       helper.make_node("DequantizeLinear", ["logits_q", "logits_scale", "logits_zero"], [output])])
+    report.notes.append(f"logits quantized to uint8 over [{low:.3g}, {high:.3g}]")
 
 
 def _commuting_source(tensor: str, producer: dict, consumers: dict):

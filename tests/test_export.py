@@ -99,3 +99,15 @@ def test_structured_and_sparse_models_export(tmp_path, trained, digits):
     ours, theirs = small(x).detach().numpy(), run_onnx(tmp_path / "small.onnx", x)
     assert theirs.shape == (len(x), 10)
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.97  # 8-bit activations calibrated at export
+
+
+def test_int8_logits_option(tmp_path, trained, digits):
+    netshrink.quantize(trained, weight_bits=8, activation_bits=8, calibration=digits[0])
+    report = export(trained, tmp_path / "q.onnx", int8=True, int8_logits=True, calibration=digits[0])
+    assert any("logits quantized" in note for note in report.notes)
+    x = digits[1].tensors[0]
+    ours, theirs = trained(x).detach().numpy(), run_onnx(tmp_path / "q.onnx", x)
+    assert np.abs(ours - theirs).max() <= 0.03 * (ours.max() - ours.min())
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.98  # near-ties may flip once logits are 8-bit
+    with pytest.raises(netshrink.NetshrinkError, match="int8_logits needs calibration"):
+        export(trained, tmp_path / "x.onnx", int8=True, int8_logits=True)
