@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import netshrink
 from netshrink.codec import tensors as codec
 from netshrink.artifact import stored_arrays
 from netshrink.report import markdown, nominal_bits
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 # Beyond the paper: sparser layers and narrower codebooks, same schedule shape, as a sweep.
 def _further(keep: dict, bits, gradual_epochs: int, finetune_epochs: int) -> list:
@@ -111,7 +111,7 @@ def main() -> None:
                 recipes += [netshrink.Recipe.from_steps(steps, label) for label, steps in FURTHER[name].items()]
             results += [run(name, dense, seconds, recipe, args.seed, Path(tmp), train, test) for recipe in recipes]
     lines = ["# Deep Compression on MNIST: paper's Table 1 vs netshrink", "",
-             f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+             command_line(__file__),
              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "
              "Ratios are against dense fp32 (4 bytes per parameter, what the paper counts). "
              "'payload' is the encoded tensors alone; 'file' is the real .nsk file on disk "

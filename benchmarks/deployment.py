@@ -11,7 +11,6 @@ netshrink.bench. Writes benchmarks/results/deployment.md.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ import torch
 import netshrink
 from netshrink.bench import COLUMNS, benchmark
 from netshrink.report import markdown
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 EPOCHS = {"mlp": 10, "lenet-300-100": 10, "lenet-5": 6}
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
     lines = ["# Deployment on CPU: netshrink int8 export vs the alternatives", "",
-             f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+             command_line(__file__),
              f"{args.threads} threads for every runtime (torch {torch.__version__}). Latency: median and p90 of "
              f"{args.repeats} runs at batch 1 and {args.batch_repeats} runs at batch 256 after warm-up, taken in ten interleaved rounds (each "
              "candidate in turn, after a 50 ms pause so that ONNX Runtime's spinning worker threads are idle) so "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ import torch
 
 import netshrink
 from netshrink.report import markdown
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 
 def rss_bytes() -> int:
@@ -88,7 +88,7 @@ def main() -> None:
     rows[0][3] = "-"
     text = "\n".join([
         "# Scale: compressing a synthetic 100M-parameter model", "",
-        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+        command_line(__file__),
         f"{args.layers} x Linear({width}, {width}) = {params:,} parameters ({volume / 2**20:,.0f} MiB fp32), "
         f"2 threads. File: {size:,} bytes ({volume / size:.1f}x smaller). Peak = resident set size sampled "
         "every 10 ms (the process as a whole, so it includes the model). MB/s = fp32 model MiB / phase seconds.",

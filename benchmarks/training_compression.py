@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from netshrink.methods import QuantizeActivations, QuantizeWeights, apply
 from netshrink.methods.structured import remove_units
 from netshrink.report import markdown
 from netshrink.train import batches, frozen_copy
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 DENSE_EPOCHS = {"lenet-300-100": 20, "lenet-5": 10}
 WIDTHS = [("8-bit", {"bits": 8}), ("4-bit", {"bits": 4}), ("4-bit, learned step (LSQ)", {"bits": 4, "learned_step": True}),
@@ -124,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(2)
     train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
     lines = ["# Training-time compression on MNIST", "",
-             f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+             command_line(__file__),
              f"2 threads, torch {torch.__version__}. Dense models: Adam, cosine schedule, random shifts of up to 2 "
              f"pixels, seed 0. QAT: {args.qat_epochs:g} epochs from the dense model, lr 5e-4, straight-through "
              "estimator; weights per channel, activations 8-bit calibrated min/max. +KD: distillation from the "

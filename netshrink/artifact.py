@@ -26,7 +26,7 @@ from torch import nn
 from .codec import tensors as codec
 from .errors import NetshrinkError
 from .methods.activations import ActivationQuantizer, attach, input_quantizer
-from .methods.base import baked_state_dict
+from .methods.base import COMPRESSIBLE, baked_state_dict, sync_sizes
 from .models import model_from_spec
 
 FORMAT, VERSION = "netshrink", 1
@@ -132,14 +132,12 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         raise NetshrinkError(f"{source}: {exc}" if not str(exc).startswith(source) else str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise NetshrinkError(f"{source}: manifest and tensors disagree ({exc})") from None
-    if model is None:
+    rebuilt = model is None
+    if rebuilt:
         if not manifest.get("model"):
             raise NetshrinkError(f"{source} holds a model netshrink cannot rebuild by itself; "
                                  "pass model=<an instance of the same architecture>")
         model = model_from_spec(manifest["model"])
-        rebuilt = True
-    else:
-        rebuilt = False
     modules = dict(model.named_modules())
     for layer, bits in manifest.get("activation_quantizers", {}).items():
         if layer not in modules:
@@ -169,19 +167,14 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         current = getattr(owner, attribute, None)
         if not isinstance(current, torch.Tensor) or current.shape == tensor.shape:
             continue
-        if not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
+        if not isinstance(owner, (*COMPRESSIBLE, nn.modules.batchnorm._BatchNorm)):
             continue  # load_state_dict will report the mismatch
         replacement = torch.empty(tensor.shape, dtype=current.dtype)
         if isinstance(current, nn.Parameter):
             setattr(owner, attribute, nn.Parameter(replacement))
         else:
             setattr(owner, attribute, replacement)
-        if attribute == "weight" and isinstance(owner, nn.Linear):
-            owner.out_features, owner.in_features = tensor.shape
-        elif attribute == "weight" and not isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            owner.out_channels, owner.in_channels = tensor.shape[0], tensor.shape[1]
-        elif isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            owner.num_features = tensor.shape[0]
+        sync_sizes(owner)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

@@ -131,8 +131,8 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
         narrow = sorted({q.bits for q in ranges.values() if q.bits < 8})
         if narrow:
             report.notes.append(f"{'/'.join(map(str, narrow))}-bit activations exported as 8-bit over the same range")
-    sparse = [f"{n} ({100 * float((m.weight == 0).float().mean()):.0f}% zeros)" for n, m in layers.items()
-              if float((m.weight == 0).float().mean()) >= 0.5]
+    zero_fraction = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}
+    sparse = [f"{n} ({100 * f:.0f}% zeros)" for n, f in zero_fraction.items() if f >= 0.5]
     if sparse:
         report.notes.append(f"sparse weights exported as dense tensors with zeros (ONNX Runtime has no sparse "
                             f"CPU kernels for these ops): {', '.join(sparse)}")
@@ -182,7 +182,7 @@ def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> No
                                   numpy_helper.from_array(scales, f"{layer}.weight_scale"),
                                   numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{layer}.weight_zero")])
         quantizer = ranges[layer]
-        scale, zero_point = quantizer.grid() if quantizer.bits == 8 else _widened(quantizer)
+        scale, zero_point = _eight_bit_grid(quantizer)
         qparams = [f"{layer}.input_scale", f"{layer}.input_zero"]
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), qparams[0]),
                                   numpy_helper.from_array(np.array(zero_point, np.uint8), qparams[1])])
@@ -247,7 +247,8 @@ def _commuting_source(tensor: str, producer: dict, consumers: dict):
     return None
 
 
-def _widened(quantizer: ActivationQuantizer) -> tuple[float, int]:
-    """The 8-bit grid over the same range as a narrower quantizer."""
+def _eight_bit_grid(quantizer: ActivationQuantizer) -> tuple[float, int]:
+    """(scale, zero point) of the 8-bit grid over the quantizer's range: its own grid at 8 bits,
+    the widened equivalent for narrower ones."""
     wide = ActivationQuantizer(8, float(quantizer.low), float(quantizer.high))
     return wide.grid()

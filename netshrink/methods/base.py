@@ -204,6 +204,17 @@ def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def sync_sizes(module: nn.Module) -> None:
+    """Make a Linear/Conv/BatchNorm module's size attributes match its tensors again, after a
+    weight or statistic changed shape (structured pruning, loading a shrunk model)."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, COMPRESSIBLE):
+        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+
+
 def channel_view(w: torch.Tensor) -> torch.Tensor:
     """[out_channels, everything else]: the groups that per-channel methods work on."""
     return w.reshape(w.shape[0], -1)

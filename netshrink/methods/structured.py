@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, select_layers
+from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, select_layers, sync_sizes
 
 PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
                         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -193,7 +193,7 @@ def _rebuild(result: nn.Module, plans: list[_Plan]) -> None:
                 for name in ("running_mean", "running_var"):
                     if getattr(norm, name) is not None:
                         setattr(norm, name, getattr(norm, name)[plan.keep].clone())
-                norm.num_features = len(plan.keep)
+                sync_sizes(norm)
             for consumer_name, per_unit in plan.consumers:
                 columns = (plan.keep[:, None] * per_unit + torch.arange(per_unit)).flatten()
                 _shrink(result.get_submodule(consumer_name), 1, columns)
@@ -204,7 +204,4 @@ def _shrink(layer: nn.Module, dim: int, index: torch.Tensor) -> None:
     layer.weight = nn.Parameter(layer.weight.detach().index_select(dim, index).clone())
     if dim == 0 and layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
-    if isinstance(layer, nn.Linear):
-        layer.out_features, layer.in_features = layer.weight.shape
-    else:
-        layer.out_channels, layer.in_channels = layer.weight.shape[0], layer.weight.shape[1]
+    sync_sizes(layer)
