@@ -19,8 +19,9 @@ from .base import Method, check_choice, check_range, per_layer, weight_of
 class Mask(nn.Module):
     """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero.
 
-    A float multiply costs about as much as nothing in forward + backward, where ``torch.where``
-    costs 2.5x (measured), and on small models that is the whole training step. Pruned negative
+    A float multiply costs little more than nothing in forward + backward, ``torch.where`` about
+    2.3 times as much (benchmarks/results/transform_overhead.md), and on small models that is a
+    large share of the training step. Pruned negative
     weights become -0.0, equal to 0.0 in every computation; files store them as +0.0.
     """
 
