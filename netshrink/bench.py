@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import NetshrinkError
-from .export import ExportReport, export
+from .onnx_export import ExportReport, export
 from .methods.activations import detach_all
 from .methods.base import bake
 

@@ -203,7 +203,7 @@ def cmd_compress(args) -> int:
 def cmd_export(args) -> int:
     from . import artifact
     from .data import load_dataset
-    from .export import export
+    from .onnx_export import export
 
     model = artifact.load(args.path)
     report = export(model, args.output, int8=args.int8,

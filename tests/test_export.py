@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.export import export
+from netshrink.onnx_export import export, saturating_layers
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -111,3 +111,83 @@ def test_int8_logits_option(tmp_path, trained, digits):
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.98  # near-ties may flip once logits are 8-bit
     with pytest.raises(netshrink.NetshrinkError, match="int8_logits needs calibration"):
         export(trained, tmp_path / "x.onnx", int8=True, int8_logits=True)
+
+
+def emulate_u8s8_without_vnni(x_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
+    """x [n, k] uint8 @ w [out, k] int8 as AVX2 computes it without VNNI (vpmaddubsw): each pair of
+    adjacent products is added in 16 bits with saturation, then pairs are summed in 32 bits."""
+    k = x_u8.shape[1] + x_u8.shape[1] % 2
+    x = np.pad(x_u8.astype(np.int64), ((0, 0), (0, k - x_u8.shape[1])))
+    w = np.pad(w_s8.astype(np.int64), ((0, 0), (0, k - w_s8.shape[1])))
+    products = x[:, None, :] * w[None, :, :]  # [n, out, k]
+    pairs = np.clip(products[..., 0::2] + products[..., 1::2], -32768, 32767)
+    return pairs.sum(-1)
+
+
+def int8_weights(path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight_int8")}
+
+
+def test_default_int8_export_cannot_saturate_on_cpus_without_vnni(tmp_path, trained, digits):
+    """Read off the exported integer weights, so it fails on any machine, VNNI or not."""
+    import onnx
+
+    netshrink.quantize(trained, weight_bits=8, activation_bits=8, calibration=digits[0])
+    safe = netshrink.export(trained, tmp_path / "safe.onnx", int8=True)
+    assert "every x86-64 CPU" in safe.target
+    assert saturating_layers(onnx.load(str(tmp_path / "safe.onnx"))) == []
+    assert all("quantized now to 63 levels" in how for _, how in safe.layers)  # 8-bit grids re-quantized
+    full = netshrink.export(trained, tmp_path / "vnni.onnx", int8=True, vnni=True)
+    assert "VNNI" in full.target and any("exact int8 (127 levels" in how for _, how in full.layers)
+    assert saturating_layers(onnx.load(str(tmp_path / "vnni.onnx"))) != []
+    assert any("saturate" in note for note in full.notes)
+    # The emulated pre-VNNI kernel is exact on the safe weights and wrong on the full-range ones.
+    rng = np.random.default_rng(0)
+    x = rng.integers(200, 256, size=(64, 64), dtype=np.uint8)
+    for path, exact in (("safe.onnx", True), ("vnni.onnx", False)):
+        w = int8_weights(tmp_path / path)["fc1.weight_int8"]
+        emulated, true = emulate_u8s8_without_vnni(x, w), x.astype(np.int64) @ w.astype(np.int64).T
+        assert np.array_equal(emulated, true) == exact
+
+
+def test_batchnorm_folding_keeps_low_bit_grids_exact(tmp_path):
+    torch.manual_seed(0)
+    model = ResidualCNN()
+    data = (torch.rand(256, 1, 8, 8), torch.zeros(256, dtype=torch.long))
+    model.train()
+    model(data[0])
+    model.eval()
+    with torch.no_grad():
+        model.bn2.weight.copy_(torch.linspace(-1.5, 1.5, 8))  # a negative gamma flips the channel's sign
+    netshrink.quantize(model, weight_bits=4, activation_bits=8, calibration=data)
+    report = netshrink.export(model, tmp_path / "bn.onnx", int8=True, input_shape=(1, 8, 8))
+    assert any("BatchNorm folded" in note for note in report.notes)
+    exported = int8_weights(tmp_path / "bn.onnx")
+    for layer in ("stem", "conv"):
+        codes = exported[f"{layer}.weight_int8"]
+        assert np.abs(codes).max() <= 7  # still the 4-bit grid: 15 levels, not re-quantized to 8 bits
+        w = getattr(model, layer).weight.detach().numpy()
+        scale = np.abs(w.reshape(len(w), -1)).max(1) / 7
+        assert np.array_equal(np.abs(codes), np.abs(np.rint(w / scale[:, None, None, None])).astype(np.int8))
+    x = torch.rand(64, 1, 8, 8)
+    reference, theirs = model(x).detach().numpy(), run_onnx(tmp_path / "bn.onnx", x)
+    assert np.abs(reference - theirs).max() <= 0.05 * (reference.max() - reference.min()) + 1e-3
+
+
+def test_public_export_works_any_number_of_times(tmp_path, trained, digits):
+    import importlib
+
+    importlib.import_module("netshrink.onnx_export")  # importing the submodule must not shadow the function
+    for i in range(2):
+        report = netshrink.export(trained, tmp_path / f"m{i}.onnx")
+        assert report.layers and (tmp_path / f"m{i}.onnx").stat().st_size > 0
+    # A failing export leaves an existing file as it was (writes are atomic).
+    before = (tmp_path / "m0.onnx").read_bytes()
+    with pytest.raises(netshrink.NetshrinkError):
+        netshrink.export(trained, tmp_path / "m0.onnx", int8=True)  # no calibration data
+    assert (tmp_path / "m0.onnx").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -102,16 +102,20 @@ def test_structured_step_in_a_recipe_then_unstructured_then_quantized(digits):
     train, test = digits
     model = netshrink.build_model("lenet-300-100", (1, 8, 8))
     netshrink.fit(model, train, epochs=10, lr=2e-3, batch_size=64, progress=False)
+    dense = netshrink.evaluate(model, test)
     recipe = netshrink.Recipe.from_steps([
         {"structured": {"keep": 0.5}},
-        {"finetune": {"epochs": 2, "lr": 0.001}},
+        {"finetune": {"epochs": 5, "lr": 0.001}},
         {"prune": {"keep": 0.3}},
         {"quantize": {"bits": 4}},
-        {"finetune": {"epochs": 2, "lr": 0.0005}},
+        {"finetune": {"epochs": 5, "lr": 0.001}},
     ])
     rows = recipe.run(model, train, test, progress=False)
     assert model.fc1.weight.shape == (150, 64) and model.fc2.weight.shape == (50, 150)
     assert int((model.fc1.weight != 0).sum()) <= round(0.3 * 150 * 64)
     for row in model.fc1.weight:
         assert torch.unique(row[row != 0]).numel() <= 15
-    assert rows[-1]["accuracy"] > 0.85
+    # Against the dense reference: the last fine-tune recovers most of what compression cost
+    # (measured on two seeds: 3.9 and 6.1 points below dense, from 14-31 points below before it).
+    assert rows[-1]["accuracy"] >= rows[-2]["accuracy"] + 0.05
+    assert rows[-1]["accuracy"] >= dense - 0.08

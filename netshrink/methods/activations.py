@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from ..train import Data, batches
+from ..train import Data, batches, eval_mode
 from .base import Method, check_choice, check_range, per_layer
 
 OBSERVERS = ("minmax", "percentile")
@@ -87,10 +87,12 @@ class QuantizeActivations(Method):
     batch_size: int = 256
 
     def check(self) -> None:
+        super().check()
         check_range("activation bits", self.bits, 2, 8, integer=True)
         check_choice("observer", self.observer, OBSERVERS)
         check_range("percentile", self.percentile, 50.0, 100.0)
         check_range("calibration_batches", self.calibration_batches, 1, 1e9, integer=True)
+        check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
 
     def prepare(self, layers: dict[str, nn.Module], calibration: Data | None = None, model: nn.Module | None = None,
                 **_: Any) -> list:
@@ -116,21 +118,23 @@ class QuantizeActivations(Method):
             if input_quantizer(layer) is not None:
                 layer.input_quantizer = nn.Identity()
         handles = [layer.register_forward_pre_hook(observer(name), prepend=True) for name, layer in layers.items()]
-        was_training = model.training
         try:
-            model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 for i, (x, _) in enumerate(batches(calibration, self.batch_size)):
                     if i >= self.calibration_batches:
                         break
                     model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, NetshrinkError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NetshrinkError(f"the model does not run on the calibration data: {first}") from None
         finally:
             for handle in handles:
                 handle.remove()
             for name, layer in layers.items():
                 if previous[name] is not None:
                     layer.input_quantizer = previous[name]
-            model.train(was_training)
         if not any(observed.values()):
             raise NetshrinkError("calibration data yielded no batches")
         plan = []

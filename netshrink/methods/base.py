@@ -6,8 +6,10 @@ touched, so a rejected call leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -26,16 +28,34 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
+def check_patterns(what: str, patterns: Any) -> tuple[str, ...]:
+    """``targets``/``ignore`` must be a list or tuple of layer names / ``re:`` patterns. A bare
+    string is refused: iterating it would select layers by single characters."""
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, (list, tuple)):
+        hint = f" (did you mean [{patterns!r}]?)" if isinstance(patterns, str) else ""
+        raise NetshrinkError(f"{what} must be a list or tuple of layer names{hint}. Received: {what}={patterns!r}")
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise NetshrinkError(f"{what} entries must be non-empty strings. Received: {what}={list(patterns)!r}")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise NetshrinkError(f"{what} pattern {pattern!r} is not a valid regular expression ({exc})") from None
+    return tuple(patterns)
+
+
 def select_layers(model: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
                   ) -> dict[str, nn.Module]:
     """The Linear/Conv layers of ``model`` named by ``targets`` (all of them when empty), minus
     ``ignore``. Names are ``model.named_modules()`` names; ``re:`` prefixes a regular expression."""
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    targets, ignore = check_patterns("targets", targets), check_patterns("ignore", ignore)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
-    for pattern in targets:
+    for pattern in (*targets, *ignore):
         if not any(_matches(name, pattern) for name in layers):
-            raise NetshrinkError(f"target {pattern!r} matches no Linear/Conv layer; layers are: "
+            raise NetshrinkError(f"{'target' if pattern in targets else 'ignore'} {pattern!r} matches no Linear/Conv layer; layers are: "
                                  f"{', '.join(layers) or 'none'}")
     chosen = {n: m for n, m in layers.items()
               if (not targets or any(_matches(n, p) for p in targets))
@@ -59,6 +79,20 @@ def per_layer(value: Any, name: str, what: str) -> Any:
                          f"Received: {what}={dict(value)}")
 
 
+def check_map_keys(what: str, value: Any, layers: dict[str, nn.Module]) -> None:
+    """Every key of a per-layer map must name at least one selected layer: a typo would otherwise
+    leave a layer at the default without a word."""
+    if not isinstance(value, Mapping):
+        return
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise NetshrinkError(f"{what} keys must be layer names. Received: {what}={dict(value)!r}")
+        if pattern != "*":
+            check_patterns(what, [pattern])
+            if not any(_matches(name, pattern) for name in layers):
+                raise NetshrinkError(f"{what} key {pattern!r} matches no selected layer; layers are: {', '.join(layers)}")
+
+
 def each_value(value: Any) -> list:
     return list(value.values()) if isinstance(value, Mapping) else [value]
 
@@ -66,9 +100,11 @@ def each_value(value: Any) -> list:
 def check_range(what: str, value: Any, low: float, high: float, *, low_open: bool = False,
                 integer: bool = False) -> None:
     """Raise unless every value of a (possibly per-layer) setting lies in its range."""
+    if isinstance(value, Mapping) and not value:
+        raise NetshrinkError(f"{what} is an empty map. Received: {what}={{}}")
     for v in each_value(value):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
-        ok = ok and (low < v if low_open else low <= v) and v <= high
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (not integer or float(v).is_integer()) and (low < v if low_open else low <= v) and v <= high
         if not ok:
             bracket = "(" if low_open else "["
             kind = "an integer" if integer else "a number"
@@ -76,7 +112,7 @@ def check_range(what: str, value: Any, low: float, high: float, *, low_open: boo
 
 
 def check_choice(what: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise NetshrinkError(f"{what} must be one of {', '.join(map(str, choices))}. Received: {what}={value!r}")
 
 
@@ -103,8 +139,23 @@ class Method:
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for what in ("targets", "ignore"):  # lists (from YAML) become tuples; anything else is checked
+            if isinstance(getattr(self, what), list):
+                object.__setattr__(self, what, tuple(getattr(self, what)))
+
     def check(self) -> None:
-        """Raise :class:`NetshrinkError` for invalid settings. Must not touch any model."""
+        """Raise :class:`NetshrinkError` for invalid settings. Must not touch any model.
+        Subclasses call ``super().check()``."""
+        check_patterns("targets", self.targets)
+        check_patterns("ignore", self.ignore)
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers this method works on, with every per-layer map checked against them."""
+        layers = select_layers(model, self.targets, self.ignore)
+        for f in fields(self):
+            check_map_keys(f.name, getattr(self, f.name), layers)
+        return layers
 
     def prepare(self, layers: dict[str, nn.Module], **context: Any) -> list[tuple[str, nn.Module, str]]:
         """Compute one transform per layer: ``(layer name, parametrization, detail)``."""
@@ -113,7 +164,7 @@ class Method:
     def run(self, model: nn.Module, **context: Any) -> "Report":
         """Apply to ``model``. The default stacks one transform per selected layer; a method that
         reshapes the model (structured pruning) overrides this."""
-        layers = select_layers(model, tuple(self.targets), tuple(self.ignore))
+        layers = self.select(model)
         planned = self.prepare(layers, model=model, **context)  # everything computed before any change
         report = Report(self.name)
         for layer_name, transform, detail in planned:
@@ -145,8 +196,47 @@ def apply(model: nn.Module, method: Method, **context: Any) -> Report:
     >>> print(apply(build_model("mlp"), Prune(keep=0.5)).changed[0])
     ('fc1', 'kept 50176 of 100352 weights (50.0%)')
     """
-    method.check()
-    return method.run(model, **context)
+    return apply_all(model, [method], **context)[0]
+
+
+def apply_all(model: nn.Module, methods: list[Method], **context: Any) -> list[Report]:
+    """Apply several methods in order, as one change: every setting and every layer selection is
+    checked first, and if any step fails the model is restored exactly as it was."""
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    for method in methods:
+        if not isinstance(method, Method):
+            raise NetshrinkError(f"expected a method config such as Prune(keep=0.1). Received: {method!r}")
+        method.check()
+        method.select(model)
+    with preserved(model):
+        return [method.run(model, **context) for method in methods]
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, *, values: bool = False) -> Iterator[None]:
+    """On any exception inside the block (Ctrl-C included), put ``model`` back as it was: every
+    module's class, parameters, buffers, submodules, hooks and attributes, and with ``values=True``
+    the contents of its tensors too (for work that trains in place). Methods attach transforms and
+    replace tensors rather than writing into them, so the structure alone restores them, without
+    copying any weight."""
+    saved = []
+    for module in model.modules():
+        state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+        saved.append((module, module.__class__, state))
+    tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()} if values else {}
+    live = model.state_dict(keep_vars=True) if values else {}
+    try:
+        yield
+    except BaseException:
+        for module, cls, state in saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(state)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                live[key].data.copy_(tensor)
+        raise
 
 
 def add_transform(layer: nn.Module, transform: nn.Module) -> None:

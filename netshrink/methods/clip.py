@@ -45,6 +45,7 @@ class ClipWeights(Method):
     value: float | None = None
 
     def check(self) -> None:
+        super().check()
         if (self.threshold is None) == (self.percentile is None):
             raise NetshrinkError("clip needs exactly one of threshold or percentile. "
                                  f"Received: threshold={self.threshold}, percentile={self.percentile}")

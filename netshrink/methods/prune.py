@@ -65,6 +65,7 @@ class Prune(Method):
     scope: str = "layer"
 
     def check(self) -> None:
+        super().check()
         check_range("keep", self.keep, 0.0, 1.0, low_open=True)
         check_choice("scope", self.scope, ("layer", "global"))
         if self.scope == "global" and isinstance(self.keep, Mapping):
@@ -103,6 +104,7 @@ class NMSparsity(Method):
     m: int = 4
 
     def check(self) -> None:
+        super().check()
         check_range("m", self.m, 1, 1024, integer=True)
         check_range("n", self.n, 1, self.m, integer=True)
 

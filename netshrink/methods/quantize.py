@@ -182,9 +182,12 @@ class QuantizeWeights(Method):
     learned_step: bool = False
 
     def check(self) -> None:
+        super().check()
         check_range("bits", self.bits, 1, 8, integer=True)
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("granularity", self.granularity, GRANULARITIES)
+        if not isinstance(self.learned_step, bool):
+            raise NetshrinkError(f"learned_step must be True or False. Received: learned_step={self.learned_step!r}")
         if self.scheme == "ternary" and any(b != 2 for b in each_value(self.bits)):
             raise NetshrinkError(f"scheme='ternary' means 2-bit weights. Received: bits={self.bits}")
         if self.learned_step and self.scheme != "symmetric":

@@ -88,6 +88,7 @@ class ShareWeights(Method):
     iterations: int = 30
 
     def check(self) -> None:
+        super().check()
         check_range("bits", self.bits, 1, 8, integer=True)
         check_choice("init", self.init, INITS)
         check_range("iterations", self.iterations, 1, 10000, integer=True)

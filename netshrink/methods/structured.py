@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, select_layers, sync_sizes
+from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, sync_sizes
 
 PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
                         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -120,11 +120,12 @@ class RemoveUnits(Method):
     criterion: str = "l1"
 
     def check(self) -> None:
+        super().check()
         check_range("keep", self.keep, 0.0, 1.0, low_open=True)
         check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
-        layers = select_layers(model, tuple(self.targets), tuple(self.ignore))
+        layers = self.select(model)
         if any(hasattr(m, "parametrizations") for m in layers.values()):
             raise NetshrinkError("remove units before other compression (the model has weight transforms): "
                                  "start from the dense model, or netshrink.bake it first")

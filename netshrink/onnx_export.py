@@ -3,18 +3,31 @@
 The int8 graph is the fp32 export with, for every compressed Linear/Conv layer:
 
 * its weight stored as an int8 initializer with one float scale per output channel, behind a
-  DequantizeLinear (axis 0). Weights already on a per-channel grid of at most 8 bits (netshrink
-  quantization at b <= 8) are stored exactly: a b-bit weight is its own 8-bit equivalent.
-  Other weights are quantized to 8 bits per channel (symmetric) and the report says so.
+  DequantizeLinear (axis 0). Weights already on a per-channel integer grid that fits the target
+  (netshrink quantization at b <= 7 bits, or 8 with ``vnni=True``) are stored exactly: their integer
+  codes are written as they are. Other weights are quantized now, per channel, and the report says so.
 * its input activation behind QuantizeLinear/DequantizeLinear (uint8, affine) with the range that
   netshrink calibrated (the layer's ``input_quantizer``; b < 8 bits are widened to 8 bits over the
   same range), or, for a model without activation quantizers, 8-bit ranges calibrated now.
-
 * the same Quantize/Dequantize pair on the output of the layer that produces that input, when
   only ReLU, MaxPool, Flatten or Reshape stand between them. Those ops commute with a monotone
   quantizer (ReLU of a grid value is on the grid, a max of grid values is one of them), so the
   result is exactly what netshrink computes, and ONNX Runtime sees "DQ -> Conv/Gemm -> Q", which it
   fuses into QLinearConv / QGemm, with int8 MaxPool in between.
+
+**Correct on every x86-64 CPU.** ONNX Runtime's uint8 x int8 kernels on CPUs without VNNI (AVX2,
+AVX-512 without VNNI) multiply with ``vpmaddubsw``, which adds two u8*s8 products in a 16-bit
+register and saturates: with activations up to 255 and two weights of magnitudes a + b > 128 the
+sum overflows and the layer silently computes something else (OpenVINO and ONNX Runtime document
+this; ORT's own quantizer offers ``reduce_range``). netshrink therefore limits weights to 7 bits
+(codes in [-63, 63]) by default; ``vnni=True`` keeps the full int8 range for targets known to have
+VNNI (or ARM), and the report names the choice. :func:`saturating_layers` checks a graph for the
+risk from its integer weights alone, whatever CPU runs the check.
+
+**BatchNorm** after a convolution is folded into it. For a weight on an integer grid, folding
+multiplies each output channel by a constant, so the integer codes stay exactly as quantized and only
+the channel's scale changes (scale * gamma / sqrt(var + eps)); folding the float weight first and
+quantizing again would move the weights off their grid.
 
 The graph surgery uses the ``onnx`` helpers: exporter and runtime do the rest.
 """
@@ -23,6 +36,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +45,28 @@ import torch
 from torch import nn
 
 from .errors import NetshrinkError
+from .files import atomic_write, check_writable
 from .methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
 from .methods.base import COMPRESSIBLE, apply, bake
+
+SAFE_PAIR_SUM = 128  # 255 * (a + b) <= 32767 for |a| + |b| <= 128: no 16-bit saturation
+SAFE_CODE, VNNI_CODE = 63, 127  # largest weight code: 7-bit (any x86-64 CPU) or full int8 (VNNI)
 
 
 @dataclass
 class ExportReport:
     path: str
     int8: bool
+    target: str = "fp32"
     layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, how it was exported)
     notes: list[str] = field(default_factory=list)
 
 
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
     if input_shape is not None:
+        if isinstance(input_shape, (str, bytes)) or not all(isinstance(d, int) and d > 0 for d in input_shape):
+            raise NetshrinkError(f"input_shape must be positive integers (without the batch dimension). "
+                                 f"Received: input_shape={input_shape!r}")
         return tuple(int(d) for d in input_shape)
     spec = getattr(model, "spec", None)
     if spec:
@@ -66,58 +88,124 @@ def _to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes
     return buffer.getvalue()
 
 
-def _fold_batchnorm(model: nn.Module, report: ExportReport) -> nn.Module:
-    """Fold eval-mode BatchNorm into the convolution before it (PyTorch's fx fusion), so that the
-    int8 weights are the folded ones and no float BatchNorm runs between integer kernels. Models
-    that fx cannot trace are exported as they are."""
+def _fold_batchnorm(model: nn.Module, report: ExportReport) -> dict[str, torch.Tensor]:
+    """Fold every eval-mode BatchNorm that directly follows a convolution (and is its only user)
+    into it, in place; returns {convolution: per-channel factor gamma / sqrt(var + eps)}.
+
+    Written here rather than with ``torch.fx.experimental.optimization.fuse`` because the factor
+    is what keeps integer grids exact (see the module docstring), and fuse does not expose it."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return model
+        return {}
     try:
-        from torch.fx.experimental.optimization import fuse
-
-        fused = fuse(model)
+        traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # fx tracing fails on data-dependent control flow
-        report.notes.append(f"BatchNorm not folded ({type(exc).__name__}); its convolutions may stay fp32")
-        return model
-    report.notes.append("BatchNorm folded into the preceding convolutions before quantizing")
-    return fused
+        report.notes.append(f"BatchNorm not folded ({type(exc).__name__}: the model cannot be traced); "
+                            "it runs in float between integer kernels")
+        return {}
+    modules = dict(traced.named_modules())
+    calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
+    factors = {}
+    with torch.no_grad():
+        for node in traced.graph.nodes:
+            norm = modules.get(node.target) if node.op == "call_module" else None
+            source = node.args[0] if node.args else None
+            if not (isinstance(norm, nn.modules.batchnorm._BatchNorm) and isinstance(source, torch.fx.Node)
+                    and source.op == "call_module" and len(source.users) == 1):
+                continue
+            conv = modules[source.target]
+            if not (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and norm.running_var is not None
+                    and calls[node.target] == 1 and calls[source.target] == 1
+                    and conv.weight.shape[0] == norm.num_features):
+                continue
+            factor = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                factor = factor * norm.weight
+            shift = -norm.running_mean * factor + (norm.bias if norm.bias is not None else 0)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(factor)
+            conv.weight = nn.Parameter(conv.weight * factor.view(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter(bias * factor + shift)
+            parent, _, child = node.target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+            factors[source.target] = factor.detach().clone()
+    if factors:
+        report.notes.append(f"BatchNorm folded into {', '.join(factors)} (integer codes kept, scales multiplied)")
+    return factors
 
 
-def _weight_as_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """(int8 codes, per-channel scales, how): exact when the weight is a per-row grid within int8."""
+def weight_as_int8(w: np.ndarray, limit: int = SAFE_CODE) -> tuple[np.ndarray, np.ndarray, str]:
+    """(int8 codes, per-channel scales, how): exact when ``w`` is a per-row grid whose codes lie
+    within +-``limit``, else quantized now to that many levels per side (symmetric per channel)."""
     from .codec.tensors import grid
 
     rows = np.repeat(np.arange(w.shape[0]), int(np.prod(w.shape[1:])))
     flat = np.ascontiguousarray(w, dtype=np.float32).ravel()
     found = grid(flat.view(np.uint32), rows) if flat.size else None
-    if found is not None and np.abs(found[1]).max() <= 127:
+    if found is not None and np.abs(found[1]).max() <= limit:
         scales, codes = found
         levels = int(np.abs(codes).max())
         return codes.reshape(w.shape).astype(np.int8), scales.astype(np.float32), f"exact int8 ({levels} levels each side)"
     amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-    scales = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w / scales.reshape(-1, *[1] * (w.ndim - 1))), -127, 127).astype(np.int8)
-    return codes, scales, "quantized now to int8 per channel"
+    scales = np.where(amax > 0, amax / limit, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w / scales.reshape(-1, *[1] * (w.ndim - 1))), -limit, limit).astype(np.int8)
+    was = f"{int(np.abs(found[1]).max())}-level grid" if found is not None else "float weights"
+    return codes, scales, f"{was} quantized now to {limit} levels each side per channel"
+
+
+def saturating_layers(graph_model) -> list[str]:
+    """Names of the int8 weight initializers in an ONNX graph that can saturate the 16-bit pair sums
+    of u8 x s8 kernels on CPUs without VNNI: some output channel has two codes with |a| + |b| > 128.
+    Read off the weights alone, so the answer is the same on every machine."""
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in graph_model.graph.initializer}
+    risky = []
+    for node in graph_model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in weights:
+            continue
+        codes = numpy_helper.to_array(weights[node.input[0]])
+        if codes.dtype != np.int8 or codes.ndim < 2:
+            continue  # activations' zero points and scalars, not weights
+        magnitudes = np.sort(np.abs(codes.astype(np.int32)).reshape(codes.shape[0], -1), axis=1)
+        top_two = magnitudes[:, -2:].sum(axis=1) if magnitudes.shape[1] > 1 else magnitudes[:, -1]
+        if (top_two > SAFE_PAIR_SUM).any():
+            risky.append(node.input[0])
+    return risky
 
 
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
-           input_shape: tuple[int, ...] | None = None, opset: int = 17, int8_logits: bool = False) -> ExportReport:
-    """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``).
+           input_shape: tuple[int, ...] | None = None, opset: int = 17, int8_logits: bool = False,
+           vnni: bool = False) -> ExportReport:
+    """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``), atomically.
 
     The model is not changed. For int8, activation ranges come from the model's activation
-    quantizers, else from ``calibration`` data (8 bits, min/max). ``int8_logits=True`` also
+    quantizers, else from ``calibration`` data (8 bits, min/max). Weights are limited to 7 bits so
+    the model computes correctly on every x86-64 CPU; ``vnni=True`` uses the full int8 range, for
+    targets known to have VNNI (AVX512-VNNI, AVX-VNNI) or ARM. ``int8_logits=True`` also
     quantizes the model's output (range calibrated on ``calibration``), so the last layer runs as
     an integer kernel too; its predictions may then differ from netshrink's evaluation on near-ties.
     """
     import onnx
     from onnx import helper, numpy_helper
 
+    for flag, value in (("int8", int8), ("int8_logits", int8_logits), ("vnni", vnni)):
+        if not isinstance(value, bool):
+            raise NetshrinkError(f"{flag} must be True or False. Received: {flag}={value!r}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= 21:
+        raise NetshrinkError(f"opset must be an integer in [13, 21]. Received: opset={opset!r}")
+    if int8_logits and not int8:
+        raise NetshrinkError("int8_logits=True needs int8=True")
+    if int8_logits and calibration is None:
+        raise NetshrinkError("int8_logits needs calibration data for the output range")
+    path = check_writable(path)
     shape = _input_shape(model, input_shape)
     work = bake(copy.deepcopy(model)).eval()
     layers = {name: m for name, m in work.named_modules() if isinstance(m, COMPRESSIBLE)}
     report = ExportReport(str(path), int8)
     ranges: dict[str, ActivationQuantizer] = {}
+    limit = VNNI_CODE if vnni else SAFE_CODE
     if int8:
+        report.target = ("int8 weights, full range: for CPUs with VNNI (or ARM)" if vnni else
+                         "7-bit weights: correct on every x86-64 CPU, VNNI or not")
         if not layers:
             raise NetshrinkError("nothing to export as int8: the model has no Linear or Conv layer")
         missing = [n for n, m in layers.items() if not isinstance(input_quantizer(m), ActivationQuantizer)]
@@ -136,27 +224,35 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if sparse:
         report.notes.append(f"sparse weights exported as dense tensors with zeros (ONNX Runtime has no sparse "
                             f"CPU kernels for these ops): {', '.join(sparse)}")
+    # Integer codes come from the weights as netshrink computes them, before BatchNorm folding.
+    weights = {n: weight_as_int8(m.weight.detach().numpy(), limit) for n, m in layers.items()} if int8 else {}
     detach_all(work)
-    work = _fold_batchnorm(work, report)
+    for layer, factor in _fold_batchnorm(work, report).items():
+        if layer in weights:
+            codes, scales, how = weights[layer]
+            sign = np.where(factor.numpy() < 0, -1, 1).astype(np.int8)
+            weights[layer] = (codes * sign.reshape(-1, *[1] * (codes.ndim - 1)),
+                              (scales * np.abs(factor.numpy())).astype(np.float32), how + ", BatchNorm folded into scales")
     graph_model = onnx.load_from_string(_to_onnx_bytes(work, torch.zeros(1, *shape), opset))
     if int8:
-        _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper)
+        _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_helper)
         if int8_logits:
-            if calibration is None:
-                raise NetshrinkError("int8_logits needs calibration data for the output range")
             _quantize_output(graph_model, work, calibration, report, helper, numpy_helper)
+        risky = saturating_layers(graph_model)
+        if risky:
+            report.notes.append(f"weights {', '.join(risky)} use the full int8 range: CPUs without VNNI "
+                                "saturate on them (export without vnni=True for those)")
     else:
         report.layers = [(n, "fp32") for n in layers]
     onnx.checker.check_model(graph_model)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(graph_model, str(path))
+    atomic_write(path, graph_model.SerializeToString())
     return report
 
 
 COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape")
 
 
-def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> None:
+def _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_helper) -> None:
     graph = graph_model.graph
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
@@ -176,7 +272,7 @@ def _insert_qdq(graph_model, layers, ranges, report, helper, numpy_helper) -> No
             report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
             seen.add(layer)
             continue
-        codes, scales, how = _weight_as_int8(numpy_helper.to_array(initializers[weight_name]))
+        codes, scales, how = weights[layer]
         graph.initializer.remove(initializers[weight_name])
         graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
                                   numpy_helper.from_array(scales, f"{layer}.weight_scale"),

@@ -1,0 +1,87 @@
+"""Writing files safely: every file netshrink writes goes through :func:`atomic_write`.
+
+* The bytes go to a temporary file in the target's folder, are flushed to disk, then renamed over
+  the target: a reader sees the old file or the new one, never half of one.
+* The file gets the permissions an ordinary ``open(path, "w")`` would (0666 less the umask), not
+  the 0600 that ``tempfile`` uses.
+* A temporary file carries its writer's process id. A writer killed mid-write (SIGKILL, power
+  loss) cannot delete its own; the next write to the same target removes those whose writer is
+  gone, so they do not pile up.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import NetshrinkError
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; restore at once
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files of earlier writes to ``path`` whose writing process has died."""
+    prefix = f".{path.name}."
+    for candidate in path.parent.glob(f"{prefix}*.tmp"):
+        pid_text = candidate.name[len(prefix):].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            candidate.unlink(missing_ok=True)
+
+
+def check_writable(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
+    """Raise unless ``path`` can be written as a file (checked before long work starts): not a
+    folder, not one of ``inputs`` (an output never replaces the file it was made from)."""
+    path = Path(path)
+    if path.is_dir():
+        raise NetshrinkError(f"output {path} is a folder; give a file name")
+    for source in inputs:
+        if source is not None and Path(source).exists() and path.exists() and path.samefile(source):
+            raise NetshrinkError(f"output {path} is the input file; write to another name")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = folder
+    while not existing.exists():  # the folders to create: check where they would go
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NetshrinkError(f"cannot write {path}: {existing} is not a writable folder")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> int:
+    """Write ``data`` to ``path`` atomically with the user's umask; returns the byte count."""
+    path = check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NetshrinkError(f"cannot create the folder for {path}: {exc.strerror or exc}") from None
+    _remove_orphans(path)
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as exc:
+        raise NetshrinkError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException as exc:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise NetshrinkError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    return len(data)
