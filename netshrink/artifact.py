@@ -1,19 +1,29 @@
 """One compressed file per model: a safetensors container with a JSON manifest.
 
-* Tensors that no encoding shrinks are stored as ordinary float tensors, so a dense checkpoint is
-  a plain safetensors file any tool reads; the others are ``uint8`` blobs (see ``codec.tensors``).
+* Tensors that no encoding shrinks are stored as ordinary tensors, so a dense checkpoint is a
+  safetensors file any tool reads; the others are ``uint8`` blobs (see ``codec.tensors``).
 * The manifest (safetensors metadata key ``netshrink``) holds the format version, the model spec
   (zoo models are rebuilt from it), the recipe that produced the file, the activation quantizers,
-  and per tensor: shape, encoding and a SHA-256 prefix of the decoded bytes.
-* Loading never unpickles; a corrupt, truncated or foreign file raises one NetshrinkError line.
-* Writes are atomic: a temporary file in the same folder, fsync, then rename.
+  the weight transforms of each layer (masks, grids, codebooks, clips: so a loaded model keeps its
+  compression through fine-tuning), and per tensor: shape, encoding and a SHA-256 prefix of the
+  decoded values.
+* **A file cannot lie.** Metadata key ``netshrink-sha256`` holds the SHA-256 of the whole file
+  computed with that digest zeroed: manifest, names, shapes, dtypes, offsets and payloads all
+  count, so any change to any byte is caught before anything is decoded. Behind the checksum
+  (for files forged with a valid one) every claimed size is bounded before it is allocated: the
+  header by the file, each stream's count by its tensor's size, the sum of the tensors by the
+  machine's memory; zoo models are built on PyTorch's ``meta`` device and checked against the
+  stored shapes before any weight is allocated.
+* Loading never unpickles; only :class:`NetshrinkError` leaves :func:`load`; a failed load into a
+  caller's model leaves it exactly as it was.
+* Writes are atomic (``files.atomic_write``). Version-1 files (no whole-file checksum) still load.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +35,18 @@ from torch import nn
 
 from .codec import tensors as codec
 from .errors import NetshrinkError
-from .methods.activations import ActivationQuantizer, attach, input_quantizer
-from .methods.base import COMPRESSIBLE, baked_state_dict, sync_sizes
+from .files import atomic_write
+from .methods import TRANSFORMS
+from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
+from .methods.base import (COMPRESSIBLE, baked_state_dict, preserved, remove_transforms, restore_transforms, sync_sizes,
+                           transforms)
 from .models import model_from_spec
 
-FORMAT, VERSION = "netshrink", 1
-KEY = "netshrink"
+FORMAT, VERSION, READS = "netshrink", 2, (1, 2)
+KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
+_ZEROS = "0" * 64
+MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
+MAX_DIMS = 8
 
 
 def _digest(array: np.ndarray) -> str:
@@ -48,6 +64,29 @@ def stored_arrays(model: nn.Module) -> dict[str, np.ndarray]:
             array = np.where(array == 0, np.float32(0), array).astype(np.float32)
         arrays[name] = array
     return arrays
+
+
+def transform_records(model: nn.Module) -> dict[str, list[dict]]:
+    """Per layer, the weight transforms a file records so that loading can rebuild them."""
+    records = {}
+    for name, layer in model.named_modules():
+        stack = [t.record() for t in transforms(layer) if type(t) in TRANSFORMS.values()]
+        if stack:
+            records[name] = stack
+    return records
+
+
+def _digest_marker(digest: str) -> bytes:
+    return f'"{DIGEST_KEY}":"{digest}"'.encode()
+
+
+def _file_digest(data: bytes, at: int, length: int) -> str:
+    """SHA-256 of ``data`` with the digest field at ``at`` (``length`` bytes) zeroed."""
+    view = memoryview(data)
+    h = hashlib.sha256(view[:at])
+    h.update(_digest_marker(_ZEROS))
+    h.update(view[at + length:])
+    return h.hexdigest()
 
 
 def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
@@ -69,8 +108,11 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
         entries[name] = entry
     manifest = {"format": FORMAT, "version": VERSION, "model": getattr(model, "spec", None),
                 "recipe": recipe or [], "activation_quantizers": quantizers, "tensors": entries,
-                "info": info or {}}
-    return st_save(stored, metadata={KEY: json.dumps(manifest, separators=(",", ":"))})
+                "transforms": transform_records(model), "info": info or {}}
+    data = st_save(stored, metadata={KEY: json.dumps(manifest, separators=(",", ":")), DIGEST_KEY: _ZEROS})
+    marker = _digest_marker(_ZEROS)
+    at = data.find(marker, 8, 8 + int.from_bytes(data[:8], "little"))
+    return data[:at] + _digest_marker(_file_digest(data, at, len(marker))) + data[at + len(marker):]
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = None,
@@ -83,81 +125,200 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
     >>> save(build_model("mlp"), path) > 400_000
     True
     """
-    data = to_bytes(model, recipe=recipe, info=info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    return atomic_write(path, to_bytes(model, recipe=recipe, info=info))
+
+
+def _corrupt(source: str, what: str) -> NetshrinkError:
+    return NetshrinkError(f"{source} is corrupt or not a netshrink file ({what})")
+
+
+def _header(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise _corrupt(source, f"{len(data)} bytes")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8 or size > MAX_HEADER:
+        raise _corrupt(source, "header size beyond the end of the file")
     try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return len(data)
+        header = json.loads(bytes(data[8:8 + size]))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _corrupt(source, "header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise _corrupt(source, "header is not a safetensors header")
+    return header
+
+
+def _verify_digest(data: bytes, metadata: dict, source: str) -> None:
+    digest = metadata.get(DIGEST_KEY)
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise _corrupt(source, "its checksum is missing")
+    marker = _digest_marker(digest)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    at = data.find(marker, 8, header_end)
+    if at < 0 or data.find(marker, at + 1, header_end) >= 0:
+        raise _corrupt(source, "its checksum field is damaged")
+    if _file_digest(data, at, len(marker)) != digest:
+        raise NetshrinkError(f"{source} fails its checksum: the file was damaged or changed after it was written")
+
+
+def _memory_limit() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -> None:
+    """Every field of the manifest has the type and range it must have, and agrees with the
+    stored tensors, before anything is decoded or allocated."""
+    if not isinstance(manifest.get("tensors"), dict):
+        raise _corrupt(source, "manifest has no tensor table")
+    if set(manifest["tensors"]) != set(stored):
+        raise _corrupt(source, "manifest and stored tensors differ")
+    total = 0
+    for name, entry in manifest["tensors"].items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+                and isinstance(entry.get("sha"), str)):
+            raise _corrupt(source, f"bad entry for tensor {name!r}")
+        array = stored[name]
+        if "enc" in entry:
+            if entry["enc"] not in codec.NAMES.values() or array.dtype != np.uint8 or array.ndim != 1:
+                raise _corrupt(source, f"bad encoding for tensor {name!r}")
+            total += 4 * math.prod(shape)
+        else:
+            if list(array.shape) != shape:
+                raise _corrupt(source, f"tensor {name!r} has shape {list(array.shape)}, the manifest says {shape}")
+            total += array.nbytes
+    if total > _memory_limit():
+        raise NetshrinkError(f"{source} claims {total / 2**30:.1f} GiB of tensors, more than this machine's memory")
+    quantizers = manifest.get("activation_quantizers", {})
+    if not (isinstance(quantizers, dict) and all(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8
+                                                 for b in quantizers.values())):
+        raise _corrupt(source, "bad activation quantizers")
+    records = manifest.get("transforms", {})
+    if not (isinstance(records, dict) and all(
+            isinstance(stack, list) and all(isinstance(r, dict) and r.get("kind") in TRANSFORMS for r in stack)
+            for stack in records.values())):
+        raise _corrupt(source, "bad transform records")
+    if not isinstance(manifest.get("recipe", []), list) or not isinstance(manifest.get("info", {}), dict):
+        raise _corrupt(source, "bad recipe or info")
+    if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
+        raise _corrupt(source, "bad model spec")
 
 
 def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np.ndarray]]:
+    """The checked manifest and the stored (still encoded) arrays of a file's bytes."""
+    metadata = _header(data, source).get("__metadata__", {})
+    if KEY not in metadata:
+        raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
+    if DIGEST_KEY in metadata:
+        _verify_digest(data, metadata, source)
     try:
-        stored = st_load(data)
-        header_size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_size])
-        manifest = json.loads(header["__metadata__"][KEY])
-    except Exception as exc:  # safetensors raises several types for foreign or cut files
-        raise NetshrinkError(f"{source} is not a readable netshrink file ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from None
+        manifest = json.loads(metadata[KEY])
+    except (ValueError, TypeError, RecursionError):
+        raise _corrupt(source, "manifest is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
-    if manifest.get("version") != VERSION:
-        raise NetshrinkError(f"{source} has format version {manifest.get('version')}; this netshrink reads {VERSION}")
+    if manifest.get("version") not in READS:
+        raise NetshrinkError(f"{source} has format version {manifest.get('version')!r}; this netshrink reads "
+                             f"{', '.join(map(str, READS))}")
+    if manifest["version"] >= 2 and DIGEST_KEY not in metadata:
+        raise _corrupt(source, "its checksum is missing")
+    try:
+        stored = st_load(bytes(data))
+    except Exception as exc:  # safetensors raises several types for inconsistent headers
+        raise _corrupt(source, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'bad layout'}") from None
+    _check_manifest(manifest, stored, source)
     return manifest, stored
 
 
-def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file") -> nn.Module:
-    """Rebuild a model from bytes written by :func:`to_bytes` (see :func:`load`)."""
-    manifest, stored = read_manifest(data, source)
+def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> dict[str, torch.Tensor]:
     state = {}
-    try:
-        for name, entry in manifest["tensors"].items():
-            array = stored[name]
-            shape = tuple(entry["shape"])
-            if "enc" in entry:
+    for name, entry in manifest["tensors"].items():
+        shape = tuple(entry["shape"])
+        array = stored[name]
+        if "enc" in entry:
+            try:
                 array = codec.decode(array.tobytes(), shape)
-            if tuple(array.shape) != shape or _digest(array) != entry["sha"]:
-                raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
-            state[name] = torch.from_numpy(np.array(array))
-    except NetshrinkError as exc:
-        raise NetshrinkError(f"{source}: {exc}" if not str(exc).startswith(source) else str(exc)) from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NetshrinkError(f"{source}: manifest and tensors disagree ({exc})") from None
+            except NetshrinkError as exc:
+                raise NetshrinkError(f"{source}: tensor {name!r}: {exc}") from None
+            except (ValueError, IndexError, OverflowError, MemoryError) as exc:
+                raise _corrupt(source, f"tensor {name!r} does not decode: {type(exc).__name__}") from None
+        if tuple(array.shape) != shape or _digest(array) != entry["sha"]:
+            raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
+        state[name] = torch.from_numpy(np.array(array))
+    return state
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dict, source: str) -> None:
+    """Raise, before the model changes, unless the file's tensors can be loaded into ``model``:
+    the same names, and the same shapes except the sizes structured pruning changes."""
+    modules = dict(model.named_modules())
+    for layer in quantized:
+        if not isinstance(layer, str) or layer not in modules:
+            raise NetshrinkError(f"{source}: layer {layer!r} is not in the given model")
+    expected = {k: v for k, v in baked_state_dict(model).items() if ".input_quantizer." not in f".{k}"}
+    expected.update({f"{layer}.input_quantizer.{b}": torch.zeros(()) for layer in quantized for b in ("low", "high")})
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"] if unexpected else [])
+        raise NetshrinkError(f"{source} does not fit this model: {'; '.join(parts)}")
+    for key, tensor in state.items():
+        current = expected[key]
+        if tensor.is_floating_point() != current.is_floating_point():
+            raise NetshrinkError(f"{source}: tensor {key!r} is {tensor.dtype} in the file, {current.dtype} in the model")
+        if tuple(tensor.shape) != tuple(current.shape):
+            owner_name, _, attribute = key.rpartition(".")
+            owner = modules.get(owner_name)
+            resizable = (isinstance(owner, (*COMPRESSIBLE, nn.modules.batchnorm._BatchNorm))
+                         and getattr(owner, "groups", 1) == 1 and tensor.dim() == current.dim()
+                         and attribute in ("weight", "bias", "running_mean", "running_var"))
+            if not resizable:
+                raise NetshrinkError(f"{source} does not fit this model: {key} is {list(tensor.shape)} in the file, "
+                                     f"{list(current.shape)} in the model")
+
+
+def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file", *,
+               restore: bool = True) -> nn.Module:
+    """Rebuild a model from bytes written by :func:`to_bytes` (see :func:`load`)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise NetshrinkError(f"model must be a torch.nn.Module. Received: {type(model).__name__}")
+    manifest, stored = read_manifest(data, source)
+    quantized = manifest.get("activation_quantizers", {})
     rebuilt = model is None
     if rebuilt:
         if not manifest.get("model"):
             raise NetshrinkError(f"{source} holds a model netshrink cannot rebuild by itself; "
                                  "pass model=<an instance of the same architecture>")
-        model = model_from_spec(manifest["model"])
-    modules = dict(model.named_modules())
-    for layer, bits in manifest.get("activation_quantizers", {}).items():
-        if layer not in modules:
-            raise NetshrinkError(f"{source}: layer {layer!r} is not in the given model")
-        attach(modules[layer], ActivationQuantizer(int(bits)))
-    if rebuilt:
+        with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
+            model = model_from_spec(manifest["model"])
+    state = _decode_all(manifest, stored, source)
+    _check_fits(model, state, quantized, source)
+    with preserved(model, values=not rebuilt):
+        remove_transforms(model, keep_values=False)
+        detach_all(model)
+        modules = dict(model.named_modules())
+        for layer, bits in quantized.items():
+            attach(modules[layer], ActivationQuantizer(int(bits)))
         _fit_shapes(model, state)
-    try:
+        if rebuilt:
+            model.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise NetshrinkError(f"{source} does not fit this model: {first}") from None
+        if restore and manifest.get("transforms"):
+            restore_transforms(model, manifest["transforms"])
     model.eval()
-    model.netshrink_manifest = {k: manifest[k] for k in ("recipe", "info")}  # type: ignore[assignment]
+    model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model
 
 
 def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give a freshly built zoo model the layer sizes stored in the file (structured pruning
-    removes neurons and channels, so the spec's default widths no longer match)."""
+    """Give the model the layer sizes stored in the file (structured pruning removes neurons and
+    channels, so a freshly built model's widths no longer match); :func:`_check_fits` has
+    checked that only those sizes differ."""
     for key, tensor in state.items():
         owner_name, _, attribute = key.rpartition(".")
         try:
@@ -169,7 +330,7 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             continue
         if not isinstance(owner, (*COMPRESSIBLE, nn.modules.batchnorm._BatchNorm)):
             continue  # load_state_dict will report the mismatch
-        replacement = torch.empty(tensor.shape, dtype=current.dtype)
+        replacement = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
         if isinstance(current, nn.Parameter):
             setattr(owner, attribute, nn.Parameter(replacement))
         else:
@@ -177,12 +338,19 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         sync_sizes(owner)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bool = True) -> nn.Module:
     """Load a netshrink file. Zoo models are rebuilt from the file; for any other architecture pass
-    an instance as ``model`` and its weights are replaced. Weights are bit-identical to those saved."""
+    an instance as ``model`` and its weights are replaced. Weights are bit-identical to those saved.
+
+    With ``restore=True`` (the default) each layer gets back the weight transforms it had when
+    saved (pruning masks, quantization grids, codebooks, clipping), so fine-tuning the loaded
+    model keeps pruned weights at zero and weights on their grid; ``restore=False`` returns plain
+    weights (what :func:`netshrink.bake` gives). A file that fails any check raises one
+    :class:`NetshrinkError` and ``model`` is left as it was.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
-    except OSError as exc:
-        raise NetshrinkError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return from_bytes(data, model, source=str(path))
+    except (OSError, TypeError) as exc:
+        raise NetshrinkError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return from_bytes(data, model, source=str(path), restore=restore)

@@ -55,7 +55,14 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
 
 
 def model_from_spec(spec: dict) -> nn.Sequential:
-    try:
-        return build_model(spec["name"], tuple(spec["in_shape"]), int(spec["classes"]))
-    except (KeyError, TypeError) as exc:
-        raise NetshrinkError(f"bad model spec {spec!r}: {exc}") from None
+    """Rebuild a zoo model from the spec a file stores; every field is checked first (files are
+    input from strangers: a spec must not be able to ask for a huge model)."""
+    if not isinstance(spec, dict) or set(spec) != {"name", "in_shape", "classes"}:
+        raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
+    name, in_shape, classes = spec["name"], spec["in_shape"], spec["classes"]
+    ok_shape = (isinstance(in_shape, list) and 1 <= len(in_shape) <= 3
+                and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 4096 for d in in_shape)
+                and math.prod(in_shape) <= 1 << 22)
+    if name not in MODELS or not ok_shape or not (isinstance(classes, int) and 1 <= classes <= 100_000):
+        raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
+    return build_model(name, tuple(in_shape), classes)

@@ -79,7 +79,7 @@ def test_huffman_stream_matches_entropy_bound():
     encoded = streams.encode(symbols)
     entropy = -(probabilities * np.log2(probabilities)).sum()  # 1.75 bits: dyadic, Huffman is optimal
     assert len(encoded) * 8 / symbols.size == pytest.approx(entropy, rel=0.01)
-    assert np.array_equal(streams.decode(Reader(encoded)), symbols)
+    assert np.array_equal(streams.decode(Reader(encoded), len(symbols)), symbols)
 
 
 @pytest.mark.parametrize("cut", [0, 1, 3, 10, -1])

@@ -146,10 +146,13 @@ def encode(symbols: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def decode(reader: Reader) -> np.ndarray:
-    """Decode one stream written by :func:`encode`; returns int64 symbols."""
+def decode(reader: Reader, limit: int) -> np.ndarray:
+    """Decode one stream written by :func:`encode`; returns int64 symbols. ``limit`` is the most
+    symbols the caller can use: a larger count is refused before anything is allocated."""
     kind = reader.u8()
     count = reader.varint()
+    if count > limit:
+        raise NetshrinkError(f"encoded tensor is corrupt (a stream claims {count} symbols where at most {limit} fit)")
     if kind == EMPTY:
         return np.full(count, reader.varint(), dtype=np.int64)
     if kind == PACKED:
@@ -161,6 +164,8 @@ def decode(reader: Reader) -> np.ndarray:
         raise NetshrinkError(f"encoded tensor is corrupt (unknown stream kind {kind})")
     lengths = np.frombuffer(reader.take(reader.varint()), dtype=np.uint8).astype(np.int64)
     nbits = reader.varint()
+    if count > nbits:  # every symbol takes at least one bit
+        raise NetshrinkError("encoded tensor is corrupt (Huffman stream shorter than its count)")
     if not lengths.any() or lengths.max() > MAX_CODE_LENGTH or np.sum(2.0 ** -lengths[lengths > 0]) > 1:
         raise NetshrinkError("encoded tensor is corrupt (bad Huffman table)")
     stream = bitarray(endian="big")

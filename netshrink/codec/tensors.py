@@ -19,6 +19,7 @@ Every encoding is exact: decode(encode(x)) is bit-identical to x (float32).
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def encode(array: np.ndarray) -> bytes:
 def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     """Decode a float32 array of ``shape`` from bytes written by :func:`encode`."""
     shape = tuple(int(d) for d in shape)
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     row_length = int(np.prod(shape[1:])) if len(shape) > 1 else max(1, size)
     reader = Reader(data)
     kind = reader.u8()
@@ -164,13 +165,13 @@ def _decode_values(reader: Reader, rows: np.ndarray) -> np.ndarray:
     if kind == VALUES_CODEBOOK:
         k = reader.varint()
         codebook = np.frombuffer(reader.take(4 * k), dtype="<u4")
-        indices = streams.decode(reader)
+        indices = streams.decode(reader, size)
         if len(indices) != size or (size and (indices.min() < 0 or indices.max() >= k)):
             raise NetshrinkError("encoded tensor is corrupt (bad codebook indices)")
         return codebook[indices].view(np.float32)
     if kind == VALUES_GRID:
         scales = np.frombuffer(reader.take(4 * reader.varint()), dtype="<f4")
-        zigzag = streams.decode(reader)
+        zigzag = streams.decode(reader, size)
         if len(zigzag) != size or (size and rows[-1] >= len(scales)):
             raise NetshrinkError("encoded tensor is corrupt (bad grid)")
         codes = np.where(zigzag % 2 == 0, zigzag // 2, -(zigzag + 1) // 2)
@@ -220,7 +221,7 @@ def _decode_sparse(reader: Reader, size: int, row_length: int) -> np.ndarray:
     if log_span > 40:
         raise NetshrinkError("encoded tensor is corrupt (bad gap width)")
     span = 1 << log_span
-    symbols = streams.decode(reader)
+    symbols = streams.decode(reader, size)  # each gap symbol covers at least one position
     if len(symbols) and (symbols.min() < 0 or symbols.max() > span):
         raise NetshrinkError("encoded tensor is corrupt (bad gap symbol)")
     is_value = symbols != span

@@ -251,6 +251,32 @@ def add_transform(layer: nn.Module, transform: nn.Module) -> None:
     parametrize.register_parametrization(layer, "weight", transform)
 
 
+def restore_transforms(model: nn.Module, records: dict[str, list[dict]]) -> None:
+    """Rebuild the weight transforms a file recorded (``artifact.transform_records``), in their
+    order, from the weights as loaded: each transform's ``from_record`` reads what it needs (the
+    zeros of a mask, the values of a codebook) off the stored weight, which is already the
+    transformed one, so the model computes exactly what was saved."""
+    from . import TRANSFORMS
+
+    modules = dict(model.named_modules())
+    planned = []
+    for layer, stack in records.items():
+        module = modules.get(layer)
+        if not isinstance(module, COMPRESSIBLE):
+            raise NetshrinkError(f"the file records weight transforms for {layer!r}, which is not a Linear/Conv "
+                                 "layer of this model")
+        weight = module.weight.detach()
+        for record in stack:
+            try:
+                planned.append((module, TRANSFORMS[record["kind"]].from_record(record, weight)))
+            except (KeyError, TypeError, ValueError) as exc:
+                if isinstance(exc, NetshrinkError):
+                    raise
+                raise NetshrinkError(f"bad weight transform record for {layer!r}: {record!r}") from None
+    for module, transform in planned:
+        parametrize.register_parametrization(module, "weight", transform)
+
+
 def transforms(layer: nn.Module) -> list[nn.Module]:
     return list(layer.parametrizations.weight) if parametrize.is_parametrized(layer, "weight") else []
 
@@ -266,15 +292,21 @@ def bake(model: nn.Module) -> nn.Module:
 
     Activation quantizers stay: they are part of how the model computes.
     """
+    return remove_transforms(model, keep_values=True)
+
+
+def remove_transforms(model: nn.Module, *, keep_values: bool) -> nn.Module:
+    """Remove every weight transform: leaving the transformed weights (``keep_values=True``, what
+    :func:`bake` does) or the untransformed originals."""
     for module in model.modules():
         if parametrize.is_parametrized(module):
             # A deep copy of a parametrized module shares its generated class, and removing a
-            # parametrization deletes the property from that class, which would break every copy.
-            # Give this module a private class first so copies (e.g. teachers) stay intact.
+            # parametrization deletes the property from that class, which would break every copy
+            # (and any snapshot that restores the class). Give this module a private class first.
             cls = module.__class__
             module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=keep_values)
     return model
 
 

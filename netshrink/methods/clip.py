@@ -28,6 +28,16 @@ class Clip(nn.Module):
             return w.clamp(-self.threshold, self.threshold)
         return torch.where(w.abs() > self.threshold, torch.sign(w) * self.value, w)
 
+    def record(self) -> dict:
+        return {"kind": "clip", "threshold": self.threshold, "value": self.value}
+
+    @classmethod
+    def from_record(cls, record: dict, w: torch.Tensor) -> "Clip":
+        check_range("clip threshold", record.get("threshold"), 0.0, float("inf"))
+        if record.get("value") is not None:
+            check_range("clip value", record["value"], 0.0, float("inf"))
+        return cls(record["threshold"], record.get("value"))
+
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}" + ("" if self.value is None else f", value={self.value:.4g}")
 

@@ -33,6 +33,15 @@ class Mask(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
 
+    def record(self) -> dict:
+        """What a file stores to rebuild this transform (see ``methods.base.restore_transforms``)."""
+        return {"kind": "mask", "label": self.label}
+
+    @classmethod
+    def from_record(cls, record: dict, w: torch.Tensor) -> "Mask":
+        """The pruned weights are the zeros of the stored weight."""
+        return cls(w != 0, label=str(record.get("label", "prune"))[:32])
+
     def extra_repr(self) -> str:
         return f"{self.label}, keep={self.mask.float().mean().item():.3f}"
 

@@ -135,6 +135,17 @@ class FakeQuantize(nn.Module):
             return straight_through(fake_quantize(w.detach(), self.bits, self.scheme, self.per_channel), w)
         return _RoundToGrid.apply(w, *quantization_grid(w, self.bits, self.scheme, self.per_channel))
 
+    def record(self) -> dict:
+        return {"kind": "quantize", "bits": self.bits, "scheme": self.scheme, "per_channel": self.per_channel}
+
+    @classmethod
+    def from_record(cls, record: dict, w: torch.Tensor) -> "FakeQuantize":
+        """Quantizing a weight that is already on its grid leaves it unchanged, so the grid is
+        recomputed from the stored weight."""
+        check_range("quantize bits", record.get("bits"), 1, 8, integer=True)
+        check_choice("quantize scheme", record.get("scheme"), SCHEMES)
+        return cls(int(record["bits"]), record["scheme"], bool(record.get("per_channel", True)))
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {self.scheme}, per_{'channel' if self.per_channel else 'tensor'}"
 
@@ -160,6 +171,22 @@ class LearnedStepQuantize(nn.Module):
         else:
             levels = torch.round(scaled)
         return straight_through(levels.detach(), scaled) * step
+
+    def record(self) -> dict:
+        return {"kind": "learned-step", "bits": self.bits, "per_channel": self.per_channel}
+
+    @classmethod
+    def from_record(cls, record: dict, w: torch.Tensor) -> "LearnedStepQuantize":
+        """The step is read back off the stored weight's grid (per channel: its smallest non-zero
+        magnitude divides every value), so training resumes on the same levels."""
+        check_range("learned-step bits", record.get("bits"), 1, 8, integer=True)
+        transform = cls(w, int(record["bits"]), bool(record.get("per_channel", True)))
+        magnitude = w.detach().abs().reshape(w.shape[0], -1) if transform.per_channel else w.detach().abs().reshape(1, -1)
+        smallest = torch.where(magnitude > 0, magnitude, torch.inf).amin(dim=1)
+        with torch.no_grad():
+            found = torch.isfinite(smallest).view(transform.step.shape)
+            transform.step.copy_(torch.where(found, smallest.view(transform.step.shape), transform.step))
+        return transform
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learned step, per_{'channel' if self.per_channel else 'tensor'}"

@@ -74,6 +74,18 @@ class Codebook(nn.Module):
             return torch.zeros_like(w)
         return self.centroids[self.assignment.long()] * self.nonzero
 
+    def record(self) -> dict:
+        return {"kind": "codebook"}
+
+    @classmethod
+    def from_record(cls, record: dict, w: torch.Tensor) -> "Codebook":
+        """The codebook is the stored weight's distinct non-zero values; zeros stay pruned."""
+        nonzero = w != 0
+        centroids = torch.unique(w[nonzero])
+        assignment = torch.zeros(w.shape, dtype=torch.long)
+        assignment[nonzero] = torch.searchsorted(centroids, w[nonzero])
+        return cls(centroids, assignment, nonzero)
+
     def extra_repr(self) -> str:
         return f"clusters={self.centroids.numel()}"
 
