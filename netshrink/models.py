@@ -25,6 +25,11 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
     >>> sum(p.numel() for p in build_model("lenet-300-100").parameters())
     266610
     """
+    if (isinstance(in_shape, (str, bytes)) or not isinstance(in_shape, (tuple, list)) or not 1 <= len(in_shape) <= 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in in_shape)):
+        raise NetshrinkError(f"in_shape must be 1 to 3 positive integers, e.g. (1, 28, 28). Received: in_shape={in_shape!r}")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise NetshrinkError(f"classes must be a positive integer. Received: classes={classes!r}")
     in_shape = tuple(int(d) for d in in_shape)
     features = math.prod(in_shape)
     if name == "mlp":  # the founding text's model

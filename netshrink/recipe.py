@@ -27,9 +27,9 @@ from torch import nn
 
 from .errors import NetshrinkError
 from .methods import REGISTRY
-from .methods.base import Method, apply
+from .methods.base import Method, apply, preserved
 from .methods.prune import Prune, gradual
-from .train import Data, Distill, evaluate, fit, frozen_copy
+from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, fit, frozen_copy
 
 STEP_KINDS = tuple(REGISTRY) + ("finetune",)
 
@@ -93,19 +93,39 @@ def _finetune(settings: Any, where: str) -> Finetune:
     elif distill not in (None, False):
         raise NetshrinkError(f"{where}: distill must be true, false or a mapping. Received: {distill!r}")
     step = _build(Finetune, settings, where)
-    step = Finetune(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, augment=step.augment,
-                    distill=distill or None)
-    if not step.epochs > 0 or not step.lr > 0:
-        raise NetshrinkError(f"{where}: epochs and lr must be > 0. Received: epochs={step.epochs}, lr={step.lr}")
+    return _checked_finetune(Finetune(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
+                                      augment=step.augment, distill=distill or None), where)
+
+
+def _checked_finetune(step: Finetune, where: str) -> Finetune:
+    try:
+        _check_number("epochs", step.epochs, positive=True)
+        _check_number("lr", step.lr, positive=True)
+        _check_number("batch_size", step.batch_size, positive=True, integer=True)
+        _check_number("augment", step.augment, integer=True)
+    except NetshrinkError as exc:
+        raise NetshrinkError(f"{where}: {exc}") from None
+    if step.distill is not None and not isinstance(step.distill, Distill):
+        raise NetshrinkError(f"{where}: distill must be a netshrink.Distill. Received: {step.distill!r}")
     return step
 
 
 def parse_step(raw: Any, index: int) -> Step:
     where = f"step {index + 1}"
     if isinstance(raw, Step):
+        raw = raw.action if raw.schedule is None else raw
+    if isinstance(raw, Step):  # a gradual step built in Python: check both of its parts
+        if not isinstance(raw.action, Prune):
+            raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
+        raw.action.check()
+        _checked_finetune(raw.schedule, f"{where}.gradual")
+        _check_number("every", raw.every, positive=True, integer=True)
         return raw
-    if isinstance(raw, (Method, Finetune)):
+    if isinstance(raw, Method):
+        raw.check()
         return Step(raw)
+    if isinstance(raw, Finetune):
+        return Step(_checked_finetune(raw, where))
     if not isinstance(raw, dict):
         raise NetshrinkError(f"{where}: expected a mapping like {{prune: {{keep: 0.1}}}}. Received: {raw!r}")
     raw = dict(raw)
@@ -171,7 +191,27 @@ class Recipe:
 
     def run(self, model: nn.Module, train: Data, test: Data | None = None, *, seed: int = 0,
             progress: bool = True, on_row=None) -> list[dict]:
-        """Run every step on ``model`` in place; returns one row per step (accuracy if ``test``)."""
+        """Run every step on ``model`` in place; returns one row per step (accuracy if ``test``).
+
+        Every step is checked against the model (its layer selection and per-layer maps) and the
+        data are checked before the first step runs; if any step fails, or the run is interrupted,
+        the model is put back as it was."""
+        if not isinstance(model, nn.Module):
+            raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+        for i, step in enumerate(self.steps):
+            if isinstance(step.action, Method):
+                try:
+                    step.action.select(model)
+                except NetshrinkError as exc:
+                    raise NetshrinkError(f"step {i + 1} ({step.action.name}): {exc}") from None
+        check_data(train, "training data")
+        check_model_fits(model, train)
+        if test is not None:
+            check_data(test, "test data")
+        with preserved(model, values=True):
+            return self._run(model, train, test, seed, progress, on_row)
+
+    def _run(self, model, train, test, seed, progress, on_row) -> list[dict]:
         teacher = frozen_copy(model) if any(_distills(s) for s in self.steps) else None
         rows = []
         for i, step in enumerate(self.steps):

@@ -108,9 +108,9 @@ class Distill:
     alpha: float = 0.7
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise NetshrinkError(f"distillation temperature must be > 0. Received: temperature={self.temperature}")
-        if not 0 <= self.alpha <= 1:
+        _check_number("distillation temperature", self.temperature, positive=True)
+        _check_number("distillation alpha", self.alpha)
+        if self.alpha > 1:
             raise NetshrinkError(f"distillation alpha must be in [0, 1]. Received: alpha={self.alpha}")
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,6 +162,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     if distill is not None and teacher is None:
         raise NetshrinkError("distillation needs a teacher model")
     check_data(data, "training data")
+    check_model_fits(model, data)
     distill = distill or (Distill() if teacher is not None else None)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -261,6 +262,8 @@ class Progress:
 def predict(model: nn.Module, data: Data, batch_size: int = 1000) -> torch.Tensor:
     """Logits for all of ``data``, in order."""
     _check_number("batch_size", batch_size, positive=True, integer=True)
+    check_data(data)
+    check_model_fits(model, data)
     with eval_mode(model):
         outputs = [model(x) for x, _ in batches(data, batch_size)]
     if not outputs:
@@ -270,8 +273,12 @@ def predict(model: nn.Module, data: Data, batch_size: int = 1000) -> torch.Tenso
 
 def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (a fraction in [0, 1])."""
+    logits = predict(model, data, batch_size)
     labels = torch.cat([y for _, y in batches(data, batch_size)])
-    return (predict(model, data, batch_size).argmax(1) == labels).float().mean().item()
+    if logits.dim() != 2 or len(logits) != len(labels):
+        raise NetshrinkError(f"evaluate needs class scores [N, classes] and one label per input. Received: "
+                             f"outputs {tuple(logits.shape)}, {len(labels)} labels")
+    return (logits.argmax(1) == labels).float().mean().item()
 
 
 def check_model_fits(model: nn.Module, data: Data) -> None:

@@ -176,8 +176,12 @@ def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, c
     >>> small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape
     (torch.Size([150, 784]), torch.Size([50, 150]), torch.Size([10, 50]))
     """
-    method = RemoveUnits(keep=keep, criterion=criterion, targets=tuple(targets), ignore=tuple(ignore))
+    method = RemoveUnits(keep=keep, criterion=criterion, targets=targets, ignore=ignore)
     method.check()
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    if example_input is not None and not torch.is_tensor(example_input):
+        raise NetshrinkError(f"example_input must be a tensor (one batch of inputs). Received: {type(example_input).__name__}")
     result = copy.deepcopy(model)
     return result, method.run(result, calibration=example_input)
 
