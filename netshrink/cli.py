@@ -1,4 +1,4 @@
-"""The ``netshrink`` command. Thin: parses arguments, calls the API, prints a table.
+"""The ``netshrink`` command. Thin: parses arguments, checks them, calls the API, prints a table.
 
 Examples::
 
@@ -6,63 +6,93 @@ Examples::
     netshrink train --model lenet-300-100 --data mnist --epochs 10 -o dense.nsk
     netshrink evaluate dense.nsk --data mnist
     netshrink compress dense.nsk --data mnist --recipe deep-compression -o small.nsk
-    netshrink compress dense.nsk --data mnist --prune 0.1 --weight-bits 4 --finetune 1 -o small.nsk
+    netshrink compress dense.nsk --data mnist --prune 0.1 --weight-bits 4 --finetune 2 -o small.nsk
     netshrink summary small.nsk
-    netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime
+    netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime, any x86-64 CPU
     netshrink bench dense.nsk --data mnist            # latency/size/accuracy vs the alternatives
+
+Every user error (a bad value, a missing file, a model that does not fit the data, an output that
+would overwrite its input) is one line on stderr and exit status 2, found before long work starts.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from rich.console import Console
-
+from . import __version__
+from .catalog import DATASETS, MODELS
 from .errors import NetshrinkError
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr and exit status 2 (not a usage dump)."""
+
+    def error(self, message: str):  # noqa: D102
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _number(kind, low: float, low_open: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= low (> low when low_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT = _number(int, 1), _number(float, 0, low_open=True), _number(int, 0)
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
-
     parser.add_argument("--data", default="mnist", choices=DATASETS,
                         help="data set (default: mnist; 'digits' is tiny and fast)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .models import MODELS
+def _training_arguments(parser: argparse.ArgumentParser, epochs: float, lr: float, what: str) -> None:
+    parser.add_argument("--epochs", type=POSITIVE, default=epochs, help=f"{what} epochs (default: {epochs:g})")
+    parser.add_argument("--lr", type=POSITIVE, default=lr, help=f"Adam learning rate, annealed to 0 (default: {lr:g})")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="(default: 128)")
+    parser.add_argument("--augment", type=NON_NEGATIVE_INT, default=0, metavar="PIXELS",
+                        help="shift training images by up to this many pixels (default: 0; 2 helps LeNet-5)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0; the same seed gives the same model)")
 
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="netshrink", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Make trained PyTorch networks small and fast, and account for what was won and lost.",
         epilog=__doc__.split("Examples::", 1)[1])
+    parser.add_argument("--version", action="version", version=f"netshrink {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train the founding MLP on MNIST and compare every method")
-    demo.add_argument("--data", default="mnist", help="data set (default: mnist)")
-    demo.add_argument("--epochs", type=float, default=10, help="training epochs (default: 10)")
+    demo.add_argument("--data", default="mnist", choices=DATASETS, help="data set (default: mnist)")
+    demo.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs (default: 10)")
     demo.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
 
     train = sub.add_parser("train", help="train a zoo model and save it as a netshrink file")
     train.add_argument("--model", default="lenet-300-100", choices=MODELS)
     _data_arguments(train)
-    train.add_argument("--epochs", type=float, default=10)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--seed", type=int, default=0)
+    _training_arguments(train, epochs=10, lr=1e-3, what="training")
     train.add_argument("-o", "--output", type=Path, required=True, help="where to write the model")
 
     evaluate = sub.add_parser("evaluate", help="test accuracy of a saved model")
     evaluate.add_argument("path", type=Path)
     _data_arguments(evaluate)
 
-    compress = sub.add_parser("compress", help="compress a saved model with a recipe or quick options")
+    compress = sub.add_parser(
+        "compress", help="compress a saved model with a recipe or quick options",
+        description="Compress a model with a recipe (see `netshrink recipes`) or quick options, applied in "
+                    "this order: prune, clip, share, quantize weights, quantize activations, fine-tune "
+                    "(with distillation from the model as it was).")
     compress.add_argument("path", type=Path, nargs="?", help="model file (or give --model to train one first)")
     compress.add_argument("--model", choices=MODELS, help="train this zoo model first instead of loading one")
-    compress.add_argument("--epochs", type=float, default=10, help="with --model: training epochs")
     _data_arguments(compress)
     compress.add_argument("--recipe", help="built-in recipe name or YAML file (see `netshrink recipes`)")
     compress.add_argument("--prune", type=float, metavar="KEEP", help="keep this fraction of weights (0-1]")
@@ -70,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--weight-bits", type=int, metavar="B", help="quantize weights to B bits (1-8)")
     compress.add_argument("--activation-bits", type=int, metavar="B", help="quantize activations to B bits (2-8)")
     compress.add_argument("--share-bits", type=int, metavar="B", help="share weights via 2^B k-means centroids")
-    compress.add_argument("--finetune", type=float, metavar="EPOCHS", help="fine-tune this many epochs at the end")
+    compress.add_argument("--finetune", type=POSITIVE, metavar="EPOCHS", help="fine-tune this many epochs at the end")
+    compress.add_argument("--lr", type=POSITIVE, default=1e-3,
+                          help="learning rate of --finetune (and of training with --model; default: 1e-3)")
+    compress.add_argument("--epochs", type=POSITIVE, default=10, help="with --model: training epochs (default: 10)")
+    compress.add_argument("--augment", type=NON_NEGATIVE_INT, default=0, metavar="PIXELS",
+                          help="shift training images by up to this many pixels while training (default: 0)")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("-o", "--output", type=Path, required=True)
 
@@ -78,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True)
     export.add_argument("--int8", action="store_true", help="int8 weights per channel + uint8 activations (QDQ)")
+    export.add_argument("--vnni", action="store_true",
+                        help="with --int8: full-range int8 weights, only for CPUs with VNNI (or ARM); the default "
+                             "7-bit weights are correct on every x86-64 CPU")
     _data_arguments(export)
 
     bench = sub.add_parser("bench", help="latency/size/accuracy: PyTorch, ONNX Runtime, int8 export, baselines")
     bench.add_argument("path", type=Path)
     _data_arguments(bench)
-    bench.add_argument("--threads", type=int, default=2, help="threads for every runtime (default: 2)")
-    bench.add_argument("--repeats", type=int, default=300, help="timed runs at batch 1 (default: 300)")
-    bench.add_argument("--batch-repeats", type=int, default=40, help="timed runs at batch 256 (default: 40)")
+    bench.add_argument("--threads", type=POSITIVE_INT, default=2, help="threads for every runtime (default: 2)")
+    bench.add_argument("--repeats", type=POSITIVE_INT, default=300, help="timed runs at batch 1 (default: 300)")
+    bench.add_argument("--batch-repeats", type=POSITIVE_INT, default=40, help="timed runs at batch 256 (default: 40)")
     bench.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
 
     summary = sub.add_parser("summary", help="per-layer table of a saved model")
@@ -99,20 +137,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args) or 0
     except NetshrinkError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        console.print("interrupted")
+        sys.stderr.write("interrupted\n")
         return 130
+
+
+def _console():
+    from rich.console import Console
+
+    # markup=False: names from files and recipes are printed as text, never interpreted as markup.
+    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+
+
+def _print(text: str) -> None:
+    _console().print(text)
+
+
+def _print_rows(title: str, columns: list[str], rows: list[list]) -> None:
+    from .report import make_table
+
+    _console().print(make_table(title, columns, rows))
+
+
+def _outputs(args, *paths) -> None:
+    """Check every output before any work: writable, not a folder, not the input file."""
+    from .files import check_writable
+
+    for path in paths:
+        if path is not None:
+            check_writable(path, inputs=(getattr(args, "path", None),))
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _outputs(args, args.markdown)
     run_demo(data=args.data, epochs=args.epochs, markdown_path=args.markdown)
     return 0
 
@@ -121,11 +186,14 @@ def cmd_train(args) -> int:
     from . import artifact
     from .data import load_dataset
     from .models import build_model
-    from .train import evaluate, fit
+    from .train import check_model_fits, evaluate, fit
 
+    _outputs(args, args.output)
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
-    result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    check_model_fits(model, train)
+    result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                 augment=args.augment)
     accuracy = evaluate(model, test)
     size = artifact.save(model, args.output, info={"data": args.data, "test_accuracy": accuracy})
     _print_rows("trained", ["model", "data", "epochs", "seconds", "test accuracy", "file", "bytes"],
@@ -160,39 +228,45 @@ def _quick_recipe(args) -> list[dict]:
     if args.activation_bits is not None:
         steps.append({"activations": {"bits": args.activation_bits}})
     if args.finetune is not None:
-        steps.append({"finetune": {"epochs": args.finetune, "lr": 1e-4}})
+        steps.append({"finetune": {"epochs": args.finetune, "lr": args.lr, "augment": args.augment,
+                                   "distill": True}})
     return steps
 
 
 def cmd_compress(args) -> int:
+    import time
+
     from . import artifact
     from .data import load_dataset
     from .models import build_model
     from .recipe import Recipe
     from .report import summary
-    from .train import evaluate, fit
+    from .train import check_model_fits, evaluate, fit
 
     quick = _quick_recipe(args)
     if bool(args.recipe) == bool(quick):
         raise NetshrinkError("give either --recipe or quick options (--prune, --weight-bits, ...), not both or neither")
     if (args.path is None) == (args.model is None):
         raise NetshrinkError("give a model file or --model NAME (to train one first)")
+    _outputs(args, args.output)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_steps(quick, "quick")  # checked first
+    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     if args.path is not None:
         model = artifact.load(args.path)
-    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
-    if args.model is not None:
+    else:
         model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
-        fit(model, train, epochs=args.epochs, seed=args.seed, desc="train dense")
+    check_model_fits(model, train)
+    if args.model is not None:
+        fit(model, train, epochs=args.epochs, lr=args.lr, seed=args.seed, augment=args.augment, desc="train dense")
     before = evaluate(model, test)
     dense_bytes = len(artifact.to_bytes(model))
     started = time.perf_counter()
     rows = recipe.run(model, train, test, seed=args.seed,
-                      on_row=lambda r: console.print(f"  step {r['step']}: {r['what']}  "
-                                                     f"acc {100 * r['accuracy']:.2f}%  ({r['seconds']:.1f}s)"))
+                      on_row=lambda r: _print(f"  step {r['step']}: {r['what']}  "
+                                              f"acc {100 * r['accuracy']:.2f}%  ({r['seconds']:.1f}s)"))
     size = artifact.save(model, args.output, recipe=recipe.raw,
                          info={"data": args.data, "test_accuracy": rows[-1]["accuracy"]})
-    console.print(summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
+    _console().print(summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
     after = rows[-1]["accuracy"]
     _print_rows(f"result ({time.perf_counter() - started:.0f}s)", ["", "test error", "file bytes", "ratio"],
                 [["before", f"{100 * (1 - before):.2f}%", f"{dense_bytes:,}", "1.0x"],
@@ -205,13 +279,16 @@ def cmd_export(args) -> int:
     from .data import load_dataset
     from .onnx_export import export
 
+    if args.vnni and not args.int8:
+        raise NetshrinkError("--vnni goes with --int8")
+    _outputs(args, args.output)
     model = artifact.load(args.path)
-    report = export(model, args.output, int8=args.int8,
+    report = export(model, args.output, int8=args.int8, vnni=args.vnni,
                     calibration=load_dataset(args.data, "train") if args.int8 else None)
-    _print_rows(f"exported {args.output} ({'int8 QDQ' if args.int8 else 'fp32'})", ["layer", "exported as"],
-                [list(row) for row in report.layers])
+    _print_rows(f"exported {args.output} ({'int8 QDQ, ' + report.target if args.int8 else 'fp32'})",
+                ["layer", "exported as"], [list(row) for row in report.layers])
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False)
+        _print(f"note: {note}")
     return 0
 
 
@@ -220,31 +297,36 @@ def cmd_bench(args) -> int:
     from .bench import COLUMNS, benchmark
     from .data import load_dataset
     from .report import markdown
+    from .train import check_model_fits
 
-    if args.threads < 1 or args.repeats < 1 or args.batch_repeats < 1:
-        raise NetshrinkError(f"threads and repeats must be >= 1. Received: threads={args.threads}, "
-                             f"repeats={args.repeats}, batch_repeats={args.batch_repeats}")
+    _outputs(args, args.markdown)
     model = artifact.load(args.path)
-    rows, report = benchmark(model, load_dataset(args.data, "test"), load_dataset(args.data, "train"),
+    test = load_dataset(args.data, "test")
+    check_model_fits(model, test)
+    rows, report = benchmark(model, test, load_dataset(args.data, "train"),
                              threads=args.threads, repeats=args.repeats, batch_repeats=args.batch_repeats,
-                             progress=lambda name: console.print(f"  measuring {name}", highlight=False))
+                             progress=lambda name: _print(f"  measuring {name}"))
     _print_rows(f"{args.path} on {args.data}, {args.threads} threads", COLUMNS, rows)
     for note in report.notes:
-        console.print(f"note (int8 export): {note}", highlight=False)
+        _print(f"note (int8 export): {note}")
     if args.markdown:
-        args.markdown.write_text(markdown(COLUMNS, rows) + "\n")
+        from .files import atomic_write
+
+        atomic_write(args.markdown, (markdown(COLUMNS, rows) + "\n").encode())
     return 0
 
 
 def cmd_summary(args) -> int:
+    import yaml
+
     from . import artifact
     from .report import summary
 
     model = artifact.load(args.path)
-    console.print(summary(model, file_bytes=args.path.stat().st_size).table(str(args.path)))
+    _console().print(summary(model, file_bytes=args.path.stat().st_size).table(str(args.path)))
     recipe = model.netshrink_manifest.get("recipe")
     if recipe:
-        console.print(f"made by recipe: {recipe}", highlight=False)
+        _print("made by this recipe:\n" + yaml.safe_dump({"steps": recipe}, sort_keys=False).rstrip())
     return 0
 
 
@@ -259,14 +341,8 @@ def cmd_recipes(args) -> int:
 def cmd_download(args) -> int:
     from .data import download
 
-    console.print(f"downloaded to {download(args.name)}")
+    _print(f"downloaded to {download(args.name)}")
     return 0
-
-
-def _print_rows(title: str, columns: list[str], rows: list[list]) -> None:
-    from .report import make_table
-
-    console.print(make_table(title, columns, rows))
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "compress": cmd_compress,

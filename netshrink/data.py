@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 
 from .errors import NetshrinkError
 
-DATASETS = ("mnist", "fashion-mnist", "digits")
+from .catalog import DATASETS
 SPLITS = ("train", "test")
 
 _IDX_FILES = {

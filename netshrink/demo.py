@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import artifact
+from .files import atomic_write
 from .data import load_dataset
 from .methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, apply
 from .models import build_model
@@ -69,5 +70,5 @@ def run_demo(data: str = "mnist", epochs: float = 10, markdown_path: Path | None
                              "bits/w: bits to name one stored value (most over layers and channels); "
                              "file bytes: the real netshrink file on disk, entropy coded"))
     if markdown_path is not None:
-        Path(markdown_path).write_text(markdown(COLUMNS, rows) + "\n")
+        atomic_write(markdown_path, (markdown(COLUMNS, rows) + "\n").encode())
     return rows

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import NetshrinkError
 
-MODELS = ("mlp", "lenet-300-100", "lenet-5")
+from .catalog import MODELS
 
 
 def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from .methods.activations import input_quantizer
@@ -103,11 +104,14 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def make_table(title: str, columns: list[str], rows: list[list], caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption, header_style="bold", title_justify="left")
+    """A rich table whose every text is literal: layer names and titles from files or recipes
+    are never read as rich markup (``[/]`` would crash, ``[link=...]`` would emit a hyperlink)."""
+    table = Table(title=Text(title), caption=Text(caption) if caption else None, header_style="bold",
+                  title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(Text(column), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[str(v) for v in row])
+        table.add_row(*[Text(str(v)) for v in row])
     return table
 
 

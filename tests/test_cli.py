@@ -1,0 +1,91 @@
+"""The command line as a user meets it, run as a subprocess: every user error is one line on
+stderr with exit status 2, found before long work starts; outputs never replace inputs."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netshrink
+
+
+def run(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "netshrink.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    result = run("train", "--model", "mlp", "--data", "digits", "--epochs", "2", "-o", "dense.nsk", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return folder / "dense.nsk"
+
+
+def user_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    user_error(run("train", "--batch-size", "0", "-o", "m.nsk", cwd=tmp_path), "--batch-size", ">= 1")
+    user_error(run("train", "--lr", "nan", "-o", "m.nsk", cwd=tmp_path), "--lr")
+    user_error(run("train", "--model", "resnet", "-o", "m.nsk", cwd=tmp_path), "invalid choice")
+    user_error(run("evaluate", "missing.nsk", "--data", "digits", cwd=tmp_path), "cannot read")
+    user_error(run("compress", "missing.nsk", "--data", "digits", "--prune", "1.5", "-o", "y.nsk", cwd=tmp_path), "keep")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_fast_help(tmp_path):
+    result = run("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"netshrink {netshrink.__version__}"
+    probe = subprocess.run([sys.executable, "-c", "import sys, netshrink.cli; netshrink.cli.build_parser(); "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"  # --help does not import PyTorch
+
+
+def test_a_model_on_the_wrong_data_fails_before_work(model_file, tmp_path):
+    user_error(run("evaluate", model_file, "--data", "fashion-mnist", cwd=tmp_path) if os.path.isdir(
+        "/usr/share/datasets/fashion-mnist") else run("compress", model_file, "--data", "mnist", "--prune", "0.5",
+                                                      "-o", "out.nsk", cwd=tmp_path), "does not run on this data")
+    assert not (tmp_path / "out.nsk").exists()
+
+
+def test_outputs_are_checked_first_and_never_replace_inputs(model_file, tmp_path):
+    before = model_file.read_bytes()
+    user_error(run("compress", model_file, "--data", "digits", "--prune", "0.5", "-o", model_file, cwd=tmp_path),
+               "is the input file")
+    user_error(run("export", model_file, "-o", model_file, cwd=tmp_path), "is the input file")
+    user_error(run("train", "--data", "digits", "-o", tmp_path, cwd=tmp_path), "is a folder")
+    user_error(run("bench", model_file, "--data", "digits", "--markdown", model_file / "x.md", cwd=tmp_path),
+               "not a writable folder")
+    user_error(run("export", model_file, "--vnni", "-o", "m.onnx", cwd=tmp_path), "--vnni goes with --int8")
+    assert model_file.read_bytes() == before
+
+
+def test_names_are_printed_as_text_and_progress_suits_a_log(model_file, tmp_path):
+    recipe = tmp_path / "weird.yaml"
+    recipe.write_text("name: '[/]odd [link=http://x]name'\nsteps:\n  - prune: {keep: 0.5}\n"
+                      "  - finetune: {epochs: 1, lr: 0.001}\n")
+    result = run("compress", model_file, "--data", "digits", "--recipe", recipe, "-o", "small.nsk", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[/]odd [link=http://x]name" in result.stdout and "\x1b]8;" not in result.stdout
+    assert "\r" not in result.stderr  # no carriage-return progress bars in a redirected log
+    summary = run("summary", "small.nsk", cwd=tmp_path)
+    assert "made by this recipe:" in summary.stdout and "- prune:" in summary.stdout  # YAML, not a dict
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "netshrink.cli", "train", "--data", "digits", "--epochs", "50",
+                                "-o", "m.nsk"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted"
+    assert not (tmp_path / "m.nsk").exists()
