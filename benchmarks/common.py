@@ -7,4 +7,4 @@ from pathlib import Path
 
 def command_line(script: str) -> str:
     """The markdown line that tells how to reproduce a result: the exact command that was run."""
-    return f"Command: `python benchmarks/{Path(script).name} {' '.join(sys.argv[1:])}`".rstrip() + "  "
+    return f"Command: `{' '.join(['python', f'benchmarks/{Path(script).name}', *sys.argv[1:]])}`  "

@@ -174,3 +174,9 @@ def test_invalid_setting_is_one_line_and_changes_nothing(label, setup, tmp_path)
     assert "\n" not in str(info.value) and str(info.value)
     assert state(model) == before, label
     assert list(tmp_path.iterdir()) == []  # nothing written either
+
+
+def test_a_generic_pattern_beside_a_default_may_match_nothing_and_is_reported(trained):
+    report = netshrink.prune(trained, keep={"re:conv.*": 0.5, "*": 0.2})
+    assert ("keep['re:conv.*']", "pattern matched no layer; the '*' default applied") in report.skipped
+    assert all("20.0%" in detail for _, detail in report.changed)

@@ -79,18 +79,26 @@ def per_layer(value: Any, name: str, what: str) -> Any:
                          f"Received: {what}={dict(value)}")
 
 
-def check_map_keys(what: str, value: Any, layers: dict[str, nn.Module]) -> None:
-    """Every key of a per-layer map must name at least one selected layer: a typo would otherwise
-    leave a layer at the default without a word."""
+def check_map_keys(what: str, value: Any, layers: dict[str, nn.Module]) -> list[str]:
+    """Check a per-layer map's keys against the selected layers; returns the ``re:`` keys that
+    matched none. A literal layer name must name a selected layer (a typo would otherwise leave
+    the layer at the default without a word). A ``re:`` pattern beside a ``'*'`` default may match
+    nothing: it refines the default, as generic recipes do (``{"re:conv.*": 0.5, "*": 0.1}`` on a
+    model without convolutions); the method's report names it."""
     if not isinstance(value, Mapping):
-        return
+        return []
+    unmatched = []
     for pattern in value:
         if not isinstance(pattern, str):
             raise NetshrinkError(f"{what} keys must be layer names. Received: {what}={dict(value)!r}")
-        if pattern != "*":
-            check_patterns(what, [pattern])
-            if not any(_matches(name, pattern) for name in layers):
+        if pattern == "*":
+            continue
+        check_patterns(what, [pattern])
+        if not any(_matches(name, pattern) for name in layers):
+            if not (pattern.startswith("re:") and "*" in value):
                 raise NetshrinkError(f"{what} key {pattern!r} matches no selected layer; layers are: {', '.join(layers)}")
+            unmatched.append(f"{what}[{pattern!r}]")
+    return unmatched
 
 
 def each_value(value: Any) -> list:
@@ -152,10 +160,17 @@ class Method:
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this method works on, with every per-layer map checked against them."""
+        return self._select(model)[0]
+
+    def _select(self, model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
         layers = select_layers(model, self.targets, self.ignore)
-        for f in fields(self):
-            check_map_keys(f.name, getattr(self, f.name), layers)
-        return layers
+        unmatched = [key for f in fields(self) for key in check_map_keys(f.name, getattr(self, f.name), layers)]
+        return layers, unmatched
+
+    def new_report(self, unmatched: list[str]) -> "Report":
+        report = Report(self.name)
+        report.skipped += [(key, "pattern matched no layer; the '*' default applied") for key in unmatched]
+        return report
 
     def prepare(self, layers: dict[str, nn.Module], **context: Any) -> list[tuple[str, nn.Module, str]]:
         """Compute one transform per layer: ``(layer name, parametrization, detail)``."""
@@ -164,9 +179,9 @@ class Method:
     def run(self, model: nn.Module, **context: Any) -> "Report":
         """Apply to ``model``. The default stacks one transform per selected layer; a method that
         reshapes the model (structured pruning) overrides this."""
-        layers = self.select(model)
+        layers, unmatched = self._select(model)
         planned = self.prepare(layers, model=model, **context)  # everything computed before any change
-        report = Report(self.name)
+        report = self.new_report(unmatched)
         for layer_name, transform, detail in planned:
             self.commit(layers[layer_name], transform)
             report.changed.append((layer_name, detail))

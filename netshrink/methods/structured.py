@@ -125,7 +125,7 @@ class RemoveUnits(Method):
         check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
-        layers = self.select(model)
+        layers, unmatched = self._select(model)
         if any(hasattr(m, "parametrizations") for m in layers.values()):
             raise NetshrinkError("remove units before other compression (the model has weight transforms): "
                                  "start from the dense model, or netshrink.bake it first")
@@ -142,7 +142,7 @@ class RemoveUnits(Method):
 
             example = calibration if torch.is_tensor(calibration) else next(iter(batches(calibration, 2)))[0]
             ShapeProp(traced).propagate(example)
-        report = StructuredReport(self.name)
+        report = StructuredReport(self.name, skipped=self.new_report(unmatched).skipped)
         plans = []
         for node in traced.graph.nodes:
             if node.op != "call_module" or node.target not in layers:
