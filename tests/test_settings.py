@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import netshrink
 from netshrink.fuzz import fingerprint
