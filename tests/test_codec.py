@@ -89,3 +89,30 @@ def test_truncated_stream_is_an_error(cut):
     encoded = tensors.encode(w)
     with pytest.raises(NetshrinkError):
         tensors.decode(encoded[:cut] if cut >= 0 else encoded[:-1], w.shape)
+
+
+def _reference_huffman_cost(counts):
+    """Total coded bits by the textbook heap construction: each merge adds its weight."""
+    import heapq
+
+    heap = [int(c) for c in counts if c > 0]
+    if len(heap) == 1:
+        return heap[0]
+    heapq.heapify(heap)
+    total = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        total += merged
+        heapq.heappush(heap, merged)
+    return total
+
+
+@given(st.lists(st.integers(0, 10_000), min_size=1, max_size=300))
+def test_huffman_lengths_are_optimal_and_a_valid_prefix_code(counts):
+    counts = np.array(counts, dtype=np.int64)
+    if not counts.any():
+        return
+    lengths = streams.huffman_lengths(counts)
+    assert ((lengths > 0) == (counts > 0)).all()
+    assert int((lengths * counts).sum()) == _reference_huffman_cost(counts)
+    assert np.sum(2.0 ** -lengths[lengths > 0]) <= 1  # Kraft: a prefix code exists

@@ -43,8 +43,8 @@ def encode(array: np.ndarray) -> bytes:
     # Compare bit patterns, not float values: -0.0 and NaN payloads must survive exactly.
     bits = flat.view(np.uint32)
     candidates = [bytes([RAW]) + flat.tobytes()]
-    distinct = np.unique(bits) if flat.size else bits
-    if flat.size and len(distinct) <= MAX_CODEBOOK:
+    distinct = _distinct_within(bits, MAX_CODEBOOK)
+    if flat.size and distinct is not None:
         candidates.append(bytes([DENSE]) + _encode_values(bits, np.arange(flat.size) // row_length, distinct))
     nonzero = np.flatnonzero(bits)  # +0.0 is the all-zero bit pattern
     if flat.size and len(nonzero) < 0.5 * flat.size:
@@ -72,6 +72,18 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
+def _distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
+    """The sorted distinct values, or None when there are more than ``limit``. A strided sample is
+    counted first: when it alone exceeds the limit, so does the whole (dense float weights are
+    rejected without sorting millions of values)."""
+    if bits.size > 8 * limit:
+        sample = bits[:: bits.size // (4 * limit)]
+        if len(np.unique(sample)) > limit:
+            return None
+    distinct = np.unique(bits)
+    return distinct if len(distinct) <= limit else None
+
+
 def encoding_name(data: bytes) -> str:
     return NAMES.get(data[0], "?") if data else "?"
 
@@ -80,8 +92,8 @@ def _encode_values(bits: np.ndarray, rows: np.ndarray, distinct: np.ndarray | No
     """Values (float32 bit patterns; ``rows`` their row numbers, ascending) as the smallest of raw
     floats, a codebook plus index stream, and a per-row grid."""
     candidates = [bytes([VALUES_RAW]) + bits.astype("<u4").tobytes()]
-    distinct = np.unique(bits) if distinct is None else distinct
-    if 0 < len(distinct) <= MAX_CODEBOOK:
+    distinct = _distinct_within(bits, MAX_CODEBOOK) if distinct is None else distinct
+    if distinct is not None and len(distinct) > 0:
         out = io.BytesIO()
         out.write(bytes([VALUES_CODEBOOK]))
         write_varint(out, len(distinct))
@@ -127,25 +139,27 @@ def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
     _row_reduce(np.maximum, largest, rows, magnitude)
     _row_reduce(np.minimum, smallest, rows, np.where(values != 0, magnitude, np.inf))
     scales = np.ones(row_count, dtype=np.float32)
-    unresolved = np.unique(rows)
+    # Rows arrive in ascending order, so per-row answers come from reductions over row starts
+    # (no np.unique / np.isin over the whole tensor: those dominated encoding time).
+    unresolved = np.zeros(row_count, dtype=bool)
+    unresolved[rows] = True
     candidates = [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]
     for reference, k in candidates:
         trial = (reference.astype(np.float64) / k).astype(np.float32)
         trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
-        selected = np.isin(rows, unresolved)
-        v, r = values[selected], rows[selected]
+        selected = unresolved[rows]
+        v, r, b = (values, rows, bits) if selected.all() else (values[selected], rows[selected], bits[selected])
         with np.errstate(over="ignore", invalid="ignore"):  # huge ratios simply fail the check
             codes = np.rint(v / trial[r])
             product = codes.astype(np.float32) * trial[r]
         # Bit patterns, not float equality: -0.0 == 0.0 but would not survive the round trip.
         # Integer codes have no -0, so a -0.0 value is off every grid.
-        exact = ((np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == bits[selected])
-                 & ((codes != 0) | (bits[selected] == 0)))
-        bad_rows = np.unique(r[~exact])
-        good_rows = np.setdiff1d(unresolved, bad_rows, assume_unique=True)
-        scales[good_rows] = trial[good_rows]
-        unresolved = bad_rows
-        if unresolved.size == 0:
+        exact = (np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b) & ((codes != 0) | (b == 0))
+        starts = np.flatnonzero(np.diff(r, prepend=-1))
+        good = r[starts][np.logical_and.reduceat(exact, starts)]
+        scales[good] = trial[good]
+        unresolved[good] = False
+        if not unresolved.any():
             codes = np.rint(values / scales[rows]).astype(np.int64)
             return scales, codes
     return None
