@@ -95,8 +95,16 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
     stored: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
+    seen: dict[tuple, tuple[str, np.ndarray]] = {}
     for name, array in stored_arrays(model).items():
         entry: dict[str, Any] = {"shape": list(array.shape), "sha": _digest(array)}
+        key = (entry["sha"], array.dtype.str, array.shape)
+        if key in seen and np.array_equal(seen[key][1], array):
+            # Tied weights (an embedding shared with an output layer) and identical tensors are
+            # stored once; the manifest points the others at that copy.
+            entries[name] = {**entry, "same_as": seen[key][0]}
+            continue
+        seen.setdefault(key, (name, array))
         if array.dtype == np.float32 and array.size:
             encoded = codec.encode(array)
             if encoded[0] != codec.RAW:
@@ -174,15 +182,22 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
     stored tensors, before anything is decoded or allocated."""
     if not isinstance(manifest.get("tensors"), dict):
         raise _corrupt(source, "manifest has no tensor table")
-    if set(manifest["tensors"]) != set(stored):
+    tensors = manifest["tensors"]
+    copies = {name for name, entry in tensors.items() if isinstance(entry, dict) and "same_as" in entry}
+    if set(tensors) - copies != set(stored):
         raise _corrupt(source, "manifest and stored tensors differ")
     total = 0
-    for name, entry in manifest["tensors"].items():
+    for name, entry in tensors.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
                 and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
                 and isinstance(entry.get("sha"), str)):
             raise _corrupt(source, f"bad entry for tensor {name!r}")
+        if name in copies:
+            original = tensors.get(entry["same_as"]) if isinstance(entry["same_as"], str) else None
+            if entry["same_as"] in copies or not isinstance(original, dict) or original.get("shape") != shape:
+                raise _corrupt(source, f"bad reference for tensor {name!r}")
+            continue
         array = stored[name]
         if "enc" in entry:
             if entry["enc"] not in codec.NAMES.values() or array.dtype != np.uint8 or array.ndim != 1:
@@ -238,6 +253,8 @@ def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np
 def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> dict[str, torch.Tensor]:
     state = {}
     for name, entry in manifest["tensors"].items():
+        if "same_as" in entry:
+            continue
         shape = tuple(entry["shape"])
         array = stored[name]
         if "enc" in entry:
@@ -250,6 +267,9 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
         if tuple(array.shape) != shape or _digest(array) != entry["sha"]:
             raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
         state[name] = torch.from_numpy(np.array(array))
+    for name, entry in manifest["tensors"].items():
+        if "same_as" in entry:
+            state[name] = state[entry["same_as"]]
     return state
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from .errors import NetshrinkError
 from .files import atomic_write, check_writable
 from .methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
-from .methods.base import COMPRESSIBLE, apply, bake
+from .methods.base import LINEAR_CONV, apply, bake
 
 SAFE_PAIR_SUM = 128  # 255 * (a + b) <= 32767 for |a| + |b| <= 128: no 16-bit saturation
 SAFE_CODE, VNNI_CODE = 63, 127  # largest weight code: 7-bit (any x86-64 CPU) or full int8 (VNNI)
@@ -199,7 +199,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     path = check_writable(path)
     shape = _input_shape(model, input_shape)
     work = bake(copy.deepcopy(model)).eval()
-    layers = {name: m for name, m in work.named_modules() if isinstance(m, COMPRESSIBLE)}
+    layers = {name: m for name, m in work.named_modules() if isinstance(m, LINEAR_CONV)}
     report = ExportReport(str(path), int8)
     ranges: dict[str, ActivationQuantizer] = {}
     limit = VNNI_CODE if vnni else SAFE_CODE
@@ -311,14 +311,14 @@ def _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_help
 
 def _quantize_output(graph_model, model: nn.Module, calibration, report, helper, numpy_helper) -> None:
     """Q/DQ on the graph output, over the logits' min/max on (at most 8 batches of) calibration data."""
-    from .train import batches
+    from .train import batches, call, output_tensor
 
     low, high = 0.0, 0.0
     with torch.no_grad():
         for i, (x, _) in enumerate(batches(calibration, 256)):
             if i >= 8:
                 break
-            logits = model(x)
+            logits = output_tensor(call(model, x))
             low, high = min(low, float(logits.min())), max(high, float(logits.max()))
     scale, zero_point = ActivationQuantizer(8, low, high).grid()
     graph = graph_model.graph

@@ -13,7 +13,7 @@ from rich.text import Text
 from torch import nn
 
 from .methods.activations import input_quantizer
-from .methods.base import COMPRESSIBLE, transforms, weight_of
+from .methods.base import COMPRESSIBLE, transforms, weight_of, weight_source
 
 
 @dataclass
@@ -76,9 +76,11 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
 
     result = Summary()
     result.parameters = parameter_count(model)
+    sources = set()
     for name, layer in model.named_modules():
-        if not isinstance(layer, COMPRESSIBLE):
-            continue
+        if not isinstance(layer, COMPRESSIBLE) or id(weight_source(layer)) in sources:
+            continue  # tied layers share one weight: counted once
+        sources.add(id(weight_source(layer)))
         w = weight_of(layer)
         quantizer = input_quantizer(layer)
         result.rows.append({

@@ -11,7 +11,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,60 +23,116 @@ from tqdm.auto import tqdm
 from .errors import NetshrinkError
 
 Data = TensorDataset | tuple[torch.Tensor, torch.Tensor] | Iterable
+Inputs = torch.Tensor | tuple | list | Mapping  # one batch's model inputs
+Forward = Callable[[nn.Module, Inputs], torch.Tensor]  # how to get the output tensor for a batch
+LABEL_KEYS = ("labels", "label")
 
 
-def _in_memory(data: Data) -> tuple[torch.Tensor, torch.Tensor] | None:
-    tensors = data.tensors if isinstance(data, TensorDataset) else data
-    if isinstance(tensors, tuple) and len(tensors) == 2 and all(torch.is_tensor(t) for t in tensors):
-        return tensors
-    return None
+def call(model: nn.Module, inputs: Inputs):
+    """Run ``model`` on one batch's inputs: a tensor, a tuple or list (positional arguments), or a
+    dict (keyword arguments, e.g. a tokenizer's ``input_ids`` and ``attention_mask``)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
-def _check_batch(x, y) -> None:
-    if not (torch.is_tensor(x) and torch.is_tensor(y)):
-        raise NetshrinkError(f"a batch must be (inputs, labels) tensors. Received: ({type(x).__name__}, "
-                             f"{type(y).__name__})")
-    if len(x) != len(y):
-        raise NetshrinkError(f"a batch has {len(x)} inputs but {len(y)} labels")
-    if x.is_floating_point() and not torch.isfinite(x).all():
+def output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output stands for: itself, ``.logits``, ``.last_hidden_state``, or the
+    first element of a tuple (Hugging Face models return such objects)."""
+    if torch.is_tensor(output):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
+        if torch.is_tensor(value):
+            return value
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    raise NetshrinkError(f"cannot find the output tensor in a {type(output).__name__}: pass forward=<a function "
+                         "(model, inputs) -> tensor>")
+
+
+def default_forward(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return output_tensor(call(model, inputs))
+
+
+def _tensors_in(inputs: Inputs) -> list[torch.Tensor]:
+    if torch.is_tensor(inputs):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (tuple, list)) else None
+    if values is None or not values or not all(torch.is_tensor(v) for v in values):
+        raise NetshrinkError(f"model inputs must be a tensor, or a tuple or dict of tensors. Received: "
+                             f"{type(inputs).__name__}")
+    return list(values)
+
+
+def _check_batch(inputs: Inputs, labels) -> None:
+    tensors = _tensors_in(inputs)
+    if labels is not None and not torch.is_tensor(labels):
+        raise NetshrinkError(f"labels must be a tensor. Received: {type(labels).__name__}")
+    sizes = {len(t) for t in tensors if t.dim() > 0} | ({len(labels)} if labels is not None else set())
+    if len(sizes) > 1:
+        raise NetshrinkError(f"a batch's inputs and labels have different lengths: {sorted(sizes)}")
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
         raise NetshrinkError("the data contains NaN or infinite inputs")
 
 
+def _in_memory(data: Data) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(inputs, labels or None) for in-memory data: a TensorDataset of one or two tensors or a pair."""
+    tensors = data.tensors if isinstance(data, TensorDataset) else data
+    if isinstance(tensors, tuple) and len(tensors) in (1, 2) and all(torch.is_tensor(t) for t in tensors) \
+            and (len(tensors) == 2 or isinstance(data, TensorDataset)):
+        return tensors[0], tensors[1] if len(tensors) == 2 else None
+    return None
+
+
+def _split(batch) -> tuple[Inputs, torch.Tensor | None]:
+    """One batch from an iterable -> (inputs, labels or None): an (inputs, labels) pair, a dict
+    (labels under 'labels' or 'label', if any), or bare inputs (a tensor)."""
+    if isinstance(batch, Mapping):
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, labels
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if torch.is_tensor(batch):
+        return batch, None
+    raise NetshrinkError(f"a batch must be (inputs, labels), a dict of tensors, or an input tensor. Received: "
+                         f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
 def check_data(data: Data, what: str = "data") -> None:
-    """Raise unless ``data`` is usable: a TensorDataset, an ``(x, y)`` pair of tensors of equal
-    length with finite inputs, or an iterable of such batches (only its kind is checked here; each
+    """Raise unless ``data`` is usable: a TensorDataset, an ``(inputs, labels)`` pair of tensors of
+    equal length with finite inputs, or an iterable of batches (only its kind is checked here; each
     batch is checked as it is read)."""
     tensors = _in_memory(data)
     if tensors is not None:
         if len(tensors[0]) == 0:
             raise NetshrinkError(f"{what} is empty")
         _check_batch(*tensors)
-    elif isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
-        raise NetshrinkError(f"{what} must be a TensorDataset, an (inputs, labels) pair of tensors or a DataLoader. "
-                             f"Received: {type(data).__name__}")
+    elif isinstance(data, (str, bytes, Mapping)) or torch.is_tensor(data) or not isinstance(data, Iterable):
+        raise NetshrinkError(f"{what} must be a TensorDataset, an (inputs, labels) pair of tensors or an iterable of "
+                             f"batches (a DataLoader). Received: {type(data).__name__}")
 
 
 def batches(data: Data, batch_size: int = 256, shuffle: bool = False,
-            generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches from a TensorDataset, an ``(x, y)`` pair, or any iterable of batches
-    (a ``DataLoader``). In-memory tensors are sliced directly: much faster than a DataLoader."""
+            generator: torch.Generator | None = None) -> Iterator[tuple[Inputs, torch.Tensor | None]]:
+    """Yield ``(inputs, labels or None)`` batches from a TensorDataset, an ``(x, y)`` pair, or any
+    iterable of batches (a DataLoader, a list of tokenizer outputs). In-memory tensors are sliced
+    directly: much faster than a DataLoader."""
     check_data(data)
     tensors = _in_memory(data)
     if tensors is not None:
         x, y = tensors
         order = torch.randperm(len(x), generator=generator) if shuffle else None
         for start in range(0, len(x), batch_size):
-            if order is None:
-                yield x[start:start + batch_size], y[start:start + batch_size]
-            else:
-                index = order[start:start + batch_size]
-                yield x[index], y[index]
+            index = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            yield x[index], (y[index] if y is not None else None)
     else:
         for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise NetshrinkError(f"a batch must be an (inputs, labels) pair. Received: {type(batch).__name__}")
-            _check_batch(batch[0], batch[1])
-            yield batch[0], batch[1]
+            inputs, labels = _split(batch)
+            _check_batch(inputs, labels)
+            yield inputs, labels
 
 
 @contextlib.contextmanager
@@ -93,31 +149,43 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _length(data: Data, batch_size: int) -> int | None:
-    tensors = data.tensors if isinstance(data, TensorDataset) else data
-    if isinstance(tensors, tuple) and torch.is_tensor(tensors[0]):
+    tensors = _in_memory(data)
+    if tensors is not None:
         return -(-len(tensors[0]) // batch_size)
     return len(data) if hasattr(data, "__len__") else None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Distill:
-    """Knowledge distillation (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T)
-    + (1 - alpha) * cross-entropy, with soft targets at temperature T."""
+    """Knowledge distillation. ``objective="kl"`` (Hinton et al. 2015, for class scores):
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with soft targets at
+    temperature T over the last dimension. ``objective="mse"`` (for embeddings and hidden states):
+    the mean squared difference of the outputs, plus (1 - alpha) * cross-entropy where labels exist.
+    On unlabeled data the loss is the distillation term alone."""
 
     temperature: float = 4.0
     alpha: float = 0.7
+    objective: str = "kl"
 
     def __post_init__(self) -> None:
         _check_number("distillation temperature", self.temperature, positive=True)
         _check_number("distillation alpha", self.alpha)
         if self.alpha > 1:
             raise NetshrinkError(f"distillation alpha must be in [0, 1]. Received: alpha={self.alpha}")
+        if self.objective not in ("kl", "mse"):
+            raise NetshrinkError(f"distillation objective must be 'kl' or 'mse'. Received: objective={self.objective!r}")
 
-    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
-        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                        reduction="batchmean", log_target=True) * t * t
-        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student_logits, y)
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.objective == "mse":
+            soft = F.mse_loss(student, teacher)
+        else:
+            t = self.temperature
+            soft = F.kl_div(F.log_softmax(student / t, dim=-1).flatten(0, -2),
+                            F.log_softmax(teacher / t, dim=-1).flatten(0, -2),
+                            reduction="batchmean", log_target=True) * t * t
+        if y is None:
+            return soft
+        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, y)
 
 
 StepCallback = Callable[[int, int], None]  # (step, total_steps) -> None; called before each step
@@ -138,13 +206,18 @@ def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> to
 def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, batch_size: int = 128,
         seed: int = 0, teacher: nn.Module | None = None, distill: Distill | None = None,
         on_step: StepCallback | None = None, lr_decay: bool = True, augment: int = 0,
-        progress: bool = True, desc: str = "train") -> dict:
+        progress: bool = True, desc: str = "train", forward: Forward | None = None,
+        loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> dict:
     """Train ``model`` in place with Adam; returns ``{"steps", "seconds", "loss"}``.
 
-    ``epochs`` may be fractional. With ``teacher`` (or ``distill``), the loss distils from the
-    teacher (a frozen copy of the model as it was is a good default teacher). ``lr_decay`` anneals
-    the learning rate to zero along a cosine. ``augment`` > 0 shifts training images by up to that
-    many pixels. Seeded: the same seed gives the same weights.
+    ``epochs`` may be fractional. Batches may be labeled or not, and inputs a tensor, a tuple or a
+    dict (see :func:`batches`). With ``teacher`` (or ``distill``), the loss distils from the
+    teacher (a frozen copy of the model as it was is a good default teacher), on unlabeled data
+    too. ``forward(model, inputs) -> tensor`` says how to get the output (default: the model's
+    output tensor, ``.logits`` or ``.last_hidden_state``); ``loss(output, labels) -> scalar``
+    replaces cross-entropy. ``lr_decay`` anneals the learning rate to zero along a cosine.
+    ``augment`` > 0 shifts training images by up to that many pixels. Seeded: the same seed gives
+    the same weights. On any failure the model is restored as it was.
     """
     from .methods.base import preserved
 
@@ -161,8 +234,12 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         raise NetshrinkError(f"distill must be a netshrink.Distill. Received: {distill!r}")
     if distill is not None and teacher is None:
         raise NetshrinkError("distillation needs a teacher model")
+    for what, function in (("forward", forward), ("loss", loss)):
+        if function is not None and not callable(function):
+            raise NetshrinkError(f"{what} must be a function. Received: {function!r}")
     check_data(data, "training data")
-    check_model_fits(model, data)
+    forward = forward or default_forward
+    check_model_fits(model, data, forward)
     distill = distill or (Distill() if teacher is not None else None)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -179,7 +256,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
             (eval_mode(teacher) if teacher is not None else contextlib.nullcontext()):
         model.train()
         return _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
-                      augment, progress, desc)
+                      augment, progress, desc, forward, loss)
 
 
 def _check_number(what: str, value, *, positive: bool = False, integer: bool = False) -> None:
@@ -191,7 +268,7 @@ def _check_number(what: str, value, *, positive: bool = False, integer: bool = F
 
 
 def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay, augment,
-           progress, desc) -> dict:
+           progress, desc, forward, loss_function) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -205,14 +282,20 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
             if on_step is not None:
                 on_step(step, total or 0)
             if augment:
+                if not (torch.is_tensor(x) and x.dim() == 4):
+                    raise NetshrinkError(f"augment shifts images: it needs [N, C, H, W] inputs. Received: augment={augment}")
                 x = random_shift(x, augment, generator)
-            logits = model(x)
+            output = forward(model, x)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
-                loss = distill.loss(logits, teacher_logits, y)
+                    teacher_output = forward(teacher, x)
+                loss = distill.loss(output, teacher_output, y)
+            elif loss_function is not None:
+                loss = loss_function(output, y)
+            elif y is None:
+                raise NetshrinkError("unlabeled data: pass a teacher (distillation) or a loss function")
             else:
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(output, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,38 +342,45 @@ class Progress:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Data, batch_size: int = 1000) -> torch.Tensor:
-    """Logits for all of ``data``, in order."""
+def predict(model: nn.Module, data: Data, batch_size: int = 1000, forward: Forward | None = None) -> torch.Tensor:
+    """The model's outputs (``forward``'s, see :func:`fit`) for all of ``data``, in order."""
     _check_number("batch_size", batch_size, positive=True, integer=True)
     check_data(data)
-    check_model_fits(model, data)
+    forward = forward or default_forward
+    check_model_fits(model, data, forward)
     with eval_mode(model):
-        outputs = [model(x) for x, _ in batches(data, batch_size)]
+        outputs = [forward(model, x) for x, _ in batches(data, batch_size)]
     if not outputs:
         raise NetshrinkError("the data yielded no batches")
     return torch.cat(outputs)
 
 
-def evaluate(model: nn.Module, data: Data, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (a fraction in [0, 1])."""
-    logits = predict(model, data, batch_size)
-    labels = torch.cat([y for _, y in batches(data, batch_size)])
+def evaluate(model: nn.Module, data: Data, batch_size: int = 1000, forward: Forward | None = None) -> float:
+    """Top-1 accuracy of ``model`` on labeled ``data`` (a fraction in [0, 1])."""
+    logits = predict(model, data, batch_size, forward)
+    labels = [y for _, y in batches(data, batch_size)]
+    if any(y is None for y in labels):
+        raise NetshrinkError("evaluate needs labeled data")
+    labels = torch.cat(labels)
     if logits.dim() != 2 or len(logits) != len(labels):
         raise NetshrinkError(f"evaluate needs class scores [N, classes] and one label per input. Received: "
                              f"outputs {tuple(logits.shape)}, {len(labels)} labels")
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def check_model_fits(model: nn.Module, data: Data) -> None:
+def check_model_fits(model: nn.Module, data: Data, forward: Forward | None = None) -> None:
     """Run one small batch through ``model`` so that a model and data set that do not fit each
     other fail at once with one line, before any long work."""
-    x, _ = next(iter(batches(data, 2)))
+    first = next(iter(batches(data, 2)), None)
+    if first is None:
+        raise NetshrinkError("the data yielded no batches")
     try:
         with torch.no_grad(), eval_mode(model):
-            model(x)
+            (forward or default_forward)(model, first[0])
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NetshrinkError(f"the model does not run on this data (inputs {tuple(x.shape[1:])}): {first}") from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        shapes = [tuple(t.shape[1:]) for t in _tensors_in(first[0])]
+        raise NetshrinkError(f"the model does not run on this data (inputs {', '.join(map(str, shapes))}): {message}") from None
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

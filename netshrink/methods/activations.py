@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from ..train import Data, batches, eval_mode
-from .base import Method, check_choice, check_range, per_layer
+from ..train import Data, batches, call, eval_mode
+from .base import LINEAR_CONV, Method, check_choice, check_range, per_layer
 
 OBSERVERS = ("minmax", "percentile")
 
@@ -80,6 +80,7 @@ class QuantizeActivations(Method):
     """
 
     name: ClassVar[str] = "activations"
+    layer_kinds: ClassVar[tuple] = LINEAR_CONV
     bits: int | dict = 8
     observer: str = "minmax"
     percentile: float = 99.99
@@ -123,7 +124,7 @@ class QuantizeActivations(Method):
                 for i, (x, _) in enumerate(batches(calibration, self.batch_size)):
                     if i >= self.calibration_batches:
                         break
-                    model(x)
+                    call(model, x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if isinstance(exc, NetshrinkError):
                 raise

@@ -19,7 +19,20 @@ from torch.nn.utils import parametrize
 
 from ..errors import NetshrinkError
 
-COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LINEAR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers that compute on float activations
+COMPRESSIBLE = (*LINEAR_CONV, nn.Embedding, nn.EmbeddingBag)  # layers whose weights the methods compress
+
+
+def _kind_names(kinds: tuple) -> str:
+    return "/".join(sorted({k.__name__.rstrip("123d").replace("Bag", "") for k in kinds}))
+
+
+def weight_source(layer: nn.Module) -> torch.Tensor:
+    """The parameter a layer's weight is computed from (under its transforms): layers that share
+    it are tied (an embedding and an output layer, say) and are compressed as one."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -45,24 +58,26 @@ def check_patterns(what: str, patterns: Any) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def select_layers(model: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
-                  ) -> dict[str, nn.Module]:
-    """The Linear/Conv layers of ``model`` named by ``targets`` (all of them when empty), minus
-    ``ignore``. Names are ``model.named_modules()`` names; ``re:`` prefixes a regular expression."""
+def select_layers(model: nn.Module, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+                  kinds: tuple = COMPRESSIBLE) -> dict[str, nn.Module]:
+    """The layers of ``model`` of the given ``kinds`` named by ``targets`` (all of them when empty),
+    minus ``ignore``. Names are ``model.named_modules()`` names; ``re:`` prefixes a regular expression."""
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     targets, ignore = check_patterns("targets", targets), check_patterns("ignore", ignore)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    what = _kind_names(kinds)
     for pattern in (*targets, *ignore):
         if not any(_matches(name, pattern) for name in layers):
-            raise NetshrinkError(f"{'target' if pattern in targets else 'ignore'} {pattern!r} matches no Linear/Conv layer; layers are: "
-                                 f"{', '.join(layers) or 'none'}")
+            listed = ", ".join(list(layers)[:20]) + (" ..." if len(layers) > 20 else "")
+            raise NetshrinkError(f"{'target' if pattern in targets else 'ignore'} {pattern!r} matches no {what} "
+                                 f"layer; layers are: {listed or 'none'}")
     chosen = {n: m for n, m in layers.items()
               if (not targets or any(_matches(n, p) for p in targets))
               and not any(_matches(n, p) for p in ignore)}
     if not chosen:
-        raise NetshrinkError(f"nothing to compress: {type(model).__name__} has no selected Linear or "
-                             f"Conv layer (targets={list(targets)}, ignore={list(ignore)})")
+        raise NetshrinkError(f"nothing to compress: {type(model).__name__} has no selected {what} layer "
+                             f"(targets={list(targets)}, ignore={list(ignore)})")
     return chosen
 
 
@@ -144,6 +159,7 @@ class Method:
     """Base of every method config. ``targets``/``ignore`` choose layers by name or ``re:`` pattern."""
 
     name: ClassVar[str] = "method"
+    layer_kinds: ClassVar[tuple] = COMPRESSIBLE
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
 
@@ -163,7 +179,7 @@ class Method:
         return self._select(model)[0]
 
     def _select(self, model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
-        layers = select_layers(model, self.targets, self.ignore)
+        layers = select_layers(model, self.targets, self.ignore, self.layer_kinds)
         unmatched = [key for f in fields(self) for key in check_map_keys(f.name, getattr(self, f.name), layers)]
         return layers, unmatched
 
@@ -180,12 +196,25 @@ class Method:
         """Apply to ``model``. The default stacks one transform per selected layer; a method that
         reshapes the model (structured pruning) overrides this."""
         layers, unmatched = self._select(model)
-        planned = self.prepare(layers, model=model, **context)  # everything computed before any change
+        # Tied layers share one weight: compute its transform once, on the first of them, and give
+        # every other the same transform, so all keep computing with one (compressed) weight.
+        first_of: dict[int, str] = {}
+        tied = {}
+        for name, layer in layers.items():
+            owner = first_of.setdefault(id(weight_source(layer)), name)
+            if owner != name:
+                tied[name] = owner
+        primary = {n: m for n, m in layers.items() if n not in tied}
+        planned = self.prepare(primary, model=model, **context)  # everything computed before any change
         report = self.new_report(unmatched)
         for layer_name, transform, detail in planned:
             self.commit(layers[layer_name], transform)
             report.changed.append((layer_name, detail))
-        done = {name for name, _, _ in planned}
+            for other, owner in tied.items():
+                if owner == layer_name:
+                    self.commit(layers[other], transform)
+                    report.changed.append((other, f"tied to {owner}: shares its weight and transform"))
+        done = {name for name, _ in report.changed}
         report.skipped += [(n, "left as it is by this method") for n in layers if n not in done]
         return report
 
@@ -346,7 +375,7 @@ def sync_sizes(module: nn.Module) -> None:
     weight or statistic changed shape (structured pruning, loading a shrunk model)."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, COMPRESSIBLE):
+    elif isinstance(module, LINEAR_CONV):
         module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, Method, Report, check_choice, check_range, per_layer, sync_sizes
+from .base import LINEAR_CONV, Method, Report, check_choice, check_range, per_layer, sync_sizes
 
 PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
                         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -57,7 +57,7 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "pass"
         if isinstance(module, nn.Flatten):
             return "flatten"
-        if isinstance(module, COMPRESSIBLE) and getattr(module, "groups", 1) == 1:
+        if isinstance(module, LINEAR_CONV) and getattr(module, "groups", 1) == 1:
             return "layer"
     elif node.op == "call_function":
         if node.target in PASS_THROUGH_FUNCTIONS:
@@ -116,6 +116,7 @@ class RemoveUnits(Method):
     """
 
     name: ClassVar[str] = "structured"
+    layer_kinds: ClassVar[tuple] = LINEAR_CONV
     keep: float | Mapping[str, float] = 0.5
     criterion: str = "l1"
 

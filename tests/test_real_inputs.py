@@ -1,0 +1,145 @@
+"""Held-out model structures: integer and dict inputs, embeddings (tied to an output layer), and a
+tiny BERT built from a transformers config (random weights, no download)."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import netshrink
+from netshrink.methods.quantize import fake_quantize
+
+
+class TinyTextModel(nn.Module):
+    """Token ids (and a mask) in, class scores out; the output layer is tied to the embedding."""
+
+    def __init__(self, vocab=60, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight  # tied, as language models do
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.relu(self.mix(self.embed(input_ids)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.out(h.mean(1))[:, :10]
+
+
+def text_data(n=96, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    ids = torch.randint(0, 60, (n, seq), generator=g)
+    ids[:, : seq // 2] = labels[:, None] * 6 + torch.randint(0, 6, (n, seq // 2), generator=g)  # the class shows
+    mask = (torch.rand(n, seq, generator=g) > 0.2).long()
+    return [({"input_ids": ids[i:i + 32], "attention_mask": mask[i:i + 32]}, labels[i:i + 32])
+            for i in range(0, n, 32)]
+
+
+def test_embeddings_and_tied_layers_compress_as_one(tmp_path):
+    torch.manual_seed(0)
+    model = TinyTextModel()
+    dense = copy.deepcopy(model)
+    report = netshrink.quantize(model, weight_bits=4)[0]
+    assert ("out", "tied to embed: shares its weight and transform") in report.changed
+    assert model.out.weight is not None and torch.equal(model.out.weight, model.embed.weight)
+    assert torch.equal(model.embed.weight, fake_quantize(dense.embed.weight.detach(), 4))  # dense reference
+    data = text_data()
+    netshrink.fit(model, data, epochs=2, progress=False)
+    assert torch.equal(model.out.weight, model.embed.weight)  # still tied after training
+    for row in model.embed.weight:
+        assert torch.unique(row).numel() <= 15
+    netshrink.save(model, tmp_path / "tied.nsk")
+    untied = TinyTextModel()
+    untied.out.weight = nn.Parameter(untied.embed.weight.detach().clone() + 1)
+    netshrink.quantize(untied, weight_bits=4)
+    netshrink.save(untied, tmp_path / "untied.nsk")
+    embed_bytes = 60 * 16 // 2
+    assert (tmp_path / "untied.nsk").stat().st_size - (tmp_path / "tied.nsk").stat().st_size > embed_bytes
+    loaded = netshrink.load(tmp_path / "tied.nsk", model=TinyTextModel())
+    inputs = data[0][0]
+    assert torch.equal(loaded(**inputs), model(**inputs))
+    assert netshrink.summary(model).weights == 60 * 16 + 16 * 16  # the tied weight counted once
+
+
+def test_dict_and_integer_inputs_through_calibration_fit_and_evaluate():
+    torch.manual_seed(0)
+    model = TinyTextModel()
+    data = text_data()
+    before = netshrink.evaluate(model, data)
+    netshrink.fit(model, data, epochs=20, lr=3e-3, progress=False)
+    assert netshrink.evaluate(model, data) > before + 0.2
+    teacher = copy.deepcopy(model)
+    netshrink.prune(model, keep=0.5)
+    reports = netshrink.quantize(model, weight_bits=8, activation_bits=8, calibration=data)
+    assert {layer for layer, _ in reports[1].changed} == {"mix", "out"}  # embeddings take integer ids
+    unlabeled = [inputs for inputs, _ in data]  # tokenizer outputs, no labels: distillation only
+    result = netshrink.fit(model, unlabeled, epochs=2, teacher=teacher, progress=False)
+    assert result["steps"] == 6
+    with pytest.raises(netshrink.NetshrinkError, match="unlabeled"):
+        netshrink.fit(model, unlabeled, epochs=1, progress=False)
+    with pytest.raises(netshrink.NetshrinkError, match="labeled"):
+        netshrink.evaluate(model, unlabeled)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def tiny_bert():
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def bert_batches(n=48, seq=16):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 120, (n, seq), generator=g)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    mask[::3, seq // 2:] = 0
+    return [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, n, 16)]
+
+
+def test_tiny_bert_8_bit_weights_and_embeddings_against_dense(tiny_bert, tmp_path):
+    data = bert_batches()
+    dense = copy.deepcopy(tiny_bert)
+    reports = netshrink.quantize(tiny_bert, weight_bits=8, activation_bits=8, calibration=data)
+    quantized = {layer for layer, _ in reports[0].changed}
+    assert {"embeddings.word_embeddings", "embeddings.position_embeddings", "encoder.layer.0.attention.self.query",
+            "pooler.dense"} <= quantized
+    with torch.no_grad():
+        for batch in data:
+            ours, reference = tiny_bert(**batch).last_hidden_state, dense(**batch).last_hidden_state
+            cosine = torch.nn.functional.cosine_similarity(ours.flatten(1), reference.flatten(1)).min()
+            assert cosine > 0.99
+    netshrink.save(tiny_bert, tmp_path / "bert.nsk")
+    raw = (tmp_path / "bert.nsk").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])  # the safetensors header
+    modules = dict(tiny_bert.named_modules())
+    for layer in quantized:  # each 8-bit weight stored in about a byte (codes + per-row scales)
+        start, end = header[f"{layer}.weight"]["data_offsets"]
+        assert end - start <= 1.2 * modules[layer].weight.numel() + 64, layer
+    loaded = netshrink.load(tmp_path / "bert.nsk", model=transformers.BertModel(dense.config))
+    with torch.no_grad():
+        assert torch.equal(loaded(**data[0]).last_hidden_state, tiny_bert(**data[0]).last_hidden_state)
+
+
+def test_tiny_bert_distils_on_unlabeled_batches(tiny_bert):
+    data = bert_batches()
+    teacher = copy.deepcopy(tiny_bert)
+    netshrink.prune(tiny_bert, keep=0.2, ignore=["re:embeddings.*"])
+
+    def gap():
+        with torch.no_grad():
+            return sum(float((tiny_bert(**b).last_hidden_state - teacher(**b).last_hidden_state).pow(2).mean())
+                       for b in data)
+
+    before = gap()
+    netshrink.fit(tiny_bert, data, epochs=20, lr=3e-4, teacher=teacher, distill=netshrink.Distill(objective="mse"),
+                  progress=False)
+    assert gap() < 0.2 * before  # measured: 28x smaller
+    assert float((tiny_bert.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
