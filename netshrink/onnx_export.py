@@ -137,9 +137,8 @@ def weight_as_int8(w: np.ndarray, limit: int = SAFE_CODE) -> tuple[np.ndarray, n
     within +-``limit``, else quantized now to that many levels per side (symmetric per channel)."""
     from .codec.tensors import grid
 
-    rows = np.repeat(np.arange(w.shape[0]), int(np.prod(w.shape[1:])))
     flat = np.ascontiguousarray(w, dtype=np.float32).ravel()
-    found = grid(flat.view(np.uint32), rows) if flat.size else None
+    found = grid(flat.view(np.uint32), int(np.prod(w.shape[1:]))) if flat.size else None
     if found is not None and np.abs(found[1]).max() <= limit:
         scales, codes = found
         levels = int(np.abs(codes).max())

@@ -34,7 +34,7 @@ class Summary:
     def table(self, title: str = "netshrink summary") -> Table:
         columns = ["layer", "weights", "non-zero", "distinct", "bits/w", "act bits", "transforms"]
         rows = [[r["layer"], f"{r['weights']:,}", f"{r['nonzero']:,} ({100 * r['nonzero'] / r['weights']:.1f}%)",
-                 f"{r['distinct']:,}", str(r["bits"]), str(r["activation_bits"] or "-"), r["transforms"]]
+                 f"{r['distinct']:,}" if isinstance(r['distinct'], int) else r['distinct'], str(r["bits"]), str(r["activation_bits"] or "-"), r["transforms"]]
                 for r in self.rows]
         caption = (f"{self.parameters:,} parameters, {self.nonzero_weights:,} non-zero weights; "
                    f"file {self.file_bytes:,} B vs dense fp32 {self.dense_bytes:,} B ({self.ratio:.1f}x)")
@@ -48,21 +48,29 @@ def nominal_bits(w: torch.Tensor) -> int:
     """Bits one stored value needs: log2 of the codebook size when the tensor has at most 256
     distinct non-zero values, of the code range when every output channel is an integer grid
     (per-channel quantization), else 32 (floats). Read off the values, not the settings."""
-    from .codec.tensors import grid
+    from .codec.tensors import distinct_within, grid
 
     values = w.detach().float().cpu().numpy()
     nonzero = values[values != 0]
-    distinct = len(np.unique(nonzero))
+    distinct = distinct_within(nonzero.view(np.uint32), 256)
     candidates = [32]
-    if distinct <= 256:
-        candidates.append(max(1, math.ceil(math.log2(max(distinct, 2)))))
-    rows = np.nonzero(values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1))[0]
-    found = grid(nonzero.view(np.uint32), rows) if nonzero.size else None
+    if distinct is not None:
+        candidates.append(max(1, math.ceil(math.log2(max(len(distinct), 2)))))
+    # Zeros lie on every grid (code 0), so the dense form serves sparse weights too (-0.0 made +0.0).
+    matrix = np.where(values == 0, np.float32(0), values).reshape(len(values) if values.ndim > 1 else 1, -1)
+    found = grid(np.ascontiguousarray(matrix).ravel().view(np.uint32), matrix.shape[1]) if nonzero.size else None
     if found is not None:
         levels = int(found[1].max() - found[1].min()) + 1
         if levels <= 256:
             candidates.append(max(1, math.ceil(math.log2(max(levels, 2)))))
     return min(candidates)
+
+
+def _distinct_count(w: torch.Tensor, limit: int = 1 << 16) -> int | str:
+    from .codec.tensors import distinct_within
+
+    found = distinct_within(w.detach().float().cpu().numpy().ravel().view(np.uint32), limit)
+    return len(found) if found is not None else f"> {limit:,}"
 
 
 def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
@@ -85,7 +93,7 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
         quantizer = input_quantizer(layer)
         result.rows.append({
             "layer": name, "weights": w.numel(), "nonzero": int((w != 0).sum()),
-            "distinct": int(torch.unique(w).numel()) if w.numel() <= 1 << 24 else -1,
+            "distinct": _distinct_count(w),
             "bits": nominal_bits(w), "activation_bits": quantizer.bits if quantizer is not None else None,
             "transforms": ", ".join(type(t).__name__ for t in transforms(layer)) or "-"})
     result.weights = sum(r["weights"] for r in result.rows)

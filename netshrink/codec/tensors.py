@@ -43,9 +43,9 @@ def encode(array: np.ndarray) -> bytes:
     # Compare bit patterns, not float values: -0.0 and NaN payloads must survive exactly.
     bits = flat.view(np.uint32)
     candidates = [bytes([RAW]) + flat.tobytes()]
-    distinct = _distinct_within(bits, MAX_CODEBOOK)
-    if flat.size and distinct is not None:
-        candidates.append(bytes([DENSE]) + _encode_values(bits, np.arange(flat.size) // row_length, distinct))
+    if flat.size:  # every value stored: as a codebook (few distinct values) or a per-row grid
+        distinct = distinct_within(bits, MAX_CODEBOOK)
+        candidates.append(bytes([DENSE]) + _encode_values(bits, row_length, distinct))
     nonzero = np.flatnonzero(bits)  # +0.0 is the all-zero bit pattern
     if flat.size and len(nonzero) < 0.5 * flat.size:
         candidates.append(bytes([SPARSE]) + _encode_sparse(bits, nonzero, row_length))
@@ -72,7 +72,7 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
-def _distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
+def distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
     """The sorted distinct values, or None when there are more than ``limit``. A strided sample is
     counted first: when it alone exceeds the limit, so does the whole (dense float weights are
     rejected without sorting millions of values)."""
@@ -88,11 +88,12 @@ def encoding_name(data: bytes) -> str:
     return NAMES.get(data[0], "?") if data else "?"
 
 
-def _encode_values(bits: np.ndarray, rows: np.ndarray, distinct: np.ndarray | None = None) -> bytes:
-    """Values (float32 bit patterns; ``rows`` their row numbers, ascending) as the smallest of raw
-    floats, a codebook plus index stream, and a per-row grid."""
+def _encode_values(bits: np.ndarray, rows: np.ndarray | int, distinct: np.ndarray | None) -> bytes:
+    """Values (float32 bit patterns; ``rows`` their row numbers, ascending, or the length of every
+    row of a dense tensor: see :func:`grid`) as the smallest of raw
+    floats, a codebook plus index stream (``distinct``: the sorted distinct values, None when
+    there are too many for a codebook), and a per-row grid."""
     candidates = [bytes([VALUES_RAW]) + bits.astype("<u4").tobytes()]
-    distinct = _distinct_within(bits, MAX_CODEBOOK) if distinct is None else distinct
     if distinct is not None and len(distinct) > 0:
         out = io.BytesIO()
         out.write(bytes([VALUES_CODEBOOK]))
@@ -120,12 +121,14 @@ _FROM_MIN = (1, 2, 3, 4)
 _SAMPLE_ROWS = 32
 
 
-def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def grid(bits: np.ndarray, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-row scale s and integer codes k with float32(k * s) == value bit for bit, for values
-    given as float32 bit patterns with their (ascending) row numbers; None when no candidate
-    scale fits every row."""
+    given as float32 bit patterns with their (ascending) row numbers, or with ``rows`` an int:
+    every row holds that many values (a dense tensor); None when no candidate scale fits every row."""
     if bits.size == 0:
         return None
+    if isinstance(rows, (int, np.integer)):
+        return _dense_grid(bits.reshape(-1, int(rows)))
     values = bits.view(np.float32)
     if not np.isfinite(values).all():
         return None
@@ -162,6 +165,35 @@ def grid(bits: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | 
         if not unresolved.any():
             codes = np.rint(values / scales[rows]).astype(np.int64)
             return scales, codes
+    return None
+
+
+def _dense_grid(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`grid` for a dense [rows, length] matrix of bit patterns: the same candidates and the
+    same bit-exact test, with reductions along an axis instead of over row-number arrays."""
+    values = bits.view(np.float32)
+    if not np.isfinite(values).all():
+        return None
+    if len(bits) > _SAMPLE_ROWS and _dense_grid(bits[:_SAMPLE_ROWS]) is None:
+        return None  # a grid holds on every row: a few rows reject most tensors cheaply
+    magnitude = np.abs(values)
+    largest = magnitude.max(axis=1)
+    smallest = np.where(values != 0, magnitude, np.inf).min(axis=1)
+    scales = np.ones(len(bits), dtype=np.float32)
+    unresolved = np.arange(len(bits))
+    for reference, k in [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]:
+        trial = (reference.astype(np.float64) / k).astype(np.float32)
+        trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
+        whole = len(unresolved) == len(bits)
+        v, b, t = (values, bits, trial) if whole else (values[unresolved], bits[unresolved], trial[unresolved])
+        with np.errstate(over="ignore", invalid="ignore"):
+            codes = np.rint(v / t[:, None])
+            product = codes.astype(np.float32) * t[:, None]
+        exact = ((np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b) & ((codes != 0) | (b == 0))).all(axis=1)
+        scales[unresolved[exact]] = t[exact]
+        unresolved = unresolved[~exact]
+        if unresolved.size == 0:
+            return scales, np.rint(values / scales[:, None]).astype(np.int64).ravel()
     return None
 
 
@@ -226,7 +258,8 @@ def _encode_sparse(bits: np.ndarray, nonzero: np.ndarray, row_length: int) -> by
     log_span = _best_log_span(skips) if len(skips) else 0
     out.write(bytes([log_span]))
     out.write(streams.encode(gap_symbols(skips, log_span)))
-    out.write(_encode_values(bits[nonzero], nonzero // row_length))
+    values = bits[nonzero]
+    out.write(_encode_values(values, nonzero // row_length, distinct_within(values, MAX_CODEBOOK)))
     return out.getvalue()
 
 
