@@ -71,17 +71,67 @@ def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
     spec = getattr(model, "spec", None)
     if spec:
         return tuple(spec["in_shape"])
-    raise NetshrinkError("give input_shape=(C, H, W) (without the batch dimension) for a model netshrink did not build")
+    raise NetshrinkError("give example_inputs=<one batch of inputs: a tensor, tuple or dict> (or input_shape=(C, H, W)) "
+                         "for a model netshrink did not build")
 
 
-def _to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+@dataclass
+class _Signature:
+    """How the exported graph is called: its example arguments, their names, and which axes vary."""
+
+    args: tuple
+    names: list[str]
+    keys: list[str] | None  # the keyword names when the model takes a dict
+    dynamic: dict[str, dict[int, str]]
+
+
+def _signature(model: nn.Module, example_inputs, input_shape) -> _Signature:
+    """Inputs are named after a dict's keys ("input" for one tensor); the batch axis is dynamic,
+    and so is the sequence axis (1) of integer inputs such as token ids and attention masks."""
+    from collections.abc import Mapping
+
+    if example_inputs is None:
+        example_inputs = torch.zeros(1, *_input_shape(model, input_shape))
+    if isinstance(example_inputs, Mapping):
+        keys = list(example_inputs)
+        args, names = tuple(example_inputs.values()), keys
+    elif isinstance(example_inputs, (tuple, list)):
+        keys, args = None, tuple(example_inputs)
+        names = [f"input_{i}" for i in range(len(args))]
+    else:
+        keys, args, names = None, (example_inputs,), ["input"]
+    if not args or not all(torch.is_tensor(a) and a.dim() >= 1 for a in args):
+        raise NetshrinkError("example_inputs must be a tensor, or a tuple or dict of tensors with a batch dimension")
+    dynamic = {name: {0: "batch", **({1: "sequence"} if not a.is_floating_point() and a.dim() >= 2 else {})}
+               for name, a in zip(names, args)}
+    return _Signature(args, names, keys, dynamic)
+
+
+class _Exported(nn.Module):
+    """What the graph computes: the model's output tensor for positional graph inputs (rebuilt into
+    keyword arguments for a model that takes a dict)."""
+
+    def __init__(self, model: nn.Module, keys: list[str] | None, forward) -> None:
+        super().__init__()
+        self.model, self.keys, self.adapter = model, keys, forward
+
+    def forward(self, *args):
+        from .train import default_forward
+
+        inputs = dict(zip(self.keys, args)) if self.keys else args[0] if len(args) == 1 else args
+        return (self.adapter or default_forward)(self.model, inputs)
+
+
+def _to_onnx_bytes(model: nn.Module, signature: _Signature, opset: int, forward=None) -> bytes:
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["input"],
-                              output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(_Exported(model, signature.keys, forward).eval(), signature.args, buffer, dynamo=False,
+                              input_names=signature.names, output_names=["output"], opset_version=opset,
+                              dynamic_axes={**signature.dynamic, "output": {0: "batch"}})
+    except NetshrinkError:
+        raise
     except Exception as exc:  # the exporter raises many types; the first line says which op failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NetshrinkError(f"ONNX export failed: {first}") from None
@@ -172,9 +222,16 @@ def saturating_layers(graph_model) -> list[str]:
 
 
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
-           input_shape: tuple[int, ...] | None = None, opset: int = 17, int8_logits: bool = False,
-           vnni: bool = False) -> ExportReport:
+           example_inputs=None, input_shape: tuple[int, ...] | None = None, opset: int = 17,
+           int8_logits: bool = False, vnni: bool = False, forward=None) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``), atomically.
+
+    ``example_inputs`` is one batch of inputs as the model takes them: a tensor, a tuple
+    (positional) or a dict (keyword, e.g. ``input_ids`` and ``attention_mask``); graph inputs are
+    named after the dict's keys, with batch and sequence axes dynamic. Zoo models need none;
+    ``input_shape`` gives a float input of that shape. The graph's output is the model's output
+    tensor (``.logits`` or ``.last_hidden_state`` of Hugging Face models), or ``forward(model,
+    inputs)``'s. Embedding tables are stored as int8 behind a DequantizeLinear in int8 exports.
 
     The model is not changed. For int8, activation ranges come from the model's activation
     quantizers, else from ``calibration`` data (8 bits, min/max). Weights are limited to 7 bits so
@@ -196,7 +253,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if int8_logits and calibration is None:
         raise NetshrinkError("int8_logits needs calibration data for the output range")
     path = check_writable(path)
-    shape = _input_shape(model, input_shape)
+    signature = _signature(model, example_inputs, input_shape)
     work = bake(copy.deepcopy(model)).eval()
     layers = {name: m for name, m in work.named_modules() if isinstance(m, LINEAR_CONV)}
     report = ExportReport(str(path), int8)
@@ -232,9 +289,12 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
             sign = np.where(factor.numpy() < 0, -1, 1).astype(np.int8)
             weights[layer] = (codes * sign.reshape(-1, *[1] * (codes.ndim - 1)),
                               (scales * np.abs(factor.numpy())).astype(np.float32), how + ", BatchNorm folded into scales")
-    graph_model = onnx.load_from_string(_to_onnx_bytes(work, torch.zeros(1, *shape), opset))
     if int8:
-        _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_helper)
+        weights.update({n: weight_as_int8(m.weight.detach().numpy(), limit) for n, m in work.named_modules()
+                        if isinstance(m, nn.Embedding)})
+    graph_model = onnx.load_from_string(_to_onnx_bytes(work, signature, opset, forward))
+    if int8:
+        _insert_qdq(graph_model, dict(work.named_modules()), layers, weights, ranges, report, helper, numpy_helper)
         if int8_logits:
             _quantize_output(graph_model, work, calibration, report, helper, numpy_helper)
         risky = saturating_layers(graph_model)
@@ -251,7 +311,29 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
 COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape")
 
 
-def _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_helper) -> None:
+def _weight_locator(modules: dict[str, nn.Module], names: list[str]):
+    """A function from an initializer to (layer, transposed) or None. The exporter names a weight
+    after its layer ("fc1.weight"), or, for Linear layers on 3-D inputs (transformers), stores it
+    transposed under a generated name, so those are matched by content."""
+    import hashlib
+
+    by_content = {}
+    for name in names:
+        w = modules[name].weight.detach().numpy()
+        by_content[(w.shape, hashlib.sha1(np.ascontiguousarray(w).tobytes()).digest())] = (name, False)
+        if w.ndim == 2:
+            by_content[(w.T.shape, hashlib.sha1(np.ascontiguousarray(w.T).tobytes()).digest())] = (name, True)
+
+    def locate(initializer, array: np.ndarray):
+        layer = initializer.name[: -len(".weight")] if initializer.name.endswith(".weight") else None
+        if layer in names:
+            return layer, False
+        return by_content.get((array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).digest()))
+
+    return locate
+
+
+def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, numpy_helper) -> None:
     graph = graph_model.graph
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
@@ -259,53 +341,88 @@ def _insert_qdq(graph_model, layers, weights, ranges, report, helper, numpy_help
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
+    locate = _weight_locator(modules, list(weights))
     before: dict[int, list] = {}  # id(node) -> nodes to insert before it
     after: dict[int, list] = {}  # id(node) -> nodes to insert after it
+    dequantized: dict[str, str] = {}  # float initializer -> its DequantizeLinear output
     seen = set()
-    for node in graph.node:
-        weight_name = node.input[1] if len(node.input) > 1 else ""
-        layer = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else None
-        if not (node.op_type in ("Gemm", "Conv", "MatMul") and layer in layers and weight_name in initializers):
+
+    def int8_weight(initializer_name: str, layer: str, transposed: bool, node) -> str:
+        if initializer_name in dequantized:  # a weight several nodes share is stored once
+            return dequantized[initializer_name]
+        codes, scales, _ = weights[layer]
+        tag = f"{layer}.weight{'_t' if transposed else ''}"
+        graph.initializer.remove(initializers[initializer_name])
+        graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes.T if transposed else codes),
+                                                          f"{tag}_int8"),
+                                  numpy_helper.from_array(scales, f"{tag}_scale"),
+                                  numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{tag}_zero")])
+        # Per output channel: axis 0 of [out, in, ...]; axis 1 of a transposed [in, out] MatMul weight.
+        before.setdefault(id(node), []).append(helper.make_node(
+            "DequantizeLinear", [f"{tag}_int8", f"{tag}_scale", f"{tag}_zero"], [f"{tag}_dq"], axis=1 if transposed else 0))
+        dequantized[initializer_name] = f"{tag}_dq"
+        return f"{tag}_dq"
+
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Gather" and node.input and node.input[0] in initializers:
+            found = locate(initializers[node.input[0]], numpy_helper.to_array(initializers[node.input[0]]))
+            if found is not None and not found[1] and found[0] in weights and found[0] not in layers:
+                node.input[0] = int8_weight(node.input[0], found[0], False, node)
+                report.layers.append((found[0], f"int8 embedding table: {weights[found[0]][2]}"))
+                seen.add(found[0])
             continue
-        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
-            report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
+        if not (node.op_type in ("Gemm", "Conv", "MatMul") and len(node.input) > 1 and node.input[1] in initializers):
+            continue
+        found = locate(initializers[node.input[1]], numpy_helper.to_array(initializers[node.input[1]]))
+        if found is None or found[0] not in layers:
+            continue
+        layer, transposed = found
+        if node.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            if trans_b == transposed:  # Gemm computes x @ B^T with transB=1: B must be [out, in]
+                report.layers.append((layer, "fp32 (unexpected Gemm layout)"))
+                seen.add(layer)
+                continue
+        elif node.op_type == "MatMul" and not transposed:
+            report.layers.append((layer, "fp32 (unexpected MatMul layout)"))
             seen.add(layer)
             continue
-        codes, scales, how = weights[layer]
-        graph.initializer.remove(initializers[weight_name])
-        graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
-                                  numpy_helper.from_array(scales, f"{layer}.weight_scale"),
-                                  numpy_helper.from_array(np.zeros(len(scales), np.int8), f"{layer}.weight_zero")])
+        weight_input = int8_weight(node.input[1], layer, transposed, node)
         quantizer = ranges[layer]
         scale, zero_point = _eight_bit_grid(quantizer)
-        qparams = [f"{layer}.input_scale", f"{layer}.input_zero"]
+        tag = f"{layer}.input.{index}"
+        qparams = [f"{tag}_scale", f"{tag}_zero"]
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), qparams[0]),
                                   numpy_helper.from_array(np.array(zero_point, np.uint8), qparams[1])])
-        inserted = [helper.make_node("DequantizeLinear", [f"{layer}.weight_int8", f"{layer}.weight_scale",
-                                                           f"{layer}.weight_zero"], [f"{layer}.weight_dq"], axis=0),
-                    helper.make_node("QuantizeLinear", [node.input[0], *qparams], [f"{layer}.input_q"]),
-                    helper.make_node("DequantizeLinear", [f"{layer}.input_q", *qparams], [f"{layer}.input_dq"])]
-        before.setdefault(id(node), []).extend(inserted)
+        before.setdefault(id(node), []).extend([
+            helper.make_node("QuantizeLinear", [node.input[0], *qparams], [f"{tag}_q"]),
+            helper.make_node("DequantizeLinear", [f"{tag}_q", *qparams], [f"{tag}_dq"])])
         upstream = _commuting_source(node.input[0], producer, consumers)
         if upstream is not None and id(upstream) not in after:
             # The producer now writes a raw tensor; the pair re-creates the original name, so every
             # consumer downstream reads the quantized values without being rewired.
             out = upstream.output[0]
-            upstream.output[0] = f"{layer}.producer_raw"
+            upstream.output[0] = f"{tag}.producer_raw"
             after[id(upstream)] = [
-                helper.make_node("QuantizeLinear", [f"{layer}.producer_raw", *qparams], [f"{layer}.producer_q"]),
-                helper.make_node("DequantizeLinear", [f"{layer}.producer_q", *qparams], [out])]
-        node.input[0], node.input[1] = f"{layer}.input_dq", f"{layer}.weight_dq"
-        report.layers.append((layer, f"int8: weights {how}; inputs uint8 scale {scale:.4g}, zero {zero_point}"))
+                helper.make_node("QuantizeLinear", [f"{tag}.producer_raw", *qparams], [f"{tag}.producer_q"]),
+                helper.make_node("DequantizeLinear", [f"{tag}.producer_q", *qparams], [out])]
+        node.input[0], node.input[1] = f"{tag}_dq", weight_input
+        if layer not in seen:
+            report.layers.append((layer, f"int8: weights {weights[layer][2]}; inputs uint8 scale {scale:.4g}, "
+                                         f"zero {zero_point}"))
         seen.add(layer)
     nodes = []
     for node in graph.node:
         nodes += before.get(id(node), []) + [node] + after.get(id(node), [])
     del graph.node[:]
     graph.node.extend(nodes)
-    for name in layers:
-        if name not in seen:
-            report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)"))
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        in_graph = {found[0] for i in graph.initializer
+                    if (found := locate(i, numpy_helper.to_array(i))) is not None}
+        for name in missing:
+            report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)" if name in in_graph
+                                  else "not in the graph: the exported output does not use it"))
 
 
 def _quantize_output(graph_model, model: nn.Module, calibration, report, helper, numpy_helper) -> None:

@@ -143,3 +143,31 @@ def test_tiny_bert_distils_on_unlabeled_batches(tiny_bert):
                   progress=False)
     assert gap() < 0.2 * before  # measured: 28x smaller
     assert float((tiny_bert.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_tiny_bert_exports_to_onnx_runtime_with_named_dynamic_inputs(tiny_bert, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from netshrink.onnx_export import saturating_layers
+
+    data = bert_batches()
+    netshrink.quantize(tiny_bert, weight_bits=7, activation_bits=8, calibration=data)
+    fp32 = netshrink.export(tiny_bert, tmp_path / "fp32.onnx", example_inputs=data[0])
+    int8 = netshrink.export(tiny_bert, tmp_path / "int8.onnx", example_inputs=data[0], int8=True)
+    how = dict(int8.layers)
+    assert how["embeddings.word_embeddings"].startswith("int8 embedding table: exact")
+    assert how["encoder.layer.1.attention.self.query"].startswith("int8: weights exact int8")
+    assert how.pop("pooler.dense") == "not in the graph: the exported output does not use it"
+    assert not any(h.startswith("fp32") for h in how.values()) and fp32.layers
+    assert saturating_layers(onnx.load(str(tmp_path / "int8.onnx"))) == []
+    batch = {k: v[:5, :11] for k, v in data[1].items()}  # another batch size and sequence length
+    with torch.no_grad():
+        reference = tiny_bert(**batch).last_hidden_state.numpy()
+    for path, least in (("fp32.onnx", 0.999), ("int8.onnx", 0.99)):
+        session = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+        theirs = session.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(theirs).flatten(1),
+                                                       torch.from_numpy(reference).flatten(1))
+        assert theirs.shape == reference.shape and float(cosine.min()) > least, path
