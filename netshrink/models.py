@@ -1,4 +1,6 @@
-"""The model zoo: the founding MLP, LeNet-300-100 and LeNet-5 (Caffe's layout).
+"""The model zoo: the founding MLP, LeNet-300-100, LeNet-5 (Caffe's layout), and ``resmobile``, a
+small ResNet/MobileNet-style CNN (BatchNorm, a residual block with a 1x1 projection shortcut, an
+inverted-residual block with a depthwise convolution, a depthwise-separable block, global pooling).
 
 Layers carry names (``fc1``, ``conv1``...) so that per-layer settings and reports read well.
 A model is rebuilt from a small JSON-able spec, ``{"name", "in_shape", "classes"}``, which is what
@@ -17,8 +19,39 @@ from .errors import NetshrinkError
 from .catalog import MODELS
 
 
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(OrderedDict([("conv", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)),
+                                      ("bn", nn.BatchNorm2d(cout))]))
+
+
+class ResMobile(nn.Module):
+    """28x28 -> 14x14 -> 7x7; about 58k parameters. Every structure structured pruning must
+    handle: residual adds (one through a 1x1 projection), depthwise convolutions inside an
+    inverted residual, BatchNorm everywhere, a mean over the spatial dimensions."""
+
+    def __init__(self, channels: int = 1, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(channels, 24)
+        self.block1 = _conv_bn(24, 48, stride=2)  # residual block with a projection shortcut
+        self.block1b = _conv_bn(48, 48)
+        self.shortcut = _conv_bn(24, 48, kernel=1, stride=2)
+        self.expand = _conv_bn(48, 144, kernel=1)  # inverted residual: expand, depthwise, project, add
+        self.depthwise = _conv_bn(144, 144, groups=144)
+        self.project = _conv_bn(144, 48, kernel=1)
+        self.separable_dw = _conv_bn(48, 48, stride=2, groups=48)  # depthwise-separable block
+        self.separable_pw = _conv_bn(48, 96, kernel=1)
+        self.head = nn.Linear(96, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.block1b(torch.relu(self.block1(x))) + self.shortcut(x))
+        x = x + self.project(torch.relu(self.depthwise(torch.relu(self.expand(x)))))
+        x = torch.relu(self.separable_pw(torch.relu(self.separable_dw(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
 def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10,
-                seed: int | None = 0) -> nn.Sequential:
+                seed: int | None = 0) -> nn.Module:
     """Build a zoo model with freshly initialised weights (from ``seed``: reproducible; ``None``
     draws from the global generator).
 
@@ -38,6 +71,11 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
     elif name == "lenet-300-100":
         layers = [("flatten", nn.Flatten()), ("fc1", nn.Linear(features, 300)), ("relu1", nn.ReLU()),
                   ("fc2", nn.Linear(300, 100)), ("relu2", nn.ReLU()), ("fc3", nn.Linear(100, classes))]
+    elif name == "resmobile":
+        if len(in_shape) != 3:
+            raise NetshrinkError(f"resmobile needs images (C, H, W); got in_shape={in_shape}")
+        model = ResMobile(in_shape[0], classes)
+        layers = list(model.named_modules())[1:]
     elif name == "lenet-5":
         if len(in_shape) != 3 or in_shape[1] < 16 or in_shape[2] < 16:
             raise NetshrinkError(f"lenet-5 needs images of at least 16x16; got in_shape={in_shape}")
@@ -54,7 +92,8 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
             for _, layer in layers:
                 if hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
-    model = nn.Sequential(OrderedDict(layers))
+    if name != "resmobile":
+        model = nn.Sequential(OrderedDict(layers))
     model.spec = {"name": name, "in_shape": list(in_shape), "classes": classes}  # type: ignore[assignment]
     return model
 

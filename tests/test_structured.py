@@ -64,13 +64,16 @@ def test_user_cnn_with_batchnorm_and_residual():
     x = torch.rand(4, 1, 8, 8)
     small, report = remove_units(model, keep=0.5, criterion="l1-bn", example_input=x)
     changed = {layer for layer, _ in report.changed}
-    skipped = dict(report.skipped)
-    assert changed == {"conv1", "conv3", "fc"}
-    assert "residual" in skipped["conv2"] and "residual" in skipped["res"]
-    assert small.bn1.num_features == 4 and small.conv2.in_channels == 4
-    assert small.fc.in_features == 8 * 3 * 3
-    reference = silence_removed(model, UserCNN(), report, norms={"conv1": "bn1"})
+    assert changed == {"conv1", "conv2", "res", "conv3", "fc"}
+    # conv2 and res feed one residual add: they lose the same channels, and so do bn2 and bn_res.
+    assert report.kept["conv2"] == report.kept["res"] and len(report.kept["res"]) == 6
+    assert "coupled with res" in dict(report.changed)["conv2"]
+    assert small.bn1.num_features == 4 and small.conv2.in_channels == 4 and small.bn_res.num_features == 6
+    assert small.conv3.in_channels == 6 and small.fc.in_features == 8 * 3 * 3
+    reference = silence_removed(model, UserCNN(), report,
+                                norms={"conv1": "bn1", "conv2": "bn2", "res": "bn_res"})
     assert torch.allclose(small(x), reference(x), atol=1e-5)
+    assert report.macs_after < 0.4 * report.macs_before
 
 
 def test_shrunk_zoo_model_saves_loads_and_fine_tunes(tmp_path, digits):
@@ -119,3 +122,102 @@ def test_structured_step_in_a_recipe_then_unstructured_then_quantized(digits):
     # (measured on two seeds: 3.9 and 6.1 points below dense, from 14-31 points below before it).
     assert rows[-1]["accuracy"] >= rows[-2]["accuracy"] + 0.05
     assert rows[-1]["accuracy"] >= dense - 0.08
+
+
+def _bn_statistics(model, shape):
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(32, *shape))
+    return model.eval()
+
+
+def test_resmobile_residual_groups_and_depthwise_shrink_together():
+    model = _bn_statistics(netshrink.build_model("resmobile", (1, 16, 16)), (1, 16, 16))
+    x = torch.rand(4, 1, 16, 16)
+    small, report = remove_units(model, keep=0.5, example_input=x)
+    changed = dict(report.changed)
+    assert report.kept["block1b.conv"] == report.kept["shortcut.conv"] == report.kept["project.conv"]
+    assert changed["depthwise.conv"] == "depthwise: follows expand.conv"
+    assert small.depthwise.conv.groups == small.depthwise.conv.in_channels == small.expand.conv.out_channels == 72
+    assert small.separable_dw.conv.groups == 24 and small.head.in_features == 48
+    assert report.macs_after < 0.35 * report.macs_before
+    assert small(x).shape == (4, 10)
+    netshrink.fit(small, (torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,))), epochs=1, progress=False)
+
+
+class EveryLayerType(nn.Module):
+    """Structures structured pruning must handle or refuse: concatenation, a grouped convolution,
+    channel indexing, a squeeze-excitation multiply, a stored per-channel offset, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.se_reduce, self.se_expand = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.c = nn.Conv2d(16, 12, 1)
+        self.offset = nn.Parameter(torch.zeros(1, 12, 1, 1))
+        self.d = nn.Conv2d(12, 10, 1)
+        self.norm = nn.LayerNorm(10)
+        self.out = nn.Linear(10, 5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        y = self.grouped(y)
+        scale = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean(dim=(2, 3))))))
+        y = y * scale[:, :, None, None]
+        y = self.c(y) + self.offset
+        y = self.d(y[:, :12])
+        return self.out(self.norm(y.mean(dim=(2, 3))))
+
+
+def test_every_layer_type_is_pruned_correctly_or_refused_with_a_reason():
+    torch.manual_seed(0)
+    model = EveryLayerType().eval()
+    x = torch.rand(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, report = remove_units(model, keep=0.5, example_input=x)
+    skipped = dict(report.skipped)
+    assert skipped == {"a": "its channels reach cat (a concatenation)",
+                       "b": "its channels reach cat (a concatenation)",
+                       "grouped": "it is a grouped convolution (groups=4)",
+                       "se_expand": "its channels reach getitem",
+                       "c": "its channels meet a stored tensor in add",
+                       "d": "its channels reach LayerNorm (norm)",
+                       "out": "its channels reach the model output"}
+    assert dict(report.changed)["se_reduce"].startswith("kept 2 of 4")  # the squeeze layer shrinks
+    assert small(x).shape == (2, 5) and small.se_expand.in_features == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+
+
+def test_a_user_identity_subclass_with_a_stored_offset_is_refused():
+    class Offset(nn.Identity):
+        def __init__(self, channels):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(channels, 1, 1))
+
+        def forward(self, x):
+            return x + self.bias
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Offset(8), nn.Conv2d(8, 4, 1))
+    _, report = remove_units(model, keep=0.5, example_input=torch.rand(2, 3, 4, 4))
+    assert "stored tensor" in dict(report.skipped)["0"]
+
+
+def test_a_pruning_that_would_break_the_model_is_refused_and_undone(monkeypatch):
+    """The safety net: if the rebuilt model fails its own forward pass, the model is restored."""
+    from netshrink.methods import structured
+
+    def rebuild_forgetting_consumers(model, plans):
+        for space, _ in plans:
+            space.consumers.clear()
+        original(model, plans)
+
+    original = structured._rebuild
+    monkeypatch.setattr(structured, "_rebuild", rebuild_forgetting_consumers)
+    model = UserCNN().eval()
+    x = torch.rand(2, 1, 8, 8)
+    reference = model(x)
+    with pytest.raises(netshrink.NetshrinkError, match="would break the model"):
+        netshrink.apply(model, netshrink.RemoveUnits(keep=0.5), calibration=x)
+    assert model.conv1.weight.shape == (8, 1, 3, 3) and model.bn1.num_features == 8
+    assert torch.equal(model(x), reference)

@@ -1,14 +1,27 @@
-"""Structured pruning with physical removal: whole output neurons (Linear) and channels (Conv)
-are deleted, with the BatchNorm after them and the input columns of the layers that consume them,
-so the result is a smaller dense model that runs faster with ordinary kernels.
+"""Structured pruning with physical removal: whole output neurons (Linear) and channels (Conv) are
+deleted, with everything that must shrink with them, so the result is a smaller dense model that
+runs faster with ordinary kernels.
 
-Who consumes a layer's output is read off the traced graph (``torch.fx``), through ops that keep
-channels apart (BatchNorm, activations, pooling, dropout, flatten). A layer whose output reaches
-anything else (a residual add, a concatenation, the model output) is left whole and reported:
-removing its channels would change a shape something else relies on.
+**Channel spaces.** Which channels must be removed together is read off the traced graph
+(``torch.fx``), in the manner of Torch-Pruning's dependency graph. The channel dimension of every
+tensor belongs to a *space*:
 
-Criterion: the L1 or L2 norm of each unit's weights (Li et al. 2017, "Pruning Filters for
-Efficient ConvNets"), or L1 times the following BatchNorm's |gamma| (network slimming).
+* a Linear or (ungrouped) Conv layer starts a new space: its output units;
+* ops that keep channels apart (activations, BatchNorm, pooling, dropout, means over other
+  dimensions) pass their input's space on; a depthwise convolution does too (its channels follow
+  its input's), and is pruned along with it;
+* an elementwise add, subtract or multiply of two tensors joins their spaces into one (a residual
+  connection couples every layer that feeds it);
+* flattening turns a space into ``per_unit`` columns per channel of the Linear layer after it.
+
+A space whose channels reach anything else (a concatenation, a grouped convolution, a reshape, a
+LayerNorm, the model's input or output) is *fixed* and never pruned; the report says why. Pruning
+a space removes the same indices from all of its producers' outputs, its BatchNorms and depthwise
+convolutions, and its consumers' inputs. The result is run on the example input before it is
+returned; if it fails, the model is restored and the error says so.
+
+Criterion: the L1 or L2 norm of each channel's weights summed over the producers of its space
+(Li et al. 2017), or L1 times the following BatchNorm's |gamma| (network slimming).
 """
 from __future__ import annotations
 
@@ -23,96 +36,225 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import LINEAR_CONV, Method, Report, check_choice, check_range, per_layer, sync_sizes
+from .base import LINEAR_CONV, Method, Report, check_choice, check_range, per_layer, preserved, sync_sizes
 
-PASS_THROUGH_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
-                        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveMaxPool2d, nn.Identity)
-PASS_THROUGH_FUNCTIONS = {torch.relu, nn.functional.relu, torch.sigmoid, torch.tanh, nn.functional.gelu,
-                          nn.functional.max_pool2d, nn.functional.avg_pool2d, nn.functional.dropout}
+PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
+                nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity)
+F = nn.functional
+PASS_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid,
+                  torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d,
+                  F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.clamp, torch.clip}
+PASS_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "contiguous", "clone"}
+MERGE_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, torch.add, torch.sub,
+                   torch.mul}
+MERGE_METHODS = {"add", "add_", "sub", "mul", "mul_"}
+REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+REDUCE_METHODS = {"mean", "sum", "amax"}
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
 class StructuredReport(Report):
-    """A Report plus, per changed layer, the indices of the output units that were kept."""
+    """A Report plus, per changed layer, the indices of the output units that were kept, and the
+    multiply-accumulates of one example before and after (when an example input was given)."""
 
     kept: dict[str, list[int]] = field(default_factory=dict)
+    macs_before: int = 0
+    macs_after: int = 0
 
 
 @dataclass
-class _Plan:
-    layer: str
-    keep: torch.Tensor  # indices of kept output units, ascending
-    norms: list[str]
-    consumers: list[tuple[str, int]]  # (layer, input columns per unit)
+class _Space:
+    producers: list[str] = field(default_factory=list)  # layers whose output units are these channels
+    norms: list[str] = field(default_factory=list)  # BatchNorms over these channels
+    depthwise: list[str] = field(default_factory=list)  # depthwise convolutions over these channels
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (layer, input columns per channel)
+    fixed: str | None = None  # why these channels cannot be removed
 
 
-def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, NORMS):
-            return "norm"
-        if isinstance(module, PASS_THROUGH_MODULES):
-            return "pass"
-        if isinstance(module, nn.Flatten):
-            return "flatten"
-        if isinstance(module, LINEAR_CONV) and getattr(module, "groups", 1) == 1:
-            return "layer"
-    elif node.op == "call_function":
-        if node.target in PASS_THROUGH_FUNCTIONS:
-            return "pass"
-        if node.target is torch.flatten:
-            return "flatten"
-    elif node.op == "call_method" and node.target in ("flatten", "view", "reshape"):
-        return "flatten"
-    return "other"
+class _Spaces:
+    """Union-find over channel spaces."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.info: list[_Space] = []
+
+    def new(self, fixed: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.info.append(_Space(fixed=fixed))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def get(self, i: int) -> _Space:
+        return self.info[self.find(i)]
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[b] = a
+            first, second = self.info[a], self.info[b]
+            first.producers += second.producers
+            first.norms += second.norms
+            first.depthwise += second.depthwise
+            first.consumers += second.consumers
+            first.fixed = first.fixed or second.fixed
+        return a
+
+    def fix(self, i: int, reason: str) -> None:
+        space = self.get(i)
+        space.fixed = space.fixed or reason
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "output":
         return "the model output"
+    if node.op == "placeholder":
+        return "the model input"
     if node.op == "call_module":
         return f"{type(modules[node.target]).__name__} ({node.target})"
     name = getattr(node.target, "__name__", str(node.target))
-    if node.target in (operator.add, operator.iadd, torch.add, torch.cat):
-        return f"{name} (a residual connection or concatenation)"
+    if node.target in (torch.cat, torch.concat, torch.stack):
+        return f"{name} (a concatenation)"
     return name
 
 
-def _consumers(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], list[tuple[str, int]], str | None]:
-    """Follow ``start``'s output through channel-preserving ops to the layers that consume it.
-    Returns (BatchNorms on the way, (consumer, input columns per unit), reason to leave it whole)."""
-    norms: list[str] = []
-    consumers: list[tuple[str, int]] = []
-    frontier = [(user, 1) for user in start.users]  # (node, input columns per unit so far)
-    while frontier:
-        node, per_unit = frontier.pop()
-        kind = _kind(node, modules)
-        if kind in ("norm", "pass"):
-            if kind == "norm":
-                norms.append(node.target)
-            frontier += [(user, per_unit) for user in node.users]
-        elif kind == "flatten":
-            meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-            if meta is None:
-                return norms, consumers, "it is flattened into a Linear layer: pass example_input"
-            frontier += [(user, per_unit * math.prod(meta.shape[2:])) for user in node.users]
-        elif kind == "layer" and (per_unit == 1 or isinstance(modules[node.target], nn.Linear)):
-            consumers.append((node.target, per_unit))
-        else:
-            return norms, consumers, f"its output reaches {_describe(node, modules)}"
-    if not consumers:
-        return norms, consumers, "nothing consumes its output"
-    return norms, consumers, None
+def _meta_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _analyse(traced: fx.GraphModule, modules: dict[str, nn.Module], spaces: _Spaces) -> dict[str, int]:
+    """Walk the graph once; returns the output space of every Linear/Conv layer."""
+    space_of: dict[fx.Node, tuple[int, int]] = {}  # node -> (space, columns per channel; > 1 after a flatten)
+    layer_space: dict[str, int] = {}
+
+    def spaces_in(node) -> list[tuple[int, int]]:
+        return [space_of[a] for a in node.all_input_nodes if a in space_of]
+
+    def fix_inputs(node, reason: str) -> None:
+        for space, _ in spaces_in(node):
+            spaces.fix(space, reason)
+
+    for node in traced.graph.nodes:
+        inputs = spaces_in(node)
+        first = space_of.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.op == "placeholder":
+            space_of[node] = (spaces.new(fixed="its channels come from the model input"), 1)
+        elif node.op == "output":
+            fix_inputs(node, "its channels reach the model output")
+        elif node.op == "get_attr":
+            continue
+        elif node.op == "call_module":
+            module = modules[node.target]
+            groups = getattr(module, "groups", 1)
+            if isinstance(module, LINEAR_CONV) and groups == 1:
+                shape = _meta_shape(node.args[0])
+                if isinstance(module, nn.Linear) and shape is not None and len(shape) != 2:
+                    fix_inputs(node, f"it feeds {node.target}, a Linear layer on {len(shape)}-D inputs")
+                    new = spaces.new(fixed=f"{node.target} works on {len(shape)}-D inputs (transformers have "
+                                           "their own rules: prune heads and FFN neurons)")
+                else:  # its input's channels, where known, shrink with their space
+                    if first is not None:
+                        spaces.get(first[0]).consumers.append((node.target, first[1]))
+                    new = spaces.new()
+                spaces.get(new).producers.append(node.target)
+                layer_space[node.target] = new
+                space_of[node] = (new, 1)
+            elif isinstance(module, LINEAR_CONV) and first is not None and first[1] == 1 \
+                    and groups == module.in_channels == module.out_channels:
+                spaces.get(first[0]).depthwise.append(node.target)  # depthwise: channels follow the input
+                space_of[node] = first
+            elif isinstance(module, NORMS) and first is not None and first[1] == 1:
+                spaces.get(first[0]).norms.append(node.target)
+                space_of[node] = first
+            elif isinstance(module, PASS_MODULES) and first is not None:
+                space_of[node] = first
+            elif isinstance(module, nn.Flatten) and first is not None:
+                _flatten(node, first, space_of, spaces)
+            else:
+                reason = f"its channels reach {_describe(node, modules)}"
+                if isinstance(module, LINEAR_CONV):
+                    reason = f"its channels reach {node.target}, a grouped convolution (groups={groups})"
+                fix_inputs(node, reason)
+                new = spaces.new(fixed=f"it is a grouped convolution (groups={groups})"
+                                 if isinstance(module, LINEAR_CONV) else reason)
+                if isinstance(module, LINEAR_CONV):
+                    spaces.get(new).producers.append(node.target)
+                    layer_space[node.target] = new
+                space_of[node] = (new, 1)
+        else:  # call_function, call_method
+            target = node.target
+            if target in PASS_FUNCTIONS or target in PASS_METHODS:
+                if first is not None:
+                    space_of[node] = first
+            elif target in MERGE_FUNCTIONS or target in MERGE_METHODS:
+                channel_inputs = [s for s in inputs if s[1] == 1]
+                if any(a.op == "get_attr" for a in node.all_input_nodes):
+                    fix_inputs(node, f"its channels meet a stored tensor in {_describe(node, modules)}")
+                elif len(channel_inputs) != len(inputs):
+                    fix_inputs(node, f"a flattened tensor reaches {_describe(node, modules)}")
+                elif channel_inputs:
+                    merged = channel_inputs[0][0]
+                    for other, _ in channel_inputs[1:]:
+                        merged = spaces.union(merged, other)
+                    space_of[node] = (merged, 1)
+            elif target in (torch.flatten, "flatten", "view", "reshape") and first is not None:
+                _flatten(node, first, space_of, spaces)
+            elif (target in REDUCE_FUNCTIONS or target in REDUCE_METHODS) and first is not None:
+                before, after = _meta_shape(node.args[0]), _meta_shape(node)
+                if before is not None and after is not None and len(after) >= 2 and after[:2] == before[:2]:
+                    space_of[node] = first  # a reduction over the other dimensions keeps channels
+                else:
+                    fix_inputs(node, f"its channels reach {_describe(node, modules)} (pass example_input to "
+                                     "see which dimensions it reduces)")
+            elif target in (getattr, "size", "dim") or target is getattr:
+                continue
+            elif inputs:
+                reason = f"its channels reach {_describe(node, modules)}"
+                fix_inputs(node, reason)
+                space_of[node] = (spaces.new(fixed=reason), 1)
+    return layer_space
+
+
+def _flatten(node: fx.Node, source: tuple[int, int], space_of: dict, spaces: _Spaces) -> None:
+    """A flatten into [N, C * rest] keeps channel c as columns [c * rest, (c + 1) * rest)."""
+    before, after = _meta_shape(node.args[0]), _meta_shape(node)
+    if before is None or after is None:
+        spaces.fix(source[0], "it is flattened into a Linear layer: pass example_input")
+        return
+    if len(after) == 2 and after[0] == before[0] and len(before) >= 2 and after[1] == math.prod(before[1:]):
+        space_of[node] = (source[0], source[1] * math.prod(before[2:]))
+    elif after == before:
+        space_of[node] = source
+    else:
+        spaces.fix(source[0], f"its channels are reshaped to {list(after)}")
+
+
+def _macs(traced: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
+    """Multiply-accumulates of the Linear/Conv layers for the example that shaped the graph."""
+    total = 0
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), LINEAR_CONV):
+            out = _meta_shape(node)
+            if out is not None:
+                weight = modules[node.target].weight
+                total += math.prod(out) * math.prod(weight.shape[1:])
+    return total
 
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveUnits(Method):
     """Physically remove the fraction 1 - ``keep`` of output units (neurons / channels) of each
-    selected layer, ranked by ``criterion`` (``l1``, ``l2``, or ``l1-bn``: L1 times the following
-    BatchNorm's |gamma|). The model's output layer is never shrunk. Applies in place; calibration
-    data (one batch) supplies shapes when a convolution feeds a Linear through a flatten.
+    selected layer, with every layer coupled to it (see the module docstring), ranked by
+    ``criterion`` (``l1``, ``l2``, or ``l1-bn``: L1 times the following BatchNorm's |gamma|).
+    The model's output layer is never shrunk. Applies in place; calibration data (one batch)
+    gives shapes for flattens and reductions, and the pruned model is checked on it.
     """
 
     name: ClassVar[str] = "structured"
@@ -134,37 +276,85 @@ class RemoveUnits(Method):
             traced = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types on untraceable Python control flow
             first = str(exc).splitlines()[0] if str(exc) else ""
-            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: {first})") from None
-        modules = dict(traced.named_modules())
-        if calibration is not None:
+            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
+                                 f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
+        example = _example(calibration)
+        if example is not None:
             from torch.fx.passes.shape_prop import ShapeProp
 
-            from ..train import batches
-
-            example = calibration if torch.is_tensor(calibration) else next(iter(batches(calibration, 2)))[0]
-            ShapeProp(traced).propagate(example)
+            try:
+                with torch.no_grad():
+                    ShapeProp(traced).propagate(example)
+            except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
+                raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
+        modules = dict(traced.named_modules())
+        spaces = _Spaces()
+        layer_space = _analyse(traced, modules, spaces)
         report = StructuredReport(self.name, skipped=self.new_report(unmatched).skipped)
+        report.macs_before = _macs(traced, modules) if example is not None else 0
         plans = []
-        for node in traced.graph.nodes:
-            if node.op != "call_module" or node.target not in layers:
+        for root in sorted({spaces.find(s) for s in layer_space.values()}):
+            space = spaces.info[root]
+            selected = [p for p in space.producers if p in layers]
+            if not selected:
                 continue
-            norms, consumers, reason = _consumers(node, modules)
+            reason = space.fixed or (None if space.consumers else "nothing consumes its output")
+            outside = [p for p in space.producers if p not in layers]
+            if reason is None and outside:
+                reason = f"it is coupled with {', '.join(outside)}, which is not selected"
             if reason is not None:
-                report.skipped.append((node.target, reason))
+                report.skipped += [(p, reason) for p in selected]
                 continue
-            weight = modules[node.target].weight.detach()
-            units = weight.shape[0]
-            flat = weight.reshape(units, -1)
-            score = flat.pow(2).sum(1).sqrt() if self.criterion == "l2" else flat.abs().sum(1)
-            if self.criterion == "l1-bn" and norms:
-                score = score * modules[norms[0]].weight.detach().abs()
-            count = max(1, int(round(float(per_layer(self.keep, node.target, "keep")) * units)))
-            kept = torch.sort(torch.topk(score, count).indices).values
-            plans.append(_Plan(node.target, kept, norms, consumers))
-            report.changed.append((node.target, f"kept {count} of {units} units ({self.criterion})"))
-            report.kept[node.target] = kept.tolist()
-        _rebuild(model, plans)  # all plans made first: a failure above leaves the model untouched
+            kept = self._choose(space, modules)
+            plans.append((space, kept))
+            coupled = f", coupled with {', '.join(p for p in space.producers[1:])}" if len(space.producers) > 1 else ""
+            units = modules[space.producers[0]].weight.shape[0]
+            for producer in space.producers:
+                report.changed.append((producer, f"kept {len(kept)} of {units} units ({self.criterion}{coupled})"
+                                       if producer == space.producers[0] else f"kept {len(kept)} of {units} units "
+                                       f"(coupled with {space.producers[0]})"))
+                report.kept[producer] = kept.tolist()
+            report.changed += [(name, f"depthwise: follows {space.producers[0]}") for name in space.depthwise]
+        with preserved(model):  # all plans made first: a failure above leaves the model untouched
+            _rebuild(model, plans)
+            if example is not None:
+                try:
+                    with torch.no_grad():
+                        shrunk = fx.symbolic_trace(model)
+                        from torch.fx.passes.shape_prop import ShapeProp
+
+                        ShapeProp(shrunk).propagate(example)
+                except Exception as exc:  # noqa: BLE001 - restored by preserved(), then one line
+                    raise NetshrinkError(f"structured pruning would break the model ({type(exc).__name__}: "
+                                         f"{str(exc).splitlines()[0]}); it was left as it was") from None
+                report.macs_after = _macs(shrunk, dict(shrunk.named_modules()))
         return report
+
+    def _choose(self, space: _Space, modules: dict[str, nn.Module]) -> torch.Tensor:
+        """Indices of the channels to keep, ascending: the highest-scoring, scores summed over
+        every producer of the space."""
+        score = 0
+        for producer in space.producers:
+            flat = modules[producer].weight.detach().reshape(modules[producer].weight.shape[0], -1)
+            score = score + (flat.pow(2).sum(1).sqrt() if self.criterion == "l2" else flat.abs().sum(1))
+        if self.criterion == "l1-bn" and space.norms:
+            score = score * modules[space.norms[0]].weight.detach().abs()
+        units = len(score)
+        count = max(1, int(round(float(per_layer(self.keep, space.producers[0], "keep")) * units)))
+        return torch.sort(torch.topk(score, count).indices).values
+
+
+def _example(calibration) -> torch.Tensor | None:
+    if calibration is None:
+        return None
+    if torch.is_tensor(calibration):
+        return calibration
+    from ..train import batches
+
+    inputs = next(iter(batches(calibration, 2)))[0]
+    if not torch.is_tensor(inputs):
+        raise NetshrinkError("structured pruning of a traced graph takes one input tensor as its example")
+    return inputs
 
 
 def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, criterion: str = "l1",
@@ -187,21 +377,27 @@ def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, c
     return result, method.run(result, calibration=example_input)
 
 
-def _rebuild(result: nn.Module, plans: list[_Plan]) -> None:
+def _rebuild(result: nn.Module, plans: list[tuple[_Space, torch.Tensor]]) -> None:
     with torch.no_grad():
-        for plan in plans:
-            _shrink(result.get_submodule(plan.layer), 0, plan.keep)
-            for norm_name in plan.norms:
+        for space, keep in plans:
+            for producer in space.producers:
+                _shrink(result.get_submodule(producer), 0, keep)
+            for name in space.depthwise:
+                conv = result.get_submodule(name)
+                _shrink(conv, 0, keep)
+                conv.groups = len(keep)
+                sync_sizes(conv)
+            for norm_name in space.norms:
                 norm = result.get_submodule(norm_name)
                 for name in ("weight", "bias"):
                     if getattr(norm, name) is not None:
-                        setattr(norm, name, nn.Parameter(getattr(norm, name)[plan.keep].clone()))
+                        setattr(norm, name, nn.Parameter(getattr(norm, name)[keep].clone()))
                 for name in ("running_mean", "running_var"):
                     if getattr(norm, name) is not None:
-                        setattr(norm, name, getattr(norm, name)[plan.keep].clone())
+                        setattr(norm, name, getattr(norm, name)[keep].clone())
                 sync_sizes(norm)
-            for consumer_name, per_unit in plan.consumers:
-                columns = (plan.keep[:, None] * per_unit + torch.arange(per_unit)).flatten()
+            for consumer_name, per_unit in space.consumers:
+                columns = (keep[:, None] * per_unit + torch.arange(per_unit)).flatten()
                 _shrink(result.get_submodule(consumer_name), 1, columns)
 
 
