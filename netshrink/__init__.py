@@ -20,11 +20,11 @@ from .errors import NetshrinkError
 __version__ = "0.2.0"
 
 _WHERE = {
-    "prune": "api", "quantize": "api", "clip": "api", "share": "api",
+    "prune": "api", "quantize": "api", "clip": "api", "share": "api", "remove_heads": "api",
     "export": "onnx_export", "remove_units": "methods.structured",
     "apply": "methods", "bake": "methods", "Report": "methods", "Prune": "methods", "NMSparsity": "methods",
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
-    "ShareWeights": "methods", "RemoveUnits": "methods",
+    "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods",
     "save": "artifact", "load": "artifact", "load_dataset": "data", "build_model": "models",
     "Recipe": "recipe", "summary": "report", "fit": "train", "evaluate": "train", "Distill": "train",
 }

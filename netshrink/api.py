@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from .errors import NetshrinkError
-from .methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, Report, ShareWeights, apply
+from .methods import (ClipWeights, Prune, QuantizeActivations, QuantizeWeights, RemoveHeads, Report, ShareWeights,
+                      apply)
 from .methods.base import apply_all
 
 
@@ -56,3 +57,11 @@ def share(model: nn.Module, bits: int | Mapping[str, int] = 5, *, init: str = "l
           targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> Report:
     """Weight sharing: k-means with 2^``bits`` centroids per layer over the non-zero weights."""
     return apply(model, ShareWeights(bits=bits, init=init, targets=targets, ignore=ignore))
+
+
+def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
+                 neurons: float | Mapping[str, float] = 0.7) -> Report:
+    """Physically remove attention heads and feed-forward neurons of a transformer (BERT family),
+    keeping the fraction ``heads`` / ``neurons`` of each block, in place (see
+    :mod:`netshrink.methods.heads`). Distil afterwards: ``fit(model, data, teacher=dense)``."""
+    return apply(model, RemoveHeads(heads=heads, neurons=neurons))

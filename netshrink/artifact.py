@@ -7,6 +7,8 @@
   the weight transforms of each layer (masks, grids, codebooks, clips: so a loaded model keeps its
   compression through fine-tuning), and per tensor: shape, encoding and a SHA-256 prefix of the
   decoded values.
+* Zoo models and Hugging Face transformers models (class name and config recorded; rebuilt only
+  from the installed library's own classes, never remote code) load without being passed in.
 * **A file cannot lie.** Metadata key ``netshrink-sha256`` holds the SHA-256 of the whole file
   computed with that digest zeroed: manifest, names, shapes, dtypes, offsets and payloads all
   count, so any change to any byte is caught before anything is decoded. Behind the checksum
@@ -38,9 +40,9 @@ from .errors import NetshrinkError
 from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
-from .methods.base import (COMPRESSIBLE, baked_state_dict, preserved, remove_transforms, restore_transforms, sync_sizes,
+from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
-from .models import model_from_spec
+from .models import model_from_spec, spec_of
 
 FORMAT, VERSION, READS = "netshrink", 2, (1, 2)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
@@ -114,7 +116,7 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
                 continue
         stored[name] = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d tensors 0-d
         entries[name] = entry
-    manifest = {"format": FORMAT, "version": VERSION, "model": getattr(model, "spec", None),
+    manifest = {"format": FORMAT, "version": VERSION, "model": spec_of(model),
                 "recipe": recipe or [], "activation_quantizers": quantizers, "tensors": entries,
                 "transforms": transform_records(model), "info": info or {}}
     data = st_save(stored, metadata={KEY: json.dumps(manifest, separators=(",", ":")), DIGEST_KEY: _ZEROS})
@@ -295,7 +297,8 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dic
             owner_name, _, attribute = key.rpartition(".")
             owner = modules.get(owner_name)
             resizable = (isinstance(owner, (*COMPRESSIBLE, nn.modules.batchnorm._BatchNorm))
-                         and getattr(owner, "groups", 1) == 1 and tensor.dim() == current.dim()
+                         and (getattr(owner, "groups", 1) == 1 or is_depthwise(owner) and tensor.shape[1:] == current.shape[1:])
+                         and tensor.dim() == current.dim()
                          and attribute in ("weight", "bias", "running_mean", "running_var"))
             if not resizable:
                 raise NetshrinkError(f"{source} does not fit this model: {key} is {list(tensor.shape)} in the file, "
@@ -318,6 +321,8 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
             model = model_from_spec(manifest["model"])
     state = _decode_all(manifest, stored, source)
     _check_fits(model, state, quantized, source)
+    if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
+        model = model_from_spec(manifest["model"])
     with preserved(model, values=not rebuilt):
         remove_transforms(model, keep_values=False)
         detach_all(model)
@@ -325,8 +330,6 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         for layer, bits in quantized.items():
             attach(modules[layer], ActivationQuantizer(int(bits)))
         _fit_shapes(model, state)
-        if rebuilt:
-            model.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
         if restore and manifest.get("transforms"):
             restore_transforms(model, manifest["transforms"])

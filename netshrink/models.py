@@ -98,9 +98,49 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
     return model
 
 
-def model_from_spec(spec: dict) -> nn.Sequential:
-    """Rebuild a zoo model from the spec a file stores; every field is checked first (files are
+def spec_of(model: nn.Module) -> dict | None:
+    """What a file records to rebuild ``model`` without being handed it: a zoo model's spec, or a
+    Hugging Face transformers model's class name and config; None for other models."""
+    spec = getattr(model, "spec", None)
+    if spec:
+        return spec
+    config = getattr(model, "config", None)
+    if type(model).__module__.startswith("transformers.") and hasattr(config, "to_json_string"):
+        import json
+
+        return {"transformers": type(model).__name__, "config": json.loads(config.to_json_string(use_diff=False))}
+    return None
+
+
+def _transformers_model(spec: dict) -> nn.Module:
+    """Rebuild a Hugging Face model from its recorded class and config: only classes of the
+    installed transformers library (never remote code), and only PreTrainedModel subclasses."""
+    try:
+        import transformers
+    except ImportError:
+        raise NetshrinkError(f"this file holds a transformers {spec.get('transformers')!r} model: pip install "
+                             "transformers, or pass model=<an instance>") from None
+    cls = getattr(transformers, str(spec.get("transformers")), None)
+    config = spec.get("config")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and isinstance(config, dict)):
+        raise NetshrinkError(f"bad model spec: {str(spec.get('transformers'))[:80]!r} is not a transformers model class")
+    # Even on the meta device, building a model costs time per module: a recorded config may not
+    # ask for absurd sizes (the stored tensors are checked against the built shapes afterwards).
+    for key, value in config.items():
+        limit = 1024 if "layers" in key else 1 << 24
+        if isinstance(value, int) and not isinstance(value, bool) and not -1 <= value <= limit:
+            raise NetshrinkError(f"bad model spec: config {key}={value} is beyond what netshrink rebuilds ({limit})")
+    try:
+        return cls(cls.config_class.from_dict(config))
+    except Exception as exc:  # noqa: BLE001 - the library's own complaint, in one line
+        raise NetshrinkError(f"cannot rebuild {cls.__name__} from the recorded config: {str(exc).splitlines()[0]}") from None
+
+
+def model_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a model from the spec a file stores; every field is checked first (files are
     input from strangers: a spec must not be able to ask for a huge model)."""
+    if isinstance(spec, dict) and set(spec) == {"transformers", "config"}:
+        return _transformers_model(spec)
     if not isinstance(spec, dict) or set(spec) != {"name", "in_shape", "classes"}:
         raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
     name, in_shape, classes = spec["name"], spec["in_shape"], spec["classes"]

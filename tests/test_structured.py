@@ -221,3 +221,14 @@ def test_a_pruning_that_would_break_the_model_is_refused_and_undone(monkeypatch)
         netshrink.apply(model, netshrink.RemoveUnits(keep=0.5), calibration=x)
     assert model.conv1.weight.shape == (8, 1, 3, 3) and model.bn1.num_features == 8
     assert torch.equal(model(x), reference)
+
+
+def test_shrunk_resmobile_saves_and_loads_without_the_model(tmp_path):
+    model = _bn_statistics(netshrink.build_model("resmobile", (1, 16, 16)), (1, 16, 16))
+    x = torch.rand(4, 1, 16, 16)
+    small, _ = remove_units(model, keep=0.5, example_input=x)
+    netshrink.prune(small, keep=0.5)
+    netshrink.save(small, tmp_path / "small.nsk")
+    for skeleton in (None, netshrink.build_model("resmobile", (1, 16, 16))):
+        loaded = netshrink.load(tmp_path / "small.nsk", model=skeleton)
+        assert loaded.depthwise.conv.groups == 72 and torch.equal(loaded(x), small(x))

@@ -4,17 +4,18 @@ plus one line here."""
 from .activations import QuantizeActivations
 from .base import Method, Report, apply, bake
 from .clip import Clip, ClipWeights
+from .heads import RemoveHeads
 from .prune import Mask, NMSparsity, Prune
 from .quantize import FakeQuantize, LearnedStepQuantize, QuantizeWeights
 from .share import Codebook, ShareWeights
 from .structured import RemoveUnits
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
-    Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits)}
+    Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits, RemoveHeads)}
 
 # Weight transforms a file can record and rebuild on load: record()["kind"] -> class.
 TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-step": LearnedStepQuantize,
               "codebook": Codebook}
 
 __all__ = ["REGISTRY", "TRANSFORMS", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
-           "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits"]
+           "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads"]

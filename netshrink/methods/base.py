@@ -370,12 +370,20 @@ def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution with one filter per input channel (groups == in == out channels)."""
+    groups = getattr(module, "groups", 1)
+    return isinstance(module, LINEAR_CONV) and groups > 1 and groups == module.in_channels == module.out_channels
+
+
 def sync_sizes(module: nn.Module) -> None:
     """Make a Linear/Conv/BatchNorm module's size attributes match its tensors again, after a
     weight or statistic changed shape (structured pruning, loading a shrunk model)."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, LINEAR_CONV):
+        if is_depthwise(module) and module.weight.shape[1] == 1:  # its channels follow its input's
+            module.groups = module.weight.shape[0]
         module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]

@@ -36,7 +36,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import NetshrinkError
-from .base import LINEAR_CONV, Method, Report, check_choice, check_range, per_layer, preserved, sync_sizes
+from .base import (LINEAR_CONV, Method, Report, check_choice, check_range, is_depthwise, per_layer, preserved,
+                   sync_sizes)
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
                 nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -166,8 +167,7 @@ def _analyse(traced: fx.GraphModule, modules: dict[str, nn.Module], spaces: _Spa
                 spaces.get(new).producers.append(node.target)
                 layer_space[node.target] = new
                 space_of[node] = (new, 1)
-            elif isinstance(module, LINEAR_CONV) and first is not None and first[1] == 1 \
-                    and groups == module.in_channels == module.out_channels:
+            elif is_depthwise(module) and first is not None and first[1] == 1:
                 spaces.get(first[0]).depthwise.append(node.target)  # depthwise: channels follow the input
                 space_of[node] = first
             elif isinstance(module, NORMS) and first is not None and first[1] == 1:
@@ -383,10 +383,7 @@ def _rebuild(result: nn.Module, plans: list[tuple[_Space, torch.Tensor]]) -> Non
             for producer in space.producers:
                 _shrink(result.get_submodule(producer), 0, keep)
             for name in space.depthwise:
-                conv = result.get_submodule(name)
-                _shrink(conv, 0, keep)
-                conv.groups = len(keep)
-                sync_sizes(conv)
+                _shrink(result.get_submodule(name), 0, keep)  # sync_sizes sets groups to the new width
             for norm_name in space.norms:
                 norm = result.get_submodule(norm_name)
                 for name in ("weight", "bias"):
