@@ -389,6 +389,15 @@ def sync_sizes(module: nn.Module) -> None:
         module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
 
 
+def shrink_layer(layer: nn.Module, dim: int, index: torch.Tensor) -> None:
+    """Keep ``index`` along ``dim`` of a Linear/Conv layer's weight (0: output units, with the bias;
+    1: inputs) and update its size attributes: how structured pruning removes units."""
+    layer.weight = nn.Parameter(layer.weight.detach().index_select(dim, index).clone())
+    if dim == 0 and layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
+    sync_sizes(layer)
+
+
 def channel_view(w: torch.Tensor) -> torch.Tensor:
     """[out_channels, everything else]: the groups that per-channel methods work on."""
     return w.reshape(w.shape[0], -1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, sync_sizes
+from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
@@ -72,13 +72,6 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
 def _keep_top(score: torch.Tensor, fraction: float) -> torch.Tensor:
     count = max(1, int(round(fraction * len(score))))
     return torch.sort(torch.topk(score, count).indices).values
-
-
-def _shrink(layer: nn.Linear, dim: int, index: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.detach().index_select(dim, index).clone())
-    if dim == 0 and layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
-    sync_sizes(layer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,14 +133,14 @@ class RemoveHeads(Method):
                     _, module, qkv, output, size, kept = plan
                     rows = (kept[:, None] * size + torch.arange(size)).flatten()
                     for layer in qkv:
-                        _shrink(layer, 0, rows)
-                    _shrink(output, 1, rows)
+                        shrink_layer(layer, 0, rows)
+                    shrink_layer(output, 1, rows)
                     for attribute, value in (("num_attention_heads", len(kept)), ("n_heads", len(kept)),
                                              ("all_head_size", len(rows))):
                         if isinstance(getattr(module, attribute, None), int):
                             setattr(module, attribute, value)
                 else:
                     _, first, second, kept = plan
-                    _shrink(first, 0, kept)
-                    _shrink(second, 1, kept)
+                    shrink_layer(first, 0, kept)
+                    shrink_layer(second, 1, kept)
         return report

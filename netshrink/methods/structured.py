@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from ..errors import NetshrinkError
 from .base import (LINEAR_CONV, Method, Report, check_choice, check_range, is_depthwise, per_layer, preserved,
-                   sync_sizes)
+                   shrink_layer, sync_sizes)
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
                 nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -381,9 +381,9 @@ def _rebuild(result: nn.Module, plans: list[tuple[_Space, torch.Tensor]]) -> Non
     with torch.no_grad():
         for space, keep in plans:
             for producer in space.producers:
-                _shrink(result.get_submodule(producer), 0, keep)
+                shrink_layer(result.get_submodule(producer), 0, keep)
             for name in space.depthwise:
-                _shrink(result.get_submodule(name), 0, keep)  # sync_sizes sets groups to the new width
+                shrink_layer(result.get_submodule(name), 0, keep)  # sync_sizes sets groups to the new width
             for norm_name in space.norms:
                 norm = result.get_submodule(norm_name)
                 for name in ("weight", "bias"):
@@ -395,12 +395,4 @@ def _rebuild(result: nn.Module, plans: list[tuple[_Space, torch.Tensor]]) -> Non
                 sync_sizes(norm)
             for consumer_name, per_unit in space.consumers:
                 columns = (keep[:, None] * per_unit + torch.arange(per_unit)).flatten()
-                _shrink(result.get_submodule(consumer_name), 1, columns)
-
-
-def _shrink(layer: nn.Module, dim: int, index: torch.Tensor) -> None:
-    """Keep ``index`` along ``dim`` of the layer's weight (0: outputs, with bias; 1: inputs)."""
-    layer.weight = nn.Parameter(layer.weight.detach().index_select(dim, index).clone())
-    if dim == 0 and layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[index].clone())
-    sync_sizes(layer)
+                shrink_layer(result.get_submodule(consumer_name), 1, columns)
