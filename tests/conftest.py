@@ -29,3 +29,18 @@ def trained(trained_state):
 @pytest.fixture
 def rand_weight():
     return torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def make_tiny_bert():
+    """A factory of tiny BERTs from a transformers config: random weights, no download, no dropout."""
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)
+        torch.manual_seed(0)
+        return transformers.BertModel(config).eval()
+
+    return make

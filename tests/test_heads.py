@@ -6,17 +6,6 @@ import torch
 
 import netshrink
 
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_bert():
-    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
-
-
 def batch():
     g = torch.Generator().manual_seed(0)
     return {"input_ids": torch.randint(1, 120, (4, 10), generator=g), "attention_mask": torch.ones(4, 10, dtype=torch.long)}
@@ -37,8 +26,8 @@ def silenced(dense, model_report_kept):
     return reference
 
 
-def test_heads_and_neurons_removed_match_the_silenced_dense_model(tmp_path):
-    dense = tiny_bert()
+def test_heads_and_neurons_removed_match_the_silenced_dense_model(tmp_path, make_tiny_bert):
+    dense = make_tiny_bert()
     model = copy.deepcopy(dense)
     report = netshrink.remove_heads(model, heads=0.5, neurons=0.75)
     assert dict(report.changed)["encoder.layer.0.attention.self"] == "kept 2 of 4 heads"
@@ -58,27 +47,27 @@ def test_heads_and_neurons_removed_match_the_silenced_dense_model(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(**batch()).last_hidden_state, reference(**batch()).last_hidden_state, atol=1e-5)
     netshrink.save(model, tmp_path / "small.nsk")
-    loaded = netshrink.load(tmp_path / "small.nsk", model=tiny_bert())  # a fresh full-size model is fitted
+    loaded = netshrink.load(tmp_path / "small.nsk", model=make_tiny_bert())  # a fresh full-size model is fitted
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).last_hidden_state, model(**batch()).last_hidden_state)
 
 
-def test_heads_refused_without_change_where_they_do_not_apply():
+def test_heads_refused_without_change_where_they_do_not_apply(make_tiny_bert):
     model = netshrink.build_model("mlp")
     with pytest.raises(netshrink.NetshrinkError, match="no attention block"):
         netshrink.remove_heads(model, heads=0.5)
-    bert = tiny_bert()
+    bert = make_tiny_bert()
     netshrink.prune(bert, keep=0.5)
     before = {k: v.clone() for k, v in bert.state_dict().items()}
     with pytest.raises(netshrink.NetshrinkError, match="before other compression"):
         netshrink.remove_heads(bert, heads=0.5)
     with pytest.raises(netshrink.NetshrinkError, match="matches no selected layer"):
-        netshrink.remove_heads(tiny_bert(), heads={"encoder.layer.9.attention.self": 0.5, "*": 0.7})
+        netshrink.remove_heads(make_tiny_bert(), heads={"encoder.layer.9.attention.self": 0.5, "*": 0.7})
     assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
 
 
-def test_a_pruned_and_quantized_bert_loads_without_passing_the_model(tmp_path):
-    model = tiny_bert()
+def test_a_pruned_and_quantized_bert_loads_without_passing_the_model(tmp_path, make_tiny_bert):
+    model = make_tiny_bert()
     netshrink.remove_heads(model, heads=0.5, neurons=0.5)
     netshrink.quantize(model, weight_bits=8)
     netshrink.save(model, tmp_path / "bert.nsk")

@@ -88,12 +88,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def tiny_bert():
-    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+def tiny_bert(make_tiny_bert):
+    return make_tiny_bert()
 
 
 def bert_batches(n=48, seq=16):
