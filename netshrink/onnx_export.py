@@ -311,7 +311,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
 COMMUTING_OPS = ("Relu", "MaxPool", "Flatten", "Reshape")
 
 
-def _weight_locator(modules: dict[str, nn.Module], names: list[str]):
+def _weight_locator(modules: dict[str, nn.Module], names: list[str], numpy_helper):
     """A function from an initializer to (layer, transposed) or None. The exporter names a weight
     after its layer ("fc1.weight"), or, for Linear layers on 3-D inputs (transformers), stores it
     transposed under a generated name, so those are matched by content."""
@@ -324,10 +324,11 @@ def _weight_locator(modules: dict[str, nn.Module], names: list[str]):
         if w.ndim == 2:
             by_content[(w.T.shape, hashlib.sha1(np.ascontiguousarray(w.T).tobytes()).digest())] = (name, True)
 
-    def locate(initializer, array: np.ndarray):
+    def locate(initializer):
         layer = initializer.name[: -len(".weight")] if initializer.name.endswith(".weight") else None
         if layer in names:
             return layer, False
+        array = numpy_helper.to_array(initializer)
         return by_content.get((array.shape, hashlib.sha1(np.ascontiguousarray(array).tobytes()).digest()))
 
     return locate
@@ -341,7 +342,7 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
     for node in graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-    locate = _weight_locator(modules, list(weights))
+    locate = _weight_locator(modules, list(weights), numpy_helper)
     before: dict[int, list] = {}  # id(node) -> nodes to insert before it
     after: dict[int, list] = {}  # id(node) -> nodes to insert after it
     dequantized: dict[str, str] = {}  # float initializer -> its DequantizeLinear output
@@ -365,7 +366,7 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
 
     for index, node in enumerate(graph.node):
         if node.op_type == "Gather" and node.input and node.input[0] in initializers:
-            found = locate(initializers[node.input[0]], numpy_helper.to_array(initializers[node.input[0]]))
+            found = locate(initializers[node.input[0]])
             if found is not None and not found[1] and found[0] in weights and found[0] not in layers:
                 node.input[0] = int8_weight(node.input[0], found[0], False, node)
                 report.layers.append((found[0], f"int8 embedding table: {weights[found[0]][2]}"))
@@ -373,7 +374,7 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
             continue
         if not (node.op_type in ("Gemm", "Conv", "MatMul") and len(node.input) > 1 and node.input[1] in initializers):
             continue
-        found = locate(initializers[node.input[1]], numpy_helper.to_array(initializers[node.input[1]]))
+        found = locate(initializers[node.input[1]])
         if found is None or found[0] not in layers:
             continue
         layer, transposed = found
@@ -419,7 +420,7 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
     missing = [name for name in layers if name not in seen]
     if missing:
         in_graph = {found[0] for i in graph.initializer
-                    if (found := locate(i, numpy_helper.to_array(i))) is not None}
+                    if (found := locate(i)) is not None}
         for name in missing:
             report.layers.append((name, "fp32 (not found as a Gemm/Conv/MatMul weight in the graph)" if name in in_graph
                                   else "not in the graph: the exported output does not use it"))

@@ -268,8 +268,8 @@ def preserved(model: nn.Module, *, values: bool = False) -> Iterator[None]:
     for module in model.modules():
         state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
         saved.append((module, module.__class__, state))
-    tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()} if values else {}
     live = model.state_dict(keep_vars=True) if values else {}
+    tensors = {k: v.detach().clone() for k, v in live.items()}
     try:
         yield
     except BaseException:

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import NetshrinkError
 from .base import (LINEAR_CONV, Method, Report, check_choice, check_range, is_depthwise, per_layer, preserved,
@@ -280,8 +281,6 @@ class RemoveUnits(Method):
                                  f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
         example = _example(calibration)
         if example is not None:
-            from torch.fx.passes.shape_prop import ShapeProp
-
             try:
                 with torch.no_grad():
                     ShapeProp(traced).propagate(example)
@@ -321,8 +320,6 @@ class RemoveUnits(Method):
                 try:
                     with torch.no_grad():
                         shrunk = fx.symbolic_trace(model)
-                        from torch.fx.passes.shape_prop import ShapeProp
-
                         ShapeProp(shrunk).propagate(example)
                 except Exception as exc:  # noqa: BLE001 - restored by preserved(), then one line
                     raise NetshrinkError(f"structured pruning would break the model ({type(exc).__name__}: "
