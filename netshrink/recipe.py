@@ -55,9 +55,9 @@ class Step:
         if isinstance(self.action, Finetune):
             text = f"finetune {self.action.epochs:g} epochs, lr {self.action.lr:g}"
             return text + (" + distillation" if self.action.distill else "")
-        settings = {f.name: getattr(self.action, f.name) for f in fields(self.action)
-                    if f.name not in ("targets", "ignore") or getattr(self.action, f.name)}
-        text = self.action.name + " " + ", ".join(f"{k}={v}" for k, v in settings.items())
+        # The settings the user chose (what files store), not every default.
+        settings = self.action.to_dict()[self.action.name]
+        text = f"{self.action.name} " + (", ".join(f"{k}={v}" for k, v in settings.items()) or "(default settings)")
         if self.schedule is not None:
             text += f" (gradual over {self.schedule.epochs:g} epochs)"
         return text
