@@ -25,7 +25,7 @@ def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int 
 
 
 class ResMobile(nn.Module):
-    """28x28 -> 14x14 -> 7x7; about 58k parameters. Every structure structured pruning must
+    """28x28 -> 14x14 -> 7x7; 54,898 parameters (10 classes). Every structure structured pruning must
     handle: residual adds (one through a 1x1 projection), depthwise convolutions inside an
     inverted residual, BatchNorm everywhere, a mean over the spatial dimensions."""
 

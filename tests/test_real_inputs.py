@@ -137,7 +137,7 @@ def test_tiny_bert_distils_on_unlabeled_batches(tiny_bert):
     before = gap()
     netshrink.fit(tiny_bert, data, epochs=20, lr=3e-4, teacher=teacher, distill=netshrink.Distill(objective="mse"),
                   progress=False)
-    assert gap() < 0.2 * before  # measured: 28x smaller
+    assert gap() < 0.2 * before  # distillation closes most of the gap
     assert float((tiny_bert.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
 
 

@@ -1,5 +1,5 @@
 """Structured pruning of transformers: whole attention heads and feed-forward neurons are removed,
-so the model becomes a smaller dense transformer that runs faster everywhere.
+so the model becomes a smaller dense transformer that does less work per token on any runtime.
 
 torch.fx cannot trace Hugging Face models, so the couplings are read off the module structure:
 
