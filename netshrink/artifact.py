@@ -40,6 +40,7 @@ from .errors import NetshrinkError
 from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
+from .methods.grid import FixedGrid, expand
 from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
@@ -49,6 +50,7 @@ KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
 MAX_DIMS = 8
+STATE_KEY = ".parametrizations.weight."  # transform tensors: <layer>.parametrizations.weight.<i>.<name>
 
 
 def _digest(array: np.ndarray) -> str:
@@ -68,14 +70,71 @@ def stored_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return arrays
 
 
-def transform_records(model: nn.Module) -> dict[str, list[dict]]:
-    """Per layer, the weight transforms a file records so that loading can rebuild them."""
-    records = {}
+def transform_records(model: nn.Module) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
+    """Per layer, the weight transforms a file records so that loading can rebuild them, and the
+    tensors some of them carry (a fixed grid's scales), keyed
+    ``<layer>.parametrizations.weight.<position in the record list>.<name>``."""
+    records, arrays = {}, {}
     for name, layer in model.named_modules():
-        stack = [t.record() for t in transforms(layer) if type(t) in TRANSFORMS.values()]
+        stack = [t for t in transforms(layer) if type(t) in TRANSFORMS.values()]
         if stack:
-            records[name] = stack
-    return records
+            records[name] = [t.record() for t in stack]
+        for i, transform in enumerate(stack):
+            for key, tensor in (transform.state() if hasattr(transform, "state") else {}).items():
+                arrays[f"{name}{STATE_KEY}{i}.{key}"] = tensor.detach().cpu().float().numpy()
+    return records, arrays
+
+
+def grid_codes(model: nn.Module) -> dict[str, tuple[int, np.ndarray]]:
+    """Weights whose last transform is a fixed grid are stored as their integer codes (as float32,
+    which the codec packs into a few bits each), not their values: a grouped grid has a different
+    scale per group, so its values are many more distinct numbers than its codes. Returns
+    ``{weight key: (position of the grid in the record list, codes)}``; the values are
+    ``codes * scale`` again on load, bit for bit (the grid's own last two steps)."""
+    found = {}
+    for name, layer in model.named_modules():
+        stack = [t for t in transforms(layer) if type(t) in TRANSFORMS.values()]
+        if stack and isinstance(stack[-1], FixedGrid) and stack[-1] is transforms(layer)[-1]:
+            grid = stack[-1]
+            with torch.no_grad():
+                weight = layer.weight.detach()
+                codes = torch.round(weight / expand(grid.scale, weight, grid.group_size))
+            found[f"{name}.weight" if name else "weight"] = (len(stack) - 1, codes.numpy().astype(np.float32) + 0.0)
+    return found
+
+
+def _values_from_codes(manifest: dict, state: dict[str, torch.Tensor],
+                       transform_state: dict[str, dict[int, dict[str, torch.Tensor]]], source: str) -> None:
+    for key, entry in manifest["tensors"].items():
+        if "grid" not in entry:
+            continue
+        layer, position = key.rpartition(".")[0], entry["grid"]
+        records = manifest.get("transforms", {}).get(layer, [])
+        if not (type(position) is int and 0 <= position < len(records) and records[position]["kind"] == "fixed-grid"):
+            raise _corrupt(source, f"tensor {key!r} names no grid")
+        carried = transform_state.get(layer, {}).get(position)
+        scale = carried.get("scale") if carried else None
+        codes = state[key]
+        if not (torch.is_tensor(scale) and codes.dim() >= 1 and scale.dim() == 2 and scale.shape[0] == codes.shape[0]):
+            raise _corrupt(source, f"tensor {key!r} has no grid to decode its codes")
+        group_size = records[position].get("group_size")
+        inputs = codes[0].numel()
+        if not (group_size is None or isinstance(group_size, int) and group_size > 0) \
+                or scale.shape[1] != -(-inputs // (group_size or inputs)):
+            raise _corrupt(source, f"tensor {key!r}: its grid does not match its shape")
+        state[key] = codes * expand(scale, codes, group_size)
+
+
+def _split_transform_state(state: dict[str, torch.Tensor]) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """Take the transform tensors out of a decoded state: ``{layer: {position: {name: tensor}}}``."""
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key in [k for k in state if STATE_KEY in k]:
+        layer, _, rest = key.partition(STATE_KEY)
+        position, _, name = rest.partition(".")
+        if not position.isdigit() or not name:
+            raise NetshrinkError(f"bad transform tensor name {key!r} (corrupt file)")
+        found.setdefault(layer, {}).setdefault(int(position), {})[name] = state.pop(key)
+    return found
 
 
 def _digest_marker(digest: str) -> bytes:
@@ -98,8 +157,14 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     stored: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     seen: dict[tuple, tuple[str, np.ndarray]] = {}
-    for name, array in stored_arrays(model).items():
+    records, transform_arrays = transform_records(model)
+    arrays, codes = stored_arrays(model), grid_codes(model)
+    for name, (position, array) in codes.items():
+        arrays[name] = array
+    for name, array in {**arrays, **transform_arrays}.items():
         entry: dict[str, Any] = {"shape": list(array.shape), "sha": _digest(array)}
+        if name in codes:
+            entry["grid"] = codes[name][0]
         key = (entry["sha"], array.dtype.str, array.shape)
         if key in seen and np.array_equal(seen[key][1], array):
             # Tied weights (an embedding shared with an output layer) and identical tensors are
@@ -118,7 +183,7 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
         entries[name] = entry
     manifest = {"format": FORMAT, "version": VERSION, "model": spec_of(model),
                 "recipe": recipe or [], "activation_quantizers": quantizers, "tensors": entries,
-                "transforms": transform_records(model), "info": info or {}}
+                "transforms": records, "info": info or {}}
     data = st_save(stored, metadata={KEY: json.dumps(manifest, separators=(",", ":")), DIGEST_KEY: _ZEROS})
     marker = _digest_marker(_ZEROS)
     at = data.find(marker, 8, 8 + int.from_bytes(data[:8], "little"))
@@ -284,6 +349,9 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dic
             raise NetshrinkError(f"{source}: layer {layer!r} is not in the given model")
     expected = {k: v for k, v in baked_state_dict(model).items() if ".input_quantizer." not in f".{k}"}
     expected.update({f"{layer}.input_quantizer.{b}": torch.zeros(()) for layer in quantized for b in ("low", "high")})
+    for layer in quantized:  # smoothing factors (SmoothQuant): one per input of a Linear
+        if f"{layer}.input_quantizer.smooth" in state and isinstance(modules[layer], nn.Linear):
+            expected[f"{layer}.input_quantizer.smooth"] = torch.zeros(modules[layer].in_features)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         parts = ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
@@ -320,6 +388,8 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
             model = model_from_spec(manifest["model"])
     state = _decode_all(manifest, stored, source)
+    transform_state = _split_transform_state(state)
+    _values_from_codes(manifest, state, transform_state, source)
     _check_fits(model, state, quantized, source)
     if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
         model = model_from_spec(manifest["model"])
@@ -328,11 +398,12 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         detach_all(model)
         modules = dict(model.named_modules())
         for layer, bits in quantized.items():
-            attach(modules[layer], ActivationQuantizer(int(bits)))
+            smooth = state.get(f"{layer}.input_quantizer.smooth")
+            attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
         _fit_shapes(model, state)
         model.load_state_dict(state, strict=True)
         if restore and manifest.get("transforms"):
-            restore_transforms(model, manifest["transforms"])
+            restore_transforms(model, manifest["transforms"], transform_state)
     model.eval()
     model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model

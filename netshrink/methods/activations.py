@@ -8,6 +8,7 @@ inside the range, zero gradient outside) and exports to ONNX as QuantizeLinear/D
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,19 +17,27 @@ from torch import nn
 
 from ..errors import NetshrinkError
 from ..train import Data, batches, call, eval_mode
-from .base import LINEAR_CONV, Method, check_choice, check_range, per_layer
+from .base import (COMPRESSIBLE, LINEAR_CONV, Method, check_choice, check_range, per_layer,
+                   replace_weight, transforms, weight_of, weight_source)
+from .grid import SHRINK_STEPS
 
-OBSERVERS = ("minmax", "percentile")
+OBSERVERS = ("minmax", "percentile", "mse")
+FIXED_GRIDS = ("FixedGrid", "Codebook", "LearnedStepQuantize")  # weights whose grid would not follow a rescale
 
 
 class ActivationQuantizer(nn.Module):
-    """Affine ``bits``-bit fake quantization over a calibrated range [low, high] (which holds 0)."""
+    """Affine ``bits``-bit fake quantization over a calibrated range [low, high] (which holds 0).
 
-    def __init__(self, bits: int, low: float = 0.0, high: float = 0.0) -> None:
+    With ``smooth`` (one positive factor per input channel, SmoothQuant) it quantizes ``x / smooth``
+    and the layer's weight columns were multiplied by ``smooth``: the product is unchanged, and
+    the outlier channels of ``x`` no longer stretch the range every other channel is rounded on."""
+
+    def __init__(self, bits: int, low: float = 0.0, high: float = 0.0, smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         self.bits = int(bits)
         self.register_buffer("low", torch.tensor(float(min(low, 0.0))))
         self.register_buffer("high", torch.tensor(float(max(high, 0.0))))
+        self.register_buffer("smooth", None if smooth is None else smooth.detach().float().clone())
 
     def grid(self) -> tuple[float, int]:
         """``(scale, zero_point)`` with zero exactly representable."""
@@ -39,10 +48,13 @@ class ActivationQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.grid()
+        if self.smooth is not None:
+            x = x / self.smooth
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2 ** self.bits - 1)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, range=[{float(self.low):.4g}, {float(self.high):.4g}]"
+        smooth = ", smoothed" if self.smooth is not None else ""
+        return f"bits={self.bits}, range=[{float(self.low):.4g}, {float(self.high):.4g}]{smooth}"
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
@@ -70,13 +82,74 @@ def input_quantizer(layer: nn.Module) -> ActivationQuantizer | None:
     return getattr(layer, "input_quantizer", None)
 
 
+def search_range(sample: torch.Tensor, low: float, high: float, bits: int) -> tuple[float, float]:
+    """The range ``[low * f, high * f]`` (f from 1 down to 0.2) whose ``bits``-bit rounding of
+    ``sample`` has the lowest mean squared error: clipping rare outliers buys a finer step for
+    everything else."""
+    best, chosen = math.inf, (low, high)
+    for step in range(SHRINK_STEPS):
+        factor = 1 - 0.8 * step / SHRINK_STEPS
+        quantizer = ActivationQuantizer(bits, low * factor, high * factor)
+        error = float((quantizer(sample) - sample).square().mean())
+        if error < best:
+            best, chosen = error, (low * factor, high * factor)
+    return chosen
+
+
+class _Observed:
+    """What calibration saw at one layer's input: per-channel extremes (channel = last dimension
+    for a Linear, dimension 1 for a convolution) and a bounded sample of values, kept per row for a
+    Linear so that smoothing can be applied to it afterwards."""
+
+    SAMPLE = 1 << 16  # values kept per batch
+
+    def __init__(self, linear: bool) -> None:
+        self.linear = linear
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        per_channel = x.reshape(-1, x.shape[-1]) if self.linear else x.transpose(0, 1).reshape(x.shape[1], -1).T \
+            if x.dim() > 1 else x.reshape(-1, 1)
+        low, high = per_channel.amin(dim=0), per_channel.amax(dim=0)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+        rows = per_channel if self.linear else x.reshape(-1, 1)
+        stride = max(1, rows.numel() // self.SAMPLE)
+        self.samples.append(rows[::stride].clone())
+
+    def sample(self, smooth: torch.Tensor | None) -> torch.Tensor:
+        rows = torch.cat(self.samples)
+        return (rows / smooth if smooth is not None else rows).flatten()
+
+    def extremes(self, smooth: torch.Tensor | None) -> tuple[float, float]:
+        low, high = (self.low, self.high) if smooth is None else (self.low / smooth, self.high / smooth)
+        return float(low.min()), float(high.max())
+
+
+def smoothing(observed: _Observed, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``max|x_j|^alpha / max|w_j|^(1 - alpha)``: ``alpha``
+    of each channel's activation range moves into the weights (which have no such outliers)."""
+    activation = torch.maximum(observed.low.abs(), observed.high.abs())
+    columns = weight.detach().abs().amax(dim=0)
+    factors = activation.clamp(min=1e-5).pow(alpha) / columns.clamp(min=1e-5).pow(1 - alpha)
+    usable = (activation > 0) & (columns > 0) & torch.isfinite(factors)
+    return torch.where(usable, factors, torch.ones_like(factors)).clamp(1e-3, 1e3)
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeActivations(Method):
     """Quantize each selected layer's input activations to ``bits`` (2..8, or a per-layer map).
 
     Needs ``calibration`` data at apply time. ``observer='minmax'`` takes the range seen over the
-    calibration batches; ``'percentile'`` averages each batch's ``percentile`` of the low and high
-    tails, which ignores rare outliers. ``calibration_batches`` bounds the work.
+    calibration batches; ``'percentile'`` clips at the ``percentile`` of the values seen (and the
+    mirror one below), ignoring rare outliers; ``'mse'`` clips where the rounding error of the
+    values seen is lowest. ``smooth`` (0 < alpha < 1, e.g. 0.5; Linear layers) migrates that share
+    of each input channel's range into the weights first (SmoothQuant), for transformers whose
+    activations have outlier channels; apply it before quantizing weights.
+    ``calibration_batches`` bounds the work.
     """
 
     name: ClassVar[str] = "activations"
@@ -84,6 +157,7 @@ class QuantizeActivations(Method):
     bits: int | dict = 8
     observer: str = "minmax"
     percentile: float = 99.99
+    smooth: float | None = None
     calibration_batches: int = 8
     batch_size: int = 256
 
@@ -92,25 +166,31 @@ class QuantizeActivations(Method):
         check_range("activation bits", self.bits, 2, 8, integer=True)
         check_choice("observer", self.observer, OBSERVERS)
         check_range("percentile", self.percentile, 50.0, 100.0)
+        if self.smooth is not None:
+            check_range("smooth", self.smooth, 0.0, 1.0, low_open=True)
         check_range("calibration_batches", self.calibration_batches, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        layers = super().select(model)
+        if self.smooth is not None:
+            for name, layer in layers.items():
+                fixed = [type(t).__name__ for t in transforms(layer) if type(t).__name__ in FIXED_GRIDS]
+                if isinstance(layer, nn.Linear) and fixed:
+                    raise NetshrinkError(f"smooth: layer {name!r} already has fixed quantized weights ({fixed[0]}); "
+                                         "smooth activations before quantizing weights")
+        return layers
 
     def prepare(self, layers: dict[str, nn.Module], calibration: Data | None = None, model: nn.Module | None = None,
                 **_: Any) -> list:
         if calibration is None or model is None:
             raise NetshrinkError("activation quantization needs calibration data "
                                  "(pass calibration=<data set, (x, y) tensors or DataLoader>)")
-        observed: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
-        q = self.percentile / 100.0
+        observed = {name: _Observed(isinstance(layer, nn.Linear)) for name, layer in layers.items()}
 
         def observer(name):
             def hook(module, args):
-                x = args[0].detach().float().flatten()
-                if self.observer == "minmax":
-                    observed[name].append((float(x.min()), float(x.max())))
-                else:
-                    sample = x if x.numel() <= 1 << 24 else x[:: -(-x.numel() // (1 << 24))]
-                    observed[name].append((float(torch.quantile(sample, 1 - q)), float(torch.quantile(sample, q))))
+                observed[name].add(args[0])
             return hook
 
         # Observe the float activations: existing input quantizers are set aside during calibration.
@@ -136,20 +216,31 @@ class QuantizeActivations(Method):
             for name, layer in layers.items():
                 if previous[name] is not None:
                     layer.input_quantizer = previous[name]
-        if not any(observed.values()):
+        if not any(o.samples for o in observed.values()):
             raise NetshrinkError("calibration data yielded no batches")
+        sources = [id(weight_source(m)) for m in model.modules() if isinstance(m, COMPRESSIBLE)]
         plan = []
-        for name, ranges in observed.items():
-            if not ranges:
+        for name, seen in observed.items():
+            if not seen.samples:
                 continue  # the layer never ran on this data
-            if self.observer == "minmax":
-                low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            else:
-                low, high = (sum(r[i] for r in ranges) / len(ranges) for i in (0, 1))
+            layer = layers[name]
             bits = int(per_layer(self.bits, name, "activation bits"))
-            plan.append((name, ActivationQuantizer(bits, low, high),
-                         f"{bits}-bit inputs over [{min(low, 0):.4g}, {max(high, 0):.4g}] ({self.observer})"))
+            smooth = None
+            if self.smooth is not None and isinstance(layer, nn.Linear) and sources.count(id(weight_source(layer))) == 1:
+                smooth = smoothing(seen, weight_of(layer), self.smooth)
+            low, high = seen.extremes(smooth)
+            if self.observer == "percentile":
+                sample = seen.sample(smooth)
+                q = self.percentile / 100.0
+                low, high = float(torch.quantile(sample, 1 - q)), float(torch.quantile(sample, q))
+            elif self.observer == "mse":
+                low, high = search_range(seen.sample(smooth), min(low, 0.0), max(high, 0.0), bits)
+            how = self.observer + (f", smoothed alpha={self.smooth:g}" if smooth is not None else "")
+            plan.append((name, ActivationQuantizer(bits, low, high, smooth),
+                         f"{bits}-bit inputs over [{min(low, 0):.4g}, {max(high, 0):.4g}] ({how})"))
         return plan
 
     def commit(self, layer: nn.Module, transform: nn.Module) -> None:
+        if transform.smooth is not None:
+            replace_weight(layer, weight_source(layer).detach() * transform.smooth)
         attach(layer, transform)

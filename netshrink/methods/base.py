@@ -283,6 +283,17 @@ def preserved(model: nn.Module, *, values: bool = False) -> Iterator[None]:
         raise
 
 
+def replace_weight(layer: nn.Module, value: torch.Tensor) -> None:
+    """Give ``layer`` a new weight (under its transforms, if any) as a new Parameter: the old one is
+    not written into, so ``preserved`` can put it back if a later step fails."""
+    source = weight_source(layer)
+    new = nn.Parameter(value.detach().reshape(source.shape).to(source.dtype).clone())
+    if parametrize.is_parametrized(layer, "weight"):
+        layer.parametrizations.weight.original = new
+    else:
+        layer.weight = new
+
+
 def add_transform(layer: nn.Module, transform: nn.Module) -> None:
     """Stack ``transform`` on the layer's weight; one already there of the same kind is replaced
     in place (so re-pruning tightens a mask instead of stacking a second one)."""
@@ -295,7 +306,8 @@ def add_transform(layer: nn.Module, transform: nn.Module) -> None:
     parametrize.register_parametrization(layer, "weight", transform)
 
 
-def restore_transforms(model: nn.Module, records: dict[str, list[dict]]) -> None:
+def restore_transforms(model: nn.Module, records: dict[str, list[dict]],
+                       state: dict[str, dict[int, dict[str, torch.Tensor]]] | None = None) -> None:
     """Rebuild the weight transforms a file recorded (``artifact.transform_records``), in their
     order, from the weights as loaded: each transform's ``from_record`` reads what it needs (the
     zeros of a mask, the values of a codebook) off the stored weight, which is already the
@@ -310,9 +322,12 @@ def restore_transforms(model: nn.Module, records: dict[str, list[dict]]) -> None
             raise NetshrinkError(f"the file records weight transforms for {layer!r}, which is not a Linear/Conv "
                                  "layer of this model")
         weight = module.weight.detach()
-        for record in stack:
+        for i, record in enumerate(stack):
             try:
-                planned.append((module, TRANSFORMS[record["kind"]].from_record(record, weight)))
+                carried = (state or {}).get(layer, {}).get(i)
+                kind = TRANSFORMS[record["kind"]]
+                transform = kind.from_record(record, weight, carried) if carried else kind.from_record(record, weight)
+                planned.append((module, transform))
             except (KeyError, TypeError, ValueError) as exc:
                 if isinstance(exc, NetshrinkError):
                     raise

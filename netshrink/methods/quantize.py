@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, channel_view, check_choice, check_range, each_value, per_layer
+from .base import Method, channel_view, check_choice, check_range, each_value, per_layer, weight_of
+from .grid import describe, fixed_grid
 
 SCHEMES = ("symmetric", "affine", "ternary")
 GRANULARITIES = ("channel", "tensor")
@@ -200,6 +201,12 @@ class QuantizeWeights(Method):
     [min, max]) or ``ternary`` (TWN threshold rule; needs bits=2). 1 bit is always binary
     (sign * per-channel mean |w|). ``granularity``: one grid per output ``channel`` or per
     ``tensor``. ``learned_step=True`` trains the step size (LSQ, symmetric only).
+
+    ``group_size``: one scale per this many consecutive inputs of each output channel instead of
+    one per channel (finer grids for 2-4 bits). ``range="mse"``: each grid spans the clipped range
+    with the lowest rounding error instead of the full range. Both fix the grid once (a
+    :class:`~netshrink.methods.grid.FixedGrid`, stored in files); the default grid follows the
+    weights as they are fine-tuned.
     """
 
     name: ClassVar[str] = "quantize"
@@ -207,6 +214,8 @@ class QuantizeWeights(Method):
     scheme: str = "symmetric"
     granularity: str = "channel"
     learned_step: bool = False
+    group_size: int | None = None
+    range: str = "minmax"
 
     def check(self) -> None:
         super().check()
@@ -219,12 +228,31 @@ class QuantizeWeights(Method):
             raise NetshrinkError(f"scheme='ternary' means 2-bit weights. Received: bits={self.bits}")
         if self.learned_step and self.scheme != "symmetric":
             raise NetshrinkError(f"learned_step works with scheme='symmetric'. Received: scheme={self.scheme!r}")
+        check_choice("range", self.range, ("minmax", "mse"))
+        if self.group_size is not None:
+            check_range("group_size", self.group_size, 1, 1 << 20, integer=True)
+        if self.fixed():
+            if self.scheme == "ternary" or self.learned_step or self.granularity != "channel" \
+                    or any(b < 2 for b in each_value(self.bits)):
+                raise NetshrinkError("group_size and range='mse' work with 2-8 bit symmetric or affine grids per "
+                                     f"channel. Received: bits={self.bits}, scheme={self.scheme!r}, "
+                                     f"granularity={self.granularity!r}, learned_step={self.learned_step}")
+
+    def fixed(self) -> bool:
+        return self.group_size is not None or self.range != "minmax"
 
     def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
         plan = []
         per_channel = self.granularity == "channel"
         for name, layer in layers.items():
             bits = int(per_layer(self.bits, name, "bits"))
+            if self.fixed():
+                w = weight_of(layer)
+                inputs = w[0].numel() if w.dim() > 1 else 1
+                group_size = self.group_size if self.group_size and self.group_size < inputs else None
+                transform = fixed_grid(w, bits, self.scheme, group_size, self.range, label=f"{self.range} range")
+                plan.append((name, transform, f"{describe(bits, self.scheme, group_size)} ({self.range} range)"))
+                continue
             if self.learned_step:
                 transform = LearnedStepQuantize(layer.weight.detach(), bits, per_channel)
             else:

@@ -1,0 +1,227 @@
+"""Per-layer calibration inputs: the one place data-aware methods (GPTQ, SparseGPT, Wanda,
+AdaRound, bias correction) get what they learn from.
+
+Layers are solved one after another in the order the model runs them, each on the inputs it
+receives from the layers already compressed before it (so each layer also corrects the error
+the earlier ones left). For every layer (or set of layers reading the same tensor, such as an
+attention block's query, key and value projections) the calibration set is run up to that layer
+and stopped there, and only what the method needs is kept:
+
+* ``hessian``: the input second-moment matrix ``X^T X / n`` (``[inputs, inputs]``; a
+  convolution's inputs are its im2col patches), streamed, so memory is that of the matrix;
+* ``mean`` and ``sumsq``: per-input mean and sum of squares (bias correction, Wanda);
+* ``inputs``: the layer's raw inputs, kept up to a byte budget (AdaRound replays them).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NetshrinkError
+from .train import Data, Inputs, Progress, batches, call, eval_mode
+
+NEEDS = ("hessian", "mean", "sumsq", "inputs")
+MAX_HESSIAN_INPUTS = 16384  # a 1 GiB float32 matrix; wider layers are refused, not swapped to death
+
+
+class _Reached(BaseException):
+    """Raised by a hook once every layer being calibrated has seen its input: the rest of the
+    forward pass is not needed. A BaseException, so a model's own ``except Exception`` cannot
+    swallow it."""
+
+
+def im2col_inputs(layer: nn.Module) -> int | None:
+    """How many inputs one output of ``layer`` reads (the width of its rows below), or None where
+    a layer's weight is not one matrix over its inputs (grouped convolutions, Conv3d)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == 1 and layer.padding_mode == "zeros" \
+            and not isinstance(layer.padding, str):
+        return layer.weight[0].numel()
+    return None
+
+
+def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``[positions, inputs]`` rows, so that its output at each position is
+    ``weight.reshape(out, -1) @ row``: tokens of a Linear, im2col patches of a convolution."""
+    x = x.detach().float()
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):
+        x, kernel = x.unsqueeze(-1), (*layer.kernel_size, 1)
+        stride, padding, dilation = (layer.stride[0], 1), (layer.padding[0], 0), (layer.dilation[0], 1)
+    else:
+        kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k*k, L]
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+@dataclass
+class LayerInputs:
+    """What one layer's calibration inputs taught: see the module docstring."""
+
+    count: int = 0
+    hessian: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    stored_bytes: int = 0
+    complete: bool = True  # False when the input budget cut the stored inputs short
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    def add(self, layer: nn.Module, x: torch.Tensor, needs: frozenset, budget: int) -> None:
+        if "inputs" in needs:
+            if self.stored_bytes + x.numel() * 4 <= budget:
+                self.inputs.append(x.detach().float().clone())
+                self.stored_bytes += x.numel() * 4
+            else:
+                self.complete = False
+        if not needs & {"hessian", "mean", "sumsq"} or im2col_inputs(layer) is None:
+            return
+        rows = input_rows(layer, x)
+        if "hessian" in needs:
+            gram = rows.T @ rows
+            self.hessian = gram if self.hessian is None else self.hessian.add_(gram)
+        if "mean" in needs:
+            total = rows.sum(dim=0)
+            self.sum = total if self.sum is None else self.sum.add_(total)
+        if "sumsq" in needs:
+            squares = rows.square().sum(dim=0)
+            self.sumsq = squares if self.sumsq is None else self.sumsq.add_(squares)
+        self.count += rows.shape[0]
+
+    def finish(self) -> "LayerInputs":
+        if self.hessian is not None:
+            self.hessian.div_(max(self.count, 1))
+        return self
+
+
+def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
+    """The first ``samples`` examples of ``data`` as batches of ``batch_size`` (kept in memory: a
+    calibration set is a few hundred examples, and it is run once per layer)."""
+    kept, have = [], 0
+    for inputs, _ in batches(data, batch_size):
+        size = _batch_length(inputs)
+        if have + size > samples:
+            inputs = _head(inputs, samples - have)
+            size = samples - have
+        kept.append(inputs)
+        have += size
+        if have >= samples:
+            break
+    if not kept:
+        raise NetshrinkError("calibration data yielded no batches")
+    return kept
+
+
+def _batch_length(inputs: Inputs) -> int:
+    first = inputs if torch.is_tensor(inputs) else next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
+    return len(first) if first.dim() else 1
+
+
+def _head(inputs: Inputs, n: int) -> Inputs:
+    if torch.is_tensor(inputs):
+        return inputs[:n]
+    if isinstance(inputs, dict):
+        return {k: v[:n] for k, v in inputs.items()}
+    return type(inputs)(v[:n] for v in inputs)
+
+
+def _run(model: nn.Module, inputs: Inputs) -> None:
+    try:
+        call(model, inputs)
+    except _Reached:
+        pass
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NetshrinkError(f"the model does not run on the calibration data: {first}") from None
+
+
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], first: Inputs) -> tuple[list[list[str]], bool]:
+    """The layers in the order ``model`` runs them on one batch, grouped where consecutive layers
+    read the very same input tensor (they can be calibrated in one pass); and whether any layer
+    runs more than once per forward pass (then no pass may stop early)."""
+    seen: list[tuple[str, torch.Tensor]] = []  # the tensors themselves: ids of freed ones repeat
+    calls: dict[str, int] = {}
+
+    def recorder(name):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                seen.append((name, args[0]))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _run(model, first)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    previous = None
+    for name, source in seen:
+        if groups and source is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = source
+    return groups, any(n > 1 for n in calls.values())
+
+
+def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs: frozenset, *,
+               samples: int, batch_size: int, input_budget: int = 1 << 28, desc: str = "calibrating",
+               ) -> Iterator[tuple[str, LayerInputs]]:
+    """Yield ``(name, statistics)`` for each of ``layers`` in execution order. The caller changes the
+    layer before asking for the next one, and later layers see its changed outputs. Layers the
+    calibration data never reaches are not yielded."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    for name, layer in layers.items():
+        width = im2col_inputs(layer)
+        if "hessian" in needs and width is not None and width > MAX_HESSIAN_INPUTS:
+            raise NetshrinkError(f"layer {name!r} has {width} inputs: its input Hessian would need "
+                                 f"{width * width * 4 / 2**30:.1f} GiB (limit: {MAX_HESSIAN_INPUTS} inputs); "
+                                 "leave it out with ignore=[...]")
+    kept = take(data, samples, batch_size)
+    groups, repeated = execution_order(model, layers, kept[0])
+    progress = Progress(len(groups), desc)
+    started = time.perf_counter()
+    try:
+        for done, group in enumerate(groups):
+            stats = {name: LayerInputs() for name in group}
+            pending: set[str] = set()
+
+            def collector(name):
+                def hook(module, args):
+                    stats[name].add(module, args[0], needs, input_budget)
+                    pending.discard(name)
+                    if not pending and not repeated:
+                        raise _Reached
+                return hook
+
+            handles = [layers[name].register_forward_pre_hook(collector(name)) for name in group]
+            try:
+                with torch.no_grad(), eval_mode(model):
+                    for inputs in kept:
+                        pending.update(group)
+                        _run(model, inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name in group:
+                yield name, stats[name].finish()
+            elapsed = time.perf_counter() - started
+            left = elapsed / (done + 1) * (len(groups) - done - 1)
+            progress.update(done + 1, f"~{left:.0f}s left")
+    finally:
+        progress.close()
