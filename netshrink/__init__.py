@@ -24,7 +24,8 @@ _WHERE = {
     "export": "onnx_export", "remove_units": "methods.structured",
     "apply": "methods", "bake": "methods", "Report": "methods", "Prune": "methods", "NMSparsity": "methods",
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
-    "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods",
+    "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods", "GPTQ": "methods",
+    "AdaRound": "methods", "SparseGPT": "methods", "Wanda": "methods",
     "save": "artifact", "load": "artifact", "load_dataset": "data", "build_model": "models",
     "Recipe": "recipe", "summary": "report", "fit": "train", "evaluate": "train", "Distill": "train",
 }

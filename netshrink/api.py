@@ -9,39 +9,89 @@ from collections.abc import Mapping
 from torch import nn
 
 from .errors import NetshrinkError
-from .methods import (ClipWeights, Prune, QuantizeActivations, QuantizeWeights, RemoveHeads, Report, ShareWeights,
-                      apply)
+from .methods import (GPTQ, AdaRound, ClipWeights, Prune, QuantizeActivations, QuantizeWeights, RemoveHeads, Report,
+                      ShareWeights, SparseGPT, Wanda, apply)
+from .methods.base import check_choice
 from .methods.base import apply_all
 
 
-def prune(model: nn.Module, keep: float | Mapping[str, float], *, scope: str = "layer",
-          targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> Report:
-    """Keep the ``keep`` fraction of weights with the largest magnitude (per layer, or
-    ``scope="global"``); the others are masked to zero and stay zero through fine-tuning."""
-    return apply(model, Prune(keep=keep, scope=scope, targets=targets, ignore=ignore))
+def prune(model: nn.Module, keep: float | Mapping[str, float], *, scope: str = "layer", method: str = "magnitude",
+          calibration=None, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> Report:
+    """Keep the ``keep`` fraction of weights of each layer; the others are masked to zero and stay
+    zero through fine-tuning.
+
+    ``method="magnitude"`` keeps the largest weights (per layer, or ``scope="global"``); the
+    data-aware methods, for models that will not be retrained, need ``calibration`` data (a few
+    hundred examples, unlabeled is fine): ``"wanda"`` weighs each weight by its input's size,
+    ``"sparsegpt"`` also updates the kept weights to make up for the removed ones.
+    """
+    check_choice("method", method, PRUNERS)
+    if method == "magnitude":
+        if calibration is not None:
+            raise NetshrinkError("magnitude pruning uses no data; drop calibration or choose method='sparsegpt'/'wanda'")
+        return apply(model, Prune(keep=keep, scope=scope, targets=targets, ignore=ignore))
+    if scope != "layer":
+        raise NetshrinkError(f"method={method!r} prunes each layer by its own data; scope must be 'layer'. "
+                             f"Received: scope={scope!r}")
+    kind = SparseGPT if method == "sparsegpt" else Wanda
+    return apply(model, kind(keep=keep, targets=targets, ignore=ignore), calibration=_needed(calibration, method))
 
 
 def quantize(model: nn.Module, weight_bits: int | Mapping[str, int] | None = 8, *,
-             activation_bits: int | None = None, calibration=None, scheme: str = "symmetric",
-             granularity: str = "channel", observer: str = "minmax", learned_step: bool = False,
+             activation_bits: int | None = None, calibration=None, method: str = "round", group_size: int | None = None,
+             scheme: str = "symmetric", granularity: str = "channel", range: str = "minmax",
+             observer: str = "minmax", smooth: float | str | None = None, learned_step: bool = False,
              targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[Report]:
     """Quantize weights to ``weight_bits`` and, with ``calibration`` data, input activations to
     ``activation_bits``. Everything is checked, and the calibration data read, before the model
-    changes; if anything fails the model is left as it was."""
+    changes; if anything fails the model is left as it was.
+
+    ``method``: ``"round"`` (to nearest; ``range="mse"`` clips each grid where rounding loses
+    least), ``"gptq"`` or ``"adaround"`` (data-aware, on ``calibration``; 2-4 bits without
+    retraining). ``group_size``: one scale per that many inputs of each output channel.
+    ``smooth``: SmoothQuant for activations with outlier channels (alpha, or ``"auto"``).
+    """
+    check_choice("method", method, QUANTIZERS)
     select = {"targets": targets, "ignore": ignore}
     steps: list = []
-    if weight_bits is not None:
-        steps.append(QuantizeWeights(bits=weight_bits, scheme=scheme, granularity=granularity,
-                                     learned_step=learned_step, **select))
-    if activation_bits is not None:
+    if activation_bits is not None:  # first: weight solvers then see the quantized activations
         if calibration is None:
             raise NetshrinkError(f"activation_bits={activation_bits} needs calibration data")
-        steps.append(QuantizeActivations(bits=activation_bits, observer=observer, **select))
-    elif calibration is not None:
-        raise NetshrinkError("calibration data is only used with activation_bits; give activation_bits or drop it")
+        steps.append(QuantizeActivations(bits=activation_bits, observer=observer, smooth=smooth, **select))
+    elif smooth is not None:
+        raise NetshrinkError("smooth migrates activation ranges into weights: it needs activation_bits")
+    if weight_bits is not None:
+        if method == "round":
+            steps.append(QuantizeWeights(bits=weight_bits, scheme=scheme, granularity=granularity,
+                                         learned_step=learned_step, group_size=group_size, range=range, **select))
+        else:
+            _needed(calibration, method)
+            if granularity != "channel" or learned_step or range != "minmax" or scheme not in ("symmetric", "affine"):
+                raise NetshrinkError(f"method={method!r} takes bits, group_size and scheme ('symmetric' or 'affine'); "
+                                     "it chooses its own ranges per channel")
+            if method == "gptq":
+                steps.append(GPTQ(bits=weight_bits, group_size=group_size, scheme=scheme, **select))
+            else:
+                if group_size is not None:
+                    raise NetshrinkError("method='adaround' quantizes per channel; group_size is for 'round' and 'gptq'")
+                steps.append(AdaRound(bits=weight_bits, scheme=scheme, **select))
+    if calibration is not None and activation_bits is None and method == "round":
+        raise NetshrinkError("calibration data is only used with activation_bits or a data-aware method "
+                             "(method='gptq' or 'adaround')")
     if not steps:
         raise NetshrinkError("nothing to do: give weight_bits and/or activation_bits")
     return apply_all(model, steps, calibration=calibration)
+
+
+QUANTIZERS = ("round", "gptq", "adaround")
+PRUNERS = ("magnitude", "sparsegpt", "wanda")
+
+
+def _needed(calibration, method: str):
+    if calibration is None:
+        raise NetshrinkError(f"method={method!r} learns from data: pass calibration=<a few hundred examples; "
+                             "labels are not needed>")
+    return calibration
 
 
 def clip(model: nn.Module, threshold: float | Mapping[str, float] | None = None, *,

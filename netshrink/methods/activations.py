@@ -22,6 +22,8 @@ from .base import (COMPRESSIBLE, LINEAR_CONV, Method, check_choice, check_range,
 from .grid import SHRINK_STEPS
 
 OBSERVERS = ("minmax", "percentile", "mse")
+AUTO_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)  # smooth="auto" tries these and no smoothing,
+AUTO_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)  # then these fractions of the chosen range
 FIXED_GRIDS = ("FixedGrid", "Codebook", "LearnedStepQuantize")  # weights whose grid would not follow a rescale
 
 
@@ -139,6 +141,14 @@ def smoothing(observed: _Observed, weight: torch.Tensor, alpha: float) -> torch.
     return torch.where(usable, factors, torch.ones_like(factors)).clamp(1e-3, 1e3)
 
 
+def output_error(seen: "_Observed", quantizer: ActivationQuantizer, weight: torch.Tensor) -> float:
+    """Squared change of a Linear layer's outputs on the sampled inputs when they pass through
+    ``quantizer`` (and the weight is smoothed with it)."""
+    rows = torch.cat(seen.samples)
+    smoothed = weight if quantizer.smooth is None else weight * quantizer.smooth
+    return float((quantizer(rows) @ smoothed.T - rows @ weight.T).square().sum())
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantizeActivations(Method):
     """Quantize each selected layer's input activations to ``bits`` (2..8, or a per-layer map).
@@ -146,9 +156,11 @@ class QuantizeActivations(Method):
     Needs ``calibration`` data at apply time. ``observer='minmax'`` takes the range seen over the
     calibration batches; ``'percentile'`` clips at the ``percentile`` of the values seen (and the
     mirror one below), ignoring rare outliers; ``'mse'`` clips where the rounding error of the
-    values seen is lowest. ``smooth`` (0 < alpha < 1, e.g. 0.5; Linear layers) migrates that share
-    of each input channel's range into the weights first (SmoothQuant), for transformers whose
-    activations have outlier channels; apply it before quantizing weights.
+    values seen is lowest. ``smooth`` (0 < alpha < 1; Linear layers) migrates that share of each
+    input channel's range into the weights first (SmoothQuant), for transformers whose activations
+    have outlier channels; ``smooth="auto"`` chooses, per layer, no smoothing or the alpha whose
+    quantized outputs on the calibration sample are closest to the float ones. Apply it before
+    quantizing weights.
     ``calibration_batches`` bounds the work.
     """
 
@@ -157,7 +169,7 @@ class QuantizeActivations(Method):
     bits: int | dict = 8
     observer: str = "minmax"
     percentile: float = 99.99
-    smooth: float | None = None
+    smooth: float | str | None = None
     calibration_batches: int = 8
     batch_size: int = 256
 
@@ -166,7 +178,7 @@ class QuantizeActivations(Method):
         check_range("activation bits", self.bits, 2, 8, integer=True)
         check_choice("observer", self.observer, OBSERVERS)
         check_range("percentile", self.percentile, 50.0, 100.0)
-        if self.smooth is not None:
+        if self.smooth is not None and self.smooth != "auto":
             check_range("smooth", self.smooth, 0.0, 1.0, low_open=True)
         check_range("calibration_batches", self.calibration_batches, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
@@ -225,20 +237,37 @@ class QuantizeActivations(Method):
                 continue  # the layer never ran on this data
             layer = layers[name]
             bits = int(per_layer(self.bits, name, "activation bits"))
-            smooth = None
-            if self.smooth is not None and isinstance(layer, nn.Linear) and sources.count(id(weight_source(layer))) == 1:
-                smooth = smoothing(seen, weight_of(layer), self.smooth)
-            low, high = seen.extremes(smooth)
-            if self.observer == "percentile":
-                sample = seen.sample(smooth)
-                q = self.percentile / 100.0
-                low, high = float(torch.quantile(sample, 1 - q)), float(torch.quantile(sample, q))
-            elif self.observer == "mse":
-                low, high = search_range(seen.sample(smooth), min(low, 0.0), max(high, 0.0), bits)
-            how = self.observer + (f", smoothed alpha={self.smooth:g}" if smooth is not None else "")
-            plan.append((name, ActivationQuantizer(bits, low, high, smooth),
-                         f"{bits}-bit inputs over [{min(low, 0):.4g}, {max(high, 0):.4g}] ({how})"))
+            smoothable = isinstance(layer, nn.Linear) and sources.count(id(weight_source(layer))) == 1
+            alphas: tuple = ()
+            if self.smooth == "auto" and smoothable:
+                alphas = (None, *AUTO_ALPHAS)
+            elif self.smooth is not None and smoothable:
+                alphas = (float(self.smooth),)
+            if len(alphas) > 1:
+                weight = weight_of(layer)
+                alpha, quantizer = min(((a, self._quantizer(seen, bits, layer, a)) for a in alphas),
+                                       key=lambda c: output_error(seen, c[1], weight))
+                quantizer = min((ActivationQuantizer(bits, float(quantizer.low) * f, float(quantizer.high) * f,
+                                                     quantizer.smooth) for f in AUTO_CLIPS),
+                                key=lambda q: output_error(seen, q, weight))
+            else:
+                alpha = alphas[0] if alphas else None
+                quantizer = self._quantizer(seen, bits, layer, alpha)
+            how = self.observer + (f", smoothed alpha={alpha:g}" if alpha is not None else "")
+            plan.append((name, quantizer, f"{bits}-bit inputs over [{float(quantizer.low):.4g}, "
+                                          f"{float(quantizer.high):.4g}] ({how})"))
         return plan
+
+    def _quantizer(self, seen: "_Observed", bits: int, layer: nn.Module, alpha: float | None) -> ActivationQuantizer:
+        smooth = None if alpha is None else smoothing(seen, weight_of(layer), alpha)
+        low, high = seen.extremes(smooth)
+        if self.observer == "percentile":
+            sample = seen.sample(smooth)
+            q = self.percentile / 100.0
+            low, high = float(torch.quantile(sample, 1 - q)), float(torch.quantile(sample, q))
+        elif self.observer == "mse":
+            low, high = search_range(seen.sample(smooth), min(low, 0.0), max(high, 0.0), bits)
+        return ActivationQuantizer(bits, low, high, smooth)
 
     def commit(self, layer: nn.Module, transform: nn.Module) -> None:
         if transform.smooth is not None:
