@@ -194,7 +194,7 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
                                  "leave it out with ignore=[...]")
     kept = take(data, samples, batch_size)
     groups, repeated = execution_order(model, layers, kept[0])
-    progress = Progress(len(groups), desc)
+    progress = Progress(len(groups), desc, unit="layer group")
     started = time.perf_counter()
     try:
         for done, group in enumerate(groups):

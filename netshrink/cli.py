@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--weight-bits", type=int, metavar="B", help="quantize weights to B bits (1-8)")
     compress.add_argument("--activation-bits", type=int, metavar="B", help="quantize activations to B bits (2-8)")
     compress.add_argument("--share-bits", type=int, metavar="B", help="share weights via 2^B k-means centroids")
+    compress.add_argument("--prune-method", choices=("magnitude", "sparsegpt", "wanda"), default="magnitude",
+                          help="how --prune chooses weights: by magnitude, or from calibration data without "
+                               "retraining (wanda; sparsegpt also updates the kept weights). Default: magnitude")
+    compress.add_argument("--weight-method", choices=("round", "gptq", "adaround"), default="round",
+                          help="how --weight-bits rounds: to nearest, or from calibration data without retraining "
+                               "(gptq; adaround learns each weight's rounding: slower, best for CNNs at 2-4 bits). "
+                               "Data-aware methods run after --activation-bits so they see quantized inputs. "
+                               "Default: round")
+    compress.add_argument("--group-size", type=POSITIVE_INT, metavar="G",
+                          help="with --weight-bits (round or gptq): one scale per G inputs of each output channel")
     compress.add_argument("--finetune", type=POSITIVE, metavar="EPOCHS", help="fine-tune this many epochs at the end")
     compress.add_argument("--lr", type=POSITIVE, default=1e-3,
                           help="learning rate of --finetune (and of training with --model; default: 1e-3)")
@@ -218,14 +228,30 @@ def cmd_evaluate(args) -> int:
 def _quick_recipe(args) -> list[dict]:
     steps: list[dict] = []
     if args.prune is not None:
-        steps.append({"prune": {"keep": args.prune}})
+        method = "prune" if args.prune_method == "magnitude" else args.prune_method
+        steps.append({method: {"keep": args.prune}})
+    elif args.prune_method != "magnitude":
+        raise NetshrinkError("--prune-method needs --prune KEEP")
     if args.clip_percentile is not None:
         steps.append({"clip": {"percentile": args.clip_percentile}})
     if args.share_bits is not None:
         steps.append({"share": {"bits": args.share_bits}})
+    data_aware = args.weight_method != "round"
+    if args.activation_bits is not None and data_aware:
+        steps.append({"activations": {"bits": args.activation_bits}})
     if args.weight_bits is not None:
-        steps.append({"quantize": {"bits": args.weight_bits}})
-    if args.activation_bits is not None:
+        method = {"round": "quantize"}.get(args.weight_method, args.weight_method)
+        settings = {"bits": args.weight_bits}
+        if args.group_size is not None:
+            if args.weight_method == "adaround":
+                raise NetshrinkError("--group-size works with --weight-method round or gptq (adaround is per channel)")
+            settings["group_size"] = args.group_size
+        elif args.weight_method == "gptq":
+            settings["group_size"] = None  # per channel unless asked: the zoo's layers are narrow
+        steps.append({method: settings})
+    elif data_aware or args.group_size is not None:
+        raise NetshrinkError("--weight-method and --group-size need --weight-bits B")
+    if args.activation_bits is not None and not data_aware:
         steps.append({"activations": {"bits": args.activation_bits}})
     if args.finetune is not None:
         steps.append({"finetune": {"epochs": args.finetune, "lr": args.lr, "augment": args.augment,

@@ -322,12 +322,12 @@ class Progress:
     """Progress of long work, suited to where it is shown: a live bar on a terminal (tqdm), and
     on a log file or pipe a plain line at every tenth of the way, with no carriage returns."""
 
-    def __init__(self, total: int | None, desc: str, enabled: bool = True) -> None:
-        self.total, self.desc, self.next_line = total, desc, 0.1
+    def __init__(self, total: int | None, desc: str, enabled: bool = True, unit: str = "step") -> None:
+        self.total, self.desc, self.next_line, self.unit = total, desc, 0.1, unit
         self.started = time.perf_counter()
         self.live = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.live and bool(total)
-        self.bar = tqdm(total=total, desc=desc, leave=False, unit="step") if self.live else None
+        self.bar = tqdm(total=total, desc=desc, leave=False, unit=unit) if self.live else None
 
     def update(self, done: int, status: str = "") -> None:
         if self.bar is not None:
@@ -336,7 +336,7 @@ class Progress:
                 self.bar.set_postfix_str(status)
         elif self.lines and done >= self.next_line * self.total:
             self.next_line = math.floor(10 * done / self.total) / 10 + 0.1
-            print(f"{self.desc}: {done}/{self.total} steps ({100 * done / self.total:.0f}%), "
+            print(f"{self.desc}: {done}/{self.total} {self.unit}s ({100 * done / self.total:.0f}%), "
                   f"{time.perf_counter() - self.started:.0f}s {status}".rstrip(), file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -89,3 +89,23 @@ def test_ctrl_c_is_one_line(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted"
     assert not (tmp_path / "m.nsk").exists()
+
+
+def test_post_training_methods_from_the_command_line(model_file, tmp_path):
+    result = run("compress", model_file, "--data", "digits", "--weight-bits", "3", "--weight-method", "gptq",
+                 "--activation-bits", "8", "-o", "gptq.nsk", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.strip().startswith("step ")]
+    assert "activations" in steps[0] and "gptq bits=3" in steps[1]  # solvers see quantized inputs
+    loaded = netshrink.load(tmp_path / "gptq.nsk")
+    assert max(len(set(layer.weight.detach()[0].tolist())) for layer in (loaded.fc1, loaded.fc2)) <= 7
+    result = run("compress", model_file, "--data", "digits", "--recipe", "post-training", "-o", "pt.nsk", cwd=tmp_path)
+    assert result.returncode == 0 and "gptq" in result.stdout, result.stderr
+    result = run("compress", model_file, "--data", "digits", "--prune", "0.5", "--prune-method", "wanda",
+                 "-o", "wanda.nsk", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    user_error(run("compress", model_file, "--data", "digits", "--weight-method", "gptq", "-o", "x.nsk", cwd=tmp_path),
+               "need --weight-bits")
+    user_error(run("compress", model_file, "--data", "digits", "--weight-bits", "4", "--weight-method", "adaround",
+                   "--group-size", "8", "-o", "x.nsk", cwd=tmp_path), "--group-size")
+    assert not (tmp_path / "x.nsk").exists()
