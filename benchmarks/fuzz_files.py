@@ -3,9 +3,9 @@
     python benchmarks/fuzz_files.py                 # 12,500 files (about 2-4 minutes)
     python benchmarks/fuzz_files.py --files 1000    # quicker
 
-Seeds: five valid files of different kinds (pruned + shared MLP with 8-bit activations, a 4-bit
-LeNet-5, a dense LeNet-300-100, a structured-pruned LeNet-300-100, and a user CNN with BatchNorm
-loaded into a caller's model). Each mutated file is either ``raw`` damage (bit flips, byte edits,
+Seeds: six valid files of different kinds (pruned + shared MLP with 8-bit activations, a 4-bit
+LeNet-5, a dense LeNet-300-100, a structured-pruned LeNet-300-100, a GPTQ 3-bit LeNet-300-100 with
+grids per group of 16 inputs, and a user CNN with BatchNorm loaded into a caller's model). Each mutated file is either ``raw`` damage (bit flips, byte edits,
 insertions, deletions, truncation, header-length and JSON-number edits) or the same damage
 ``resealed`` with a recomputed checksum, as a forger would. See ``netshrink/fuzz.py``.
 
@@ -67,6 +67,9 @@ def seeds(folder: Path) -> list[tuple[str, Path, object]]:
     small, _ = netshrink.remove_units(netshrink.build_model("lenet-300-100", (1, 8, 8)), keep=0.5)
     netshrink.prune(small, keep=0.3)
     made.append(("structured + pruned LeNet-300-100", small, None))
+    grouped = netshrink.build_model("lenet-300-100", (1, 8, 8))
+    netshrink.quantize(grouped, weight_bits=3, method="gptq", group_size=16, calibration=(train.tensors[0][:128],))
+    made.append(("GPTQ 3-bit LeNet-300-100, grids per group of 16 (codes + scales)", grouped, None))
     cnn = UserCNN()
     cnn(torch.rand(16, 1, 8, 8))
     netshrink.prune(cnn, keep=0.5)

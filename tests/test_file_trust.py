@@ -143,9 +143,15 @@ def test_forged_files_cannot_make_loading_allocate_or_hang(trained, digits, tmp_
         assert peak < 20 * len(data) and time.perf_counter() - started < 5, label
 
 
-def test_fuzzed_files(trained, digits, tmp_path):
-    """A few hundred mutated files (benchmarks/fuzz_files.py runs tens of thousands)."""
-    model = _compressed(trained, digits)
+@pytest.mark.parametrize("kind", ["pruned", "grouped grid"])
+def test_fuzzed_files(trained, digits, tmp_path, kind):
+    """A few hundred mutated files (benchmarks/fuzz_files.py runs tens of thousands): a pruned,
+    shared, quantized model, and one whose weights are stored as codes of grouped grids (GPTQ)."""
+    if kind == "pruned":
+        model = _compressed(trained, digits)
+    else:
+        model = trained
+        netshrink.quantize(model, weight_bits=3, method="gptq", group_size=16, calibration=(digits[0].tensors[0][:64],))
     netshrink.save(model, tmp_path / "seed.nsk")
     data = (tmp_path / "seed.nsk").read_bytes()
     tracemalloc.start()
