@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import NetshrinkError
 from .train import Data, Inputs, Progress, batches, call, eval_mode
@@ -210,8 +211,8 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
                 return hook
 
             handles = [layers[name].register_forward_pre_hook(collector(name)) for name in group]
-            try:
-                with torch.no_grad(), eval_mode(model):
+            try:  # cached(): each transformed weight is computed once per pass, not once per batch
+                with torch.no_grad(), eval_mode(model), parametrize.cached():
                     for inputs in kept:
                         pending.update(group)
                         _run(model, inputs)

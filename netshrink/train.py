@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
@@ -351,7 +352,7 @@ def predict(model: nn.Module, data: Data, batch_size: int = 1000, forward: Forwa
     check_data(data)
     forward = forward or default_forward
     check_model_fits(model, data, forward)
-    with eval_mode(model):
+    with eval_mode(model), parametrize.cached():  # transformed weights computed once, not per batch
         outputs = [forward(model, x) for x, _ in batches(data, batch_size, checked=True)]
     if not outputs:
         raise NetshrinkError("the data yielded no batches")
