@@ -62,6 +62,13 @@ def sentences(count: int = 300) -> tuple[list[str], list[str]]:
     return evaluation, [s for s in found if s not in chosen]
 
 
+def tokenize(tokenizer, texts: list[str], size: int = 32) -> list[dict]:
+    """Batches of ``size`` sentences as the model takes them (padded to the longest in a batch)."""
+    tokens = [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, return_tensors="pt"))
+              for i in range(0, len(texts), size)]
+    return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in tokens]
+
+
 def pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The model's own pooling: mean over real tokens, then unit length."""
     summed = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
@@ -107,12 +114,7 @@ def main() -> None:
     fp32_bytes = os.path.getsize(Path(packaged.get_model_path()) / "model.safetensors")
     texts, pool_texts = sentences()
 
-    def tokenize(texts):
-        tokens = [dict(st.tokenizer(texts[i:i + 32], padding=True, truncation=True, return_tensors="pt"))
-                  for i in range(0, len(texts), 32)]
-        return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in tokens]
-
-    batches = tokenize(texts)
+    batches = tokenize(st.tokenizer, texts)
     reference = embed(torch_runner(dense), batches)
     rows, notes = [], []
 
@@ -206,7 +208,7 @@ def main() -> None:
     size = netshrink.save(model, folder / "heads.nsk")
     add(f"netshrink: 30% of heads and FFN neurons removed, no training ({parameters / 1e6:.1f}M parameters)",
         embed(torch_runner(model), batches), size, time.perf_counter() - started, "remove_heads + save")
-    pool = tokenize(pool_texts[:2048])
+    pool = tokenize(st.tokenizer, pool_texts[:2048])
     started = time.perf_counter()
     netshrink.fit(model, pool, epochs=3, lr=1e-4, teacher=dense, distill=netshrink.Distill(objective="mse"),
                   forward=sentence_embedding, desc="distil")

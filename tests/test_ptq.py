@@ -59,7 +59,7 @@ def test_gptq_public_api_on_the_cnn_beats_rounding_and_survives_a_file(tmp_path)
     netshrink.quantize(rounded, weight_bits=3, range="mse")
     reports = netshrink.quantize(solved, weight_bits=3, method="gptq", calibration=(x,), group_size=32)
     details = dict(reports[0].changed)
-    assert "GPTQ" in details["block1.conv"] and "rounded" in details["depthwise.conv"]  # depthwise: data-free grid
+    assert "GPTQ" in details["block1.conv"] and "GPTQ" in details["depthwise.conv"]  # one Hessian per channel
     assert calibration_error(solved, dense, x) < calibration_error(rounded, dense, x)
     for name, layer in solved.named_modules():  # every layer on at most 2^3 - 1 levels per group
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -267,3 +267,16 @@ def test_calibration_runs_each_layer_group_once_per_batch_and_stops_early(traine
     # fc1 ran in the order pass and in fc2's and fc3's passes (2 batches each), never in its own
     # (the pass stops at its input); fc3 ran only in the order pass.
     assert calls == {"fc1": 1 + 2 + 2, "fc3": 1}
+
+
+def test_padded_positions_are_not_calibration_data(make_tiny_bert):
+    from netshrink.calibration import each_layer
+
+    model = make_tiny_bert()
+    ids = torch.randint(1, 120, (8, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(8, 12, dtype=torch.long)
+    mask[:4, 5:] = 0  # half the sentences are short: their tails are padding
+    layers = {"encoder.layer.0.attention.self.query": model.encoder.layer[0].attention.self.query}
+    [(name, stats)] = list(each_layer(model, layers, [{"input_ids": ids, "attention_mask": mask}],
+                                      frozenset({"hessian"}), samples=8, batch_size=8))
+    assert stats.count == int(mask.sum())

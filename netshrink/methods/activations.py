@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..calibration import real_positions
 from ..errors import NetshrinkError
 from ..train import Data, batches, call, eval_mode
 from .base import (COMPRESSIBLE, LINEAR_CONV, Method, check_choice, check_range, per_layer,
@@ -200,9 +201,11 @@ class QuantizeActivations(Method):
                                  "(pass calibration=<data set, (x, y) tensors or DataLoader>)")
         observed = {name: _Observed(isinstance(layer, nn.Linear)) for name, layer in layers.items()}
 
+        batch: list = []
+
         def observer(name):
             def hook(module, args):
-                observed[name].add(args[0])
+                observed[name].add(real_positions(args[0], batch[0]))
             return hook
 
         # Observe the float activations: existing input quantizers are set aside during calibration.
@@ -216,6 +219,7 @@ class QuantizeActivations(Method):
                 for i, (x, _) in enumerate(batches(calibration, self.batch_size)):
                     if i >= self.calibration_batches:
                         break
+                    batch[:] = [x]
                     call(model, x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if isinstance(exc, NetshrinkError):

@@ -4,7 +4,8 @@ layer's outputs on calibration data change as little as possible.
 Rounding to nearest minimises each weight's own error, not the layer's: at 4 bits and below the
 errors add up through the next layer. AdaRound keeps each weight within one step of where it
 is, ``w_q = s * (floor(w / s) + h(V))``, with ``h`` a rectified sigmoid of a learned ``V``, and
-minimises ``||layer(x; w_q) - layer(x; w)||^2 + lambda * sum(1 - |2h(V) - 1|^beta)`` with Adam;
+minimises ``||layer(x; w_q) - layer(x; w)||^2 + lambda * sum(1 - |2h(V) - 1|^beta)`` with Adam
+(squared error summed over each example's outputs, lambda = 0.01, as in the paper);
 the regulariser, with ``beta`` annealed from 20 to 2, pushes every ``h`` to exactly 0 or 1, and
 the final weights take those values. ``x`` are the inputs the layer receives from the model
 compressed so far (activation quantizers included), replayed from memory: a byte budget bounds
@@ -59,21 +60,32 @@ def adaround(layer: nn.Module, inputs: list[torch.Tensor], w: torch.Tensor, scal
     x = torch.cat([t.reshape(-1, t.shape[-1]) if isinstance(layer, nn.Linear) else t for t in inputs])
     with torch.no_grad():
         target = torch.cat([layer_output(layer, part, w) for part in x.split(256)])
+
+    def reconstruction(out, goal):  # squared error summed over an example's outputs, mean over examples
+        return (out - goal).square().reshape(len(out), -1).sum(dim=1).mean()
+
     optimizer = torch.optim.Adam([v], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     warmup = iterations // 5
     for step in range(iterations):
         pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
-        out = layer_output(layer, x[pick], weight(soft_bits(v)))
-        loss = F.mse_loss(out, target[pick])
-        if step >= warmup:
+        loss = reconstruction(layer_output(layer, x[pick], weight(soft_bits(v))), target[pick])
+        if step >= warmup:  # the regulariser pushes every h to 0 or 1, ever harder as beta falls
             beta = 20 - (20 - 2) * (step - warmup) / max(iterations - warmup, 1)
-            loss = loss + regularisation * (1 - (2 * soft_bits(v) - 1).abs().pow(beta)).sum() / v.numel()
+            loss = loss + regularisation * (1 - (2 * soft_bits(v) - 1).abs().pow(beta)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return weight((v >= 0).to(w.dtype))
+        learned = weight((v >= 0).to(w.dtype))
+        nearest = weight((rest >= 0.5).to(w.dtype))  # (floor + round(rest)): rounding to nearest
+
+        def error(candidate):
+            return sum(float(reconstruction(layer_output(layer, part, candidate), goal)) * len(part)
+                       for part, goal in zip(x.split(256), target.split(256)))
+
+        # As with GPTQ, a safety net: the learned rounding is kept only if it does better.
+        return learned if error(learned) <= error(nearest) else nearest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +98,7 @@ class AdaRound(Calibrated):
     needs: ClassVar[frozenset] = frozenset({"inputs"})
     bits: int | Mapping[str, int] = 4
     scheme: str = "symmetric"
-    iterations: int = 500
+    iterations: int = 1000
     lr: float = 1e-2
     input_budget_mb: int = 256
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, each_layer, im2col_inputs
+from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d
 from ..errors import NetshrinkError
 from .base import COMPRESSIBLE, LINEAR_CONV, Method, Report, check_range, transforms, weight_of, weight_source
 from .grid import FixedGrid
@@ -72,8 +72,14 @@ class Calibrated(Method):
         transform) and describe what was done."""
         raise NotImplementedError
 
+    def solves_depthwise(self) -> bool:
+        """Whether ``solve`` takes a depthwise convolution's per-channel statistics."""
+        return False
+
     def unsupported(self, name: str, layer: nn.Module) -> str | None:
         """Why this method leaves ``layer`` alone, or None."""
+        if is_depthwise_2d(layer) and self.solves_depthwise():
+            return None
         if im2col_inputs(layer) is None and self.needs & {"hessian", "mean", "sumsq"}:
             return "grouped/depthwise or 3-D convolution: no single input matrix to calibrate"
         return None
@@ -133,6 +139,8 @@ class Calibrated(Method):
             return "; no bias to correct"
         if stats.sum is None:
             return "; bias not corrected (no single input matrix)"
-        shift = (weight_of(layer) - before).reshape(before.shape[0], -1) @ stats.mean
+        change = (weight_of(layer) - before).reshape(before.shape[0], -1)
+        # a depthwise convolution's mean is per channel ([C, k*k]); a matrix layer's is per input
+        shift = (change * stats.mean).sum(dim=1) if stats.mean.dim() == 2 else change @ stats.mean
         layer.bias = nn.Parameter(layer.bias.detach() - shift.to(layer.bias.dtype))
         return f"; bias corrected (mean shift {shift.abs().mean():.2g})"

@@ -137,22 +137,29 @@ class GPTQ(Calibrated):
         add_transform(layer, fixed_grid(current, bits, self.scheme, group_size, self.search, label="rounded"))
         return f"{describe(bits, self.scheme, group_size)}, rounded ({self.search} range)"
 
+    def solves_depthwise(self) -> bool:
+        return True
+
     def solve(self, name: str, layer: nn.Module, inputs: LayerInputs) -> str:
         bits = int(per_layer(self.bits, name, "bits"))
         current = weight_of(layer)
         w = current.reshape(current.shape[0], -1).float()
         group_size = self.group_size if self.group_size and self.group_size < w.shape[1] else None
         keep = keep_mask(layer)
-        keep = None if keep is None else keep.reshape(w.shape)
-        scale, zero = choose_grid(w, bits, self.scheme, group_size, self.search, importance=inputs.hessian.diagonal())
+        keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.reshape(w.shape)
+        # A depthwise convolution has one small Hessian per channel ([C, k*k, k*k]): each channel
+        # is its own one-row problem. A matrix layer is one problem over all rows.
+        per_channel = inputs.hessian.dim() == 3
+        hessians = list(inputs.hessian) if per_channel else [inputs.hessian]
+        rows = [slice(c, c + 1) for c in range(len(w))] if per_channel else [slice(None)]
+        importance = None if per_channel else inputs.hessian.diagonal()
+        scale, zero = choose_grid(w, bits, self.scheme, group_size, self.search, importance=importance)
         full_scale, full_zero = expand(scale, w, group_size), expand(zero, w, group_size)
-        solved = gptq(w, inputs.hessian, full_scale, full_zero, bits, self.scheme, damp=self.damp,
-                      act_order=self.act_order, keep=keep)
-        rounded = round_to(w, full_scale, full_zero, bits, self.scheme)
-        if keep is not None:
-            rounded = rounded * keep
-        solved_error = output_error(w, solved, inputs.hessian)
-        rounded_error = output_error(w, rounded, inputs.hessian)
+        solved = torch.cat([gptq(w[r], h, full_scale[r], full_zero[r], bits, self.scheme, damp=self.damp,
+                                 act_order=self.act_order, keep=keep[r]) for r, h in zip(rows, hessians)])
+        rounded = round_to(w, full_scale, full_zero, bits, self.scheme) * keep
+        solved_error = sum(output_error(w[r], solved[r], h) for r, h in zip(rows, hessians))
+        rounded_error = sum(output_error(w[r], rounded[r], h) for r, h in zip(rows, hessians))
         kept = solved if solved_error <= rounded_error else rounded
         replace_weight(layer, kept)
         add_transform(layer, FixedGrid(scale, zero, bits, self.scheme, group_size, label="gptq"))

@@ -98,14 +98,19 @@ def expand(grid: torch.Tensor, w: torch.Tensor, group_size: int | None) -> torch
     return per_input.reshape(w.shape)
 
 
-class _OnGrid(torch.autograd.Function):
-    """Round to a fixed grid in the forward pass, identity gradient in the backward pass (STE)."""
+class RoundToGrid(torch.autograd.Function):
+    """Quantize-dequantize on the grid (``scale``, ``zero_point``, broadcastable against ``w``) with
+    in-place steps and an identity backward (straight-through estimator): the same operations in
+    the same order as :func:`round_to` (so the same values), without the temporaries of a
+    straight-through sum. On CPU about 1.6x faster in forward + backward than that sum, and 3.7x
+    faster than PyTorch's fused ``fake_quantize_per_channel_affine`` kernel
+    (benchmarks/results/transform_overhead.md)."""
 
     @staticmethod
-    def forward(ctx, w, scale, zero, qmin, qmax):  # noqa: D102
+    def forward(ctx, w, scale, zero_point, qmin, qmax):  # noqa: D102
         q = torch.div(w, scale)
-        q.round_().add_(zero).clamp_(qmin, qmax)
-        return q.sub_(zero).mul_(scale)
+        q.round_().add_(zero_point).clamp_(qmin, qmax)
+        return q.sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -134,7 +139,7 @@ class FixedGrid(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale, zero = self._grid(w)
-        return _OnGrid.apply(w, scale, zero, *levels(self.bits, self.scheme))
+        return RoundToGrid.apply(w, scale, zero, *levels(self.bits, self.scheme))
 
     def record(self) -> dict:
         return {"kind": "fixed-grid", "bits": self.bits, "scheme": self.scheme, "group_size": self.group_size,

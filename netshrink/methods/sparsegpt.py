@@ -100,23 +100,17 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, *, keep: float | None = No
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseGPT(Calibrated):
-    """Prune to ``keep`` (fraction of weights kept per layer, or a per-layer map) or to ``n`` of
-    every ``m`` inputs with SparseGPT on calibration data; the kept weights are updated to
-    compensate. ``damp``: fraction of the mean Hessian diagonal added for stability."""
+class DataAwarePruning(Calibrated):
+    """What SparseGPT and Wanda share: ``keep`` (per layer, or a per-layer map) or ``n`` of every
+    ``m`` inputs, a layer's weight as ``[out, inputs]`` in tap-major column order, and the mask."""
 
-    name: ClassVar[str] = "sparsegpt"
     keep: float | Mapping[str, float] = 0.5
     n: int | None = None
     m: int | None = None
-    damp: float = 0.01
 
     def check(self) -> None:
         super().check()
         check_sparsity(self)
-        check_range("damp", self.damp, 0.0, 1.0, low_open=True)
-        if self.m is not None and BLOCK % self.m:
-            raise NetshrinkError(f"SparseGPT's n:m groups must divide its {BLOCK}-column blocks. Received: m={self.m}")
 
     def quantizes(self) -> bool:
         return False
@@ -124,23 +118,49 @@ class SparseGPT(Calibrated):
     def unsupported(self, name: str, layer: nn.Module) -> str | None:
         return super().unsupported(name, layer) or nm_groups_fit(self, name, layer)
 
-    def solve(self, name: str, layer: nn.Module, inputs: LayerInputs) -> str:
+    def problem(self, name: str, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+        """``(weight [out, inputs] in tap-major order, that order, the entries an earlier mask still
+        allows or None, the keep fraction or None for n:m)``."""
         current = weight_of(layer)
         w = current.reshape(current.shape[0], -1).float()
         order = tap_major(layer)
         allowed = keep_mask(layer)
         allowed = None if allowed is None else allowed.reshape(w.shape)[:, order]
         keep = None if self.m is not None else float(per_layer(self.keep, name, "keep"))
-        solved, mask = sparsegpt(w[:, order], inputs.hessian[order][:, order], keep=keep, n=self.n, m=self.m,
-                                 damp=self.damp, keep_only=allowed)
-        new, kept = torch.empty_like(solved), torch.empty_like(mask)
-        new[:, order], kept[:, order] = solved, mask
-        plain = w * kept  # the same mask without the update: what the update bought
-        gain = output_error(w, plain, inputs.hessian) / max(output_error(w, new, inputs.hessian), 1e-30)
-        replace_weight(layer, new)
-        label = f"{self.n}:{self.m}" if self.m is not None else "sparsegpt"
-        add_transform(layer, Mask(kept.reshape(current.shape), label=label))
+        return w[:, order], order, allowed, keep
+
+    def commit_mask(self, layer: nn.Module, chosen: torch.Tensor, order: torch.Tensor, how: str) -> str:
+        """Attach the mask ``chosen`` (tap-major order) and describe it."""
+        kept = torch.empty_like(chosen)
+        kept[:, order] = chosen
+        label = f"{self.n}:{self.m}" if self.m is not None else self.name
+        add_transform(layer, Mask(kept.reshape(weight_of(layer).shape), label=label))
         count = int(kept.sum())
         what = f"{self.n}:{self.m} sparsity" if self.m is not None else "kept"
-        return (f"{what} {count} of {kept.numel()} weights ({100 * count / kept.numel():.1f}%), SparseGPT: "
-                f"output error {gain:.1f}x lower than masking alone")
+        return f"{what} {count} of {kept.numel()} weights ({100 * count / kept.numel():.1f}%), {how}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPT(DataAwarePruning):
+    """Prune to ``keep`` (fraction of weights kept per layer, or a per-layer map) or to ``n`` of
+    every ``m`` inputs with SparseGPT on calibration data; the kept weights are updated to
+    compensate. ``damp``: fraction of the mean Hessian diagonal added for stability."""
+
+    name: ClassVar[str] = "sparsegpt"
+    damp: float = 0.01
+
+    def check(self) -> None:
+        super().check()
+        check_range("damp", self.damp, 0.0, 1.0, low_open=True)
+        if self.m is not None and BLOCK % self.m:
+            raise NetshrinkError(f"SparseGPT's n:m groups must divide its {BLOCK}-column blocks. Received: m={self.m}")
+
+    def solve(self, name: str, layer: nn.Module, inputs: LayerInputs) -> str:
+        w, order, allowed, keep = self.problem(name, layer)
+        hessian = inputs.hessian[order][:, order]
+        solved, mask = sparsegpt(w, hessian, keep=keep, n=self.n, m=self.m, damp=self.damp, keep_only=allowed)
+        gain = output_error(w, w * mask, hessian) / max(output_error(w, solved, hessian), 1e-30)
+        new = torch.empty_like(solved)
+        new[:, order] = solved
+        replace_weight(layer, new)  # before the mask: replace_weight keeps the transforms in place
+        return self.commit_mask(layer, mask, order, f"SparseGPT: output error {gain:.1f}x lower than masking alone")

@@ -8,7 +8,6 @@ or ``n`` of every ``m`` inputs (groups as in :class:`~netshrink.methods.sparsegp
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,10 +15,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerInputs
-from .base import add_transform, per_layer, weight_of
-from .calibrated import Calibrated, keep_mask
-from .prune import Mask
-from .sparsegpt import check_sparsity, nm_groups_fit, share, tap_major
+from .sparsegpt import DataAwarePruning, share
 
 
 def wanda_mask(w: torch.Tensor, norms: torch.Tensor, *, keep: float | None = None, n: int | None = None,
@@ -42,38 +38,14 @@ def wanda_mask(w: torch.Tensor, norms: torch.Tensor, *, keep: float | None = Non
 
 
 @dataclass(frozen=True, kw_only=True)
-class Wanda(Calibrated):
+class Wanda(DataAwarePruning):
     """Prune to ``keep`` (per layer, or a per-layer map) or ``n`` of every ``m`` inputs, scoring
     each weight by ``|w| * ||x||`` on calibration data."""
 
     name: ClassVar[str] = "wanda"
     needs: ClassVar[frozenset] = frozenset({"sumsq"})
-    keep: float | Mapping[str, float] = 0.5
-    n: int | None = None
-    m: int | None = None
-
-    def check(self) -> None:
-        super().check()
-        check_sparsity(self)
-
-    def quantizes(self) -> bool:
-        return False
-
-    def unsupported(self, name: str, layer: nn.Module) -> str | None:
-        return super().unsupported(name, layer) or nm_groups_fit(self, name, layer)
 
     def solve(self, name: str, layer: nn.Module, inputs: LayerInputs) -> str:
-        current = weight_of(layer)
-        w = current.reshape(current.shape[0], -1)
-        order = tap_major(layer)
-        allowed = keep_mask(layer)
-        allowed = None if allowed is None else allowed.reshape(w.shape)[:, order]
-        keep = None if self.m is not None else float(per_layer(self.keep, name, "keep"))
-        chosen = wanda_mask(w[:, order], inputs.sumsq.sqrt()[order], keep=keep, n=self.n, m=self.m, allowed=allowed)
-        kept = torch.empty_like(chosen)
-        kept[:, order] = chosen
-        label = f"{self.n}:{self.m}" if self.m is not None else "wanda"
-        add_transform(layer, Mask(kept.reshape(current.shape), label=label))
-        count = int(kept.sum())
-        what = f"{self.n}:{self.m} sparsity" if self.m is not None else "kept"
-        return f"{what} {count} of {kept.numel()} weights ({100 * count / kept.numel():.1f}%), Wanda"
+        w, order, allowed, keep = self.problem(name, layer)
+        chosen = wanda_mask(w, inputs.sumsq.sqrt()[order], keep=keep, n=self.n, m=self.m, allowed=allowed)
+        return self.commit_mask(layer, chosen, order, "Wanda")
