@@ -13,6 +13,7 @@ from rich.text import Text
 from torch import nn
 
 from .methods.activations import input_quantizer
+from .methods.grid import FixedGrid, expand
 from .methods.base import COMPRESSIBLE, transforms, weight_of, weight_source
 
 
@@ -44,11 +45,16 @@ class Summary:
         return render(self.table())
 
 
-def nominal_bits(w: torch.Tensor) -> int:
+def nominal_bits(w: torch.Tensor, fixed: FixedGrid | None = None) -> int:
     """Bits one stored value needs: log2 of the codebook size when the tensor has at most 256
     distinct non-zero values, of the code range when every output channel is an integer grid
-    (per-channel quantization), else 32 (floats). Read off the values, not the settings."""
+    (per-channel quantization) or when ``fixed`` (a layer's last transform) puts it on grids per
+    group, else 32 (floats). Read off the values, not the settings."""
     from .codec.tensors import distinct_within, grid
+
+    if fixed is not None:  # the codes the file stores: scales per group are not one grid per row
+        codes = torch.round(w.detach() / expand(fixed.scale, w, fixed.group_size))
+        return max(1, math.ceil(math.log2(max(int(codes.max() - codes.min()) + 1, 2))))
 
     values = w.detach().float().cpu().numpy()
     nonzero = values[values != 0]
@@ -64,6 +70,12 @@ def nominal_bits(w: torch.Tensor) -> int:
         if levels <= 256:
             candidates.append(max(1, math.ceil(math.log2(max(levels, 2)))))
     return min(candidates)
+
+
+def _fixed_grid(layer: nn.Module) -> FixedGrid | None:
+    """The layer's fixed grid, if it is the last transform (so the weight is on it)."""
+    stack = transforms(layer)
+    return stack[-1] if stack and isinstance(stack[-1], FixedGrid) else None
 
 
 def _distinct_count(w: torch.Tensor, limit: int = 1 << 16) -> int | str:
@@ -94,7 +106,7 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
         result.rows.append({
             "layer": name, "weights": w.numel(), "nonzero": int((w != 0).sum()),
             "distinct": _distinct_count(w),
-            "bits": nominal_bits(w), "activation_bits": quantizer.bits if quantizer is not None else None,
+            "bits": nominal_bits(w, _fixed_grid(layer)), "activation_bits": quantizer.bits if quantizer is not None else None,
             "transforms": ", ".join(type(t).__name__ for t in transforms(layer)) or "-"})
     result.weights = sum(r["weights"] for r in result.rows)
     result.nonzero_weights = sum(r["nonzero"] for r in result.rows)

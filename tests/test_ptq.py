@@ -280,3 +280,8 @@ def test_padded_positions_are_not_calibration_data(make_tiny_bert):
     [(name, stats)] = list(each_layer(model, layers, [{"input_ids": ids, "attention_mask": mask}],
                                       frozenset({"hessian"}), samples=8, batch_size=8))
     assert stats.count == int(mask.sum())
+
+
+def test_summary_reads_bits_off_grouped_grids(trained, digits):
+    netshrink.quantize(trained, weight_bits=3, method="gptq", group_size=16, calibration=(digits[0].tensors[0][:64],))
+    assert {row["bits"] for row in netshrink.summary(trained).rows} == {3}
