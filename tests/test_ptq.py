@@ -285,3 +285,17 @@ def test_padded_positions_are_not_calibration_data(make_tiny_bert):
 def test_summary_reads_bits_off_grouped_grids(trained, digits):
     netshrink.quantize(trained, weight_bits=3, method="gptq", group_size=16, calibration=(digits[0].tensors[0][:64],))
     assert {row["bits"] for row in netshrink.summary(trained).rows} == {3}
+
+
+def test_grouped_gptq_model_exports_to_onnx_runtime(trained, digits, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    netshrink.quantize(trained, 4, method="gptq", group_size=16, activation_bits=8, calibration=digits[0])
+    x = digits[1].tensors[0]
+    with torch.no_grad():
+        ours = trained(x).argmax(1).numpy()
+    for int8 in (False, True):
+        path = tmp_path / f"m{int8}.onnx"
+        netshrink.export(trained, path, int8=int8, calibration=digits[0] if int8 else None)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        theirs = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax(1)
+        assert (theirs == ours).mean() >= 0.99
