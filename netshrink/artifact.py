@@ -40,7 +40,7 @@ from .errors import NetshrinkError
 from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
-from .methods.grid import FixedGrid, expand
+from .methods.grid import expand, last_fixed_grid
 from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
@@ -85,21 +85,22 @@ def transform_records(model: nn.Module) -> tuple[dict[str, list[dict]], dict[str
     return records, arrays
 
 
-def grid_codes(model: nn.Module) -> dict[str, tuple[int, np.ndarray]]:
+def grid_codes(model: nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
     """Weights whose last transform is a fixed grid are stored as their integer codes (as float32,
     which the codec packs into a few bits each), not their values: a grouped grid has a different
     scale per group, so its values are many more distinct numbers than its codes. Returns
     ``{weight key: (position of the grid in the record list, codes)}``; the values are
-    ``codes * scale`` again on load, bit for bit (the grid's own last two steps)."""
+    ``codes * scale`` again on load, bit for bit (the grid's own last two steps). ``arrays`` are
+    the stored (baked) arrays, so no weight is computed a second time."""
     found = {}
     for name, layer in model.named_modules():
-        stack = [t for t in transforms(layer) if type(t) in TRANSFORMS.values()]
-        if stack and isinstance(stack[-1], FixedGrid) and stack[-1] is transforms(layer)[-1]:
-            grid = stack[-1]
-            with torch.no_grad():
-                weight = layer.weight.detach()
-                codes = torch.round(weight / expand(grid.scale, weight, grid.group_size))
-            found[f"{name}.weight" if name else "weight"] = (len(stack) - 1, codes.numpy().astype(np.float32) + 0.0)
+        grid = last_fixed_grid(layer)
+        if grid is not None:
+            key = f"{name}.weight" if name else "weight"
+            weight = torch.from_numpy(arrays[key])
+            codes = torch.round(weight / expand(grid.scale, weight, grid.group_size))
+            recorded = [t for t in transforms(layer) if type(t) in TRANSFORMS.values()]
+            found[key] = (len(recorded) - 1, codes.numpy().astype(np.float32) + 0.0)
     return found
 
 
@@ -158,7 +159,8 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     entries: dict[str, dict] = {}
     seen: dict[tuple, tuple[str, np.ndarray]] = {}
     records, transform_arrays = transform_records(model)
-    arrays, codes = stored_arrays(model), grid_codes(model)
+    arrays = stored_arrays(model)
+    codes = grid_codes(model, arrays)
     for name, (position, array) in codes.items():
         arrays[name] = array
     for name, array in {**arrays, **transform_arrays}.items():

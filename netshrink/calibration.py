@@ -54,14 +54,11 @@ def is_depthwise_2d(layer: nn.Module) -> bool:
             == layer.out_channels and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
 
 
-def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.unfold(x.detach().float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                    stride=layer.stride)  # [N, C*k*k, L]
-
-
 def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as ``[positions, inputs]`` rows, so that its output at each position is
-    ``weight.reshape(out, -1) @ row``: tokens of a Linear, im2col patches of a convolution."""
+    """The layer's input as rows, so that its output at each position is a row times its weight:
+    ``[positions, inputs]`` for a Linear (tokens) or a convolution (im2col patches, so its output
+    is ``weight.reshape(out, -1) @ row``); ``[channels, positions, k*k]`` for a depthwise Conv2d,
+    whose channels each read their own patch."""
     x = x.detach().float()
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
@@ -71,7 +68,14 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         kernel, stride, padding, dilation = layer.kernel_size, layer.stride, layer.padding, layer.dilation
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C*k*k, L]
+    if is_depthwise_2d(layer):
+        patches = patches.reshape(len(patches), layer.in_channels, -1, patches.shape[-1])  # [N, C, k*k, L]
+        return patches.permute(1, 0, 3, 2).reshape(layer.in_channels, -1, patches.shape[2])
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total.add_(part)
 
 
 @dataclass
@@ -97,35 +101,16 @@ class LayerInputs:
                 self.stored_bytes += x.numel() * 4
             else:
                 self.complete = False
-        if not needs & {"hessian", "mean", "sumsq"}:
+        if not needs & {"hessian", "mean", "sumsq"} or (im2col_inputs(layer) is None and not is_depthwise_2d(layer)):
             return
-        if is_depthwise_2d(layer):  # per channel: hessian [C, k*k, k*k], mean and sumsq [C, k*k]
-            patches = _patches(layer, x)
-            patches = patches.reshape(len(patches), layer.in_channels, -1, patches.shape[-1])  # [N, C, k*k, L]
-            if "hessian" in needs:
-                gram = torch.einsum("nckl,ncjl->ckj", patches, patches)
-                self.hessian = gram if self.hessian is None else self.hessian.add_(gram)
-            if "mean" in needs:
-                total = patches.sum(dim=(0, 3))
-                self.sum = total if self.sum is None else self.sum.add_(total)
-            if "sumsq" in needs:
-                squares = patches.square().sum(dim=(0, 3))
-                self.sumsq = squares if self.sumsq is None else self.sumsq.add_(squares)
-            self.count += patches.shape[0] * patches.shape[3]
-            return
-        if im2col_inputs(layer) is None:
-            return
-        rows = input_rows(layer, x)
+        rows = input_rows(layer, x)  # [..., positions, inputs]: a depthwise layer has one set per channel
         if "hessian" in needs:
-            gram = rows.T @ rows
-            self.hessian = gram if self.hessian is None else self.hessian.add_(gram)
+            self.hessian = _accumulate(self.hessian, rows.transpose(-1, -2) @ rows)
         if "mean" in needs:
-            total = rows.sum(dim=0)
-            self.sum = total if self.sum is None else self.sum.add_(total)
+            self.sum = _accumulate(self.sum, rows.sum(dim=-2))
         if "sumsq" in needs:
-            squares = rows.square().sum(dim=0)
-            self.sumsq = squares if self.sumsq is None else self.sumsq.add_(squares)
-        self.count += rows.shape[0]
+            self.sumsq = _accumulate(self.sumsq, rows.square().sum(dim=-2))
+        self.count += rows.shape[-2]
 
     def finish(self) -> "LayerInputs":
         if self.hessian is not None:

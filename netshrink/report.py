@@ -13,7 +13,7 @@ from rich.text import Text
 from torch import nn
 
 from .methods.activations import input_quantizer
-from .methods.grid import FixedGrid, expand
+from .methods.grid import FixedGrid, expand, last_fixed_grid
 from .methods.base import COMPRESSIBLE, transforms, weight_of, weight_source
 
 
@@ -72,12 +72,6 @@ def nominal_bits(w: torch.Tensor, fixed: FixedGrid | None = None) -> int:
     return min(candidates)
 
 
-def _fixed_grid(layer: nn.Module) -> FixedGrid | None:
-    """The layer's fixed grid, if it is the last transform (so the weight is on it)."""
-    stack = transforms(layer)
-    return stack[-1] if stack and isinstance(stack[-1], FixedGrid) else None
-
-
 def _distinct_count(w: torch.Tensor, limit: int = 1 << 16) -> int | str:
     from .codec.tensors import distinct_within
 
@@ -106,7 +100,7 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
         result.rows.append({
             "layer": name, "weights": w.numel(), "nonzero": int((w != 0).sum()),
             "distinct": _distinct_count(w),
-            "bits": nominal_bits(w, _fixed_grid(layer)), "activation_bits": quantizer.bits if quantizer is not None else None,
+            "bits": nominal_bits(w, last_fixed_grid(layer)), "activation_bits": quantizer.bits if quantizer is not None else None,
             "transforms": ", ".join(type(t).__name__ for t in transforms(layer)) or "-"})
     result.weights = sum(r["weights"] for r in result.rows)
     result.nonzero_weights = sum(r["nonzero"] for r in result.rows)

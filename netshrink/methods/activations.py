@@ -18,14 +18,14 @@ from torch import nn
 from ..calibration import real_positions
 from ..errors import NetshrinkError
 from ..train import Data, batches, call, eval_mode
-from .base import (COMPRESSIBLE, LINEAR_CONV, Method, check_choice, check_range, per_layer,
-                   replace_weight, transforms, weight_of, weight_source)
+from .base import (LINEAR_CONV, Method, check_choice, check_range, per_layer, replace_weight, tied_weights,
+                   transforms, weight_of, weight_source)
+from .calibrated import FIXED_GRIDS
 from .grid import SHRINK_STEPS
 
 OBSERVERS = ("minmax", "percentile", "mse")
 AUTO_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)  # smooth="auto" tries these and no smoothing,
 AUTO_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)  # then these fractions of the chosen range
-FIXED_GRIDS = ("FixedGrid", "Codebook", "LearnedStepQuantize")  # weights whose grid would not follow a rescale
 
 
 class ActivationQuantizer(nn.Module):
@@ -188,7 +188,7 @@ class QuantizeActivations(Method):
         layers = super().select(model)
         if self.smooth is not None:
             for name, layer in layers.items():
-                fixed = [type(t).__name__ for t in transforms(layer) if type(t).__name__ in FIXED_GRIDS]
+                fixed = [type(t).__name__ for t in transforms(layer) if isinstance(t, FIXED_GRIDS)]
                 if isinstance(layer, nn.Linear) and fixed:
                     raise NetshrinkError(f"smooth: layer {name!r} already has fixed quantized weights ({fixed[0]}); "
                                          "smooth activations before quantizing weights")
@@ -234,14 +234,14 @@ class QuantizeActivations(Method):
                     layer.input_quantizer = previous[name]
         if not any(o.samples for o in observed.values()):
             raise NetshrinkError("calibration data yielded no batches")
-        sources = [id(weight_source(m)) for m in model.modules() if isinstance(m, COMPRESSIBLE)]
+        tied = tied_weights(model)
         plan = []
         for name, seen in observed.items():
             if not seen.samples:
                 continue  # the layer never ran on this data
             layer = layers[name]
             bits = int(per_layer(self.bits, name, "activation bits"))
-            smoothable = isinstance(layer, nn.Linear) and sources.count(id(weight_source(layer))) == 1
+            smoothable = isinstance(layer, nn.Linear) and id(weight_source(layer)) not in tied
             alphas: tuple = ()
             if self.smooth == "auto" and smoothable:
                 alphas = (None, *AUTO_ALPHAS)

@@ -23,8 +23,7 @@ from torch import nn
 
 from ..calibration import LayerInputs
 from ..errors import NetshrinkError
-from .base import add_transform, check_choice, check_range, per_layer, weight_of
-from .base import replace_weight
+from .base import add_transform, check_choice, check_range, per_layer, replace_weight, weight_of
 from .calibrated import Calibrated, keep_mask
 from .grid import SCHEMES, FixedGrid, choose_grid, describe, expand, levels
 

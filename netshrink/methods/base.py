@@ -134,6 +134,22 @@ def check_range(what: str, value: Any, low: float, high: float, *, low_open: boo
             raise NetshrinkError(f"{what} must be {kind} in {bracket}{low}, {high}]. Received: {what}={v!r}")
 
 
+def check_flag(what: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise NetshrinkError(f"{what} must be True or False. Received: {what}={value!r}")
+
+
+def tied_weights(model: nn.Module) -> set[int]:
+    """Ids of the weights (``weight_source``) that more than one layer of ``model`` computes with."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, COMPRESSIBLE):
+            source = id(weight_source(module))
+            (tied if source in seen else seen).add(source)
+    return tied
+
+
 def check_choice(what: str, value: Any, choices: tuple) -> None:
     if not isinstance(value, str) or value not in choices:
         raise NetshrinkError(f"{what} must be one of {', '.join(map(str, choices))}. Received: {what}={value!r}")

@@ -16,12 +16,14 @@ from torch import nn
 
 from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, LINEAR_CONV, Method, Report, check_range, transforms, weight_of, weight_source
+from .base import (LINEAR_CONV, Method, Report, check_flag, check_range, tied_weights, transforms, weight_of,
+                   weight_source)
 from .grid import FixedGrid
 from .quantize import FakeQuantize, LearnedStepQuantize
 from .share import Codebook
 
-QUANTIZERS = (FakeQuantize, LearnedStepQuantize, FixedGrid, Codebook)
+FIXED_GRIDS = (FixedGrid, Codebook, LearnedStepQuantize)  # grids that would not follow a rescaled weight
+QUANTIZERS = (FakeQuantize, *FIXED_GRIDS)
 
 
 def keep_mask(layer: nn.Module) -> torch.Tensor | None:
@@ -51,8 +53,7 @@ class Calibrated(Method):
         super().check()
         check_range("samples", self.samples, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
-        if not isinstance(self.bias_correction, bool):
-            raise NetshrinkError(f"bias_correction must be True or False. Received: {self.bias_correction!r}")
+        check_flag("bias_correction", self.bias_correction)
 
     def quantizes(self) -> bool:
         """Whether this method puts weights on a grid (then a layer already on one is refused)."""
@@ -99,14 +100,11 @@ class Calibrated(Method):
                                  "labels are not needed>")
         layers, unmatched = self._select(model)
         report = self.new_report(unmatched)
-        owners: dict[int, int] = {}
-        for module in model.modules():
-            if isinstance(module, COMPRESSIBLE):
-                owners[id(weight_source(module))] = owners.get(id(weight_source(module)), 0) + 1
+        tied = tied_weights(model)
         chosen = {}
         for name, layer in layers.items():
             reason = self.unsupported(name, layer)
-            if reason is None and owners.get(id(weight_source(layer)), 0) > 1:
+            if reason is None and id(weight_source(layer)) in tied:
                 reason = "its weight is tied to another layer's"
             if reason is None:
                 chosen[name] = layer

@@ -29,10 +29,10 @@ from torch import nn
 
 from ..calibration import LayerInputs
 from ..errors import NetshrinkError
-from .base import COMPRESSIBLE, add_transform, check_choice, check_range, per_layer, weight_of
-from .base import replace_weight
+from .base import (COMPRESSIBLE, add_transform, check_choice, check_flag, check_range, per_layer, replace_weight,
+                   weight_of)
 from .calibrated import Calibrated, keep_mask
-from .grid import SCHEMES, FixedGrid, choose_grid, describe, expand, fixed_grid, round_to
+from .grid import SCHEMES, FixedGrid, applicable_group, choose_grid, describe, expand, fixed_grid, round_to
 
 BLOCK = 128
 
@@ -123,8 +123,7 @@ class GPTQ(Calibrated):
             check_range("group_size", self.group_size, 1, 1 << 20, integer=True)
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("search", self.search, ("mse", "minmax"))
-        if not isinstance(self.act_order, bool):
-            raise NetshrinkError(f"act_order must be True or False. Received: act_order={self.act_order!r}")
+        check_flag("act_order", self.act_order)
         check_range("damp", self.damp, 0.0, 1.0, low_open=True)
 
     def fallback(self, name: str, layer: nn.Module) -> str:
@@ -132,8 +131,7 @@ class GPTQ(Calibrated):
         the lowest rounding error: the whole model ends up at ``bits``."""
         bits = int(per_layer(self.bits, name, "bits"))
         current = weight_of(layer)
-        inputs = current[0].numel() if current.dim() > 1 else 1
-        group_size = self.group_size if self.group_size and self.group_size < inputs else None
+        group_size = applicable_group(current, self.group_size)
         add_transform(layer, fixed_grid(current, bits, self.scheme, group_size, self.search, label="rounded"))
         return f"{describe(bits, self.scheme, group_size)}, rounded ({self.search} range)"
 
@@ -144,7 +142,7 @@ class GPTQ(Calibrated):
         bits = int(per_layer(self.bits, name, "bits"))
         current = weight_of(layer)
         w = current.reshape(current.shape[0], -1).float()
-        group_size = self.group_size if self.group_size and self.group_size < w.shape[1] else None
+        group_size = applicable_group(w, self.group_size)
         keep = keep_mask(layer)
         keep = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.reshape(w.shape)
         # A depthwise convolution has one small Hessian per channel ([C, k*k, k*k]): each channel

@@ -18,10 +18,26 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import check_choice, check_range
+from .base import check_choice, check_range, transforms
 
 SCHEMES = ("symmetric", "affine")
 SHRINK_STEPS = 40  # range search: clip ranges tried between 100% and 20% of the full range
+
+
+def inputs_of(w: torch.Tensor) -> int:
+    """How many inputs one output channel of ``w`` reads (its row length in the ``[out, inputs]`` view)."""
+    return w[0].numel() if w.dim() > 1 else 1
+
+
+def applicable_group(w: torch.Tensor, group_size: int | None) -> int | None:
+    """``group_size``, or None (one group per channel) where a row is no longer than one group."""
+    return group_size if group_size and group_size < inputs_of(w) else None
+
+
+def last_fixed_grid(layer: nn.Module) -> "FixedGrid | None":
+    """The layer's fixed grid if it is its last transform (then the weight is on it)."""
+    stack = transforms(layer)
+    return stack[-1] if stack and isinstance(stack[-1], FixedGrid) else None
 
 
 def levels(bits: int, scheme: str) -> tuple[int, int]:
@@ -93,7 +109,7 @@ def _error(groups, scale, zero, bits, scheme, weight) -> torch.Tensor:
 
 def expand(grid: torch.Tensor, w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """A ``[out, groups]`` grid repeated over each group's inputs, shaped like ``w``."""
-    inputs = w[0].numel() if w.dim() > 1 else 1
+    inputs = inputs_of(w)
     per_input = grid.repeat_interleave(group_size or inputs, dim=1)[:, :inputs]
     return per_input.reshape(w.shape)
 
@@ -156,7 +172,7 @@ class FixedGrid(nn.Module):
         group_size = record.get("group_size")
         if group_size is not None:
             check_range("fixed-grid group_size", group_size, 1, 1 << 30, integer=True)
-        inputs = w[0].numel() if w.dim() > 1 else 1
+        inputs = inputs_of(w)
         groups = math.ceil(inputs / (group_size or inputs))
         state = state or {}
         scale, zero = state.get("scale"), state.get("zero")

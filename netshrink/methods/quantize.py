@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, channel_view, check_choice, check_range, each_value, per_layer, weight_of
-from .grid import RoundToGrid, describe, fixed_grid
+from .base import Method, channel_view, check_choice, check_flag, check_range, each_value, per_layer, weight_of
+from .grid import RoundToGrid, applicable_group, describe, fixed_grid
 
 SCHEMES = ("symmetric", "affine", "ternary")
 GRANULARITIES = ("channel", "tensor")
@@ -204,8 +204,7 @@ class QuantizeWeights(Method):
         check_range("bits", self.bits, 1, 8, integer=True)
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("granularity", self.granularity, GRANULARITIES)
-        if not isinstance(self.learned_step, bool):
-            raise NetshrinkError(f"learned_step must be True or False. Received: learned_step={self.learned_step!r}")
+        check_flag("learned_step", self.learned_step)
         if self.scheme == "ternary" and any(b != 2 for b in each_value(self.bits)):
             raise NetshrinkError(f"scheme='ternary' means 2-bit weights. Received: bits={self.bits}")
         if self.learned_step and self.scheme != "symmetric":
@@ -230,8 +229,7 @@ class QuantizeWeights(Method):
             bits = int(per_layer(self.bits, name, "bits"))
             if self.fixed():
                 w = weight_of(layer)
-                inputs = w[0].numel() if w.dim() > 1 else 1
-                group_size = self.group_size if self.group_size and self.group_size < inputs else None
+                group_size = applicable_group(w, self.group_size)
                 transform = fixed_grid(w, bits, self.scheme, group_size, self.range, label=f"{self.range} range")
                 plan.append((name, transform, f"{describe(bits, self.scheme, group_size)} ({self.range} range)"))
                 continue
