@@ -40,9 +40,9 @@ def _variants(train):
 
 def run_demo(data: str = "mnist", epochs: float = 10, markdown_path: Path | None = None,
              console: Console | None = None) -> list[list]:
-    from .cli import console as cli_console
+    from .cli import _console
 
-    console = console or cli_console
+    console = console or _console()
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     in_shape = tuple(train.tensors[0].shape[1:])
     dense = build_model("mlp", in_shape)

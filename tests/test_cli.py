@@ -109,3 +109,10 @@ def test_post_training_methods_from_the_command_line(model_file, tmp_path):
     user_error(run("compress", model_file, "--data", "digits", "--weight-bits", "4", "--weight-method", "adaround",
                    "--group-size", "8", "-o", "x.nsk", cwd=tmp_path), "--group-size")
     assert not (tmp_path / "x.nsk").exists()
+
+
+def test_demo_runs_and_prints_its_table(tmp_path):
+    result = run("demo", "--data", "digits", "--epochs", "1", "--markdown", "demo.md", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "netshrink demo" in result.stdout and "all four" in result.stdout
+    assert (tmp_path / "demo.md").read_text().count("\n") >= 8
