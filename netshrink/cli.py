@@ -146,9 +146,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_holding_ctrl_c(*names: str) -> None:
+    """Import modules with Ctrl-C held until every import is done, then honoured.
+
+    A KeyboardInterrupt raised inside a C++ extension's initialisation (PyTorch, ONNX Runtime:
+    pybind11) aborts the whole process with SIGABRT, a core dump and no cleanup. Commands import
+    their heavy libraries here first, so an early Ctrl-C ends in the usual one-line "interrupted".
+    Modules that are not installed are skipped: the command that needs one reports it.
+    """
+    import importlib
+    import importlib.util
+    import signal
+    import threading
+
+    names = [name for name in names if name not in sys.modules and importlib.util.find_spec(name) is not None]
+    if not names:
+        return
+    if threading.current_thread() is not threading.main_thread():  # handlers are main-thread only
+        for name in names:
+            importlib.import_module(name)
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+# What every command imports; export and bench also load ONNX.
+_HEAVY_IMPORTS = ("torch", "numpy", "netshrink.api", "netshrink.artifact", "netshrink.train")
+_ONNX_IMPORTS = ("onnx", "onnxruntime")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        import_holding_ctrl_c(*_HEAVY_IMPORTS, *(_ONNX_IMPORTS if args.command in ("export", "bench") else ()),
+                              *(("sklearn.datasets",) if getattr(args, "data", None) == "digits" else ()))
         return COMMANDS[args.command](args) or 0
     except NetshrinkError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -156,6 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:
+        if not _caused_by_ctrl_c(exc):
+            raise
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Some libraries wrap an interrupt that lands in their code (RuntimeError from __set_name__)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _console():
