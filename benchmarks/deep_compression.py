@@ -99,17 +99,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--paper-only", action="store_true", help="skip the configurations beyond the paper")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "deep_compression.md")
+    parser.add_argument("--keep-files", type=Path, help="keep the compressed .nsk files in this folder "
+                        "(benchmarks/codec.py encodes their weights with every codec)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep_files:
+            args.keep_files.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             dense, seconds = train_dense(name, args.dense_epochs, args.seed, args.augment, train, test)
             recipes = [netshrink.Recipe.load(f"deep-compression-{name}")]
             if not args.paper_only:
                 recipes += [netshrink.Recipe.from_steps(steps, label) for label, steps in FURTHER[name].items()]
-            results += [run(name, dense, seconds, recipe, args.seed, Path(tmp), train, test) for recipe in recipes]
+            results += [run(name, dense, seconds, recipe, args.seed, args.keep_files or Path(tmp), train, test)
+                        for recipe in recipes]
     lines = ["# Deep Compression on MNIST: paper's Table 1 vs netshrink", "",
              command_line(__file__),
              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "

@@ -197,6 +197,24 @@ def test_version_1_files_still_load():
     assert model.netshrink_manifest["info"] == {"note": "written by netshrink 0.1.0"}
 
 
+def test_version_2_files_still_load():
+    # Format 2 (netshrink 0.2-0.3): a safetensors tensor per weight, Huffman-coded sparse,
+    # codebook and grid-code tensors, per-tensor checksums. Pruned, shared, grouped-grid layers
+    # and an activation quantizer, each restored with its transform.
+    expected = json.loads((FIXTURES / "v2-lenet-digits.json").read_text())
+    model = netshrink.load(FIXTURES / "v2-lenet-digits.nsk")
+    x = netshrink.load_dataset("digits", "test").tensors[0][:32]
+    with torch.no_grad():
+        out = model(x)
+    assert torch.allclose(out[0], torch.tensor(expected["first_row"]), atol=1e-5)
+    assert abs(float(out.sum()) - expected["logits_sum"]) < 1e-3
+    for layer, kinds in expected["transforms"].items():
+        recorded = [t.record()["kind"] for t in netshrink.methods.base.transforms(model.get_submodule(layer))]
+        assert recorded == kinds, layer
+    assert model.fc2.input_quantizer.bits == 8
+    assert model.netshrink_manifest["info"] == {"note": "written by netshrink 0.3.0 (format version 2)"}
+
+
 def test_files_get_the_users_umask_and_orphaned_temporaries_are_removed(trained, tmp_path):
     path = tmp_path / "m.nsk"
     old = os.umask(0o022)
