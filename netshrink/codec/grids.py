@@ -1,0 +1,112 @@
+"""Finding the structure of a float tensor exactly: its distinct values (a codebook) and per-row
+integer grids (value = code * scale, bit for bit), which is what per-channel quantization and
+weight sharing produce. Used by the file coder, ``summary`` and the int8 ONNX export."""
+from __future__ import annotations
+
+import numpy as np
+
+MAX_GRID_CODE = 1 << 15
+
+
+def distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
+    """The sorted distinct values, or None when there are more than ``limit``. A strided sample is
+    counted first: when it alone exceeds the limit, so does the whole (dense float weights are
+    rejected without sorting millions of values)."""
+    if bits.size > 8 * limit:
+        sample = bits[:: bits.size // (4 * limit)]
+        if len(np.unique(sample)) > limit:
+            return None
+    distinct = np.unique(bits)
+    return distinct if len(distinct) <= limit else None
+
+
+# Candidate scales per row: the row's largest |value| over each symmetric qmax (2^(b-1) - 1, where
+# per-channel quantization puts the largest weight exactly), then its smallest |value| over small
+# integers (affine grids, shared grids). Every candidate is verified bit for bit.
+_FROM_MAX = (1, 3, 7, 15, 31, 63, 127)
+_FROM_MIN = (1, 2, 3, 4)
+_SAMPLE_ROWS = 32
+
+
+def grid(bits: np.ndarray, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-row scale s and integer codes k with float32(k * s) == value bit for bit, for values
+    given as float32 bit patterns with their (ascending) row numbers, or with ``rows`` an int:
+    every row holds that many values (a dense tensor); None when no candidate scale fits every row."""
+    if bits.size == 0:
+        return None
+    if isinstance(rows, (int, np.integer)):
+        return _dense_grid(bits.reshape(-1, int(rows)))
+    values = bits.view(np.float32)
+    if not np.isfinite(values).all():
+        return None
+    sample_end = np.searchsorted(rows, rows[0] + _SAMPLE_ROWS)
+    if sample_end < len(rows) and grid(bits[:sample_end], rows[:sample_end]) is None:
+        return None  # a grid holds on every row: a few rows reject most tensors cheaply
+    row_count = int(rows[-1]) + 1
+    magnitude = np.abs(values)
+    largest = np.zeros(row_count, dtype=np.float32)
+    smallest = np.full(row_count, np.inf, dtype=np.float32)
+    _row_reduce(np.maximum, largest, rows, magnitude)
+    _row_reduce(np.minimum, smallest, rows, np.where(values != 0, magnitude, np.inf))
+    scales = np.ones(row_count, dtype=np.float32)
+    # Rows arrive in ascending order, so per-row answers come from reductions over row starts
+    # (no np.unique / np.isin over the whole tensor: those dominated encoding time).
+    unresolved = np.zeros(row_count, dtype=bool)
+    unresolved[rows] = True
+    candidates = [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]
+    for reference, k in candidates:
+        trial = (reference.astype(np.float64) / k).astype(np.float32)
+        trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
+        selected = unresolved[rows]
+        v, r, b = (values, rows, bits) if selected.all() else (values[selected], rows[selected], bits[selected])
+        with np.errstate(over="ignore", invalid="ignore"):  # huge ratios simply fail the check
+            codes = np.rint(v / trial[r])
+            product = codes.astype(np.float32) * trial[r]
+        # Bit patterns, not float equality: -0.0 == 0.0 but would not survive the round trip.
+        # Integer codes have no -0, so a -0.0 value is off every grid.
+        exact = (np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b) & ((codes != 0) | (b == 0))
+        starts = np.flatnonzero(np.diff(r, prepend=-1))
+        good = r[starts][np.logical_and.reduceat(exact, starts)]
+        scales[good] = trial[good]
+        unresolved[good] = False
+        if not unresolved.any():
+            codes = np.rint(values / scales[rows]).astype(np.int64)
+            return scales, codes
+    return None
+
+
+def _dense_grid(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`grid` for a dense [rows, length] matrix of bit patterns: the same candidates and the
+    same bit-exact test, with reductions along an axis instead of over row-number arrays."""
+    values = bits.view(np.float32)
+    if not np.isfinite(values).all():
+        return None
+    if len(bits) > _SAMPLE_ROWS and _dense_grid(bits[:_SAMPLE_ROWS]) is None:
+        return None  # a grid holds on every row: a few rows reject most tensors cheaply
+    magnitude = np.abs(values)
+    largest = magnitude.max(axis=1)
+    smallest = np.where(values != 0, magnitude, np.inf).min(axis=1)
+    scales = np.ones(len(bits), dtype=np.float32)
+    unresolved = np.arange(len(bits))
+    for reference, k in [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]:
+        trial = (reference.astype(np.float64) / k).astype(np.float32)
+        trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
+        whole = len(unresolved) == len(bits)
+        v, b, t = (values, bits, trial) if whole else (values[unresolved], bits[unresolved], trial[unresolved])
+        with np.errstate(over="ignore", invalid="ignore"):
+            codes = np.rint(v / t[:, None])
+            product = codes.astype(np.float32) * t[:, None]
+        exact = ((np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b) & ((codes != 0) | (b == 0))).all(axis=1)
+        scales[unresolved[exact]] = t[exact]
+        unresolved = unresolved[~exact]
+        if unresolved.size == 0:
+            return scales, np.rint(values / scales[:, None]).astype(np.int64).ravel()
+    return None
+
+
+def _row_reduce(ufunc, out: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """Row-wise reduction for rows given in ascending order (reduceat: much faster than ufunc.at)."""
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    out[rows[starts]] = ufunc.reduceat(values, starts)
+
+

@@ -1,0 +1,367 @@
+"""How one float32 tensor is stored (file format 3). Exact: decode(encode(x)) is x bit for bit.
+
+A tensor is seen as a matrix (rows: output channels, the first dimension) and its values as
+integer symbols of one of three kinds:
+
+* ``grid``: per-row scale s and integer codes k with float32(k * s) == value (what per-channel
+  quantization produces, at any bit width; grouped grids reach the file as their codes);
+* ``codebook``: indices into the sorted distinct values (weight sharing, or few values);
+* ``float``: any values; the sign and exponent (9 bits) are the coded symbol, the 23 mantissa bits
+  are stored as they are (they are close to uniform: coding cannot shrink them).
+
+Where many values are zero (pruning, at any density), a **significance map** says which are
+not, and only those carry a value symbol. The map and the symbols are coded line by line with
+context-adaptive arithmetic coding (``codec.lines``): a map bit's context is whether the two
+previous lines are non-zero at the same offset; a symbol's context is the sign of the previous
+line's value there. Lines run along rows or along columns, whichever the encoder estimates is
+smaller (for a fully-connected layer on images, columns are input pixels: neighbours).
+
+Layout::
+
+    u8 kind                                   0 constant, 1 float, 2 grid, 3 codebook, 4 raw
+    constant: u32 value                       (also the empty tensor)
+    raw: u32 per value                        (when coding would not be smaller)
+    otherwise:
+    u8 flags                                  bit 0: lines along columns; bit 1: significance map
+    varint rows per line | varint alphabet
+    grid: varint row count; codebook: varint entry count    (those floats are coded like ``float``)
+    varint words | words: the range coder's output (u32, little-endian)
+    mantissas: 3 bytes per coded float (scales or entries first, then values), little-endian
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from ..errors import NetshrinkError
+from .grids import distinct_within, grid
+from .lines import MAX_ALPHABET, Models, _constriction, decode_lines, encode_lines
+from .streams import Reader, write_varint
+
+CONSTANT, FLOAT, GRID, CODEBOOK, RAW = 0, 1, 2, 3, 4
+NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook", RAW: "raw"}
+COLUMNS, MAP, VALUE_CONTEXT = 1, 2, 4
+EXPONENTS = 512  # float symbols: (8 exponent bits - the lowest present) * 2 + sign
+# Lines per tensor: each costs a few calls in Python. With contexts, lines are what neighbours
+# are, so small tensors keep every row or column; without contexts lines only pace adaptation.
+MAX_LINES, MAX_LINES_LARGE, LARGE, MAX_LINES_PLAIN = 1024, 256, 1 << 20, 16
+CONTEXT_GAIN = 0.01  # value contexts are used when they save at least this share of the estimate
+# A map pays when zeros are common: below these shares a zero is cheaper as a value symbol.
+MAP_SHARE = {GRID: 0.2, CODEBOOK: 0.2, FLOAT: 0.01}
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    size = math.prod(shape)
+    rows = shape[0] if len(shape) > 1 and shape[0] else 1
+    return rows, size // rows
+
+
+def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
+    """Encode a float32 array (its shape is stored by the caller). ``stats``, when given, receives
+    the kind and the bits spent on positions (the map) and on values."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    bits = array.ravel().view(np.uint32)
+    if bits.size == 0 or (bits == bits[0]).all():
+        if stats is not None:
+            stats.update(kind="constant", position_bits=0, value_bits=32)
+        return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
+    rows, width = matrix_shape(array.shape)
+    kind, symbols, side, low = _symbols(bits, rows, width)
+    nonzero = bits != 0
+    use_map = 1 - nonzero.mean() >= MAP_SHARE[kind]
+    signs = _sign_table(kind, int(symbols.max()) + 1, side, low)[symbols]
+    if use_map:
+        signs = np.where(nonzero, signs, 0)
+    # Both line directions are estimated on the top-left corner (at most 512 x 512): enough to
+    # see the structure, and cheap for large tensors.
+    corner = (slice(0, 512), slice(0, 512))
+    columns, value_context = _choose_lines(
+        nonzero.reshape(rows, width)[corner] if use_map else None, signs.reshape(rows, width)[corner])
+    alphabet = int(symbols.max()) + 1
+    flags = (COLUMNS if columns else 0) | (MAP if use_map else 0) | (VALUE_CONTEXT if value_context else 0)
+    out = io.BytesIO()
+    out.write(bytes([kind, flags]))
+    layout = Layout(rows, width, flags)
+    write_varint(out, layout.group)
+    write_varint(out, alphabet)
+    if kind == FLOAT:
+        out.write(bytes([low]))
+    else:
+        side_low, side_symbols = float_symbols(side)
+        write_varint(out, len(side))
+        out.write(bytes([side_low]))
+        write_varint(out, int(side_symbols.max()) + 1)
+
+    coder = _constriction().stream.queue.RangeEncoder()
+    mantissas = []
+    if kind != FLOAT:  # scales or codebook entries: their exponents, then (below) their mantissas
+        encode_lines(coder, side_symbols, np.array([0, len(side)]), Models(int(side_symbols.max()) + 1, 1))
+        mantissas.append(side)
+    side_bits = coder.num_bits()
+    bounds, m = layout.bounds(), layout.line_length
+    if use_map:
+        oriented_nonzero = layout.orient(nonzero).astype(np.int64)
+        contexts = np.zeros_like(oriented_nonzero)
+        contexts[m:] += oriented_nonzero[:-m]
+        contexts[2 * m:] += 2 * oriented_nonzero[:-2 * m]
+        encode_lines(coder, oriented_nonzero, bounds, Models(2, 4), contexts)
+        positions = np.flatnonzero(oriented_nonzero)
+        value_bounds = np.searchsorted(positions, bounds)
+    else:
+        positions, value_bounds = None, bounds
+    position_bits = coder.num_bits() - side_bits
+    oriented = layout.orient(symbols)
+    coded = oriented if positions is None else oriented[positions]
+    contexts = None
+    if value_context:
+        oriented_signs = layout.orient(signs)
+        previous = np.zeros_like(oriented_signs)
+        previous[m:] = oriented_signs[:-m]
+        contexts = previous if positions is None else previous[positions]
+    encode_lines(coder, coded, value_bounds, Models(alphabet, 3 if value_context else 1), contexts)
+    if kind == FLOAT:
+        mantissas.append(layout.orient(bits) if positions is None else layout.orient(bits)[positions])
+    words = coder.get_compressed()
+    write_varint(out, len(words))
+    out.write(words.astype("<u4").tobytes())
+    for part in mantissas:
+        out.write(_mantissa_bytes(part))
+    data = out.getvalue()
+    if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
+        position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
+    if stats is not None:
+        stats.update(kind=NAMES[data[0]], position_bits=position_bits,
+                     value_bits=8 * len(data) - position_bits)
+    return data
+
+
+def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode a float32 array of ``shape`` from bytes written by :func:`encode`."""
+    shape = tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    reader = Reader(data)
+    kind = reader.u8()
+    if kind == CONSTANT:
+        value = np.frombuffer(reader.take(4), dtype="<u4")[0]
+        _finish(reader)
+        return np.full(size, value, dtype=np.uint32).view(np.float32).reshape(shape)
+    if kind == RAW:
+        out = np.frombuffer(reader.take(4 * size), dtype="<u4").view(np.float32).reshape(shape).copy()
+        _finish(reader)
+        return out
+    if kind not in NAMES or size == 0:
+        raise NetshrinkError(f"encoded tensor is corrupt (kind {kind} for {size} values)")
+    flags = reader.u8()
+    rows, width = matrix_shape(shape)
+    group, alphabet = reader.varint(), reader.varint()
+    layout = Layout(rows, width, flags, group)
+    low = side_count = side_low = side_alphabet = 0
+    if kind == FLOAT:
+        low = reader.u8()
+    else:
+        side_count, side_low, side_alphabet = reader.varint(), reader.u8(), reader.varint()
+    if side_count > (rows if kind == GRID else MAX_ALPHABET) or alphabet > MAX_ALPHABET \
+            or (kind == CODEBOOK and alphabet > side_count) or (kind == FLOAT and alphabet > EXPONENTS) \
+            or side_alphabet > EXPONENTS or (side_count and not side_alphabet):
+        raise NetshrinkError("encoded tensor is corrupt (bad header)")
+    words = np.frombuffer(reader.take(4 * reader.varint()), dtype="<u4").astype(np.uint32)
+    coder = _constriction().stream.queue.RangeDecoder(words)
+    side = None
+    if kind != FLOAT:
+        side = floats(decode_lines(coder, np.array([0, side_count]), Models(side_alphabet, 1)), side_low, reader)
+        if kind == GRID and side_count != rows:
+            raise NetshrinkError("encoded tensor is corrupt (grid scales)")
+    bounds = layout.bounds()
+    if flags & MAP:
+        nonzero = np.zeros(size, dtype=bool)
+
+        def record_map(i, line):
+            nonzero[bounds[i]:bounds[i + 1]] = line
+
+        decode_lines(coder, bounds, Models(2, 4), _map_contexts(nonzero, bounds), record_map)
+        positions = np.flatnonzero(nonzero)
+        value_bounds = np.searchsorted(positions, bounds)
+    else:
+        positions, value_bounds = None, bounds
+    signs = np.zeros(size, dtype=np.int8)
+    sign_of = _sign_table(kind, alphabet, side, low)
+
+    def record_signs(i, line):
+        where = slice(bounds[i], bounds[i + 1]) if positions is None else positions[value_bounds[i]:value_bounds[i + 1]]
+        signs[where] = sign_of[line]
+
+    if flags & VALUE_CONTEXT:
+        coded = decode_lines(coder, value_bounds, Models(alphabet, 3),
+                             _value_contexts(signs, positions, value_bounds, layout.line_length), record_signs)
+    else:
+        coded = decode_lines(coder, value_bounds, Models(alphabet, 1))
+    if kind == FLOAT:
+        values = floats(coded, low, reader)
+    elif kind == CODEBOOK:
+        values = side[coded]
+    else:  # grid codes as floats, one table look-up (zigzag: 0, -1, 1, -2, 2, ...)
+        table = np.arange(alphabet)
+        values = np.where(table % 2 == 0, table // 2, -(table + 1) // 2).astype(np.float32).view(np.uint32)[coded]
+    _finish(reader)
+    if positions is None:
+        oriented = values
+    else:
+        oriented = np.zeros(size, dtype=np.uint32)
+        oriented[positions] = values
+    out = layout.restore(oriented).view(np.float32)
+    if kind == GRID:
+        out = out.reshape(rows, width) * side.view(np.float32)[:, None]
+    return out.reshape(shape)
+
+
+def encoding_name(data: bytes) -> str:
+    return NAMES.get(data[0], "?") if data else "?"
+
+
+class Layout:
+    """The order symbols are coded in: the matrix's rows or its columns, ``group`` of them per
+    line (at most ``MAX_LINES`` lines)."""
+
+    def __init__(self, rows: int, width: int, flags: int, group: int | None = None) -> None:
+        self.rows, self.width, self.columns = rows, width, bool(flags & COLUMNS)
+        lines, length = (width, rows) if self.columns else (rows, width)
+        if group is None:
+            most = MAX_LINES_PLAIN if not flags & (MAP | VALUE_CONTEXT) else MAX_LINES_LARGE if rows * width > LARGE else MAX_LINES
+            group = max(1, -(-lines // most))
+        self.group = group
+        if not 1 <= self.group <= max(lines, 1):
+            raise NetshrinkError("encoded tensor is corrupt (bad line length)")
+        self.line_length = self.group * length
+        self.size = rows * width
+
+    def orient(self, flat: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(flat.reshape(self.rows, self.width).T).ravel() if self.columns else flat
+
+    def restore(self, flat: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(flat.reshape(self.width, self.rows).T).ravel() if self.columns else flat
+
+    def bounds(self) -> np.ndarray:
+        return np.append(np.arange(0, self.size, self.line_length), self.size)
+
+
+def _symbols(bits: np.ndarray, rows: int, width: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """(kind, one symbol per value, side floats: grid scales or codebook entries as bit patterns)."""
+    found = grid(bits, width)
+    if found is not None:
+        scales, codes = found
+        zigzag = np.where(codes >= 0, 2 * codes, -2 * codes - 1)
+        if zigzag.max() < MAX_ALPHABET:
+            return GRID, zigzag, scales.view(np.uint32), 0
+    # A codebook entry costs a float (~29 bits): worth it only when entries repeat.
+    distinct = distinct_within(bits, min(MAX_ALPHABET, bits.size // 4))
+    if distinct is not None:
+        return CODEBOOK, np.searchsorted(distinct, bits).astype(np.int64), distinct, 0
+    low, symbols = float_symbols(bits)
+    return FLOAT, symbols, None, low
+
+
+def _sign_table(kind: int, alphabet: int, side: np.ndarray | None, low: int) -> np.ndarray:
+    """Sign class of each symbol: 0 zero, 1 negative, 2 positive."""
+    symbols = np.arange(alphabet)
+    if kind == GRID:  # zigzag: 0, -1, 1, -2, 2, ...
+        return np.where(symbols == 0, 0, np.where(symbols % 2 == 1, 1, 2))
+    if kind == CODEBOOK:
+        entries = side[:alphabet]
+        return np.where(entries == 0, 0, np.where(entries >> 31 == 1, 1, 2))
+    zero = (symbols == 0) & (low == 0)  # +0.0 (and positive subnormals)
+    return np.where(zero, 0, np.where(symbols % 2 == 1, 1, 2))
+
+
+def _map_contexts(nonzero: np.ndarray, bounds: np.ndarray):
+    """Context of a map bit: is the same offset non-zero one and two lines back (4 contexts).
+    ``nonzero`` is read as decoding fills it."""
+    def context_of(i: int) -> np.ndarray:
+        length = bounds[i + 1] - bounds[i]
+        context = np.zeros(length, dtype=np.int64)
+        for back, weight in ((1, 1), (2, 2)):
+            if i >= back:
+                start = bounds[i - back]
+                context += weight * nonzero[start:start + length]
+        return context
+    return context_of
+
+
+def _value_contexts(signs: np.ndarray, positions: np.ndarray | None, value_bounds: np.ndarray, line_length: int):
+    """Context of a value: the sign class of the value one line back at the same offset."""
+    def context_of(i: int) -> np.ndarray:
+        if positions is None:
+            start = value_bounds[i]
+            where = np.arange(start, value_bounds[i + 1])
+        else:
+            where = positions[value_bounds[i]:value_bounds[i + 1]]
+        if i == 0:
+            return np.zeros(where.size, dtype=np.int64)
+        return signs[where - line_length]
+    return context_of
+
+
+def _choose_lines(nonzero: np.ndarray | None, signs: np.ndarray) -> tuple[bool, bool]:
+    """(lines along columns, value contexts on) for a [rows, width] matrix of sign classes (and
+    its non-zero map): static per-context entropy estimates of both line directions, with and
+    without value contexts (a few histograms)."""
+    rows, width = signs.shape
+    signs = signs.ravel()
+    nonzero = None if nonzero is None else np.ascontiguousarray(nonzero).ravel()
+    options = []
+    for columns in ((False, True) if rows > 1 and width > 1 else (False,)):
+        flags = (COLUMNS if columns else 0) | VALUE_CONTEXT | (MAP if nonzero is not None else 0)
+        m = Layout(rows, width, flags).line_length
+        s = Layout(rows, width, flags).orient(signs)
+        keep = slice(None)
+        cost = 0.0
+        if nonzero is not None:
+            bits = Layout(rows, width, flags).orient(nonzero).astype(np.int64)
+            context = np.zeros_like(bits)
+            context[m:] += bits[:-m]
+            context[2 * m:] += 2 * bits[:-2 * m]
+            cost = _entropy(context * 2 + bits, 2)
+            keep = bits.astype(bool)
+        previous = np.zeros_like(s)
+        previous[m:] = s[:-m]
+        with_context, without = _entropy((previous * 3 + s)[keep], 3), _entropy(s[keep], 3)
+        options.append((cost + min(with_context, without), columns, with_context < (1 - CONTEXT_GAIN) * without))
+    _, columns, value_context = min(options)
+    return columns, value_context
+
+
+def _entropy(joint: np.ndarray, alphabet: int) -> float:
+    """Bits to code each symbol given its context (static model); ``joint`` is context * alphabet
+    + symbol."""
+    table = np.bincount(joint, minlength=alphabet).reshape(-1, alphabet).astype(np.float64)
+    totals = table.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(table > 0, np.log2(table / totals), 0)
+    return float(-(table * logs).sum())
+
+
+def float_symbols(bits: np.ndarray) -> tuple[int, np.ndarray]:
+    """(lowest exponent byte, one symbol per float: (exponent - lowest) * 2 + sign)."""
+    exponents = ((bits >> 23) & 0xFF).astype(np.int64)
+    low = int(exponents.min())
+    return low, (exponents - low) * 2 + (bits >> 31).astype(np.int64)
+
+
+def _mantissa_bytes(bits: np.ndarray) -> bytes:
+    return (bits.astype("<u4") & 0x7FFFFF).view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+
+
+def floats(symbols: np.ndarray, low: int, reader: Reader) -> np.ndarray:
+    """Float bit patterns from their symbols (:func:`float_symbols`) and the next stored mantissas."""
+    exponents = symbols.astype(np.uint32) // 2 + low
+    if exponents.size and exponents.max() > 0xFF:
+        raise NetshrinkError("encoded tensor is corrupt (exponent out of range)")
+    raw = np.frombuffer(reader.take(3 * symbols.size), dtype=np.uint8).reshape(-1, 3)
+    mantissa = raw[:, 0].astype(np.uint32) | raw[:, 1].astype(np.uint32) << 8 | raw[:, 2].astype(np.uint32) << 16
+    return (symbols.astype(np.uint32) % 2) << 31 | exponents << 23 | mantissa
+
+
+def _finish(reader: Reader) -> None:
+    if reader.pos != len(reader.data):
+        raise NetshrinkError("encoded tensor is corrupt (trailing bytes)")
