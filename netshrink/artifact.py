@@ -23,9 +23,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from .codec import tensors as codec
+from .codec import tensors as format2_codec
+from .codec import weights as codec
+from .codec.streams import Reader, write_varint
 from .errors import NetshrinkError
 from .files import atomic_write
 from .methods import TRANSFORMS
@@ -45,11 +49,23 @@ from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserv
                            transforms)
 from .models import model_from_spec, spec_of
 
-FORMAT, VERSION, READS = "netshrink", 2, (1, 2)
+FORMAT, VERSION, READS = "netshrink", 3, (1, 2, 3)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
 MAX_DIMS = 8
+BLOB = "netshrink"  # format 3: the one safetensors tensor, a uint8 blob
+DIGEST_BYTES = 32
+# Format 3 compresses its manifest with this preset dictionary (zlib's zdict): the words every
+# manifest repeats, so a small model's manifest costs its own names and numbers, not the
+# vocabulary. Part of the format: never change it (a new dictionary needs a new version).
+MANIFEST_WORDS = (b'"transforms":{"kind":"fixed-grid","bits":4,"scheme":"symmetric","group_size":null,"label":"gptq"}'
+                  b'{"kind":"learned-step","per_channel":true}{"kind":"quantize","bits":8,"scheme":"affine"}'
+                  b'{"kind":"clip","threshold":,"value":}"activation_quantizers":{"recipe":[{"prune":{"keep":'
+                  b'"share":{"bits":"finetune":{"epochs":,"lr":"info":{".parametrizations.weight.0.scale"'
+                  b'"dtype":"<i8"},"same_as":"grid":0}]"in_shape":[1,28,28],"classes":10},"tensors":[["'
+                  b'.weight",[.bias",[.running_mean",[.running_var",[.num_batches_tracked",[],8,{"dtype":"<i8"}]'
+                  b'{"kind":"codebook"}{"kind":"mask","label":"prune"}{"model":{"name":"lenet-300-100"')
 STATE_KEY = ".parametrizations.weight."  # transform tensors: <layer>.parametrizations.weight.<i>.<name>
 
 
@@ -152,44 +168,69 @@ def _file_digest(data: bytes, at: int, length: int) -> str:
 
 
 def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
-    """Serialise ``model`` (its transforms baked into a copy; the model itself is not changed)."""
+    """Serialise ``model`` (its transforms baked into a copy; the model itself is not changed).
+
+    Format 3: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
+
+        32 bytes  SHA-256 of the whole file, computed with these 32 bytes zeroed
+        varint    manifest length | the manifest: JSON, raw-deflate compressed
+        payloads  each tensor's bytes in manifest order (``codec.weights`` for float32 tensors,
+                  little-endian raw bytes for others)
+
+    The manifest lists tensors as ``[name, shape, payload bytes, extras]`` (extras: ``dtype``
+    when not float32, ``grid`` for weights stored as grid codes, ``same_as`` for a tensor stored
+    once under another name) and omits empty fields; so a small model's whole overhead, header
+    included, is a few hundred bytes."""
     quantizers = {name: m.input_quantizer.bits for name, m in model.named_modules()
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
-    stored: dict[str, np.ndarray] = {}
-    entries: dict[str, dict] = {}
-    seen: dict[tuple, tuple[str, np.ndarray]] = {}
     records, transform_arrays = transform_records(model)
     arrays = stored_arrays(model)
     codes = grid_codes(model, arrays)
     for name, (position, array) in codes.items():
         arrays[name] = array
+    table, payloads = [], []
+    seen: dict[tuple, tuple[str, np.ndarray]] = {}
     for name, array in {**arrays, **transform_arrays}.items():
-        entry: dict[str, Any] = {"shape": list(array.shape), "sha": _digest(array)}
+        extras: dict[str, Any] = {}
         if name in codes:
-            entry["grid"] = codes[name][0]
-        key = (entry["sha"], array.dtype.str, array.shape)
+            extras["grid"] = codes[name][0]
+        key = (_digest(array), array.dtype.str, array.shape)
         if key in seen and np.array_equal(seen[key][1], array):
             # Tied weights (an embedding shared with an output layer) and identical tensors are
             # stored once; the manifest points the others at that copy.
-            entries[name] = {**entry, "same_as": seen[key][0]}
+            table.append([name, list(array.shape), 0, {**extras, "same_as": seen[key][0]}])
             continue
         seen.setdefault(key, (name, array))
-        if array.dtype == np.float32 and array.size:
-            encoded = codec.encode(array)
-            if encoded[0] != codec.RAW:
-                stored[name] = np.frombuffer(encoded, dtype=np.uint8)
-                entry["enc"] = codec.encoding_name(encoded)
-                entries[name] = entry
-                continue
-        stored[name] = np.ascontiguousarray(array).reshape(array.shape)  # keeps 0-d tensors 0-d
-        entries[name] = entry
-    manifest = {"format": FORMAT, "version": VERSION, "model": spec_of(model),
-                "recipe": recipe or [], "activation_quantizers": quantizers, "tensors": entries,
-                "transforms": records, "info": info or {}}
-    data = st_save(stored, metadata={KEY: json.dumps(manifest, separators=(",", ":")), DIGEST_KEY: _ZEROS})
-    marker = _digest_marker(_ZEROS)
-    at = data.find(marker, 8, 8 + int.from_bytes(data[:8], "little"))
-    return data[:at] + _digest_marker(_file_digest(data, at, len(marker))) + data[at + len(marker):]
+        if array.dtype == np.float32:
+            payload = codec.encode(array)
+        else:
+            extras["dtype"] = array.dtype.newbyteorder("<").str
+            payload = np.ascontiguousarray(array, dtype=extras["dtype"]).tobytes()
+        table.append([name, list(array.shape), len(payload)] + ([extras] if extras else []))
+        payloads.append(payload)
+    manifest = {"model": spec_of(model), "tensors": table}
+    manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
+                                                   ("transforms", records), ("info", info)) if value})
+    return assemble(json.dumps(manifest, separators=(",", ":")), payloads)
+
+
+def assemble(manifest: str, payloads: list[bytes]) -> bytes:
+    """A format-3 file from its manifest text and tensor payloads, checksum set."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=MANIFEST_WORDS)
+    packed = packer.compress(manifest.encode()) + packer.flush()
+    head = io.BytesIO()
+    head.write(bytes(DIGEST_BYTES))
+    write_varint(head, len(packed))
+    blob = np.frombuffer(b"".join([head.getvalue(), packed, *payloads]), dtype=np.uint8)
+    data = bytearray(st_save({BLOB: blob}, metadata={KEY: str(VERSION)}))
+    at = _blob_offset(data)
+    data[at:at + DIGEST_BYTES] = hashlib.sha256(data).digest()
+    return bytes(data)
+
+
+def _blob_offset(data: bytes | bytearray) -> int:
+    """Where the blob's bytes start: after the 8-byte header size and the header."""
+    return 8 + int.from_bytes(data[:8], "little")
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = None,
@@ -260,7 +301,7 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
                 and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
-                and isinstance(entry.get("sha"), str)):
+                and isinstance(entry.get("sha", ""), str)):
             raise _corrupt(source, f"bad entry for tensor {name!r}")
         if name in copies:
             original = tensors.get(entry["same_as"]) if isinstance(entry["same_as"], str) else None
@@ -269,7 +310,7 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
             continue
         array = stored[name]
         if "enc" in entry:
-            if entry["enc"] not in codec.NAMES.values() or array.dtype != np.uint8 or array.ndim != 1:
+            if entry["enc"] not in ("weights", *format2_codec.NAMES.values()) or array.dtype != np.uint8 or array.ndim != 1:
                 raise _corrupt(source, f"bad encoding for tensor {name!r}")
             total += 4 * math.prod(shape)
         else:
@@ -295,9 +336,20 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
 
 def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np.ndarray]]:
     """The checked manifest and the stored (still encoded) arrays of a file's bytes."""
-    metadata = _header(data, source).get("__metadata__", {})
+    header = _header(data, source)
+    metadata = header.get("__metadata__", {})
     if KEY not in metadata:
         raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
+    if isinstance(metadata[KEY], str) and metadata[KEY].isdigit():
+        manifest, stored = _read_format3(data, header, source)
+    else:
+        manifest, stored = _read_format2(data, metadata, source)
+    _check_manifest(manifest, stored, source)
+    return manifest, stored
+
+
+def _read_format2(data: bytes, metadata: dict, source: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Formats 1 and 2: the manifest in the metadata, one safetensors tensor per stored tensor."""
     if DIGEST_KEY in metadata:
         _verify_digest(data, metadata, source)
     try:
@@ -306,16 +358,77 @@ def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np
         raise _corrupt(source, "manifest is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
-    if manifest.get("version") not in READS:
-        raise NetshrinkError(f"{source} has format version {manifest.get('version')!r}; this netshrink reads "
-                             f"{', '.join(map(str, READS))}")
+    if manifest.get("version") not in (1, 2):
+        raise _corrupt(source, f"format version {manifest.get('version')!r} in a format-2 layout")
     if manifest["version"] >= 2 and DIGEST_KEY not in metadata:
         raise _corrupt(source, "its checksum is missing")
     try:
         stored = st_load(bytes(data))
     except Exception as exc:  # safetensors raises several types for inconsistent headers
         raise _corrupt(source, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'bad layout'}") from None
-    _check_manifest(manifest, stored, source)
+    return manifest, stored
+
+
+def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Format 3: one uint8 blob (see :func:`to_bytes`); returns the manifest with its tensor table
+    as ``{name: entry}`` and each stored tensor's payload (float32: still encoded)."""
+    version = int(header["__metadata__"][KEY])
+    if version not in READS:
+        raise NetshrinkError(f"{source} has format version {version}; this netshrink reads "
+                             f"{', '.join(map(str, READS))}")
+    at = _blob_offset(data)
+    blob = header.get(BLOB)
+    size = len(data) - at
+    if set(header) != {"__metadata__", BLOB} or not isinstance(blob, dict) or blob.get("dtype") != "U8" \
+            or blob.get("shape") != [size] or blob.get("data_offsets") != [0, size] or size < DIGEST_BYTES:
+        raise _corrupt(source, "unexpected safetensors layout")
+    zeroed = bytearray(data)
+    zeroed[at:at + DIGEST_BYTES] = bytes(DIGEST_BYTES)
+    if hashlib.sha256(zeroed).digest() != bytes(data[at:at + DIGEST_BYTES]):
+        raise NetshrinkError(f"{source} fails its checksum: the file was damaged or changed after it was written")
+    reader = Reader(memoryview(data)[at + DIGEST_BYTES:])
+    try:
+        unpacker = zlib.decompressobj(-15, zdict=MANIFEST_WORDS)
+        text = unpacker.decompress(bytes(reader.take(reader.varint())), MAX_HEADER)
+        if unpacker.unconsumed_tail or not unpacker.eof:
+            raise _corrupt(source, "manifest too large or cut short")
+        manifest = json.loads(text)
+    except (zlib.error, ValueError, UnicodeDecodeError, RecursionError, NetshrinkError):
+        raise _corrupt(source, "manifest is not compressed JSON") from None
+    if not isinstance(manifest, dict):
+        raise _corrupt(source, "manifest is not a JSON object")
+    manifest.update(format=FORMAT, version=version)  # the header says both
+    table = manifest.get("tensors")
+    if not isinstance(table, list):
+        raise _corrupt(source, "manifest has no tensor table")
+    tensors, stored = {}, {}
+    for row in table:
+        if not (isinstance(row, list) and len(row) in (3, 4) and isinstance(row[0], str) and row[0] not in tensors
+                and isinstance(row[2], int) and not isinstance(row[2], bool) and row[2] >= 0
+                and (len(row) == 3 or isinstance(row[3], dict))):
+            raise _corrupt(source, f"bad tensor entry {str(row)[:60]}")
+        name, shape, length = row[:3]
+        extras = dict(row[3]) if len(row) == 4 else {}
+        entry = {"shape": shape, **{k: extras[k] for k in ("grid", "same_as") if k in extras}}
+        tensors[name] = entry
+        if "same_as" in entry:
+            continue
+        payload = reader.take(length)
+        dtype = extras.get("dtype")
+        if dtype is None:
+            entry["enc"] = "weights"
+            stored[name] = np.frombuffer(payload, dtype=np.uint8)
+            continue
+        if not (isinstance(dtype, str) and len(dtype) == 3 and dtype[0] in "<|" and dtype[1] in "biuf" and dtype[2] in "1248"):
+            raise _corrupt(source, f"bad dtype for tensor {name!r}")
+        itemsize = np.dtype(dtype).itemsize
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) \
+                or length != itemsize * math.prod(shape):
+            raise _corrupt(source, f"tensor {name!r} does not fill its shape")
+        stored[name] = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    if reader.pos != len(reader.data):
+        raise _corrupt(source, "trailing bytes after the last tensor")
+    manifest["tensors"] = tensors
     return manifest, stored
 
 
@@ -328,12 +441,14 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
         array = stored[name]
         if "enc" in entry:
             try:
-                array = codec.decode(array.tobytes(), shape)
+                coder = codec if entry["enc"] == "weights" else format2_codec
+                array = coder.decode(array.tobytes(), shape)
             except NetshrinkError as exc:
                 raise NetshrinkError(f"{source}: tensor {name!r}: {exc}") from None
-            except (ValueError, IndexError, OverflowError, MemoryError) as exc:
+            except (ValueError, IndexError, OverflowError, MemoryError, AssertionError) as exc:
+                # (constriction asserts on words no encoder could have written)
                 raise _corrupt(source, f"tensor {name!r} does not decode: {type(exc).__name__}") from None
-        if tuple(array.shape) != shape or _digest(array) != entry["sha"]:
+        if tuple(array.shape) != shape or ("sha" in entry and _digest(array) != entry["sha"]):
             raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
         state[name] = torch.from_numpy(np.array(array))
     for name, entry in manifest["tensors"].items():

@@ -15,18 +15,57 @@ from __future__ import annotations
 
 import hashlib
 import random
+import zlib
 
-from .artifact import DIGEST_KEY, _digest_marker, _file_digest, _header
+from .artifact import BLOB, DIGEST_BYTES, DIGEST_KEY, MANIFEST_WORDS, _blob_offset, _digest_marker, _file_digest, _header, assemble
+from .codec.streams import Reader
 
-KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "header length", "json edit")
+KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "header length", "json edit",
+         "manifest edit")
+
+
+def manifest_text(data: bytes) -> tuple[str, bytes] | None:
+    """A format-3 file's manifest JSON and the payload bytes after it (None if unreadable)."""
+    try:
+        at = _blob_offset(data)
+        reader = Reader(memoryview(data)[at + DIGEST_BYTES:])
+        text = zlib.decompressobj(-15, zdict=MANIFEST_WORDS).decompress(bytes(reader.take(reader.varint()))).decode()
+        return text, bytes(reader.data[reader.pos:])
+    except Exception:  # noqa: BLE001 - damaged input is simply not edited
+        return None
+
+
+def edit_manifest(data: bytes, old: str, new: str) -> bytes:
+    """A format-3 file with ``old`` replaced by ``new`` in its manifest, keeping the old checksum
+    (so the file fails it; :func:`reseal` makes it pass)."""
+    text, payloads = manifest_text(data)
+    if old not in text:
+        raise ValueError(f"{old!r} is not in the manifest")
+    return _with_manifest(data, text.replace(old, new, 1), payloads)
+
+
+def _with_manifest(data: bytes, text: str, payloads: bytes) -> bytes:
+    edited = bytearray(assemble(text, [payloads]))
+    at, old_at = _blob_offset(edited), _blob_offset(data)
+    edited[at:at + DIGEST_BYTES] = data[old_at:old_at + DIGEST_BYTES]
+    return bytes(edited)
 
 
 def reseal(data: bytes) -> bytes:
     """``data`` with its whole-file checksum recomputed (unchanged if the header is unreadable)."""
     try:
-        digest = _header(data, "file").get("__metadata__", {}).get(DIGEST_KEY)
+        header = _header(data, "file")
+        digest = header.get("__metadata__", {}).get(DIGEST_KEY)
     except Exception:  # noqa: BLE001 - an unreadable header is simply left as it is
         return data
+    if BLOB in header:  # format 3: SHA-256 at the start of the blob
+        at = _blob_offset(data)
+        if len(data) < at + DIGEST_BYTES:
+            return data
+        zeroed = bytearray(data)
+        zeroed[at:at + DIGEST_BYTES] = bytes(DIGEST_BYTES)
+        zeroed[at:at + DIGEST_BYTES] = hashlib.sha256(zeroed).digest()
+        return bytes(zeroed)
     if not isinstance(digest, str):
         return data
     marker = _digest_marker(digest)
@@ -57,6 +96,15 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     elif kind == "header length":
         claimed = rng.choice((0, 1, len(data), 1 << 40, (1 << 64) - 1, max(0, header_end - 8 + rng.randint(-4, 4))))
         out[:8] = claimed.to_bytes(8, "little")
+    elif kind == "manifest edit":  # change one number in a format-3 manifest to an extreme
+        found = manifest_text(data)
+        if found is not None:
+            text, _ = found
+            digits = [i for i, c in enumerate(text) if c.isdigit()]
+            if digits:
+                i = rng.choice(digits)
+                replacement = rng.choice(("0", "9999999999", "-1", "2147483648", "1e308", "3"))
+                out = bytearray(_with_manifest(data, text[:i] + replacement + text[i + 1:], found[1]))
     else:  # json edit: change one number in the header to an extreme
         header = bytes(out[8:header_end])
         digits = [i for i, c in enumerate(header) if chr(c).isdigit()]

@@ -15,7 +15,7 @@ import torch
 
 import netshrink
 from netshrink import artifact
-from netshrink.fuzz import fingerprint, mutate, reseal
+from netshrink.fuzz import edit_manifest, fingerprint, manifest_text, mutate, reseal
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -90,25 +90,16 @@ def test_failed_load_leaves_the_callers_model_exactly_as_it_was(trained, digits,
     assert loaded is other and torch.equal(other(digits[1].tensors[0]), source(digits[1].tensors[0]))
 
 
-def _edit_header(data: bytes, old: str, new: str) -> bytes:
-    size = int.from_bytes(data[:8], "little")
-    header = data[8:8 + size].decode()
-    assert old in header, old
-    edited = header.replace(old, new, 1)
-    edited += " " * (size - len(edited)) if len(edited) <= size else ""
-    return len(edited).to_bytes(8, "little") + edited.encode() + data[8 + size:]
-
-
 def test_every_byte_is_covered_by_the_checksum(trained, digits, tmp_path):
     model = _compressed(trained, digits)
     netshrink.save(model, tmp_path / "m.nsk")
     data = (tmp_path / "m.nsk").read_bytes()
-    edits = [('\\"fc1\\":8', '\\"fc1\\":4'),  # an activation bit width
-             ('"shape":[100],', '"shape":[10,10],'),  # a raw tensor's shape
-             ('"dtype":"F32"', '"dtype":"I32"')]
+    edits = [('"fc1":8', '"fc1":4'),  # an activation bit width
+             ('"fc1.bias",[300]', '"fc1.bias",[30,10]'),  # a tensor's shape
+             ('"name":"lenet-300-100"', '"name":"mlp"')]
     for old, new in edits:
         path = tmp_path / "edited.nsk"
-        path.write_bytes(_edit_header(data, old, new))
+        path.write_bytes(edit_manifest(data, old, new))
         with pytest.raises(netshrink.NetshrinkError, match="checksum"):
             netshrink.load(path)
     for position in range(8, len(data), max(1, len(data) // 97)):  # one flipped bit anywhere
@@ -124,15 +115,15 @@ def test_forged_files_cannot_make_loading_allocate_or_hang(trained, digits, tmp_
     netshrink.prune(trained, keep=0.1)
     netshrink.save(trained, tmp_path / "m.nsk")
     data = (tmp_path / "m.nsk").read_bytes()
-    header = data[8:8 + int.from_bytes(data[:8], "little")].decode()
-    fc1_shape = re.search(r'\\"fc1.weight\\":\{\\"shape\\":\[(\d+),(\d+)\]', header)
     forgeries = {
-        "huge encoded shape": (fc1_shape.group(0), fc1_shape.group(0).replace(fc1_shape.group(1), "999999999999")),
-        "huge spec": ('\\"in_shape\\":[1,8,8]', '\\"in_shape\\":[1,4096,4096]'),
-        "unknown transform": ('\\"kind\\":\\"mask\\"', '\\"kind\\":\\"pickle\\"'),
+        "huge encoded shape": ('"fc1.weight",[300,64]', '"fc1.weight",[999999999999,64]'),
+        "huge spec": ('"in_shape":[1,8,8]', '"in_shape":[1,4096,4096]'),
+        "unknown transform": ('"kind":"mask"', '"kind":"pickle"'),
     }
+    length = re.search(r'"fc1.weight",\[300,64\],(\d+)', manifest_text(data)[0]).group(0)
+    forgeries["payload beyond the file"] = (length, re.sub(r"\d+$", "99999999999", length))
     for label, (old, new) in forgeries.items():
-        (tmp_path / "f.nsk").write_bytes(reseal(_edit_header(data, old, new)))
+        (tmp_path / "f.nsk").write_bytes(reseal(edit_manifest(data, old, new)))
         tracemalloc.start()
         started = time.perf_counter()
         with pytest.raises(netshrink.NetshrinkError) as info:

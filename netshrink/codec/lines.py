@@ -48,8 +48,8 @@ class Models:
     def __init__(self, alphabet: int, contexts: int) -> None:
         if not 1 <= alphabet <= MAX_ALPHABET:
             raise NetshrinkError(f"encoded tensor is corrupt (alphabet of {alphabet} symbols)")
-        self.alphabet, self.contexts = alphabet, contexts
-        self.counts = np.zeros((contexts, alphabet), dtype=np.float64)
+        self.alphabet, self.contexts = max(alphabet, 2), contexts  # constriction needs two symbols
+        self.counts = np.zeros((contexts, self.alphabet), dtype=np.float64)
         self.categorical = _constriction().stream.model.Categorical
 
     def model(self, context: int):
@@ -62,7 +62,7 @@ class Models:
         if contexts is None or self.contexts == 1:
             self.counts[0] += np.bincount(symbols, minlength=self.alphabet)
         else:
-            self.counts += np.bincount(contexts * self.alphabet + symbols,
+            self.counts += np.bincount(contexts.astype(np.int64) * self.alphabet + symbols,
                                        minlength=self.contexts * self.alphabet).reshape(self.contexts, self.alphabet)
 
 

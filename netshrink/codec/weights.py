@@ -217,7 +217,11 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def encoding_name(data: bytes) -> str:
-    return NAMES.get(data[0], "?") if data else "?"
+    """The value kind, with "+map" when a significance map says which values are non-zero."""
+    if not data:
+        return "?"
+    name = NAMES.get(data[0], "?")
+    return f"{name}+map" if data[0] in (FLOAT, GRID, CODEBOOK) and data[1] & MAP else name
 
 
 class Layout:
@@ -255,7 +259,8 @@ def _symbols(bits: np.ndarray, rows: int, width: int) -> tuple[int, np.ndarray, 
         if zigzag.max() < MAX_ALPHABET:
             return GRID, zigzag, scales.view(np.uint32), 0
     # A codebook entry costs a float (~29 bits): worth it only when entries repeat.
-    distinct = distinct_within(bits, min(MAX_ALPHABET, bits.size // 4))
+    limit = min(MAX_ALPHABET, bits.size // 4)
+    distinct = distinct_within(bits, limit) if limit >= 2 else None
     if distinct is not None:
         return CODEBOOK, np.searchsorted(distinct, bits).astype(np.int64), distinct, 0
     low, symbols = float_symbols(bits)
@@ -321,20 +326,20 @@ def _choose_lines(nonzero: np.ndarray | None, signs: np.ndarray) -> tuple[bool, 
             context = np.zeros_like(bits)
             context[m:] += bits[:-m]
             context[2 * m:] += 2 * bits[:-2 * m]
-            cost = _entropy(context * 2 + bits, 2)
+            cost = _entropy(context * 2 + bits, 2, 4)
             keep = bits.astype(bool)
         previous = np.zeros_like(s)
         previous[m:] = s[:-m]
-        with_context, without = _entropy((previous * 3 + s)[keep], 3), _entropy(s[keep], 3)
+        with_context, without = _entropy((previous * 3 + s)[keep], 3, 3), _entropy(s[keep], 3, 1)
         options.append((cost + min(with_context, without), columns, with_context < (1 - CONTEXT_GAIN) * without))
     _, columns, value_context = min(options)
     return columns, value_context
 
 
-def _entropy(joint: np.ndarray, alphabet: int) -> float:
+def _entropy(joint: np.ndarray, alphabet: int, contexts: int) -> float:
     """Bits to code each symbol given its context (static model); ``joint`` is context * alphabet
     + symbol."""
-    table = np.bincount(joint, minlength=alphabet).reshape(-1, alphabet).astype(np.float64)
+    table = np.bincount(joint, minlength=contexts * alphabet).reshape(contexts, alphabet).astype(np.float64)
     totals = table.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(table > 0, np.log2(table / totals), 0)
