@@ -43,6 +43,8 @@ from .streams import Reader, write_varint
 CONSTANT, FLOAT, GRID, CODEBOOK, RAW = 0, 1, 2, 3, 4
 NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook", RAW: "raw"}
 COLUMNS, MAP, VALUE_CONTEXT = 1, 2, 4
+VALUE_CLASSES = 5  # see _sign_table
+SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
 EXPONENTS = 512  # float symbols: (8 exponent bits - the lowest present) * 2 + sign
 # Lines per tensor: each costs a few calls in Python. With contexts, lines are what neighbours
 # are, so small tensors keep every row or column; without contexts lines only pace adaptation.
@@ -68,7 +70,18 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
     rows, width = matrix_shape(array.shape)
-    kind, symbols, side, low = _symbols(bits, rows, width)
+    candidates = [_encode_as(bits, rows, width, *found) for found in _symbols(bits, width)]
+    position_bits, data = min(candidates, key=lambda candidate: len(candidate[1]))
+    if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
+        position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
+    if stats is not None:
+        stats.update(kind=NAMES[data[0]], position_bits=position_bits, value_bits=8 * len(data) - position_bits)
+    return data
+
+
+def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.ndarray, side: np.ndarray | None,
+               low: int) -> tuple[int, bytes]:
+    """(bits spent on the map, encoded bytes) with the values as ``symbols`` of ``kind``."""
     nonzero = bits != 0
     use_map = 1 - nonzero.mean() >= MAP_SHARE[kind]
     signs = _sign_table(kind, int(symbols.max()) + 1, side, low)[symbols]
@@ -120,7 +133,11 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
         previous = np.zeros_like(oriented_signs)
         previous[m:] = oriented_signs[:-m]
         contexts = previous if positions is None else previous[positions]
-    encode_lines(coder, coded, value_bounds, Models(alphabet, 3 if value_context else 1), contexts)
+        if positions is not None:  # with a map: is the next line non-zero here (the map is decoded first)
+            following = np.zeros(oriented_nonzero.size, dtype=np.int64)
+            following[:-m] = oriented_nonzero[m:]
+            contexts = contexts * 2 + following[positions]
+    encode_lines(coder, coded, value_bounds, Models(alphabet, (VALUE_CLASSES * (2 if use_map else 1)) if value_context else 1), contexts)
     if kind == FLOAT:
         mantissas.append(layout.orient(bits) if positions is None else layout.orient(bits)[positions])
     words = coder.get_compressed()
@@ -128,13 +145,7 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
     out.write(words.astype("<u4").tobytes())
     for part in mantissas:
         out.write(_mantissa_bytes(part))
-    data = out.getvalue()
-    if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
-        position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
-    if stats is not None:
-        stats.update(kind=NAMES[data[0]], position_bits=position_bits,
-                     value_bits=8 * len(data) - position_bits)
-    return data
+    return position_bits, out.getvalue()
 
 
 def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
@@ -193,8 +204,9 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         signs[where] = sign_of[line]
 
     if flags & VALUE_CONTEXT:
-        coded = decode_lines(coder, value_bounds, Models(alphabet, 3),
-                             _value_contexts(signs, positions, value_bounds, layout.line_length), record_signs)
+        coded = decode_lines(coder, value_bounds, Models(alphabet, VALUE_CLASSES * (2 if flags & MAP else 1)),
+                             _value_contexts(signs, positions, value_bounds, layout.line_length,
+                                             nonzero if flags & MAP else None), record_signs)
     else:
         coded = decode_lines(coder, value_bounds, Models(alphabet, 1))
     if kind == FLOAT:
@@ -250,33 +262,45 @@ class Layout:
         return np.append(np.arange(0, self.size, self.line_length), self.size)
 
 
-def _symbols(bits: np.ndarray, rows: int, width: int) -> tuple[int, np.ndarray, np.ndarray | None]:
-    """(kind, one symbol per value, side floats: grid scales or codebook entries as bit patterns)."""
+def _symbols(bits: np.ndarray, width: int) -> list[tuple]:
+    """The ways to see the values worth trying, each (kind, one symbol per value, side floats:
+    grid scales or codebook entries as bit patterns, lowest exponent): a grid when one fits;
+    else a codebook when values repeat, and floats too for small tensors (where a codebook's
+    entries may cost more than they save: both are coded, the smaller kept)."""
     found = grid(bits, width)
     if found is not None:
         scales, codes = found
         zigzag = np.where(codes >= 0, 2 * codes, -2 * codes - 1)
         if zigzag.max() < MAX_ALPHABET:
-            return GRID, zigzag, scales.view(np.uint32), 0
-    # A codebook entry costs a float (~29 bits): worth it only when entries repeat.
-    limit = min(MAX_ALPHABET, bits.size // 4)
-    distinct = distinct_within(bits, limit) if limit >= 2 else None
+            return [(GRID, zigzag, scales.view(np.uint32), 0)]
+    options = []
+    distinct = distinct_within(bits, min(MAX_ALPHABET, bits.size // 2)) if bits.size >= 4 else None
     if distinct is not None:
-        return CODEBOOK, np.searchsorted(distinct, bits).astype(np.int64), distinct, 0
-    low, symbols = float_symbols(bits)
-    return FLOAT, symbols, None, low
+        options.append((CODEBOOK, np.searchsorted(distinct, bits).astype(np.int64), distinct, 0))
+    if not options or bits.size <= SMALL:
+        low, symbols = float_symbols(bits)
+        options.append((FLOAT, symbols, None, low))
+    return options
 
 
 def _sign_table(kind: int, alphabet: int, side: np.ndarray | None, low: int) -> np.ndarray:
-    """Sign class of each symbol: 0 zero, 1 negative, 2 positive."""
+    """Class of each symbol, the context its value gives the next line: 0 zero, then 1-2
+    negative (small, large) and 3-4 positive (small, large). "Large" is read off what the decoder
+    already has: the upper half of the grid's codes, of the codebook's magnitudes, of the
+    exponents present."""
     symbols = np.arange(alphabet)
     if kind == GRID:  # zigzag: 0, -1, 1, -2, 2, ...
-        return np.where(symbols == 0, 0, np.where(symbols % 2 == 1, 1, 2))
-    if kind == CODEBOOK:
+        zero, negative, magnitude = symbols == 0, symbols % 2 == 1, (symbols + 1) // 2
+        large = 2 * magnitude > magnitude.max()
+    elif kind == CODEBOOK:
         entries = side[:alphabet]
-        return np.where(entries == 0, 0, np.where(entries >> 31 == 1, 1, 2))
-    zero = (symbols == 0) & (low == 0)  # +0.0 (and positive subnormals)
-    return np.where(zero, 0, np.where(symbols % 2 == 1, 1, 2))
+        zero, negative = entries == 0, entries >> 31 == 1
+        magnitude = np.abs(entries.view(np.float32))
+        large = magnitude > np.median(magnitude)
+    else:
+        zero, negative = (symbols == 0) & (low == 0), symbols % 2 == 1  # +0.0 (and positive subnormals)
+        large = symbols // 2 >= symbols.max() // 2 - 1
+    return np.where(zero, 0, 1 + 2 * ~negative + large)
 
 
 def _map_contexts(nonzero: np.ndarray, bounds: np.ndarray):
@@ -293,17 +317,23 @@ def _map_contexts(nonzero: np.ndarray, bounds: np.ndarray):
     return context_of
 
 
-def _value_contexts(signs: np.ndarray, positions: np.ndarray | None, value_bounds: np.ndarray, line_length: int):
-    """Context of a value: the sign class of the value one line back at the same offset."""
+def _value_contexts(signs: np.ndarray, positions: np.ndarray | None, value_bounds: np.ndarray, line_length: int,
+                    nonzero: np.ndarray | None = None):
+    """Context of a value: the class of the value one line back at the same offset (see
+    :func:`_sign_table`) and, with a map, whether the next line is non-zero there."""
     def context_of(i: int) -> np.ndarray:
         if positions is None:
-            start = value_bounds[i]
-            where = np.arange(start, value_bounds[i + 1])
+            where = np.arange(value_bounds[i], value_bounds[i + 1])
         else:
             where = positions[value_bounds[i]:value_bounds[i + 1]]
-        if i == 0:
-            return np.zeros(where.size, dtype=np.int64)
-        return signs[where - line_length]
+        context = signs[where - line_length].astype(np.int64) if i else np.zeros(where.size, dtype=np.int64)
+        if nonzero is not None:
+            ahead = where + line_length
+            following = np.zeros(where.size, dtype=np.int64)
+            inside = ahead < nonzero.size
+            following[inside] = nonzero[ahead[inside]]
+            context = context * 2 + following
+        return context
     return context_of
 
 
@@ -330,7 +360,7 @@ def _choose_lines(nonzero: np.ndarray | None, signs: np.ndarray) -> tuple[bool, 
             keep = bits.astype(bool)
         previous = np.zeros_like(s)
         previous[m:] = s[:-m]
-        with_context, without = _entropy((previous * 3 + s)[keep], 3, 3), _entropy(s[keep], 3, 1)
+        with_context, without = _entropy((previous * VALUE_CLASSES + s)[keep], VALUE_CLASSES, VALUE_CLASSES), _entropy(s[keep], VALUE_CLASSES, 1)
         options.append((cost + min(with_context, without), columns, with_context < (1 - CONTEXT_GAIN) * without))
     _, columns, value_context = min(options)
     return columns, value_context
