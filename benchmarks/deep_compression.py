@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.codec import tensors as codec
+from netshrink.codec import weights as codec
 from netshrink.artifact import stored_arrays
 from netshrink.report import markdown, nominal_bits
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)

@@ -37,7 +37,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from .codec import tensors as format2_codec
+from .codec import format2 as format2_codec
 from .codec import weights as codec
 from .codec.streams import Reader, write_varint
 from .errors import NetshrinkError

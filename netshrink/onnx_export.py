@@ -185,7 +185,7 @@ def _fold_batchnorm(model: nn.Module, report: ExportReport) -> dict[str, torch.T
 def weight_as_int8(w: np.ndarray, limit: int = SAFE_CODE) -> tuple[np.ndarray, np.ndarray, str]:
     """(int8 codes, per-channel scales, how): exact when ``w`` is a per-row grid whose codes lie
     within +-``limit``, else quantized now to that many levels per side (symmetric per channel)."""
-    from .codec.tensors import grid
+    from .codec.grids import grid
 
     flat = np.ascontiguousarray(w, dtype=np.float32).ravel()
     found = grid(flat.view(np.uint32), int(np.prod(w.shape[1:]))) if flat.size else None

@@ -50,7 +50,7 @@ def nominal_bits(w: torch.Tensor, fixed: FixedGrid | None = None) -> int:
     distinct non-zero values, of the code range when every output channel is an integer grid
     (per-channel quantization) or when ``fixed`` (a layer's last transform) puts it on grids per
     group, else 32 (floats). Read off the values, not the settings."""
-    from .codec.tensors import distinct_within, grid
+    from .codec.grids import distinct_within, grid
 
     if fixed is not None:  # the codes the file stores: scales per group are not one grid per row
         codes = torch.round(w.detach() / expand(fixed.scale, w, fixed.group_size))
@@ -73,7 +73,7 @@ def nominal_bits(w: torch.Tensor, fixed: FixedGrid | None = None) -> int:
 
 
 def _distinct_count(w: torch.Tensor, limit: int = 1 << 16) -> int | str:
-    from .codec.tensors import distinct_within
+    from .codec.grids import distinct_within
 
     found = distinct_within(w.detach().float().cpu().numpy().ravel().view(np.uint32), limit)
     return len(found) if found is not None else f"> {limit:,}"
