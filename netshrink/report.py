@@ -83,7 +83,7 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
     """Account for ``model`` layer by layer; ``file_bytes`` is measured by serialising it.
 
     >>> from netshrink.models import build_model
-    >>> s = summary(build_model("mlp")); s.parameters, s.ratio < 1.01
+    >>> s = summary(build_model("mlp")); s.parameters, 1.0 < s.ratio < 1.3
     (101770, True)
     """
     from .artifact import to_bytes
