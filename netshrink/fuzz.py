@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-import zlib
 
-from .artifact import BLOB, DIGEST_BYTES, DIGEST_KEY, MANIFEST_WORDS, _blob_offset, _digest_marker, _file_digest, _header, assemble
-from .codec.streams import Reader
+from .artifact import (BLOB, DIGEST_BYTES, DIGEST_KEY, _blob_offset, _digest_marker, _file_digest, _header, assemble,
+                       blob_digest, manifest_section)
 
 KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "header length", "json edit",
          "manifest edit")
@@ -27,10 +26,8 @@ KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "he
 def manifest_text(data: bytes) -> tuple[str, bytes] | None:
     """A format-3 file's manifest JSON and the payload bytes after it (None if unreadable)."""
     try:
-        at = _blob_offset(data)
-        reader = Reader(memoryview(data)[at + DIGEST_BYTES:])
-        text = zlib.decompressobj(-15, zdict=MANIFEST_WORDS).decompress(bytes(reader.take(reader.varint()))).decode()
-        return text, bytes(reader.data[reader.pos:])
+        text, reader = manifest_section(data)
+        return text.decode(), bytes(reader.data[reader.pos:])
     except Exception:  # noqa: BLE001 - damaged input is simply not edited
         return None
 
@@ -62,10 +59,7 @@ def reseal(data: bytes) -> bytes:
         at = _blob_offset(data)
         if len(data) < at + DIGEST_BYTES:
             return data
-        zeroed = bytearray(data)
-        zeroed[at:at + DIGEST_BYTES] = bytes(DIGEST_BYTES)
-        zeroed[at:at + DIGEST_BYTES] = hashlib.sha256(zeroed).digest()
-        return bytes(zeroed)
+        return data[:at] + blob_digest(data) + data[at + DIGEST_BYTES:]
     if not isinstance(digest, str):
         return data
     marker = _digest_marker(digest)

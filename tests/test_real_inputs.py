@@ -1,7 +1,6 @@
 """Held-out model structures: integer and dict inputs, embeddings (tied to an output layer), and a
 tiny BERT built from a transformers config (random weights, no download)."""
 import copy
-import json
 
 import pytest
 import torch

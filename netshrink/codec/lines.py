@@ -42,6 +42,16 @@ def _constriction():
     return constriction
 
 
+def range_encoder():
+    """An empty range encoder; code lines into it, then take its ``get_compressed()`` words."""
+    return _constriction().stream.queue.RangeEncoder()
+
+
+def range_decoder(words: np.ndarray):
+    """A range decoder over the words a :func:`range_encoder` produced."""
+    return _constriction().stream.queue.RangeDecoder(words)
+
+
 class Models:
     """Adaptive symbol counts per context, shared by the encoder and the decoder."""
 
@@ -50,13 +60,13 @@ class Models:
             raise NetshrinkError(f"encoded tensor is corrupt (alphabet of {alphabet} symbols)")
         self.alphabet, self.contexts = max(alphabet, 2), contexts  # constriction needs two symbols
         self.counts = np.zeros((contexts, self.alphabet), dtype=np.float64)
+        self.pooled = np.zeros(self.alphabet, dtype=np.float64)  # the counts of all contexts, kept with them
         self.categorical = _constriction().stream.model.Categorical
 
     def model(self, context: int):
         """This context's model now: its counts, a little of every context's, and a prior."""
-        pooled = self.counts.sum(axis=0)
-        table = self.counts[context] + (_POOLED * self.alphabet / max(pooled.sum(), 1.0)) * pooled + _PRIOR
-        return self.categorical(table, perfect=False)
+        weight = _POOLED * self.alphabet / max(self.pooled.sum(), 1.0)
+        return self.categorical(self.counts[context] + weight * self.pooled + _PRIOR, perfect=False)
 
     def learn(self, symbols: np.ndarray, contexts: np.ndarray | None) -> None:
         if contexts is None or self.contexts == 1:
@@ -64,6 +74,7 @@ class Models:
         else:
             self.counts += np.bincount(contexts.astype(np.int64) * self.alphabet + symbols,
                                        minlength=self.contexts * self.alphabet).reshape(self.contexts, self.alphabet)
+        self.pooled += np.bincount(symbols, minlength=self.alphabet)
 
 
 def _groups(contexts: np.ndarray | None, count: int):

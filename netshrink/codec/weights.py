@@ -12,9 +12,11 @@ integer symbols of one of three kinds:
 Where many values are zero (pruning, at any density), a **significance map** says which are
 not, and only those carry a value symbol. The map and the symbols are coded line by line with
 context-adaptive arithmetic coding (``codec.lines``): a map bit's context is whether the two
-previous lines are non-zero at the same offset; a symbol's context is the sign of the previous
-line's value there. Lines run along rows or along columns, whichever the encoder estimates is
-smaller (for a fully-connected layer on images, columns are input pixels: neighbours).
+previous lines are non-zero at the same offset; a symbol's context (when the encoder estimates
+it pays) is the class of the previous line's value there (zero; negative or positive, small or
+large) and, with a map, whether the next line is non-zero there (the map is decoded first).
+Lines run along rows or along columns, whichever the encoder estimates is smaller (for a
+fully-connected layer on images, columns are input pixels: neighbours).
 
 Layout::
 
@@ -22,9 +24,12 @@ Layout::
     constant: u32 value                       (also the empty tensor)
     raw: u32 per value                        (when coding would not be smaller)
     otherwise:
-    u8 flags                                  bit 0: lines along columns; bit 1: significance map
-    varint rows per line | varint alphabet
-    grid: varint row count; codebook: varint entry count    (those floats are coded like ``float``)
+    u8 flags                                  bit 0: lines along columns; bit 1: significance map;
+                                              bit 2: value contexts
+    varint rows (or columns) per line | varint alphabet
+    float: u8 lowest exponent present
+    grid: varint row count, codebook: varint entry count; then u8 lowest exponent, varint alphabet
+                                              of those floats (coded first, like ``float``)
     varint words | words: the range coder's output (u32, little-endian)
     mantissas: 3 bytes per coded float (scales or entries first, then values), little-endian
 """
@@ -37,7 +42,7 @@ import numpy as np
 
 from ..errors import NetshrinkError
 from .grids import distinct_within, grid
-from .lines import MAX_ALPHABET, Models, _constriction, decode_lines, encode_lines
+from .lines import MAX_ALPHABET, Models, decode_lines, encode_lines, range_decoder, range_encoder
 from .streams import Reader, write_varint
 
 CONSTANT, FLOAT, GRID, CODEBOOK, RAW = 0, 1, 2, 3, 4
@@ -84,7 +89,8 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     """(bits spent on the map, encoded bytes) with the values as ``symbols`` of ``kind``."""
     nonzero = bits != 0
     use_map = 1 - nonzero.mean() >= MAP_SHARE[kind]
-    signs = _sign_table(kind, int(symbols.max()) + 1, side, low)[symbols]
+    alphabet = int(symbols.max()) + 1
+    signs = _sign_table(kind, alphabet, side, low)[symbols]
     if use_map:
         signs = np.where(nonzero, signs, 0)
     # Both line directions are estimated on the top-left corner (at most 512 x 512): enough to
@@ -92,7 +98,6 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     corner = (slice(0, 512), slice(0, 512))
     columns, value_context = _choose_lines(
         nonzero.reshape(rows, width)[corner] if use_map else None, signs.reshape(rows, width)[corner])
-    alphabet = int(symbols.max()) + 1
     flags = (COLUMNS if columns else 0) | (MAP if use_map else 0) | (VALUE_CONTEXT if value_context else 0)
     out = io.BytesIO()
     out.write(bytes([kind, flags]))
@@ -107,7 +112,7 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
         out.write(bytes([side_low]))
         write_varint(out, int(side_symbols.max()) + 1)
 
-    coder = _constriction().stream.queue.RangeEncoder()
+    coder = range_encoder()
     mantissas = []
     if kind != FLOAT:  # scales or codebook entries: their exponents, then (below) their mantissas
         encode_lines(coder, side_symbols, np.array([0, len(side)]), Models(int(side_symbols.max()) + 1, 1))
@@ -116,10 +121,7 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     bounds, m = layout.bounds(), layout.line_length
     if use_map:
         oriented_nonzero = layout.orient(nonzero).astype(np.int64)
-        contexts = np.zeros_like(oriented_nonzero)
-        contexts[m:] += oriented_nonzero[:-m]
-        contexts[2 * m:] += 2 * oriented_nonzero[:-2 * m]
-        encode_lines(coder, oriented_nonzero, bounds, Models(2, 4), contexts)
+        encode_lines(coder, oriented_nonzero, bounds, Models(2, 4), _map_context(oriented_nonzero, m))
         positions = np.flatnonzero(oriented_nonzero)
         value_bounds = np.searchsorted(positions, bounds)
     else:
@@ -129,17 +131,14 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     coded = oriented if positions is None else oriented[positions]
     contexts = None
     if value_context:
-        oriented_signs = layout.orient(signs)
-        previous = np.zeros_like(oriented_signs)
-        previous[m:] = oriented_signs[:-m]
+        previous = _back(layout.orient(signs), m)
         contexts = previous if positions is None else previous[positions]
         if positions is not None:  # with a map: is the next line non-zero here (the map is decoded first)
-            following = np.zeros(oriented_nonzero.size, dtype=np.int64)
-            following[:-m] = oriented_nonzero[m:]
-            contexts = contexts * 2 + following[positions]
+            contexts = contexts * 2 + _back(oriented_nonzero, -m)[positions]
     encode_lines(coder, coded, value_bounds, Models(alphabet, (VALUE_CLASSES * (2 if use_map else 1)) if value_context else 1), contexts)
     if kind == FLOAT:
-        mantissas.append(layout.orient(bits) if positions is None else layout.orient(bits)[positions])
+        oriented_bits = layout.orient(bits)
+        mantissas.append(oriented_bits if positions is None else oriented_bits[positions])
     words = coder.get_compressed()
     write_varint(out, len(words))
     out.write(words.astype("<u4").tobytes())
@@ -178,7 +177,7 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
             or side_alphabet > EXPONENTS or (side_count and not side_alphabet):
         raise NetshrinkError("encoded tensor is corrupt (bad header)")
     words = np.frombuffer(reader.take(4 * reader.varint()), dtype="<u4").astype(np.uint32)
-    coder = _constriction().stream.queue.RangeDecoder(words)
+    coder = range_decoder(words)
     side = None
     if kind != FLOAT:
         side = floats(decode_lines(coder, np.array([0, side_count]), Models(side_alphabet, 1)), side_low, reader)
@@ -303,9 +302,25 @@ def _sign_table(kind: int, alphabet: int, side: np.ndarray | None, low: int) -> 
     return np.where(zero, 0, 1 + 2 * ~negative + large)
 
 
+def _back(values: np.ndarray, offset: int) -> np.ndarray:
+    """``values`` as seen ``offset`` positions later (a line back when ``offset`` is the line
+    length, a line ahead when it is minus that): ``out[i] = values[i - offset]``, 0 outside."""
+    out = np.zeros_like(values)
+    if offset >= 0:
+        out[offset:] = values[:max(values.size - offset, 0)]
+    else:
+        out[:offset] = values[-offset:]
+    return out
+
+
+def _map_context(nonzero: np.ndarray, line_length: int) -> np.ndarray:
+    """Every map bit's context at once (the encoder's view of :func:`_map_contexts`)."""
+    return _back(nonzero, line_length) + 2 * _back(nonzero, 2 * line_length)
+
+
 def _map_contexts(nonzero: np.ndarray, bounds: np.ndarray):
     """Context of a map bit: is the same offset non-zero one and two lines back (4 contexts).
-    ``nonzero`` is read as decoding fills it."""
+    ``nonzero`` is read as decoding fills it, line by line."""
     def context_of(i: int) -> np.ndarray:
         length = bounds[i + 1] - bounds[i]
         context = np.zeros(length, dtype=np.int64)
@@ -346,20 +361,16 @@ def _choose_lines(nonzero: np.ndarray | None, signs: np.ndarray) -> tuple[bool, 
     nonzero = None if nonzero is None else np.ascontiguousarray(nonzero).ravel()
     options = []
     for columns in ((False, True) if rows > 1 and width > 1 else (False,)):
-        flags = (COLUMNS if columns else 0) | VALUE_CONTEXT | (MAP if nonzero is not None else 0)
-        m = Layout(rows, width, flags).line_length
-        s = Layout(rows, width, flags).orient(signs)
+        layout = Layout(rows, width, (COLUMNS if columns else 0) | VALUE_CONTEXT | (MAP if nonzero is not None else 0))
+        m = layout.line_length
+        s = layout.orient(signs)
         keep = slice(None)
         cost = 0.0
         if nonzero is not None:
-            bits = Layout(rows, width, flags).orient(nonzero).astype(np.int64)
-            context = np.zeros_like(bits)
-            context[m:] += bits[:-m]
-            context[2 * m:] += 2 * bits[:-2 * m]
-            cost = _entropy(context * 2 + bits, 2, 4)
+            bits = layout.orient(nonzero).astype(np.int64)
+            cost = _entropy(_map_context(bits, m) * 2 + bits, 2, 4)
             keep = bits.astype(bool)
-        previous = np.zeros_like(s)
-        previous[m:] = s[:-m]
+        previous = _back(s, m)
         with_context, without = _entropy((previous * VALUE_CLASSES + s)[keep], VALUE_CLASSES, VALUE_CLASSES), _entropy(s[keep], VALUE_CLASSES, 1)
         options.append((cost + min(with_context, without), columns, with_context < (1 - CONTEXT_GAIN) * without))
     _, columns, value_context = min(options)
