@@ -21,7 +21,7 @@ __version__ = "0.4.0"
 
 _WHERE = {
     "prune": "api", "quantize": "api", "clip": "api", "share": "api", "remove_heads": "api",
-    "export": "onnx_export", "remove_units": "methods.structured",
+    "export": "onnx_export", "remove_units": "methods.structured", "benchmark": "bench",
     "apply": "methods", "bake": "methods", "Report": "methods", "Prune": "methods", "NMSparsity": "methods",
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
     "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods", "GPTQ": "methods",

@@ -1,20 +1,34 @@
-"""Latency, throughput, size and accuracy of one model across runtimes, measured in one run.
+"""Latency, accuracy and size of compressed models against the peers, measured in one run.
 
-Candidates: the model in PyTorch (fp32), the same in ONNX Runtime (fp32), netshrink's int8 QDQ
-export, and the baselines a user would otherwise pick: PyTorch dynamic int8 quantization of
-Linear layers, ONNX Runtime ``quantize_dynamic`` and ``quantize_static`` (QDQ, per channel,
-calibrated on the same data). Latency is the median and 90th percentile over repeats after a
-warm-up, per batch size, measured in interleaved rounds (every candidate in turn, ten times) so
-that drift on a shared machine affects all alike; all candidates use the same thread count.
-Ratios are against PyTorch fp32.
+Candidates:
+
+* the reference model in PyTorch (fp32) and, as a user would otherwise deploy it, the peers:
+  ONNX Runtime fp32, ONNX Runtime ``quantize_dynamic`` and ``quantize_static`` (QDQ, per channel,
+  calibrated on the same data), ``torch.ao`` dynamic int8 (Linear) and static int8 (FX graph
+  mode, x86 backend, for models torch.fx can trace), and torchao's int8 dynamic-activation
+  int8-weight config (when torchao is installed);
+* each netshrink model, exported to ONNX Runtime as int8 (7-bit weights, safe on CPUs with or
+  without VNNI) and as fp32.
+
+Every candidate is scored on the same data: classification accuracy when the data has labels,
+else the mean cosine similarity of its (mask-)pooled outputs to the reference model's (sentence
+embeddings for a transformer encoder). Latency is timed at batch 1 and at a large batch (256 for
+images; 32 sequences of 128 tokens for token inputs) in interleaved rounds, every candidate in
+turn, so that drift on a shared machine hits all alike; the spread between rounds is reported and
+a warning is given where it is too wide to trust a difference. One thread count for every runtime.
+The Pareto front (no other candidate both faster and at least as accurate) is marked per batch
+size, and :meth:`BenchResult.plot` draws it.
 """
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +36,179 @@ import torch
 from torch import nn
 
 from .errors import NetshrinkError
-from .onnx_export import ExportReport, export
 from .methods.activations import detach_all
 from .methods.base import bake
 
-COLUMNS = ["candidate", "batch 1 median (us)", "batch 1 p90 (us)", "batch 256 median (us)", "batch 256 p90 (us)",
-           "throughput (img/s)", "speed-up b1", "speed-up b256", "file bytes", "test accuracy"]
+NOISY_SPREAD = 0.25  # round medians differing by more than this share of the median: warn
+ACCURACY_TOLERANCE = 0.3  # points below the peer's accuracy that still count as "the same accuracy"
+COSINE_FLOOR = 0.99  # for models scored by cosine to the reference: the bar is absolute
+SPEED_BAR, DENSE_BAR = 1.5, 2.0  # faster than the fastest peer, faster than dense PyTorch
 
 
-def _interleaved(runs: list[Callable[[], object]], repeats: int, rounds: int = 10) -> list[tuple[float, float]]:
-    """(median, p90) seconds per run, measured in ``rounds`` alternating rounds so that drift on a
-    shared machine (other load, frequency changes) hits every candidate alike."""
+@dataclass
+class Candidate:
+    name: str
+    kind: str  # "dense" (the reference in PyTorch), "peer", or "netshrink"
+    run: Callable[[dict], object]  # one inference on a feed (numpy arrays by input name)
+    outputs: Callable[[dict], np.ndarray]  # the output tensor for a feed
+    bytes: int
+    onnx: Path | None = None  # the graph ONNX Runtime runs, for its operator profile
+
+
+@dataclass
+class Timing:
+    median: float  # seconds
+    p90: float
+    spread: float  # (slowest - fastest round median) / median
+
+
+@dataclass
+class Measured:
+    candidate: Candidate
+    small: Timing
+    large: Timing
+    score: float  # accuracy in % or mean cosine
+    pareto: tuple[bool, bool] = (False, False)
+
+
+@dataclass
+class _Workload:
+    small: dict[str, np.ndarray]
+    large: dict[str, np.ndarray]
+    large_label: str
+    evaluation: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
+    calibration: list[dict[str, np.ndarray]]
+    metric: str  # "accuracy" or "cosine"
+    example: object  # one batch as the model takes it, for export and tracing
+
+
+@dataclass
+class BenchResult:
+    rows: list[Measured]
+    metric: str
+    threads: int
+    large_label: str
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+    @property
+    def score_name(self) -> str:
+        return "accuracy" if self.metric == "accuracy" else "cosine to fp32"
+
+    def _score(self, value: float) -> str:
+        return f"{value:.2f}%" if self.metric == "accuracy" else f"{value:.4f}"
+
+    def columns(self) -> list[str]:
+        return ["candidate", "batch 1 median (ms)", "b1 spread", f"{self.large_label} median (ms)", "spread",
+                "items/s", "vs fastest peer b1", "vs fastest peer large", "file bytes", self.score_name, "Pareto"]
+
+    def table(self) -> list[list]:
+        peer_small, peer_large = (min(r.small.median for r in self.rows if r.candidate.kind == "peer"),
+                                  min(r.large.median for r in self.rows if r.candidate.kind == "peer"))
+        items = int(self.large_label.split()[1])
+        out = []
+        for r in sorted(self.rows, key=lambda r: r.large.median):
+            front = ", ".join(label for label, on in zip(("b1", "large"), r.pareto) if on)
+            out.append([r.candidate.name, f"{1e3 * r.small.median:.3f}", f"{100 * r.small.spread:.0f}%",
+                        f"{1e3 * r.large.median:.2f}", f"{100 * r.large.spread:.0f}%",
+                        f"{items / r.large.median:,.0f}", f"{peer_small / r.small.median:.2f}x",
+                        f"{peer_large / r.large.median:.2f}x", f"{r.candidate.bytes:,}", self._score(r.score), front])
+        return out
+
+    def verdict(self) -> list[str]:
+        """The bars, checked on this run: netshrink's fastest model at the peer's accuracy against
+        the fastest peer (and, where that peer misses the accuracy bar, the fastest peer that
+        meets it), and against dense PyTorch."""
+        lines = []
+        dense = next(r for r in self.rows if r.candidate.kind == "dense")
+        peers = [r for r in self.rows if r.candidate.kind == "peer"]
+        ours = [r for r in self.rows if r.candidate.kind == "netshrink"]
+        for label, pick in (("batch 1", lambda r: r.small.median), (self.large_label, lambda r: r.large.median)):
+            fastest = min(peers, key=pick)
+            floor = (fastest.score - ACCURACY_TOLERANCE if self.metric == "accuracy" else COSINE_FLOOR)
+            eligible = [r for r in ours if r.score >= floor - 1e-9]
+            if not eligible:
+                best = max(ours, key=lambda r: r.score) if ours else None
+                lines.append(f"- {label}: no netshrink model reaches {self._score(floor)} "
+                             + (f"(best: {best.candidate.name}, {self._score(best.score)})" if best else "(none given)"))
+                continue
+            best = min(eligible, key=pick)
+            ratio, dense_ratio = pick(fastest) / pick(best), pick(dense) / pick(best)
+            text = (f"- {label}: {best.candidate.name} ({1e3 * pick(best):.3f} ms, {self._score(best.score)}) is "
+                    f"{ratio:.2f}x the speed of the fastest peer, {fastest.candidate.name} ({1e3 * pick(fastest):.3f} ms, "
+                    f"{self._score(fastest.score)}): bar {SPEED_BAR}x {'met' if ratio >= SPEED_BAR else 'missed'}; "
+                    f"{dense_ratio:.2f}x dense PyTorch: bar {DENSE_BAR}x {'met' if dense_ratio >= DENSE_BAR else 'missed'}")
+            accurate = [r for r in peers if r.score >= floor - 1e-9]
+            if fastest.score < floor and accurate:
+                match = min(accurate, key=pick)
+                text += (f"; against the fastest peer that also reaches {self._score(floor)}, {match.candidate.name} "
+                         f"({1e3 * pick(match):.3f} ms): {pick(match) / pick(best):.2f}x")
+            lines.append(text + ".")
+        return lines
+
+    def markdown(self) -> str:
+        from .report import markdown
+
+        parts = [markdown(self.columns(), self.table()), "",
+                 f"{self.threads} threads for every runtime. Rows sorted by {self.large_label} latency; Pareto: "
+                 "no other candidate is both faster and at least as accurate at that batch size.", ""]
+        parts += [f"- note: {n}" for n in self.notes] + [f"- **warning**: {w}" for w in self.warnings]
+        parts += ["", "Bars:", *self.verdict()]
+        for name, ops in self.profiles.items():
+            parts += ["", f"Where the time goes, {name} ({self.large_label}, ONNX Runtime profile):", "",
+                      markdown(["operator", "ms per run", "share"],
+                               [[op, f"{ms:.2f}", f"{100 * share:.0f}%"] for op, ms, share in ops])]
+        return "\n".join(parts)
+
+    def plot(self, path: str | Path, title: str = "") -> Path:
+        """Accuracy against latency, one panel per batch size, peers and netshrink apart, the Pareto
+        front drawn as a step line; written atomically as PNG."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from .files import atomic_write, check_writable
+
+        path = check_writable(path)
+        figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+        styles = {"dense": ("black", "D"), "peer": ("tab:gray", "o"), "netshrink": ("tab:blue", "s")}
+        for axis, index, label in ((axes[0], 0, "batch 1"), (axes[1], 1, self.large_label)):
+            for r in self.rows:
+                color, marker = styles[r.candidate.kind]
+                latency = 1e3 * (r.small.median if index == 0 else r.large.median)
+                axis.scatter(latency, r.score, c=color, marker=marker, s=40, zorder=3)
+                axis.annotate(r.candidate.name, (latency, r.score), fontsize=7, xytext=(4, 3),
+                              textcoords="offset points")
+            front = sorted((1e3 * (r.small.median if index == 0 else r.large.median), r.score)
+                           for r in self.rows if r.pareto[index])
+            if front:
+                axis.step(*zip(*front), where="post", color="tab:blue", alpha=0.4, zorder=2)
+            axis.set_xscale("log")
+            axis.set_xlabel(f"latency at {label} (ms, median; log scale)")
+            axis.set_ylabel(self.score_name)
+            axis.grid(alpha=0.3)
+        handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=k) for k, (c, m) in styles.items()]
+        axes[1].legend(handles=handles, loc="lower right")
+        figure.suptitle(title or f"{self.score_name} vs latency, {self.threads} threads")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        atomic_write(path, buffer.getvalue())
+        return path
+
+
+def _interleaved(runs: list[Callable[[], object]], repeats: int, rounds: int = 10) -> list[Timing]:
+    """Timing per run, measured in ``rounds`` alternating rounds so that drift on a shared machine
+    (other load, frequency changes) hits every candidate alike."""
     for run in runs:  # warm-up: first calls allocate, compile kernels, fill caches
         for _ in range(max(3, repeats // 20)):
             run()
-    samples: list[list[float]] = [[] for _ in runs]
+    samples: list[list[list[float]]] = [[] for _ in runs]
     per_round = max(1, repeats // rounds)
     for _ in range(rounds):
         for i, run in enumerate(runs):
@@ -44,117 +216,294 @@ def _interleaved(runs: list[Callable[[], object]], repeats: int, rounds: int = 1
             # it is what users get); a pause lets them go idle so they do not steal the cores from
             # the next candidate, and a few untimed runs re-warm this one.
             time.sleep(0.05)
-            for _ in range(3):
+            for _ in range(2):
                 run()
+            times = []
             for _ in range(per_round):
                 started = time.perf_counter()
                 run()
-                samples[i].append(time.perf_counter() - started)
-    return [(float(np.median(s)), float(np.percentile(s, 90))) for s in samples]
+                times.append(time.perf_counter() - started)
+            samples[i].append(times)
+    timings = []
+    for rounds_of_one in samples:
+        every = np.concatenate(rounds_of_one)
+        medians = [float(np.median(r)) for r in rounds_of_one]
+        median = float(np.median(every))
+        timings.append(Timing(median, float(np.percentile(every, 90)), (max(medians) - min(medians)) / median))
+    return timings
 
 
-def _ort_session(path: Path, threads: int):
+def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class _Reader:
-    """ONNX Runtime calibration data reader over netshrink data."""
+def operator_profile(path: Path, feed: dict, threads: int, runs: int = 10) -> list[tuple[str, float, float]]:
+    """(operator type, ms per run, share of operator time) from ONNX Runtime's own profiler,
+    largest first: where a graph spends its time."""
+    with tempfile.TemporaryDirectory() as folder:
+        session = ort_session(path, threads, str(Path(folder) / "profile"))
+        for _ in range(runs + 5):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]].append(event["dur"])
+    # The first five runs warm up (allocation, thread start): their events are dropped.
+    totals = {op: sum(d[len(d) * 5 // (runs + 5):]) / runs / 1e3 for op, d in per_op.items()}
+    whole = sum(totals.values()) or 1.0
+    return sorted(((op, ms, ms / whole) for op, ms in totals.items()), key=lambda t: -t[1])
 
-    def __init__(self, images: np.ndarray, batch: int = 128) -> None:
-        self.batches = iter([{"input": images[i:i + batch]} for i in range(0, len(images), batch)])
+
+def _workload(data, calibration, sequence: int, large_batch: int | None) -> _Workload:
+    from .train import _in_memory, batches
+
+    tensors = _in_memory(data)
+    if tensors is not None:
+        x, y = tensors
+        if not x.is_floating_point():
+            raise NetshrinkError("bench takes float inputs as a tensor data set; token inputs as a list of dict batches")
+        size = large_batch or 256
+        evaluation = [({"input": x[i:i + 500].numpy()}, None if y is None else y[i:i + 500].numpy())
+                      for i in range(0, len(x), 500)]
+        cal = _in_memory(calibration) if calibration is not None else None
+        cal_x = (cal[0] if cal is not None else x)[:1024].numpy()
+        return _Workload({"input": x[:1].numpy()}, {"input": _repeat(x, size).numpy()}, f"batch {size}", evaluation,
+                         [{"input": cal_x[i:i + 128]} for i in range(0, len(cal_x), 128)],
+                         "accuracy" if y is not None else "cosine", x[:2])
+    evaluation = []
+    for inputs, labels in batches(data):
+        if not isinstance(inputs, Mapping):
+            raise NetshrinkError("bench takes token inputs as dict batches (input_ids, attention_mask, ...)")
+        evaluation.append(({k: v.numpy() for k, v in inputs.items()}, None if labels is None else labels.numpy()))
+    if not evaluation:
+        raise NetshrinkError("the data is empty")
+    # Timing inputs: ``sequence`` tokens drawn from the data's own (seeded), every position attended.
+    ids = np.concatenate([feed["input_ids"].ravel() for feed, _ in evaluation])
+    rng = np.random.default_rng(0)
+    size = large_batch or 32
+
+    def tokens(batch: int) -> dict[str, np.ndarray]:
+        feed = {}
+        for key, value in evaluation[0][0].items():
+            if key == "input_ids":
+                feed[key] = rng.choice(ids, (batch, sequence)).astype(value.dtype)
+            elif key == "attention_mask":
+                feed[key] = np.ones((batch, sequence), value.dtype)
+            else:
+                feed[key] = np.zeros((batch, sequence), value.dtype)
+        return feed
+
+    labelled = all(labels is not None for _, labels in evaluation)
+    cal_feeds = [feed for feed, _ in evaluation[:8]]
+    if calibration is not None:
+        cal_feeds = [{k: v.numpy() for k, v in inputs.items()} for inputs, _ in list(batches(calibration))[:8]]
+    return _Workload(tokens(1), tokens(size), f"batch {size} x {sequence} tokens", evaluation, cal_feeds,
+                     "accuracy" if labelled else "cosine", {k: torch.from_numpy(v) for k, v in evaluation[0][0].items()})
+
+
+def _repeat(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x[torch.arange(size) % len(x)]
+
+
+def _score(outputs: list[np.ndarray], work: _Workload, reference: list[np.ndarray] | None) -> float:
+    if work.metric == "accuracy":
+        hits = sum(int((o.argmax(-1) == labels).sum()) for o, (_, labels) in zip(outputs, work.evaluation))
+        return 100.0 * hits / sum(len(labels) for _, labels in work.evaluation)
+    cosines = [(_pooled(o, feed) * _pooled(r, feed)).sum(-1) for o, r, (feed, _) in zip(outputs, reference, work.evaluation)]
+    return float(np.concatenate(cosines).mean())
+
+
+def _pooled(output: np.ndarray, feed: dict) -> np.ndarray:
+    """One unit vector per example: the mask-weighted mean over tokens (what sentence-transformers'
+    mean pooling does), or the flattened output."""
+    output = output.astype(np.float64)
+    mask = feed.get("attention_mask")
+    if output.ndim == 3 and mask is not None:
+        output = (output * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    output = output.reshape(len(output), -1)
+    return output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
+
+
+def _torch_candidate(name: str, kind: str, module: nn.Module, folder: Path) -> Candidate:
+    from .train import call, output_tensor
+
+    path = folder / f"{name.replace(' ', '_').replace('/', '_')}.pt"
+    torch.save(module.state_dict(), path)  # our own file, just written: the size of what ships
+
+    def outputs(feed: dict) -> np.ndarray:
+        with torch.no_grad():
+            inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
+            return output_tensor(call(module, inputs["input"] if list(inputs) == ["input"] else inputs)).numpy()
+
+    return Candidate(name, kind, outputs, outputs, path.stat().st_size)
+
+
+def _ort_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
+    session = ort_session(path, threads)
+    wanted = {i.name for i in session.get_inputs()}
+
+    def outputs(feed: dict) -> np.ndarray:
+        return session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
+
+    return Candidate(name, kind, outputs, outputs, path.stat().st_size, path)
+
+
+class _Reader:
+    """ONNX Runtime calibration data reader over prepared feeds."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self.feeds = iter(feeds)
 
     def get_next(self):
-        return next(self.batches, None)
+        return next(self.feeds, None)
 
 
-def benchmark(model: nn.Module, test, calibration, *, threads: int = 2, repeats: int = 200,
-              batch_repeats: int = 30, input_shape=None, workdir: Path | None = None,
-              progress: Callable[[str], None] = lambda s: None) -> tuple[list[list], "ExportReport"]:
-    """Measure every candidate; returns table rows (see ``COLUMNS``) and the int8 export report."""
-    try:
-        import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    except ImportError:
-        raise NetshrinkError("bench needs onnxruntime: pip install 'netshrink[export]'") from None
-    torch.set_num_threads(threads)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="netshrink-bench-"))
-    x_test, y_test = test.tensors if hasattr(test, "tensors") else test
-    x_cal = (calibration.tensors[0] if hasattr(calibration, "tensors") else calibration[0])[:1024]
-    one, many = x_test[:1].numpy(), x_test[:256].numpy()
-    dense = bake(copy.deepcopy(model)).eval()
-    detach_all(dense)
-    candidates: list[tuple[str, Callable, Callable, int]] = []  # name, run(batch), predict(all), bytes
+def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads: int,
+           notes: list[str], progress) -> list[Candidate]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    def torch_candidate(name: str, module: nn.Module):
-        path = workdir / f"{name.replace(' ', '_')}.pt"
-        torch.save(module.state_dict(), path)  # our own file, just written: the size of what ships
-        with torch.no_grad():
-            return (name, lambda b: module(torch.from_numpy(b)), lambda: module(x_test).argmax(1).numpy(),
-                    path.stat().st_size)
-
-    def ort_candidate(name: str, path: Path):
-        session = _ort_session(path, threads)
-        return (name, lambda b: session.run(None, {"input": b}),
-                lambda: np.concatenate([session.run(None, {"input": x_test[i:i + 1000].numpy()})[0]
-                                        for i in range(0, len(x_test), 1000)]).argmax(1), path.stat().st_size)
-
-    progress("exporting")
-    fp32_path, int8_path = workdir / "fp32.onnx", workdir / "netshrink_int8.onnx"
-    logits_path = workdir / "netshrink_int8_logits.onnx"
-    export(dense, fp32_path, input_shape=input_shape or _shape(model))
-    report = export(model, int8_path, int8=True, calibration=calibration, input_shape=input_shape or _shape(model))
-    export(model, logits_path, int8=True, int8_logits=True, calibration=calibration,
-           input_shape=input_shape or _shape(model))
+    peers = [_ort_candidate("ONNX Runtime fp32", "peer", fp32, threads)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        progress("peers: ONNX Runtime quantize_dynamic and quantize_static")
+        quantize_dynamic(str(fp32), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+        peers.append(_ort_candidate("ONNX Runtime quantize_dynamic", "peer", folder / "ort_dynamic.onnx", threads))
+        quantize_static(str(fp32), str(folder / "ort_static.onnx"), _Reader(work.calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        peers.append(_ort_candidate("ONNX Runtime quantize_static", "peer", folder / "ort_static.onnx", threads))
+        progress("peers: torch.ao and torchao")
         dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(dense), {nn.Linear}, dtype=torch.qint8)
-        ort_dynamic, ort_static = workdir / "ort_dynamic.onnx", workdir / "ort_static.onnx"
-        quantize_dynamic(str(fp32_path), str(ort_dynamic), weight_type=QuantType.QInt8, per_channel=True)
-        quantize_static(str(fp32_path), str(ort_static), _Reader(x_cal.numpy()), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    candidates = [torch_candidate("PyTorch fp32", dense), ort_candidate("ONNX Runtime fp32", fp32_path),
-                  ort_candidate("netshrink int8 (ONNX Runtime)", int8_path),
-                  ort_candidate("netshrink int8, int8 logits (ONNX Runtime)", logits_path),
-                  torch_candidate("PyTorch dynamic int8 (Linear)", dynamic),
-                  ort_candidate("ONNX Runtime quantize_dynamic", ort_dynamic),
-                  ort_candidate("ONNX Runtime quantize_static", ort_static)]
-    progress("timing all candidates in interleaved rounds")
-    with torch.no_grad():
-        batch1 = _interleaved([lambda run=run: run(one) for _, run, _, _ in candidates], repeats)
-        batch256 = _interleaved([lambda run=run: run(many) for _, run, _, _ in candidates], batch_repeats)
+        peers.append(_torch_candidate("torch.ao dynamic int8 (Linear)", "peer", dynamic, folder))
+        if work.metric == "accuracy" and "input" in work.small:
+            try:
+                from torch.ao.quantization import get_default_qconfig_mapping
+                from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+                prepared = prepare_fx(copy.deepcopy(dense), get_default_qconfig_mapping("x86"), (work.example,))
+                with torch.no_grad():
+                    for feed in work.calibration:
+                        prepared(torch.from_numpy(feed["input"]))
+                peers.append(_torch_candidate("torch.ao static int8 (FX, x86)", "peer", convert_fx(prepared), folder))
+            except Exception as exc:  # FX tracing fails on data-dependent control flow
+                notes.append(f"torch.ao static int8 left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        try:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            model = copy.deepcopy(dense)
+            quantize_(model, Int8DynamicActivationInt8WeightConfig())
+            peers.append(_torch_candidate("torchao int8 dynamic activations + int8 weights", "peer", model, folder))
+        except ImportError:
+            notes.append("torchao is not installed: its row is missing")
+        except Exception as exc:
+            notes.append(f"torchao left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+    return peers
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    dense = bake(copy.deepcopy(model)).eval()
+    detach_all(dense)
+    return dense
+
+
+def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module] | None = None,
+              calibration=None, threads: int = 2, repeats: int = 200, large_repeats: int = 30,
+              large_batch: int | None = None, sequence: int = 128, profile: bool = False,
+              workdir: str | Path | None = None, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+    """Measure ``reference`` (the dense model: PyTorch fp32 and every peer are made from it) and
+    each model in ``compressed`` (name -> netshrink model; by default the reference itself) on
+    ``data``: an image data set (accuracy with labels) or a list of token dict batches (cosine
+    to the reference when unlabeled). ``calibration`` feeds the static quantizers (default: the
+    data). ``profile=True`` adds ONNX Runtime's per-operator profile of the fastest netshrink and
+    peer graphs at the large batch.
+
+    >>> import netshrink
+    >>> data = netshrink.load_dataset("digits", "test")
+    >>> model = netshrink.build_model("mlp", in_shape=(1, 8, 8))
+    >>> result = netshrink.benchmark(model, data, repeats=10, large_repeats=10)  # doctest: +SKIP
+    >>> print(result.markdown())  # doctest: +SKIP
+    """
+    from .onnx_export import export
+
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        raise NetshrinkError("bench needs onnxruntime: pip install 'netshrink[export]'") from None
+    for what, value, low in (("threads", threads, 1), ("repeats", repeats, 1), ("large_repeats", large_repeats, 1),
+                             ("sequence", sequence, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise NetshrinkError(f"{what} must be a positive integer. Received: {what}={value!r}")
+    if large_batch is not None and (not isinstance(large_batch, int) or isinstance(large_batch, bool) or large_batch < 2):
+        raise NetshrinkError(f"large_batch must be an integer >= 2. Received: large_batch={large_batch!r}")
+    models = dict(compressed) if compressed is not None else {"": reference}
+    if not models or not all(isinstance(m, nn.Module) for m in models.values()):
+        raise NetshrinkError("compressed must map names to models")
+    work = _workload(data, calibration, sequence, large_batch)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export):
+    folder = Path(workdir or tempfile.mkdtemp(prefix="netshrink-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    dense = _frozen(reference)
+    progress("exporting the reference to ONNX")
+    fp32 = folder / "fp32.onnx"
+    export(dense, fp32, example_inputs=work.example)
+    candidates = [_torch_candidate("PyTorch fp32", "dense", dense, folder)]
+    candidates += _peers(dense, work, fp32, folder, threads, notes, progress)
+    calibration = [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in work.calibration]
+    calibration = [c["input"] if list(c) == ["input"] else c for c in calibration]
+    for i, (name, model) in enumerate(models.items()):
+        label = f"netshrink{' ' + name if name else ''}"
+        progress(f"exporting {label}")
+        int8_path, fp32_path = folder / f"netshrink_{i}_int8.onnx", folder / f"netshrink_{i}_fp32.onnx"
+        report = export(model, int8_path, int8=True, calibration=calibration, example_inputs=work.example)
+        export(_frozen(model), fp32_path, example_inputs=work.example)
+        candidates += [_ort_candidate(f"{label} int8 (ONNX Runtime)", "netshrink", int8_path, threads),
+                       _ort_candidate(f"{label} fp32 (ONNX Runtime)", "netshrink", fp32_path, threads)]
+        notes += [f"{label} int8 export: {n}" for n in report.notes]
+    progress(f"timing {len(candidates)} candidates at batch 1 and {work.large_label}, in interleaved rounds")
+    small = _interleaved([lambda c=c: c.run(work.small) for c in candidates], repeats)
+    large = _interleaved([lambda c=c: c.run(work.large) for c in candidates], large_repeats)
+    progress("scoring every candidate on the same data")
+    reference_outputs = [candidates[0].outputs(feed) for feed, _ in work.evaluation]
     rows = []
-    for (name, _, predict, size), b1, b256 in zip(candidates, batch1, batch256):
-        progress(f"accuracy of {name}")
-        with torch.no_grad():
-            accuracy = float((predict() == y_test.numpy()).mean())
-        rows.append([name, f"{b1[0] * 1e6:.0f}", f"{b1[1] * 1e6:.0f}", f"{b256[0] * 1e6:.0f}", f"{b256[1] * 1e6:.0f}",
-                     f"{256 / b256[0]:,.0f}", f"{batch1[0][0] / b1[0]:.2f}x", f"{batch256[0][0] / b256[0]:.2f}x",
-                     f"{size:,}", f"{100 * accuracy:.2f}%"])
-    report.notes.append("optimized graph, netshrink int8 with int8 logits: " + " -> ".join(optimized_ops(logits_path)))
-    report.notes.append("optimized graph, ONNX Runtime quantize_static:       " + " -> ".join(optimized_ops(ort_static)))
-    return rows, report
-
-
-def optimized_ops(path: Path) -> list[str]:
-    """The operator sequence ONNX Runtime actually executes for a model, after its optimizer."""
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable, no NCHWc
-    with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
-
-
-def _shape(model: nn.Module):
-    spec = getattr(model, "spec", None)
-    return tuple(spec["in_shape"]) if spec else None
+    for candidate, s, lg in zip(candidates, small, large):
+        outputs = reference_outputs if candidate is candidates[0] else [candidate.outputs(f) for f, _ in work.evaluation]
+        rows.append(Measured(candidate, s, lg, _score(outputs, work, reference_outputs)))
+    for index, pick in ((0, lambda r: r.small.median), (1, lambda r: r.large.median)):
+        for r in rows:
+            dominated = any(pick(o) <= pick(r) and o.score >= r.score and (pick(o) < pick(r) or o.score > r.score)
+                            for o in rows if o is not r)
+            r.pareto = tuple(not dominated if j == index else r.pareto[j] for j in (0, 1))
+    result = BenchResult(rows, work.metric, threads, work.large_label, notes)
+    noisy = [f"{r.candidate.name} ({label} {100 * timing.spread:.0f}%)" for r in rows
+             for label, timing in (("batch 1", r.small), ("large", r.large)) if timing.spread > NOISY_SPREAD]
+    if noisy:
+        result.warnings.append(f"timings too noisy to trust: the medians of the interleaved rounds differ by more "
+                               f"than {100 * NOISY_SPREAD:.0f}% for {', '.join(noisy)}; differences smaller than the "
+                               "spread are noise (more repeats, or a quieter machine)")
+    if profile:
+        for kind in ("netshrink", "peer"):
+            timed = [r for r in rows if r.candidate.kind == kind and r.candidate.onnx is not None]
+            if timed:
+                fastest = min(timed, key=lambda r: r.large.median)
+                result.profiles[fastest.candidate.name] = operator_profile(fastest.candidate.onnx, work.large, threads)
+    return result

@@ -9,7 +9,7 @@ Examples::
     netshrink compress dense.nsk --data mnist --prune 0.1 --weight-bits 4 --finetune 2 -o small.nsk
     netshrink summary small.nsk
     netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime, any x86-64 CPU
-    netshrink bench dense.nsk --data mnist            # latency/size/accuracy vs the alternatives
+    netshrink bench dense.nsk small.nsk --data mnist --plot p.png   # speed and accuracy vs the peers
 
 Every user error (a bad value, a missing file, a model that does not fit the data, an output that
 would overwrite its input) is one line on stderr and exit status 2, found before long work starts.
@@ -128,13 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "7-bit weights are correct on every x86-64 CPU")
     _data_arguments(export)
 
-    bench = sub.add_parser("bench", help="latency/size/accuracy: PyTorch, ONNX Runtime, int8 export, baselines")
-    bench.add_argument("path", type=Path)
-    _data_arguments(bench)
+    bench = sub.add_parser(
+        "bench", help="latency and accuracy of netshrink models against the peers, with a Pareto table and plot",
+        description="Time and score the dense model (PyTorch), the peers made from it (ONNX Runtime fp32, "
+                    "quantize_dynamic, quantize_static, torch.ao, torchao) and every netshrink model (int8 and fp32 "
+                    "in ONNX Runtime) in one interleaved run, at batch 1 and a large batch. The first file is the "
+                    "dense reference; list compressed files after it. Image models are scored by test accuracy on "
+                    "--data; transformer encoders by the cosine of their pooled outputs to the reference's, on "
+                    "seeded random token sequences. Example: netshrink bench dense.nsk pruned.nsk --data mnist "
+                    "--plot pareto.png")
+    bench.add_argument("path", type=Path, help="the dense reference model (.nsk)")
+    bench.add_argument("compressed", type=Path, nargs="*", help="netshrink models to compare (default: the reference)")
+    bench.add_argument("--data", choices=DATASETS, help="data set for image models (default: mnist)")
     bench.add_argument("--threads", type=POSITIVE_INT, default=2, help="threads for every runtime (default: 2)")
-    bench.add_argument("--repeats", type=POSITIVE_INT, default=300, help="timed runs at batch 1 (default: 300)")
-    bench.add_argument("--batch-repeats", type=POSITIVE_INT, default=40, help="timed runs at batch 256 (default: 40)")
-    bench.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
+    bench.add_argument("--repeats", type=POSITIVE_INT, default=200, help="timed runs at batch 1 (default: 200)")
+    bench.add_argument("--large-repeats", type=POSITIVE_INT, default=30, help="timed runs at the large batch (default: 30)")
+    bench.add_argument("--large-batch", type=POSITIVE_INT,
+                       help="the large batch (default: 256 images, or 32 sequences of --sequence tokens)")
+    bench.add_argument("--sequence", type=POSITIVE_INT, default=128, help="tokens per sequence (default: 128)")
+    bench.add_argument("--profile", action="store_true",
+                       help="add ONNX Runtime's per-operator profile of the fastest netshrink and peer graphs")
+    bench.add_argument("--plot", type=Path, metavar="PNG", help="draw accuracy vs latency (the Pareto fronts) here")
+    bench.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
 
     summary = sub.add_parser("summary", help="per-layer table of a saved model")
     summary.add_argument("path", type=Path)
@@ -374,26 +389,65 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import artifact
-    from .bench import COLUMNS, benchmark
-    from .data import load_dataset
-    from .report import markdown
-    from .train import check_model_fits
+    from .bench import benchmark
+    from .models import spec_of
 
-    _outputs(args, args.markdown)
-    model = artifact.load(args.path)
-    test = load_dataset(args.data, "test")
-    check_model_fits(model, test)
-    rows, report = benchmark(model, test, load_dataset(args.data, "train"),
-                             threads=args.threads, repeats=args.repeats, batch_repeats=args.batch_repeats,
-                             progress=lambda name: _print(f"  measuring {name}"))
-    _print_rows(f"{args.path} on {args.data}, {args.threads} threads", COLUMNS, rows)
-    for note in report.notes:
-        _print(f"note (int8 export): {note}")
+    _outputs(args, args.markdown, args.plot)
+    for path in args.compressed:
+        if path == args.path:
+            raise NetshrinkError(f"{path} is the reference already: list only compressed models after it")
+    reference = artifact.load(args.path)
+    compressed = {path.stem: artifact.load(path) for path in args.compressed} or {args.path.stem: reference}
+    if "transformers" in (spec_of(reference) or {}):
+        if args.data is not None:
+            raise NetshrinkError("--data is for image models; a transformer is scored on random token sequences")
+        data, calibration = _random_tokens(reference), None
+    else:
+        data, calibration = _image_data(args.data or "mnist", reference, compressed)
+    result = benchmark(reference, data, compressed=compressed, calibration=calibration, threads=args.threads,
+                       repeats=args.repeats, large_repeats=args.large_repeats, large_batch=args.large_batch,
+                       sequence=args.sequence, profile=args.profile, progress=lambda step: _print(f"  {step}"))
+    _print_rows(f"{args.path.name} and {len(compressed)} netshrink model(s), {args.threads} threads",
+                result.columns(), result.table())
+    for line in [*(f"note: {n}" for n in result.notes), *(f"warning: {w}" for w in result.warnings),
+                 *result.verdict()]:
+        _print(line)
+    for name, ops in result.profiles.items():
+        _print_rows(f"where the time goes: {name}", ["operator", "ms per run", "share"],
+                    [[op, f"{ms:.2f}", f"{100 * share:.0f}%"] for op, ms, share in ops[:10]])
+    if args.plot:
+        _print(f"plot: {result.plot(args.plot, title=f'{args.path.name}: accuracy vs latency')}")
     if args.markdown:
         from .files import atomic_write
 
-        atomic_write(args.markdown, (markdown(COLUMNS, rows) + "\n").encode())
+        atomic_write(args.markdown, (result.markdown() + "\n").encode())
     return 0
+
+
+def _image_data(name: str, reference, compressed: dict):
+    from .data import load_dataset
+    from .train import check_model_fits
+
+    test, train = load_dataset(name, "test"), load_dataset(name, "train")
+    for model in (reference, *compressed.values()):
+        check_model_fits(model, test)
+    return test, train
+
+
+def _random_tokens(model, count: int = 256, length: int = 64) -> list[dict]:
+    """Seeded random token sequences of varied length, for scoring a transformer without text:
+    the cosine to the reference measures how faithfully each candidate computes the same function."""
+    import torch
+
+    vocabulary = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, count, 32):
+        ids = torch.randint(min(1000, vocabulary - 1), vocabulary, (32, length), generator=generator)
+        lengths = torch.randint(length // 4, length + 1, (32, 1), generator=generator)
+        mask = (torch.arange(length)[None] < lengths).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask})
+    return batches
 
 
 def cmd_summary(args) -> int:
