@@ -26,22 +26,7 @@ import torch
 import netshrink
 from netshrink.methods.structured import RemoveUnits
 from netshrink.report import markdown
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
-
-
-def macs(model, x) -> int:
-    """Multiply-accumulates of Linear/Conv layers for one input, counted with forward hooks."""
-    total = [0]
-
-    def hook(module, args, out):
-        total[0] += out[0].numel() * int(np.prod(module.weight.shape[1:]))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        model.eval()(x[:1])
-    for h in handles:
-        h.remove()
-    return total[0]
+from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
 
 
 def ort_accuracy(path: Path, test) -> float:

@@ -22,6 +22,7 @@ size, and :meth:`BenchResult.plot` draws it.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import tempfile
 import time
@@ -89,8 +90,17 @@ class BenchResult:
     threads: int
     large_label: str
     notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
     profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        noisy = [f"{r.candidate.name} ({label} {100 * timing.spread:.0f}%)" for r in self.rows
+                 for label, timing in (("batch 1", r.small), ("large", r.large)) if timing.spread > NOISY_SPREAD]
+        if not noisy:
+            return []
+        return [f"timings too noisy to trust: the medians of the interleaved rounds differ by more than "
+                f"{100 * NOISY_SPREAD:.0f}% for {', '.join(noisy)}; differences smaller than the spread are noise "
+                "(more repeats, or a quieter machine)"]
 
     @property
     def score_name(self) -> str:
@@ -410,6 +420,17 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
     return peers
 
 
+def mark_pareto(rows: list[Measured]) -> None:
+    """Set each row's ``pareto`` flags: at batch 1 and at the large batch, is no other row both at
+    least as fast and at least as accurate, and better in one of the two?"""
+    for r in rows:
+        flags = []
+        for pick in (lambda m: m.small.median, lambda m: m.large.median):
+            flags.append(not any(pick(o) <= pick(r) and o.score >= r.score and (pick(o) < pick(r) or o.score > r.score)
+                                 for o in rows if o is not r))
+        r.pareto = (flags[0], flags[1])
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     dense = bake(copy.deepcopy(model)).eval()
     detach_all(dense)
@@ -436,13 +457,12 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     from .onnx_export import export
 
     try:
-        import onnxruntime  # noqa: F401
-        import onnxruntime.quantization  # noqa: F401
+        importlib.import_module("onnxruntime.quantization")  # the peers need it: fail before any work
     except ImportError:
         raise NetshrinkError("bench needs onnxruntime: pip install 'netshrink[export]'") from None
-    for what, value, low in (("threads", threads, 1), ("repeats", repeats, 1), ("large_repeats", large_repeats, 1),
-                             ("sequence", sequence, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    for what, value in (("threads", threads), ("repeats", repeats), ("large_repeats", large_repeats),
+                        ("sequence", sequence)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise NetshrinkError(f"{what} must be a positive integer. Received: {what}={value!r}")
     if large_batch is not None and (not isinstance(large_batch, int) or isinstance(large_batch, bool) or large_batch < 2):
         raise NetshrinkError(f"large_batch must be an integer >= 2. Received: large_batch={large_batch!r}")
@@ -471,13 +491,13 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     calibration = [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in work.calibration]
     calibration = [c["input"] if list(c) == ["input"] else c for c in calibration]
     for i, (name, model) in enumerate(models.items()):
-        label = f"netshrink{' ' + name if name else ''}"
+        label = f"netshrink{' ' + name if name else ''}"  # e.g. "netshrink keep 0.5 (ONNX Runtime int8)"
         progress(f"exporting {label}")
         int8_path, fp32_path = folder / f"netshrink_{i}_int8.onnx", folder / f"netshrink_{i}_fp32.onnx"
         report = export(model, int8_path, int8=True, calibration=calibration, example_inputs=work.example)
         export(_frozen(model), fp32_path, example_inputs=work.example)
-        candidates += [_ort_candidate(f"{label} int8 (ONNX Runtime)", "netshrink", int8_path, threads),
-                       _ort_candidate(f"{label} fp32 (ONNX Runtime)", "netshrink", fp32_path, threads)]
+        candidates += [_ort_candidate(f"{label} (ONNX Runtime int8)", "netshrink", int8_path, threads),
+                       _ort_candidate(f"{label} (ONNX Runtime fp32)", "netshrink", fp32_path, threads)]
         notes += [f"{label} int8 export: {n}" for n in report.notes]
     progress(f"timing {len(candidates)} candidates at batch 1 and {work.large_label}, in interleaved rounds")
     small = _interleaved([lambda c=c: c.run(work.small) for c in candidates], repeats)
@@ -488,18 +508,8 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     for candidate, s, lg in zip(candidates, small, large):
         outputs = reference_outputs if candidate is candidates[0] else [candidate.outputs(f) for f, _ in work.evaluation]
         rows.append(Measured(candidate, s, lg, _score(outputs, work, reference_outputs)))
-    for index, pick in ((0, lambda r: r.small.median), (1, lambda r: r.large.median)):
-        for r in rows:
-            dominated = any(pick(o) <= pick(r) and o.score >= r.score and (pick(o) < pick(r) or o.score > r.score)
-                            for o in rows if o is not r)
-            r.pareto = tuple(not dominated if j == index else r.pareto[j] for j in (0, 1))
+    mark_pareto(rows)
     result = BenchResult(rows, work.metric, threads, work.large_label, notes)
-    noisy = [f"{r.candidate.name} ({label} {100 * timing.spread:.0f}%)" for r in rows
-             for label, timing in (("batch 1", r.small), ("large", r.large)) if timing.spread > NOISY_SPREAD]
-    if noisy:
-        result.warnings.append(f"timings too noisy to trust: the medians of the interleaved rounds differ by more "
-                               f"than {100 * NOISY_SPREAD:.0f}% for {', '.join(noisy)}; differences smaller than the "
-                               "spread are noise (more repeats, or a quieter machine)")
     if profile:
         for kind in ("netshrink", "peer"):
             timed = [r for r in rows if r.candidate.kind == kind and r.candidate.onnx is not None]

@@ -94,10 +94,11 @@ def test_cli_export_and_bench_on_digits(tmp_path, capsys):
     assert main(["train", "--model", "mlp", "--data", "digits", "--epochs", "3", "-o", str(dense)]) == 0
     assert main(["export", str(dense), "--int8", "--data", "digits", "-o", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0
-    assert main(["bench", str(dense), "--data", "digits", "--repeats", "3", "--batch-repeats", "2",
+    assert main(["bench", str(dense), "--data", "digits", "--repeats", "3", "--large-repeats", "2",
                  "--markdown", str(tmp_path / "bench.md")]) == 0
     table = (tmp_path / "bench.md").read_text()
-    for candidate in ("PyTorch fp32", "netshrink int8", "quantize_static", "quantize_dynamic", "PyTorch dynamic int8"):
+    for candidate in ("PyTorch fp32", "netshrink dense (ONNX Runtime int8)", "quantize_static", "quantize_dynamic",
+                      "torch.ao dynamic int8"):
         assert candidate in table
 
 

@@ -1,0 +1,122 @@
+"""netshrink.benchmark and `netshrink bench`: every candidate scored against a dense reference,
+Pareto fronts, the noise warning, the verdict, the plot, the CLI. No timing thresholds: only what
+the measurements must satisfy whatever the machine's speed."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import netshrink
+from netshrink.bench import Candidate, Measured, Timing, BenchResult, mark_pareto
+
+pytest.importorskip("onnxruntime")
+
+
+def _row(name, kind, small_ms, large_ms, score, spread=0.05):
+    candidate = Candidate(name, kind, lambda feed: None, lambda feed: None, 1000)
+    return Measured(candidate, Timing(small_ms / 1e3, small_ms / 1e3, spread), Timing(large_ms / 1e3, large_ms / 1e3, spread),
+                    score)
+
+
+def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_path):
+    train, test = digits
+    pruned, _ = netshrink.remove_units(trained, keep=0.5)
+    result = netshrink.benchmark(trained, test, compressed={"half": pruned}, calibration=train, repeats=4,
+                                 large_repeats=2, large_batch=64, profile=True)
+    names = [r.candidate.name for r in result.rows]
+    for expected in ("PyTorch fp32", "ONNX Runtime fp32", "ONNX Runtime quantize_dynamic", "ONNX Runtime quantize_static",
+                     "torch.ao dynamic int8 (Linear)", "netshrink half (ONNX Runtime int8)",
+                     "netshrink half (ONNX Runtime fp32)"):
+        assert expected in names
+    scores = {r.candidate.name: r.score for r in result.rows}
+    # The bench's accuracy is the same number as netshrink.evaluate on the same test set.
+    assert scores["PyTorch fp32"] == pytest.approx(100 * netshrink.evaluate(trained, test))
+    assert abs(scores["netshrink half (ONNX Runtime fp32)"] - 100 * netshrink.evaluate(pruned, test)) <= 0.5
+    assert abs(scores["ONNX Runtime fp32"] - scores["PyTorch fp32"]) <= 0.5
+    assert result.metric == "accuracy" and result.large_label == "batch 64"
+    assert all(r.small.median > 0 and r.large.median > 0 and r.small.spread >= 0 for r in result.rows)
+    assert result.profiles and all(abs(sum(share for _, _, share in ops) - 1) < 1e-6 for ops in result.profiles.values())
+    text = result.markdown()
+    assert "netshrink half (ONNX Runtime int8)" in text and "Bars:" in text
+    png = result.plot(tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Called twice: the reference is untouched and the thread count restored.
+    threads = torch.get_num_threads()
+    again = netshrink.benchmark(trained, test, repeats=2, large_repeats=2, large_batch=32, threads=1)
+    assert torch.get_num_threads() == threads
+    assert {r.candidate.name for r in again.rows} >= {"netshrink (ONNX Runtime int8)", "PyTorch fp32"}
+    assert next(r.score for r in again.rows if r.candidate.name == "PyTorch fp32") == scores["PyTorch fp32"]
+
+
+def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
+    dense = make_tiny_bert()
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(1, 120, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+            for _ in range(3)]
+    data[0]["attention_mask"][::2, 6:] = 0
+    result = netshrink.benchmark(dense, data, repeats=2, large_repeats=2, large_batch=4, sequence=16)
+    scores = {r.candidate.name: r.score for r in result.rows}
+    assert result.metric == "cosine" and result.large_label == "batch 4 x 16 tokens"
+    assert scores["PyTorch fp32"] == pytest.approx(1.0)
+    assert scores["ONNX Runtime fp32"] > 0.9999
+    assert 0.9 < scores["netshrink (ONNX Runtime int8)"] <= 1.0 + 1e-9
+
+
+def test_pareto_and_verdict_on_known_rows():
+    rows = [_row("PyTorch fp32", "dense", 10, 100, 99.0), _row("peer fast", "peer", 4, 40, 98.0),
+            _row("peer exact", "peer", 6, 60, 99.0), _row("ours", "netshrink", 2, 20, 97.8),
+            _row("ours slow", "netshrink", 8, 80, 98.5)]
+    mark_pareto(rows)
+    front = {r.candidate.name for r in rows if r.pareto[1]}
+    assert front == {"ours", "peer fast", "peer exact"}  # dense and "ours slow": "peer exact" is faster and as good
+    lines = BenchResult(rows, "accuracy", 2, "batch 256").verdict()
+    # "ours" is 0.2 points below the fastest peer: it counts, at 2x that peer's speed and 5x dense.
+    assert "ours (2.000 ms, 97.80%) is 2.00x the speed of the fastest peer, peer fast" in lines[0]
+    assert "bar 1.5x met" in lines[0] and "5.00x dense PyTorch: bar 2.0x met" in lines[0]
+    rows[3] = _row("ours", "netshrink", 2, 20, 97.6)  # 0.4 points below: no longer the same accuracy
+    lines = BenchResult(rows, "accuracy", 2, "batch 256").verdict()
+    assert "ours slow" in lines[0] and "0.50x the speed" in lines[0] and "bar 1.5x missed" in lines[0]
+
+
+def test_cosine_bar_is_absolute_and_names_the_accurate_peer():
+    rows = [_row("PyTorch fp32", "dense", 10, 100, 1.0), _row("fast lossy", "peer", 4, 40, 0.96),
+            _row("exact", "peer", 8, 80, 0.999), _row("ours", "netshrink", 4, 40, 0.991)]
+    line = BenchResult(rows, "cosine", 2, "batch 32 x 128 tokens").verdict()[1]
+    assert "1.00x the speed of the fastest peer, fast lossy" in line and "missed" in line
+    assert "fastest peer that also reaches 0.9900, exact (80.000 ms): 2.00x" in line
+
+
+def test_noise_warning_only_when_rounds_disagree():
+    quiet = [_row("a", "dense", 1, 1, 1.0), _row("b", "peer", 1, 1, 1.0)]
+    assert BenchResult(quiet, "cosine", 2, "batch 32").warnings == []
+    noisy = quiet + [_row("c", "netshrink", 1, 1, 1.0, spread=0.6)]
+    (warning,) = BenchResult(noisy, "cosine", 2, "batch 32").warnings
+    assert "c (batch 1 60%)" in warning and "c (large 60%)" in warning and "a (" not in warning
+
+
+def test_bad_settings_are_one_error_before_any_work(trained, digits):
+    for kwargs in ({"threads": 0}, {"repeats": 1.5}, {"large_batch": 1}, {"compressed": {"x": "not a model"}}):
+        with pytest.raises(netshrink.NetshrinkError):
+            netshrink.benchmark(trained, digits[1], **kwargs)
+    with pytest.raises(netshrink.NetshrinkError, match="dict batches"):
+        netshrink.benchmark(trained, [torch.zeros(2, 1, 8, 8)])
+
+
+def test_cli_bench_with_a_compressed_model(tmp_path, trained):
+    dense, small = tmp_path / "dense.nsk", tmp_path / "small.nsk"
+    netshrink.save(trained, dense)
+    pruned, _ = netshrink.remove_units(trained, keep=0.5)
+    netshrink.save(pruned, small)
+    run = [sys.executable, "-m", "netshrink.cli", "bench", str(dense), str(small), "--data", "digits",
+           "--repeats", "3", "--large-repeats", "2", "--large-batch", "32"]
+    result = subprocess.run([*run, "--plot", str(tmp_path / "p.png"), "--markdown", str(tmp_path / "b.md")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "b.md").read_text()
+    assert "netshrink small (ONNX Runtime int8)" in table and "quantize_static" in table and "Pareto" in table
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    for bad, message in (([str(dense)], "reference already"), (["--plot", str(tmp_path)], "folder")):
+        result = subprocess.run([*run[:5], *bad, *run[5:]] if bad[0] == str(dense) else [*run, *bad],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
