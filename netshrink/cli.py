@@ -401,7 +401,11 @@ def cmd_bench(args) -> int:
     if "transformers" in (spec_of(reference) or {}):
         if args.data is not None:
             raise NetshrinkError("--data is for image models; a transformer is scored on random token sequences")
-        data, calibration = _random_tokens(reference), None
+        longest = getattr(reference.config, "max_position_embeddings", None)
+        if isinstance(longest, int) and args.sequence > longest:
+            raise NetshrinkError(f"--sequence must be at most the model's {longest} positions. "
+                                 f"Received: --sequence {args.sequence}")
+        data, calibration = _random_tokens(reference, length=min(64, args.sequence)), None
     else:
         data, calibration = _image_data(args.data or "mnist", reference, compressed)
     result = benchmark(reference, data, compressed=compressed, calibration=calibration, threads=args.threads,

@@ -120,3 +120,18 @@ def test_cli_bench_with_a_compressed_model(tmp_path, trained):
         result = subprocess.run([*run[:5], *bad, *run[5:]] if bad[0] == str(dense) else [*run, *bad],
                                 capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_bench_of_a_transformer_file(tmp_path, make_tiny_bert):
+    path = tmp_path / "bert.nsk"
+    netshrink.save(make_tiny_bert(), path)
+    run = [sys.executable, "-m", "netshrink.cli", "bench", str(path), "--repeats", "2", "--large-repeats", "2",
+           "--large-batch", "2"]
+    result = subprocess.run([*run, "--sequence", "16", "--markdown", str(tmp_path / "b.md")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "b.md").read_text()
+    assert "cosine to fp32" in table and "batch 2 x 16 tokens" in table and "netshrink bert (ONNX Runtime int8)" in table
+    for bad, message in ((["--sequence", "41"], "at most the model's 40 positions"), (["--data", "digits"], "--data is for")):
+        result = subprocess.run([*run, *bad], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
