@@ -285,8 +285,7 @@ def _workload(data, calibration, sequence: int, large_batch: int | None) -> _Wor
         size = large_batch or 256
         evaluation = [({"input": x[i:i + 500].numpy()}, None if y is None else y[i:i + 500].numpy())
                       for i in range(0, len(x), 500)]
-        cal = _in_memory(calibration) if calibration is not None else None
-        cal_x = (cal[0] if cal is not None else x)[:1024].numpy()
+        cal_x = _calibration_images(calibration, x)
         return _Workload({"input": x[:1].numpy()}, {"input": _repeat(x, size).numpy()}, f"batch {size}", evaluation,
                          [{"input": cal_x[i:i + 128]} for i in range(0, len(cal_x), 128)],
                          "accuracy" if y is not None else "cosine", x[:2])
@@ -319,6 +318,26 @@ def _workload(data, calibration, sequence: int, large_batch: int | None) -> _Wor
         cal_feeds = [{k: v.numpy() for k, v in inputs.items()} for inputs, _ in list(batches(calibration))[:8]]
     return _Workload(tokens(1), tokens(size), f"batch {size} x {sequence} tokens", evaluation, cal_feeds,
                      "accuracy" if labelled else "cosine", {k: torch.from_numpy(v) for k, v in evaluation[0][0].items()})
+
+
+def _calibration_images(calibration, x: torch.Tensor) -> np.ndarray:
+    """Up to 1024 calibration inputs: from ``calibration`` (in memory or any iterable of batches),
+    else from the data being scored (the user's choice when they give no calibration data)."""
+    from .train import batches
+
+    if calibration is None:
+        return x[:1024].numpy()
+    taken, count = [], 0
+    for inputs, _ in batches(calibration, 256):
+        if not torch.is_tensor(inputs) or not inputs.is_floating_point():
+            raise NetshrinkError("calibration for an image model must hold float image tensors")
+        taken.append(inputs[:1024 - count])
+        count += len(taken[-1])
+        if count >= 1024:
+            break
+    if not taken:
+        raise NetshrinkError("the calibration data is empty")
+    return torch.cat(taken).numpy()
 
 
 def _repeat(x: torch.Tensor, size: int) -> torch.Tensor:

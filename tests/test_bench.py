@@ -4,6 +4,7 @@ the measurements must satisfy whatever the machine's speed."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,14 @@ def test_cli_bench_of_a_transformer_file(tmp_path, make_tiny_bert):
     for bad, message in ((["--sequence", "41"], "at most the model's 40 positions"), (["--data", "digits"], "--data is for")):
         result = subprocess.run([*run, *bad], capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_calibration_from_a_loader_is_used_not_the_test_set(trained, digits):
+    from netshrink.bench import _calibration_images
+
+    train, test = digits
+    loader = torch.utils.data.DataLoader(train, batch_size=100)
+    images = _calibration_images(loader, test.tensors[0])
+    assert len(images) == 1024 and np.array_equal(images, train.tensors[0][:1024].numpy())
+    with pytest.raises(netshrink.NetshrinkError, match="empty"):
+        _calibration_images([], test.tensors[0])
