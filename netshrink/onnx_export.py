@@ -368,9 +368,10 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
         if node.op_type == "Gather" and node.input and node.input[0] in initializers:
             found = locate(initializers[node.input[0]])
             if found is not None and not found[1] and found[0] in weights and found[0] not in layers:
-                _gather_int8_rows(graph, node, initializers[node.input[0]], weights[found[0]], found[0], after,
-                                  helper, numpy_helper)
-                report.layers.append((found[0], f"int8 embedding table: {weights[found[0]][2]}"))
+                if found[0] not in seen:  # a table looked up by several Gathers is stored once
+                    _store_int8_table(graph, initializers[node.input[0]], weights[found[0]], found[0], numpy_helper)
+                    report.layers.append((found[0], f"int8 embedding table: {weights[found[0]][2]}"))
+                _gather_int8_rows(node, found[0], f"{found[0]}.gather{index}", after, helper)
                 seen.add(found[0])
             continue
         if not (node.op_type in ("Gemm", "Conv", "MatMul") and len(node.input) > 1 and node.input[1] in initializers):
@@ -427,20 +428,24 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
                                   else "not in the graph: the exported output does not use it"))
 
 
-def _gather_int8_rows(graph, node, table, weight, layer: str, after: dict, helper, numpy_helper) -> None:
-    """An embedding lookup on the int8 table: gather the looked-up rows' codes and their scales,
-    then multiply. Dequantizing the whole table in front of the Gather would cost a pass over every
-    row at every inference (a fifth of a 128-token MiniLM run); the product is the same numbers."""
+def _store_int8_table(graph, table, weight, layer: str, numpy_helper) -> None:
+    """Replace an embedding table by its int8 codes and one scale per row."""
     codes, scales, _ = weight
     graph.initializer.remove(table)
     graph.initializer.extend([numpy_helper.from_array(codes, f"{layer}.weight_int8"),
                               numpy_helper.from_array(scales.reshape(-1, 1), f"{layer}.weight_row_scale")])
+
+
+def _gather_int8_rows(node, layer: str, tag: str, after: dict, helper) -> None:
+    """An embedding lookup on the int8 table: gather the looked-up rows' codes and their scales,
+    then multiply. Dequantizing the whole table in front of the Gather would cost a pass over every
+    row at every inference (a fifth of a 128-token MiniLM run); the product is the same numbers."""
     indices, out = node.input[1], node.output[0]
-    node.input[0], node.output[0] = f"{layer}.weight_int8", f"{layer}.rows_int8"
+    node.input[0], node.output[0] = f"{layer}.weight_int8", f"{tag}.rows_int8"
     after[id(node)] = [
-        helper.make_node("Gather", [f"{layer}.weight_row_scale", indices], [f"{layer}.rows_scale"]),
-        helper.make_node("Cast", [f"{layer}.rows_int8"], [f"{layer}.rows_float"], to=1),  # 1 = FLOAT
-        helper.make_node("Mul", [f"{layer}.rows_float", f"{layer}.rows_scale"], [out])]
+        helper.make_node("Gather", [f"{layer}.weight_row_scale", indices], [f"{tag}.rows_scale"]),
+        helper.make_node("Cast", [f"{tag}.rows_int8"], [f"{tag}.rows_float"], to=1),  # 1 = FLOAT
+        helper.make_node("Mul", [f"{tag}.rows_float", f"{tag}.rows_scale"], [out])]
 
 
 def _quantize_output(graph_model, model: nn.Module, calibration, report, helper, numpy_helper) -> None:

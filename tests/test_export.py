@@ -191,3 +191,38 @@ def test_public_export_works_any_number_of_times(tmp_path, trained, digits):
         netshrink.export(trained, tmp_path / "m0.onnx", int8=True)  # no calibration data
     assert (tmp_path / "m0.onnx").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_int8_embedding_looked_up_twice_is_stored_once(tmp_path):
+    """Each Gather reads the int8 rows it needs and scales them; a table used twice is one table."""
+    import onnx
+    import onnxruntime as ort
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, input_ids):
+            return self.fc(self.embed(input_ids).mean(1) + self.embed(input_ids.flip(1)).amax(1))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    ids = {"input_ids": torch.randint(0, 50, (3, 6))}
+    export(model, tmp_path / "m.onnx", int8=True, calibration=[ids], example_inputs=ids)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [i.name for i in graph.initializer if i.name.startswith("embed.weight")] == \
+        ["embed.weight_int8", "embed.weight_row_scale"]
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "embed.weight_int8" for n in graph.node)
+    # Against the dense model with its table on the same int8 grid (the Linear adds 8-bit input rounding).
+    from netshrink.onnx_export import weight_as_int8
+
+    codes, scales, _ = weight_as_int8(model.embed.weight.detach().numpy())
+    reference = Twice().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.embed.weight.copy_(torch.from_numpy(codes * scales[:, None]))
+        expected = reference(**ids).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input_ids": ids["input_ids"].numpy()})[0]
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
