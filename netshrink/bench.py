@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import tempfile
 import time
@@ -30,6 +31,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +52,7 @@ SPEED_BAR, DENSE_BAR = 1.5, 2.0  # faster than the fastest peer, faster than den
 class Candidate:
     name: str
     kind: str  # "dense" (the reference in PyTorch), "peer", or "netshrink"
-    run: Callable[[dict], object]  # one inference on a feed (numpy arrays by input name)
-    outputs: Callable[[dict], np.ndarray]  # the output tensor for a feed
+    run: Callable[[dict], np.ndarray]  # the output tensor for a feed (numpy arrays by input name)
     bytes: int
     onnx: Path | None = None  # the graph ONNX Runtime runs, for its operator profile
 
@@ -69,7 +70,11 @@ class Measured:
     small: Timing
     large: Timing
     score: float  # accuracy in % or mean cosine
-    pareto: tuple[bool, bool] = (False, False)
+    pareto: tuple[bool, bool] = (False, False)  # on the front at batch 1, at the large batch
+
+    def latency(self, large: bool) -> float:
+        """Median seconds at the large batch, or at batch 1."""
+        return (self.large if large else self.small).median
 
 
 @dataclass
@@ -77,6 +82,7 @@ class _Workload:
     small: dict[str, np.ndarray]
     large: dict[str, np.ndarray]
     large_label: str
+    large_batch: int
     evaluation: list[tuple[dict[str, np.ndarray], np.ndarray | None]]
     calibration: list[dict[str, np.ndarray]]
     metric: str  # "accuracy" or "cosine"
@@ -89,6 +95,7 @@ class BenchResult:
     metric: str
     threads: int
     large_label: str
+    large_batch: int
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
 
@@ -114,15 +121,14 @@ class BenchResult:
                 "items/s", "vs fastest peer b1", "vs fastest peer large", "file bytes", self.score_name, "Pareto"]
 
     def table(self) -> list[list]:
-        peer_small, peer_large = (min(r.small.median for r in self.rows if r.candidate.kind == "peer"),
-                                  min(r.large.median for r in self.rows if r.candidate.kind == "peer"))
-        items = int(self.large_label.split()[1])
+        peer_small, peer_large = (min(r.latency(large) for r in self.rows if r.candidate.kind == "peer")
+                                  for large in (False, True))
         out = []
         for r in sorted(self.rows, key=lambda r: r.large.median):
             front = ", ".join(label for label, on in zip(("b1", "large"), r.pareto) if on)
             out.append([r.candidate.name, f"{1e3 * r.small.median:.3f}", f"{100 * r.small.spread:.0f}%",
                         f"{1e3 * r.large.median:.2f}", f"{100 * r.large.spread:.0f}%",
-                        f"{items / r.large.median:,.0f}", f"{peer_small / r.small.median:.2f}x",
+                        f"{self.large_batch / r.large.median:,.0f}", f"{peer_small / r.small.median:.2f}x",
                         f"{peer_large / r.large.median:.2f}x", f"{r.candidate.bytes:,}", self._score(r.score), front])
         return out
 
@@ -134,7 +140,8 @@ class BenchResult:
         dense = next(r for r in self.rows if r.candidate.kind == "dense")
         peers = [r for r in self.rows if r.candidate.kind == "peer"]
         ours = [r for r in self.rows if r.candidate.kind == "netshrink"]
-        for label, pick in (("batch 1", lambda r: r.small.median), (self.large_label, lambda r: r.large.median)):
+        for label, large in (("batch 1", False), (self.large_label, True)):
+            pick = partial(Measured.latency, large=large)
             fastest = min(peers, key=pick)
             floor = (fastest.score - ACCURACY_TOLERANCE if self.metric == "accuracy" else COSINE_FLOOR)
             eligible = [r for r in ours if r.score >= floor - 1e-9]
@@ -186,15 +193,14 @@ class BenchResult:
         path = check_writable(path)
         figure, axes = plt.subplots(1, 2, figsize=(12, 5))
         styles = {"dense": ("black", "D"), "peer": ("tab:gray", "o"), "netshrink": ("tab:blue", "s")}
-        for axis, index, label in ((axes[0], 0, "batch 1"), (axes[1], 1, self.large_label)):
+        for axis, large, label in ((axes[0], False, "batch 1"), (axes[1], True, self.large_label)):
             for r in self.rows:
                 color, marker = styles[r.candidate.kind]
-                latency = 1e3 * (r.small.median if index == 0 else r.large.median)
+                latency = 1e3 * r.latency(large)
                 axis.scatter(latency, r.score, c=color, marker=marker, s=40, zorder=3)
                 axis.annotate(r.candidate.name, (latency, r.score), fontsize=7, xytext=(4, 3),
                               textcoords="offset points")
-            front = sorted((1e3 * (r.small.median if index == 0 else r.large.median), r.score)
-                           for r in self.rows if r.pareto[index])
+            front = sorted((1e3 * r.latency(large), r.score) for r in self.rows if r.pareto[large])
             if front:
                 axis.step(*zip(*front), where="post", color="tab:blue", alpha=0.4, zorder=2)
             axis.set_xscale("log")
@@ -286,7 +292,7 @@ def _workload(data, calibration, sequence: int, large_batch: int | None) -> _Wor
         evaluation = [({"input": x[i:i + 500].numpy()}, None if y is None else y[i:i + 500].numpy())
                       for i in range(0, len(x), 500)]
         cal_x = _calibration_images(calibration, x)
-        return _Workload({"input": x[:1].numpy()}, {"input": _repeat(x, size).numpy()}, f"batch {size}", evaluation,
+        return _Workload({"input": x[:1].numpy()}, {"input": _repeat(x, size).numpy()}, f"batch {size}", size, evaluation,
                          [{"input": cal_x[i:i + 128]} for i in range(0, len(cal_x), 128)],
                          "accuracy" if y is not None else "cosine", x[:2])
     evaluation = []
@@ -315,8 +321,8 @@ def _workload(data, calibration, sequence: int, large_batch: int | None) -> _Wor
     labelled = all(labels is not None for _, labels in evaluation)
     cal_feeds = [feed for feed, _ in evaluation[:8]]
     if calibration is not None:
-        cal_feeds = [{k: v.numpy() for k, v in inputs.items()} for inputs, _ in list(batches(calibration))[:8]]
-    return _Workload(tokens(1), tokens(size), f"batch {size} x {sequence} tokens", evaluation, cal_feeds,
+        cal_feeds = [{k: v.numpy() for k, v in inputs.items()} for inputs, _ in itertools.islice(batches(calibration), 8)]
+    return _Workload(tokens(1), tokens(size), f"batch {size} x {sequence} tokens", size, evaluation, cal_feeds,
                      "accuracy" if labelled else "cosine", {k: torch.from_numpy(v) for k, v in evaluation[0][0].items()})
 
 
@@ -363,6 +369,12 @@ def _pooled(output: np.ndarray, feed: dict) -> np.ndarray:
     return output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
 
 
+def _model_inputs(feed: dict[str, np.ndarray]):
+    """A feed as the PyTorch model takes it: the image tensor itself, or a dict of token tensors."""
+    inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
+    return inputs["input"] if list(inputs) == ["input"] else inputs
+
+
 def _torch_candidate(name: str, kind: str, module: nn.Module, folder: Path) -> Candidate:
     from .train import call, output_tensor
 
@@ -371,10 +383,9 @@ def _torch_candidate(name: str, kind: str, module: nn.Module, folder: Path) -> C
 
     def outputs(feed: dict) -> np.ndarray:
         with torch.no_grad():
-            inputs = {k: torch.from_numpy(v) for k, v in feed.items()}
-            return output_tensor(call(module, inputs["input"] if list(inputs) == ["input"] else inputs)).numpy()
+            return output_tensor(call(module, _model_inputs(feed))).numpy()
 
-    return Candidate(name, kind, outputs, outputs, path.stat().st_size)
+    return Candidate(name, kind, outputs, path.stat().st_size)
 
 
 def _ort_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
@@ -384,7 +395,7 @@ def _ort_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
     def outputs(feed: dict) -> np.ndarray:
         return session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
 
-    return Candidate(name, kind, outputs, outputs, path.stat().st_size, path)
+    return Candidate(name, kind, outputs, path.stat().st_size, path)
 
 
 class _Reader:
@@ -422,7 +433,7 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
                 prepared = prepare_fx(copy.deepcopy(dense), get_default_qconfig_mapping("x86"), (work.example,))
                 with torch.no_grad():
                     for feed in work.calibration:
-                        prepared(torch.from_numpy(feed["input"]))
+                        prepared(_model_inputs(feed))
                 peers.append(_torch_candidate("torch.ao static int8 (FX, x86)", "peer", convert_fx(prepared), folder))
             except Exception as exc:  # FX tracing fails on data-dependent control flow
                 notes.append(f"torch.ao static int8 left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
@@ -444,9 +455,10 @@ def mark_pareto(rows: list[Measured]) -> None:
     least as fast and at least as accurate, and better in one of the two?"""
     for r in rows:
         flags = []
-        for pick in (lambda m: m.small.median, lambda m: m.large.median):
-            flags.append(not any(pick(o) <= pick(r) and o.score >= r.score and (pick(o) < pick(r) or o.score > r.score)
-                                 for o in rows if o is not r))
+        for large in (False, True):
+            mine = r.latency(large)
+            flags.append(not any(o.latency(large) <= mine and o.score >= r.score
+                                 and (o.latency(large) < mine or o.score > r.score) for o in rows if o is not r))
         r.pareto = (flags[0], flags[1])
 
 
@@ -507,8 +519,7 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     export(dense, fp32, example_inputs=work.example)
     candidates = [_torch_candidate("PyTorch fp32", "dense", dense, folder)]
     candidates += _peers(dense, work, fp32, folder, threads, notes, progress)
-    calibration = [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in work.calibration]
-    calibration = [c["input"] if list(c) == ["input"] else c for c in calibration]
+    calibration = [_model_inputs(feed) for feed in work.calibration]
     for i, (name, model) in enumerate(models.items()):
         label = f"netshrink{' ' + name if name else ''}"  # e.g. "netshrink keep 0.5 (ONNX Runtime int8)"
         progress(f"exporting {label}")
@@ -522,17 +533,17 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     small = _interleaved([lambda c=c: c.run(work.small) for c in candidates], repeats)
     large = _interleaved([lambda c=c: c.run(work.large) for c in candidates], large_repeats)
     progress("scoring every candidate on the same data")
-    reference_outputs = [candidates[0].outputs(feed) for feed, _ in work.evaluation]
+    reference_outputs = [candidates[0].run(feed) for feed, _ in work.evaluation]
     rows = []
     for candidate, s, lg in zip(candidates, small, large):
-        outputs = reference_outputs if candidate is candidates[0] else [candidate.outputs(f) for f, _ in work.evaluation]
+        outputs = reference_outputs if candidate is candidates[0] else [candidate.run(f) for f, _ in work.evaluation]
         rows.append(Measured(candidate, s, lg, _score(outputs, work, reference_outputs)))
     mark_pareto(rows)
-    result = BenchResult(rows, work.metric, threads, work.large_label, notes)
+    result = BenchResult(rows, work.metric, threads, work.large_label, work.large_batch, notes)
     if profile:
         for kind in ("netshrink", "peer"):
             timed = [r for r in rows if r.candidate.kind == kind and r.candidate.onnx is not None]
             if timed:
-                fastest = min(timed, key=lambda r: r.large.median)
+                fastest = min(timed, key=lambda r: r.latency(True))
                 result.profiles[fastest.candidate.name] = operator_profile(fastest.candidate.onnx, work.large, threads)
     return result

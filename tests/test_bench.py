@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 
 def _row(name, kind, small_ms, large_ms, score, spread=0.05):
-    candidate = Candidate(name, kind, lambda feed: None, lambda feed: None, 1000)
+    candidate = Candidate(name, kind, lambda feed: None, 1000)
     return Measured(candidate, Timing(small_ms / 1e3, small_ms / 1e3, spread), Timing(large_ms / 1e3, large_ms / 1e3, spread),
                     score)
 
@@ -71,28 +71,28 @@ def test_pareto_and_verdict_on_known_rows():
     mark_pareto(rows)
     front = {r.candidate.name for r in rows if r.pareto[1]}
     assert front == {"ours", "peer fast", "peer exact"}  # dense and "ours slow": "peer exact" is faster and as good
-    lines = BenchResult(rows, "accuracy", 2, "batch 256").verdict()
+    lines = BenchResult(rows, "accuracy", 2, "batch 256", 256).verdict()
     # "ours" is 0.2 points below the fastest peer: it counts, at 2x that peer's speed and 5x dense.
     assert "ours (2.000 ms, 97.80%) is 2.00x the speed of the fastest peer, peer fast" in lines[0]
     assert "bar 1.5x met" in lines[0] and "5.00x dense PyTorch: bar 2.0x met" in lines[0]
     rows[3] = _row("ours", "netshrink", 2, 20, 97.6)  # 0.4 points below: no longer the same accuracy
-    lines = BenchResult(rows, "accuracy", 2, "batch 256").verdict()
+    lines = BenchResult(rows, "accuracy", 2, "batch 256", 256).verdict()
     assert "ours slow" in lines[0] and "0.50x the speed" in lines[0] and "bar 1.5x missed" in lines[0]
 
 
 def test_cosine_bar_is_absolute_and_names_the_accurate_peer():
     rows = [_row("PyTorch fp32", "dense", 10, 100, 1.0), _row("fast lossy", "peer", 4, 40, 0.96),
             _row("exact", "peer", 8, 80, 0.999), _row("ours", "netshrink", 4, 40, 0.991)]
-    line = BenchResult(rows, "cosine", 2, "batch 32 x 128 tokens").verdict()[1]
+    line = BenchResult(rows, "cosine", 2, "batch 32 x 128 tokens", 32).verdict()[1]
     assert "1.00x the speed of the fastest peer, fast lossy" in line and "missed" in line
     assert "fastest peer that also reaches 0.9900, exact (80.000 ms): 2.00x" in line
 
 
 def test_noise_warning_only_when_rounds_disagree():
     quiet = [_row("a", "dense", 1, 1, 1.0), _row("b", "peer", 1, 1, 1.0)]
-    assert BenchResult(quiet, "cosine", 2, "batch 32").warnings == []
+    assert BenchResult(quiet, "cosine", 2, "batch 32", 32).warnings == []
     noisy = quiet + [_row("c", "netshrink", 1, 1, 1.0, spread=0.6)]
-    (warning,) = BenchResult(noisy, "cosine", 2, "batch 32").warnings
+    (warning,) = BenchResult(noisy, "cosine", 2, "batch 32", 32).warnings
     assert "c (batch 1 60%)" in warning and "c (large 60%)" in warning and "a (" not in warning
 
 
