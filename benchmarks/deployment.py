@@ -38,31 +38,32 @@ warnings.filterwarnings("ignore")
 CNNS = {"lenet-5": ("mnist", 6, (0.5, 0.3), 3), "resmobile": ("fashion-mnist", 8, (0.85, 0.7), 4)}
 
 
-def trained(name: str, data: str, epochs: float, train, cache: Path | None):
-    """The dense model, trained once (seeded) and kept in ``cache`` when given."""
-    path = cache / f"{name}-dense.nsk" if cache else None
+def cached(cache: Path | None, filename: str, make):
+    """``make()``'s model, saved in ``cache`` the first time and loaded from there afterwards."""
+    path = cache / filename if cache else None
     if path is not None and path.exists():
         return netshrink.load(path)
-    model = netshrink.build_model(name)
-    netshrink.fit(model, train, epochs=epochs, lr=2e-3, augment=2 if name == "resmobile" else 0, seed=0,
-                  desc=f"{name} dense")
+    model = make()
     if path is not None:
         netshrink.save(model, path)
     return model
 
 
-def structured(dense, keep: float, epochs: float, train, name: str, cache: Path | None):
+def trained(name: str, epochs: float, train):
+    """The dense model, trained (seeded)."""
+    model = netshrink.build_model(name)
+    netshrink.fit(model, train, epochs=epochs, lr=2e-3, augment=2 if name == "resmobile" else 0, seed=0,
+                  desc=f"{name} dense")
+    return model
+
+
+def structured(dense, keep: float, epochs: float, train, name: str):
     """Channels removed (uniform keep per channel group), fine-tuned with distillation, then 7-bit
     weights and calibrated 8-bit activations."""
-    path = cache / f"{name}-keep{keep}.nsk" if cache else None
-    if path is not None and path.exists():
-        return netshrink.load(path)
     model, _ = netshrink.remove_units(dense, keep=keep, example_input=train.tensors[0][:2])
     netshrink.fit(model, train, epochs=epochs, lr=1e-3, teacher=dense, augment=2 if name == "resmobile" else 0,
                   seed=0, desc=f"{name} keep {keep}")
     netshrink.quantize(model, weight_bits=7, activation_bits=8, calibration=train)
-    if path is not None:
-        netshrink.save(model, path)
     return model
 
 
@@ -70,18 +71,19 @@ def cnn_section(name: str, args) -> list[str]:
     data, epochs, keeps, ft = CNNS[name]
     train, test = netshrink.load_dataset(data, "train"), netshrink.load_dataset(data, "test")
     started = time.perf_counter()
-    dense = trained(name, data, epochs, train, args.cache)
+    dense = cached(args.cache, f"{name}-dense.nsk", lambda: trained(name, epochs, train))
     dense_accuracy = netshrink.evaluate(dense, test)
     int8 = copy.deepcopy(dense)
     netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=train)
     compressed = {"W7A8": int8}
     lines = []
     example = test.tensors[0]
+    dense_macs = macs(dense, example)
     for keep in keeps:
-        model = structured(dense, keep, ft, train, name, args.cache)
+        model = cached(args.cache, f"{name}-keep{keep}.nsk", lambda: structured(dense, keep, ft, train, name))
         compressed[f"keep {keep}, W7A8"] = model
         lines.append(f"- netshrink keep {keep}: {macs(model, example) / 1e6:.2f}M MACs per image (dense "
-                     f"{macs(dense, example) / 1e6:.2f}M), {parameter_count(model):,} parameters, "
+                     f"{dense_macs / 1e6:.2f}M), {parameter_count(model):,} parameters, "
                      f"netshrink's own test accuracy {100 * netshrink.evaluate(model, test):.2f}%")
     prepared = time.perf_counter() - started
     result = netshrink.benchmark(dense, test, compressed=compressed, calibration=train, threads=args.threads,
