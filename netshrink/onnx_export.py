@@ -439,7 +439,7 @@ def _store_int8_table(graph, table, weight, layer: str, numpy_helper) -> None:
 def _gather_int8_rows(node, layer: str, tag: str, after: dict, helper) -> None:
     """An embedding lookup on the int8 table: gather the looked-up rows' codes and their scales,
     then multiply. Dequantizing the whole table in front of the Gather would cost a pass over every
-    row at every inference (a fifth of a 128-token MiniLM run); the product is the same numbers."""
+    row at every inference, however few tokens are looked up; the product is the same numbers."""
     indices, out = node.input[1], node.output[0]
     node.input[0], node.output[0] = f"{layer}.weight_int8", f"{tag}.rows_int8"
     after[id(node)] = [
