@@ -10,6 +10,8 @@ Examples::
     netshrink summary small.nsk
     netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime, any x86-64 CPU
     netshrink bench dense.nsk small.nsk --data mnist --plot p.png   # speed and accuracy vs the peers
+    netshrink auto dense.nsk --data mnist --max-drop 0.5 -o auto.nsk # per-layer settings chosen for you
+    netshrink report auto.nsk -o report.html                         # one page of plots to look at
 
 Every user error (a bad value, a missing file, a model that does not fit the data, an output that
 would overwrite its input) is one line on stderr and exit status 2, found before long work starts.
@@ -150,6 +152,48 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add ONNX Runtime's per-operator profile of the fastest netshrink and peer graphs")
     bench.add_argument("--plot", type=Path, metavar="PNG", help="draw accuracy vs latency (the Pareto fronts) here")
     bench.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
+
+    auto = sub.add_parser(
+        "auto", help="choose per-layer pruning and sharing under one budget, run it and verify it",
+        description="Measure how much each layer suffers from each setting (keep fraction x shared bits) on a "
+                    "validation split held out of the training data (never the test set), predict each setting's "
+                    "bytes with the real coder, solve for the per-layer combination with the least damage, run it "
+                    "as a recipe with fine-tuning and distillation, and verify the budget on the real file. "
+                    "--max-bytes: the file fits, at the best accuracy found; --max-drop: validation accuracy within "
+                    "that many points of the dense model's, in the smallest file found (a search of --trials "
+                    "runs). Writes the model, the policy as a recipe anyone can rerun (OUTPUT.yaml) and what the "
+                    "search saw (OUTPUT.auto.json, read by `netshrink report`). Exit status 1 when the budget is not met "
+                    "(the closest model found is still written, and the table says by how much). "
+                    "Example: netshrink auto dense.nsk --data mnist --max-drop 0.5 -o auto.nsk")
+    auto.add_argument("path", type=Path, help="the dense model (.nsk)")
+    _data_arguments(auto)
+    budget = auto.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-bytes", type=POSITIVE_INT, metavar="BYTES", help="the file on disk at most this big")
+    budget.add_argument("--max-drop", type=_number(float, 0), metavar="POINTS",
+                        help="validation accuracy at most this many points below the dense model's")
+    auto.add_argument("--epochs", type=POSITIVE, default=10, help="fine-tuning epochs per trial (default: 10)")
+    auto.add_argument("--lr", type=POSITIVE, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
+    auto.add_argument("--trials", type=POSITIVE_INT, default=5, help="policies run at most (default: 5)")
+    auto.add_argument("--validation", type=_number(float, 0, low_open=True), default=0.1, metavar="SHARE",
+                      help="share of the training data held out to score choices (default: 0.1)")
+    auto.add_argument("--augment", type=NON_NEGATIVE_INT, default=0, metavar="PIXELS",
+                      help="shift training images by up to this many pixels while fine-tuning (default: 0)")
+    auto.add_argument("--seed", type=int, default=0)
+    auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page of plots about a saved model",
+        description="Bytes per layer (positions, values, the rest) read from the file; with the search record "
+                    "`netshrink auto` wrote beside it (FILE.auto.json), each layer's sensitivity curves and the "
+                    "search's trials; with --reference and --data, accuracy against bytes and against latency "
+                    "(ONNX Runtime) with the peers' points. Example: netshrink report auto.nsk --reference "
+                    "dense.nsk --data mnist -o report.html")
+    report.add_argument("path", type=Path, help="a netshrink model file")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the HTML page to write")
+    report.add_argument("--reference", type=Path, help="the dense model: adds the Pareto plots with the peers")
+    report.add_argument("--data", choices=DATASETS, help="data set for the Pareto plots (default: mnist)")
+    report.add_argument("--search", type=Path, help="auto's search record (default: FILE.auto.json if present)")
+    report.add_argument("--repeats", type=POSITIVE_INT, default=50, help="timed runs per point (default: 50)")
 
     summary = sub.add_parser("summary", help="per-layer table of a saved model")
     summary.add_argument("path", type=Path)
@@ -454,6 +498,73 @@ def _random_tokens(model, count: int = 256, length: int = 64) -> list[dict]:
     return batches
 
 
+def _beside(path: Path, suffix: str) -> Path:
+    return path.with_name(path.stem + suffix)
+
+
+def cmd_auto(args) -> int:
+    import json
+
+    from . import artifact
+    from .autotune import auto
+    from .data import load_dataset
+    from .files import atomic_write
+    from .train import check_model_fits, evaluate
+
+    policy_path, search_path = _beside(args.output, ".yaml"), _beside(args.output, ".auto.json")
+    _outputs(args, args.output, policy_path, search_path)
+    if not args.validation < 1:
+        raise NetshrinkError(f"--validation is a share of the training data in (0, 1). Received: {args.validation}")
+    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
+    model = artifact.load(args.path, restore=False)
+    check_model_fits(model, train)
+    dense_test = evaluate(model, test)
+
+    def show(trial: dict) -> None:
+        _print(f"  trial {trial['trial']}: {trial['file_bytes']:,} B, validation accuracy "
+               f"{100 * trial['accuracy']:.2f}%  ({', '.join(f'{n}: {d}' for n, d in trial['policy'].items())})")
+
+    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, validation_share=args.validation,
+                 epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
+                 on_trial=show)
+    size = found.save(args.output)
+    atomic_write(policy_path, found.yaml().encode())
+    test_accuracy = evaluate(found.model, test)
+    record = {**found.to_json(), "data": args.data, "dense_test_accuracy": dense_test, "test_accuracy": test_accuracy}
+    atomic_write(search_path, json.dumps(record, indent=1).encode())
+    weights = {n: m.weight.numel() for n, m in found.model.named_modules() if n in found.policy}
+    _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
+                [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"] for n, c in found.policy.items()])
+    budget = f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
+    dense_bytes = args.path.stat().st_size
+    _print_rows(f"result ({budget}: {'met' if found.met else 'NOT met'})",
+                ["", "validation acc.", "test error", "file bytes", "vs fp32", "file"],
+                [["dense", f"{100 * found.dense_accuracy:.2f}%" if found.dense_accuracy is not None else "-",
+                  f"{100 * (1 - dense_test):.2f}%", f"{dense_bytes:,}", f"{found.dense_bytes / dense_bytes:.1f}x",
+                  str(args.path)],
+                 ["auto", f"{100 * found.accuracy:.2f}%" if found.accuracy is not None else "-",
+                  f"{100 * (1 - test_accuracy):.2f}%", f"{size:,}", f"{found.dense_bytes / size:.1f}x", str(args.output)]])
+    _print(f"policy: {policy_path} (rerun: netshrink compress {args.path} --data {args.data} --recipe {policy_path} "
+           f"-o again.nsk); search record: {search_path}")
+    return 0 if found.met else 1
+
+
+def cmd_report(args) -> int:
+    from . import artifact
+    from .html_report import report_page
+
+    _outputs(args, args.output)
+    data = calibration = None
+    if args.reference is not None:
+        data, calibration = _image_data(args.data or "mnist", artifact.load(args.reference), {})
+    elif args.data is not None:
+        raise NetshrinkError("--data is for the Pareto plots: give --reference DENSE.nsk with it")
+    page = report_page(args.path, args.output, search=args.search, reference=args.reference, data=data,
+                       calibration=calibration, repeats=args.repeats, progress=lambda step: _print(f"  {step}"))
+    _print(f"report: {page} ({page.stat().st_size:,} B; open it in a browser)")
+    return 0
+
+
 def cmd_summary(args) -> int:
     import yaml
 
@@ -484,7 +595,7 @@ def cmd_download(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "compress": cmd_compress,
-            "export": cmd_export, "bench": cmd_bench,
+            "export": cmd_export, "bench": cmd_bench, "auto": cmd_auto, "report": cmd_report,
             "summary": cmd_summary, "recipes": cmd_recipes, "download": cmd_download}
 
 if __name__ == "__main__":

@@ -1,0 +1,392 @@
+"""Automatic compression under one budget: per-layer settings chosen for the user.
+
+``auto`` answers "what should each layer get?" the way HAWQ-V3 and SPDY do, with netshrink's
+own methods and file:
+
+1. **Sensitivity.** On a validation split held out of the training data (never the test set),
+   each layer alone gets each choice (magnitude pruning to a keep fraction, then weight sharing
+   at a bit width, or neither) while every other layer stays dense; the rise of the validation
+   loss is that choice's damage.
+2. **Size.** Each choice's bytes are the real coder's output for that layer's weight as it would
+   be stored (``codec.weights.encode``), not a bits-times-count estimate: positions and values
+   are context coded, so only the coder knows what a mask costs.
+3. **Solve.** Per-layer damages add up (the usual first-order assumption); one choice per layer
+   with the least total damage under a byte budget is a multiple-choice knapsack, solved exactly
+   by dynamic programming over bytes (:func:`solve`).
+4. **Run and verify.** The chosen policy becomes a recipe (gradual pruning, fine-tuning with
+   distillation, sharing, fine-tuning), is run, and is verified on what the user gets: the real
+   file's bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off
+   until the file fits; ``max_drop`` searches the byte budget (bisection on log bytes) for the
+   smallest file whose fine-tuned model is within the drop.
+
+The input model is not changed; the result holds the compressed model, the policy as a recipe
+anyone can rerun (``netshrink compress --recipe policy.yaml``), and every number the search saw.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .errors import NetshrinkError
+from .methods.base import COMPRESSIBLE, select_layers, transforms, weight_source
+from .methods.prune import keep_largest
+from .methods.share import kmeans_1d
+from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
+                    default_forward, eval_mode)
+
+KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
+BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
+SOLVER_UNITS = 8192  # byte buckets of the dynamic program: exact when the budget is smaller
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One layer's setting and what it is predicted to cost."""
+
+    keep: float
+    bits: int | None
+    bytes: int  # the layer weight's coded bytes
+    damage: float  # validation loss increase with only this layer compressed
+
+    def describe(self) -> str:
+        parts = [] if self.keep >= 1 else [f"keep {self.keep:g}"]
+        parts += [] if self.bits is None else [f"{self.bits}-bit shared"]
+        return ", ".join(parts) or "dense"
+
+
+@dataclass
+class AutoResult:
+    """What :func:`auto` found. ``model`` is the compressed model (the input is left as it was)."""
+
+    model: nn.Module
+    policy: dict[str, Choice]
+    steps: list[dict]  # the policy as recipe steps (``yaml()`` writes them)
+    budget: dict
+    met: bool
+    file_bytes: int
+    dense_bytes: int
+    dense_accuracy: float | None
+    accuracy: float | None  # validation accuracy of ``model``
+    trials: list[dict] = field(default_factory=list)
+    sensitivity: dict[str, list[Choice]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.file_bytes
+
+    def save(self, path) -> int:
+        """Write the compressed model with its recipe: the very bytes whose size was verified."""
+        from .artifact import save
+
+        return save(self.model, path, recipe=self.steps)
+
+    def yaml(self) -> str:
+        """The policy as a recipe file (``netshrink compress MODEL --recipe FILE`` reruns it)."""
+        header = "".join(f"# {line}\n" for line in self._header())
+        return header + yaml.safe_dump({"name": "auto", "steps": self.steps}, sort_keys=False)
+
+    def _header(self) -> list[str]:
+        budget = ", ".join(f"{k}={v}" for k, v in self.budget.items())
+        lines = [f"Found by netshrink auto ({budget}): {self.file_bytes:,} B file, {self.ratio:.1f}x smaller than "
+                 f"dense fp32"]
+        if self.accuracy is not None and self.dense_accuracy is not None:
+            lines.append(f"validation accuracy {100 * self.accuracy:.2f}% (dense {100 * self.dense_accuracy:.2f}%)")
+        return lines
+
+    def to_json(self) -> dict:
+        """Everything the search saw (for reports), JSON-able."""
+        return {"budget": self.budget, "met": self.met, "file_bytes": self.file_bytes, "dense_bytes": self.dense_bytes,
+                "dense_accuracy": self.dense_accuracy, "accuracy": self.accuracy, "trials": self.trials,
+                "policy": {n: asdict(c) for n, c in self.policy.items()},
+                "sensitivity": {n: [asdict(c) for c in choices] for n, choices in self.sensitivity.items()}}
+
+
+def solve(options: dict[str, list[Choice]], budget: int, units: int = SOLVER_UNITS) -> dict[str, Choice] | None:
+    """One choice per layer with the least total damage whose bytes add up to at most ``budget``
+    (None if no combination fits). Multiple-choice knapsack by dynamic programming over bytes in
+    ``ceil(budget / units)``-byte buckets; each choice's bytes are rounded up to whole buckets, so
+    the answer always fits, and it is exact when ``budget <= units``.
+
+    Written here because the problem is a few lines of numpy; an ILP solver would be a heavy
+    dependency for a table of at most a few thousand entries."""
+    if budget < 0:
+        return None
+    step = max(1, math.ceil(budget / units))
+    size = budget // step + 1
+    best = np.zeros(size)  # least damage within <= b buckets, over the layers so far
+    picks = []
+    for name, choices in options.items():
+        costs = [-(-c.bytes // step) for c in choices]
+        table = np.full((len(choices), size), np.inf)
+        for j, (cost, choice) in enumerate(zip(costs, choices)):
+            if cost < size:
+                table[j, cost:] = best[:size - cost] + choice.damage
+        picks.append(table.argmin(0))
+        best = table.min(0)
+    if not np.isfinite(best[-1]):
+        return None
+    policy, left = {}, size - 1
+    for (name, choices), pick in zip(reversed(list(options.items())), reversed(picks)):
+        choice = choices[int(pick[left])]
+        policy[name] = choice
+        left -= -(-choice.bytes // step)
+    return dict(reversed(list(policy.items())))
+
+
+def compressed_weight(w: torch.Tensor, keep: float, bits: int | None) -> torch.Tensor:
+    """``w`` pruned to its ``keep`` largest magnitudes, then its survivors shared through
+    ``2**bits`` k-means centroids: what the recipe's prune and share steps produce before
+    fine-tuning."""
+    w = w.detach().float()
+    if keep < 1:
+        w = w * keep_largest(w.abs(), int(round(keep * w.numel()))).view_as(w)
+    if bits is not None:
+        nonzero = w != 0
+        centroids, assignment = kmeans_1d(w[nonzero], 2 ** bits)
+        w = w.clone()
+        w[nonzero] = centroids[assignment]
+    return w
+
+
+def coded_bytes(w: torch.Tensor) -> int:
+    from .codec import weights as codec
+
+    # -0.0 (a pruned negative weight) is stored as +0.0, as files do: the map would see it as kept.
+    return len(codec.encode(w.detach().float().cpu().numpy() + np.float32(0)))
+
+
+class _Validation:
+    """The held-out split and how a model is scored on it: labeled data by cross-entropy and
+    accuracy; unlabeled data by the mean squared distance to the dense model's outputs."""
+
+    def __init__(self, model: nn.Module, data: Data, forward: Forward) -> None:
+        self.data, self.forward = data, forward
+        self.labels = [y for _, y in batches(data, 1000, checked=True)]
+        self.labeled = all(y is not None for y in self.labels)
+        self.labels = torch.cat(self.labels) if self.labeled else None
+        self.reference = None if self.labeled else self.outputs(model)
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module) -> torch.Tensor:
+        with eval_mode(model):
+            return torch.cat([self.forward(model, x).float() for x, _ in batches(self.data, 1000, checked=True)])
+
+    def loss(self, model: nn.Module) -> float:
+        out = self.outputs(model)
+        if self.labeled:
+            return F.cross_entropy(out, self.labels).item()
+        return F.mse_loss(out, self.reference).item()
+
+    def accuracy(self, model: nn.Module) -> float | None:
+        return (self.outputs(model).argmax(1) == self.labels).float().mean().item() if self.labeled else None
+
+
+def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
+                keeps=KEEPS, bits=BITS, progress: bool = True) -> dict[str, list[Choice]]:
+    """Every layer's choices with their coded bytes and validation damage, one layer compressed at
+    a time (its weight swapped in place and put back)."""
+    from .train import Progress
+
+    base = validation.loss(model)
+    bar = Progress(len(layers) * len(keeps) * len(bits), "sensitivity", enabled=progress, unit="choice")
+    table, done = {}, 0
+    try:
+        for name, layer in layers.items():
+            original = layer.weight.detach().clone()
+            choices = []
+            for keep in keeps:
+                for b in bits:
+                    w = compressed_weight(original, keep, b)
+                    with torch.no_grad():
+                        layer.weight.copy_(w)
+                    choices.append(Choice(keep, b, coded_bytes(w), max(0.0, validation.loss(model) - base)))
+                    done += 1
+                    bar.update(done, name)
+            with torch.no_grad():
+                layer.weight.copy_(original)
+            table[name] = choices
+    finally:
+        bar.close()
+    return table
+
+
+def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0) -> list[dict]:
+    """The recipe for a policy: prune gradually while fine-tuning (half the epochs), fine-tune,
+    share, fine-tune; every fine-tuning distils from the dense model."""
+    pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
+    shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
+    tune = {"distill": True, **({"augment": augment} if augment else {})}
+    steps: list[dict] = []
+    if pruned:
+        steps.append({"prune": {"keep": pruned, "targets": list(pruned)},
+                      "gradual": {"epochs": round(0.5 * epochs, 3), "lr": lr, "every": 50, **tune}})
+        steps.append({"finetune": {"epochs": round(0.3 * epochs, 3), "lr": lr / 2, **tune}})
+    if shared:
+        steps.append({"share": {"bits": shared, "targets": list(shared)}})
+        steps.append({"finetune": {"epochs": round((0.2 if pruned else 0.5) * epochs, 3), "lr": lr / 5, **tune}})
+    return steps
+
+
+def _split(data: Data, share: float, seed: int) -> tuple[Data, Data]:
+    tensors = _in_memory(data)
+    if tensors is None:
+        raise NetshrinkError("auto splits a validation set off in-memory data only; for other data pass "
+                             "validation=<held-out batches>")
+    x, y = tensors
+    count = int(round(share * len(x)))
+    if count < 1 or count >= len(x):
+        raise NetshrinkError(f"validation share {share} of {len(x)} examples leaves no validation or no training data")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:]
+    pick = (lambda index: (x[index], y[index])) if y is not None else (lambda index: (x[index],))
+    return torch.utils.data.TensorDataset(*pick(kept)), torch.utils.data.TensorDataset(*pick(held))
+
+
+def _check_budget(max_bytes, max_drop) -> dict:
+    given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop)) if v is not None}
+    if len(given) != 1:
+        raise NetshrinkError(f"auto takes exactly one budget: max_bytes or max_drop. Received: {given or 'none'}")
+    if max_bytes is not None:
+        _check_number("max_bytes", max_bytes, positive=True, integer=True)
+    else:
+        _check_number("max_drop", max_drop)
+    return given
+
+
+def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop: float | None = None,
+         validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
+         trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
+         augment: int = 0, seed: int = 0, progress: bool = True, forward: Forward | None = None,
+         on_trial=None) -> AutoResult:
+    """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
+
+    ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
+    finds. ``max_drop``: validation accuracy at most this many points below the dense model's, in
+    the smallest file the search finds. ``data``: training data; ``validation_share`` of it is held
+    out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
+    policies are run at most. Returns an :class:`AutoResult`; ``model`` itself is not changed.
+
+    >>> import netshrink
+    >>> from netshrink.data import load_dataset
+    >>> model = netshrink.build_model("lenet-300-100", in_shape=(1, 8, 8))
+    >>> found = netshrink.auto(model, load_dataset("digits"), max_bytes=6000, epochs=1, progress=False)
+    >>> found.file_bytes <= 6000
+    True
+    """
+    from .artifact import to_bytes
+
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
+    budget = _check_budget(max_bytes, max_drop)
+    _check_number("epochs", epochs, positive=True)
+    _check_number("lr", lr, positive=True)
+    _check_number("trials", trials, positive=True, integer=True)
+    _check_number("seed", seed, integer=True)
+    if not 0 < validation_share < 1:
+        raise NetshrinkError(f"validation_share must be in (0, 1). Received: validation_share={validation_share!r}")
+    keeps, bits = tuple(keeps), tuple(bits)
+    if not keeps or any(not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1 for k in keeps):
+        raise NetshrinkError(f"keeps must be fractions in (0, 1]. Received: keeps={list(keeps)}")
+    if not bits or any(b is not None and (not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8) for b in bits):
+        raise NetshrinkError(f"bits must be None (float values) or integers 1..8. Received: bits={list(bits)}")
+    if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
+        raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
+                             "(netshrink.bake(model) makes them plain weights)")
+    layers = select_layers(model, tuple(targets), tuple(ignore))
+    owners: dict[int, str] = {}
+    layers = {n: m for n, m in layers.items() if owners.setdefault(id(weight_source(m)), n) == n}  # tied: once
+    check_data(data, "training data")
+    if validation is None:
+        train, validation = _split(data, validation_share, seed)
+    else:
+        check_data(validation, "validation data")
+        train = data
+    forward = forward or default_forward
+    check_model_fits(model, train, forward)
+    check_model_fits(model, validation, forward)
+
+    work = copy.deepcopy(model)  # sensitivity swaps weights in place: never in the caller's model
+    work_layers = {n: work.get_submodule(n) for n in layers}
+    scorer = _Validation(work, validation, forward)
+    if max_drop is not None and not scorer.labeled:
+        raise NetshrinkError("max_drop is in accuracy points: it needs labeled data")
+    dense_accuracy = scorer.accuracy(work)
+    dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    table = sensitivity(work, work_layers, scorer, keeps, bits, progress)
+    # What the file holds besides the chosen weights (biases, BatchNorm, header, manifest): taken
+    # from the dense file, then corrected by each trial's real file.
+    overhead = len(to_bytes(work)) - sum(coded_bytes(m.weight) for m in work_layers.values())
+
+    def run(target: int) -> dict | None:
+        policy = solve(table, target)
+        if policy is None:
+            return None
+        steps = policy_steps(policy, epochs, lr, augment)
+        candidate = copy.deepcopy(model)
+        if steps:
+            from .recipe import Recipe
+            Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
+        size = len(to_bytes(candidate, recipe=steps))
+        trial = {"trial": len(trials_run) + 1, "target_bytes": target, "predicted_bytes":
+                 sum(c.bytes for c in policy.values()) + overhead, "file_bytes": size,
+                 "accuracy": scorer.accuracy(candidate), "loss": scorer.loss(candidate),
+                 "policy": {n: c.describe() for n, c in policy.items()}}
+        trials_run.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        return {"trial": trial, "model": candidate, "policy": policy, "steps": steps}
+
+    trials_run: list[dict] = []
+    best = None
+    floor = sum(min(c.bytes for c in choices) for choices in table.values())
+    if max_bytes is not None:
+        target = max_bytes - overhead
+        if target < floor:
+            raise NetshrinkError(f"max_bytes={max_bytes:,} cannot be met: the smallest choices for every layer need "
+                                 f"about {floor + overhead:,} B (with {overhead:,} B of biases, header and manifest)")
+        for _ in range(trials):
+            found = run(target)
+            if found is None:
+                break
+            size = found["trial"]["file_bytes"]
+            if size <= max_bytes:
+                best = found
+                break
+            # The overshoot (and a little more) comes off what this policy's weights were predicted
+            # to take, so the next solve must choose something smaller.
+            target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
+        met = best is not None
+        if best is None:  # report the last try honestly; it is over the budget
+            best = found
+    else:
+        low, high = floor, sum(max(c.bytes for c in choices) for choices in table.values())
+        for _ in range(trials):
+            target = int(math.sqrt(max(low, 1) * high))
+            found = run(target)
+            if found is None:  # bucket rounding made this target infeasible: aim higher
+                low = target
+                continue
+            drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
+            found["trial"]["drop"] = drop
+            if drop <= max_drop:
+                if best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]:
+                    best = found
+                high = target
+            else:
+                low = target
+        met = best is not None
+        if best is None:
+            best = found
+    if best is None:
+        raise NetshrinkError("auto found no policy to run")
+    return AutoResult(model=best["model"], policy=best["policy"], steps=best["steps"], budget=budget, met=met,
+                      file_bytes=best["trial"]["file_bytes"], dense_bytes=dense_bytes, dense_accuracy=dense_accuracy,
+                      accuracy=best["trial"]["accuracy"], trials=trials_run, sensitivity=table)
