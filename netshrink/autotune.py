@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -44,7 +43,10 @@ from .train import (Data, Forward, _check_number, _in_memory, batches, check_dat
 
 KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
 BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
-SOLVER_UNITS = 8192  # byte buckets of the dynamic program: exact when the budget is smaller
+SOLVER_UNITS = 8192
+# A policy whose summed damage (validation loss increase before any fine-tuning) is this small is
+# as good as dense: the accuracy search never needs to try a bigger one.
+SAFE_DAMAGE = 0.01  # byte buckets of the dynamic program: exact when the budget is smaller
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,16 @@ def solve(options: dict[str, list[Choice]], budget: int, units: int = SOLVER_UNI
     return dict(reversed(list(policy.items())))
 
 
+def _safe_budget(table: dict[str, list[Choice]], floor: int) -> int:
+    """The smallest budget (on a geometric grid) whose best policy has at most SAFE_DAMAGE."""
+    ceiling = sum(max(c.bytes for c in choices) for choices in table.values())
+    for budget in np.geomspace(floor, ceiling, 48).astype(int):
+        policy = solve(table, int(budget))
+        if policy is not None and sum(c.damage for c in policy.values()) <= SAFE_DAMAGE:
+            return int(budget)
+    return ceiling
+
+
 def compressed_weight(w: torch.Tensor, keep: float, bits: int | None) -> torch.Tensor:
     """``w`` pruned to its ``keep`` largest magnitudes, then its survivors shared through
     ``2**bits`` k-means centroids: what the recipe's prune and share steps produce before
@@ -218,12 +230,14 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Val
     return table
 
 
-def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0) -> list[dict]:
+def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0,
+                 labeled: bool = True) -> list[dict]:
     """The recipe for a policy: prune gradually while fine-tuning (half the epochs), fine-tune,
-    share, fine-tune; every fine-tuning distils from the dense model."""
+    share, fine-tune; every fine-tuning distils from the dense model (class scores by KL, other
+    outputs such as hidden states by mean squared error)."""
     pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
     shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
-    tune = {"distill": True, **({"augment": augment} if augment else {})}
+    tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
     steps: list[dict] = []
     if pruned:
         steps.append({"prune": {"keep": pruned, "targets": list(pruned)},
@@ -248,6 +262,11 @@ def _split(data: Data, share: float, seed: int) -> tuple[Data, Data]:
     held, kept = order[:count], order[count:]
     pick = (lambda index: (x[index], y[index])) if y is not None else (lambda index: (x[index],))
     return torch.utils.data.TensorDataset(*pick(kept)), torch.utils.data.TensorDataset(*pick(held))
+
+
+def _unreachable(max_bytes: int, smallest: int, overhead: int) -> NetshrinkError:
+    return NetshrinkError(f"max_bytes={max_bytes:,} cannot be met: the smallest choices for every layer need about "
+                          f"{smallest:,} B (with {overhead:,} B of biases, header and manifest)")
 
 
 def _check_budget(max_bytes, max_drop) -> dict:
@@ -318,18 +337,23 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     scorer = _Validation(work, validation, forward)
     if max_drop is not None and not scorer.labeled:
         raise NetshrinkError("max_drop is in accuracy points: it needs labeled data")
-    dense_accuracy = scorer.accuracy(work)
-    dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
-    table = sensitivity(work, work_layers, scorer, keeps, bits, progress)
     # What the file holds besides the chosen weights (biases, BatchNorm, header, manifest): taken
     # from the dense file, then corrected by each trial's real file.
     overhead = len(to_bytes(work)) - sum(coded_bytes(m.weight) for m in work_layers.values())
+    if max_bytes is not None:  # an impossible budget is refused before the long work
+        smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(b for b in bits if b) if any(bits) else None))
+                                  for m in work_layers.values())
+        if smallest > max_bytes:
+            raise _unreachable(max_bytes, smallest, overhead)
+    dense_accuracy = scorer.accuracy(work)
+    dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    table = sensitivity(work, work_layers, scorer, keeps, bits, progress)
 
     def run(target: int) -> dict | None:
         policy = solve(table, target)
         if policy is None:
             return None
-        steps = policy_steps(policy, epochs, lr, augment)
+        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled)
         candidate = copy.deepcopy(model)
         if steps:
             from .recipe import Recipe
@@ -350,8 +374,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     if max_bytes is not None:
         target = max_bytes - overhead
         if target < floor:
-            raise NetshrinkError(f"max_bytes={max_bytes:,} cannot be met: the smallest choices for every layer need "
-                                 f"about {floor + overhead:,} B (with {overhead:,} B of biases, header and manifest)")
+            raise _unreachable(max_bytes, floor + overhead, overhead)
         for _ in range(trials):
             found = run(target)
             if found is None:
@@ -367,7 +390,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         if best is None:  # report the last try honestly; it is over the budget
             best = found
     else:
-        low, high = floor, sum(max(c.bytes for c in choices) for choices in table.values())
+        low, high = floor, _safe_budget(table, floor)
         for _ in range(trials):
             target = int(math.sqrt(max(low, 1) * high))
             found = run(target)

@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of the training data held out to score choices (default: 0.1)")
     auto.add_argument("--augment", type=NON_NEGATIVE_INT, default=0, metavar="PIXELS",
                       help="shift training images by up to this many pixels while fine-tuning (default: 0)")
+    auto.add_argument("--keeps", type=_number(float, 0, low_open=True), nargs="+", metavar="KEEP",
+                      help="keep fractions each layer may get (default: 1 0.5 0.3 0.2 0.12 0.08 0.05 0.035 0.025 "
+                           "0.018 0.012)")
+    auto.add_argument("--bits", type=_number(int, 0), nargs="+", metavar="B",
+                      help="shared bit widths each layer may get, 0 for float values (default: 0 8 6 5 4 3 2)")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
 
@@ -524,9 +529,12 @@ def cmd_auto(args) -> int:
         _print(f"  trial {trial['trial']}: {trial['file_bytes']:,} B, validation accuracy "
                f"{100 * trial['accuracy']:.2f}%  ({', '.join(f'{n}: {d}' for n, d in trial['policy'].items())})")
 
+    choices = {"keeps": tuple(args.keeps)} if args.keeps else {}
+    if args.bits:
+        choices["bits"] = tuple(b or None for b in args.bits)
     found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, validation_share=args.validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
-                 on_trial=show)
+                 on_trial=show, **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
     test_accuracy = evaluate(found.model, test)

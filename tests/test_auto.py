@@ -1,0 +1,212 @@
+"""netshrink.auto and the HTML report: the solver against brute force, budgets verified on real
+files, the policy rerunnable as a recipe, held-out models (a BatchNorm/residual/depthwise CNN, a
+tiny BERT), bad input, and the CLI as a subprocess."""
+import copy
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import netshrink
+from netshrink.autotune import Choice, solve
+from netshrink.html_report import tensor_bytes
+
+FAST = dict(epochs=1, progress=False, keeps=(1.0, 0.3, 0.1, 0.03), bits=(None, 6, 4, 2))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solver_meets_a_byte_budget_exactly_and_optimally_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    options = {f"layer{i}": [Choice(1.0, None, int(b), float(d)) for b, d in
+                             zip(rng.integers(1, 400, 5), rng.random(5))] for i in range(4)}
+    combos = list(itertools.product(*options.values()))
+    for budget in [min(sum(c.bytes for c in combo) for combo in combos) - 1,
+                   *[sum(c.bytes for c in combo) for combo in combos[:: 37]], 2000]:
+        fitting = [combo for combo in combos if sum(c.bytes for c in combo) <= budget]
+        policy = solve(options, budget)
+        if not fitting:
+            assert policy is None
+            continue
+        best = min(sum(c.damage for c in combo) for combo in fitting)
+        assert sum(c.bytes for c in policy.values()) <= budget
+        assert sum(c.damage for c in policy.values()) == pytest.approx(best)
+        assert list(policy) == list(options)
+
+
+def test_solver_in_buckets_never_exceeds_the_budget():
+    rng = np.random.default_rng(0)
+    options = {f"l{i}": [Choice(1.0, None, int(b), float(d)) for b, d in zip(rng.integers(1000, 90_000, 8), rng.random(8))]
+               for i in range(12)}
+    for budget in (150_000, 400_000, 777_777):
+        policy = solve(options, budget, units=512)  # buckets of hundreds of bytes
+        assert policy is not None and sum(c.bytes for c in policy.values()) <= budget
+
+
+def test_auto_max_bytes_on_digits_end_to_end(trained, digits, tmp_path):
+    train, test = digits
+    before = _state(trained)
+    found = netshrink.auto(trained, train, max_bytes=9000, **FAST)
+    assert _same(before, _state(trained))  # the caller's model is not changed
+    assert found.met and found.file_bytes <= 9000
+    assert found.save(tmp_path / "auto.nsk") == found.file_bytes == (tmp_path / "auto.nsk").stat().st_size
+    dense_accuracy = netshrink.evaluate(trained, test)
+    assert netshrink.evaluate(found.model, test) > dense_accuracy - 0.15  # 20x smaller, 1 epoch of fine-tuning
+    assert found.ratio > 15
+    # The policy is a recipe anyone can rerun: the same seed gives the same weights.
+    rerun = copy.deepcopy(trained)
+    netshrink.Recipe.from_yaml(found.yaml()).run(rerun, found_split(train), progress=False)
+    assert _same(netshrink.bake(copy.deepcopy(rerun)).state_dict(), netshrink.bake(copy.deepcopy(found.model)).state_dict())
+    # Called again: the same answer (no state kept between calls).
+    again = netshrink.auto(trained, train, max_bytes=9000, **FAST)
+    assert again.file_bytes == found.file_bytes and again.policy == found.policy
+
+
+def found_split(train):
+    """The training part auto used: the same seeded split (validation_share 0.1, seed 0)."""
+    from netshrink.autotune import _split
+
+    return _split(train, 0.1, 0)[0]
+
+
+def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits):
+    found = netshrink.auto(trained, digits[0], max_drop=2.0, trials=3, **FAST)
+    assert found.met
+    assert 100 * (found.dense_accuracy - found.accuracy) <= 2.0
+    assert found.ratio > 5  # smaller than dense, not just a copy
+    assert [t["trial"] for t in found.trials] == [1, 2, 3]
+    passing = [t for t in found.trials if t["drop"] <= 2.0]
+    assert found.file_bytes == min(t["file_bytes"] for t in passing)  # the smallest passing trial
+
+
+def test_auto_on_a_batchnorm_residual_depthwise_cnn(digits):
+    torch.manual_seed(0)
+    model = netshrink.build_model("resmobile", (1, 8, 8))
+    netshrink.fit(model, digits[0], epochs=3, progress=False)
+    dense = len(__import__("netshrink.artifact", fromlist=["to_bytes"]).to_bytes(model))
+    found = netshrink.auto(model, digits[0], max_bytes=dense // 6, **FAST)
+    assert found.met and found.file_bytes <= dense // 6
+    assert netshrink.evaluate(found.model, digits[1]) > 0.5  # it still classifies (dense: ~0.9)
+    assert any(c.keep < 1 or c.bits is not None for c in found.policy.values())
+
+
+def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
+    from netshrink.artifact import to_bytes
+
+    model = make_tiny_bert()
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(1, 120, (16, 12), generator=g),
+             "attention_mask": torch.ones(16, 12, dtype=torch.long)} for _ in range(4)]
+    dense = len(to_bytes(model))
+    with pytest.raises(netshrink.NetshrinkError, match="in-memory data only"):
+        netshrink.auto(model, data, max_bytes=dense // 3, **FAST)
+    with pytest.raises(netshrink.NetshrinkError, match="labeled"):
+        netshrink.auto(model, data[:3], validation=data[3:], max_drop=1.0, **FAST)
+    found = netshrink.auto(model, data[:3], validation=data[3:], max_bytes=dense // 3, **FAST)
+    assert found.met and found.file_bytes <= dense // 3
+    assert found.steps[1]["finetune"]["distill"] == {"objective": "mse"}  # hidden states: no class scores
+    with torch.no_grad():
+        ours, reference = found.model(**data[3]).last_hidden_state, model(**data[3]).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(ours.flatten(1), reference.flatten(1)).mean() > 0.8
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "exactly one budget"),
+    ({"max_bytes": 5000, "max_drop": 1.0}, "exactly one budget"),
+    ({"max_bytes": 0}, "max_bytes"),
+    ({"max_bytes": 1.5}, "max_bytes"),
+    ({"max_drop": -1}, "max_drop"),
+    ({"max_bytes": 100}, "cannot be met"),
+    ({"max_bytes": 5000, "keeps": (0,)}, "keeps"),
+    ({"max_bytes": 5000, "bits": (9,)}, "bits"),
+    ({"max_bytes": 5000, "validation_share": 1.0}, "validation_share"),
+    ({"max_bytes": 5000, "targets": ["nope"]}, "matches no"),
+    ({"max_bytes": 5000, "trials": 0}, "trials"),
+])
+def test_auto_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
+    before = _state(trained)
+    with pytest.raises(netshrink.NetshrinkError, match=message):
+        netshrink.auto(trained, digits[0], **{"progress": False, "epochs": 1, **settings})
+    assert _same(before, _state(trained))
+
+
+def test_auto_refuses_a_model_that_is_already_compressed(trained, digits):
+    netshrink.prune(trained, keep=0.5)
+    with pytest.raises(netshrink.NetshrinkError, match="dense model"):
+        netshrink.auto(trained, digits[0], max_bytes=9000, **FAST)
+
+
+def test_report_accounts_for_every_byte_and_draws_each_section(trained, digits, tmp_path):
+    found = netshrink.auto(trained, digits[0], max_bytes=9000, **FAST)
+    path = tmp_path / "m.nsk"
+    found.save(path)
+    raw = path.read_bytes()
+    rows, overhead = tensor_bytes(raw)
+    assert sum(r["bytes"] for r in rows) + overhead == len(raw)
+    pruned = [n for n, c in found.policy.items() if c.keep < 1]
+    assert all(next(r for r in rows if r["name"] == f"{n}.weight")["position_bytes"] > 0 for n in pruned)
+    (tmp_path / "m.auto.json").write_text(json.dumps(found.to_json()))
+    page = netshrink.report_page(path, tmp_path / "r.html")  # finds m.auto.json beside the file
+    text = page.read_text()
+    assert text.count("<img") == 3 and "Sensitivity per layer" in text and "Search" in text
+    assert "http" not in text.replace("http://www.w3.org", "")  # self-contained: nothing fetched
+    with pytest.raises(netshrink.NetshrinkError, match="both"):
+        netshrink.report_page(path, tmp_path / "x.html", reference=path)
+    with pytest.raises(netshrink.NetshrinkError):
+        netshrink.report_page(path, path)  # would overwrite its input
+    assert path.read_bytes() == raw
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "netshrink.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_auto_then_report_rendered_in_a_browser(tmp_path, trained):
+    netshrink.save(trained, tmp_path / "dense.nsk")
+    grid = ["--keeps", "1", "0.3", "0.1", "--bits", "0", "4", "2"]
+    done = _cli("auto", "dense.nsk", "--data", "digits", "--max-bytes", "9000", "--epochs", "1", "--trials", "2",
+                *grid, "-o", "auto.nsk", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "policy" in done.stdout and "met" in done.stdout
+    assert (tmp_path / "auto.nsk").stat().st_size <= 9000
+    steps = yaml.safe_load((tmp_path / "auto.yaml").read_text())["steps"]
+    assert any("prune" in s or "share" in s for s in steps)
+    rerun = _cli("compress", "dense.nsk", "--data", "digits", "--recipe", "auto.yaml", "-o", "again.nsk", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    report = _cli("report", "auto.nsk", "-o", "report.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "Sensitivity per layer" in (tmp_path / "report.html").read_text()
+    for bad in (["auto", "dense.nsk", "--data", "digits", "-o", "x.nsk"],  # no budget
+                ["auto", "dense.nsk", "--max-bytes", "10", "--max-drop", "1", "-o", "x.nsk"],
+                ["auto", "dense.nsk", "--data", "digits", "--max-bytes", "100", "-o", "x.nsk"],
+                ["report", "missing.nsk", "-o", "r.html"],
+                ["report", "auto.nsk", "--data", "digits", "-o", "r2.html"]):
+        failed = _cli(*bad, cwd=tmp_path)
+        assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, (bad, failed.stderr)
+    assert not (tmp_path / "x.nsk").exists()
+    browser = next((shutil.which(b) for b in ("chromium-headless-shell", "chromium", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium here to render the page (the HTML was checked above)")
+    png = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1800",
+                    f"--screenshot={png}", (tmp_path / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert pixels.std() > 20  # plots and tables drawn, not a blank page
+    assert (pixels < 128).mean() > 0.01
