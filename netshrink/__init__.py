@@ -25,7 +25,7 @@ _WHERE = {
     "apply": "methods", "bake": "methods", "Report": "methods", "Prune": "methods", "NMSparsity": "methods",
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
     "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods", "GPTQ": "methods",
-    "AdaRound": "methods", "SparseGPT": "methods", "Wanda": "methods",
+    "AdaRound": "methods", "SparseGPT": "methods", "Wanda": "methods", "QuantizeBiases": "methods",
     "save": "artifact", "load": "artifact", "load_dataset": "data", "build_model": "models",
     "Recipe": "recipe", "summary": "report", "fit": "train", "evaluate": "train", "Distill": "train",
 }

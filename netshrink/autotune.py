@@ -14,7 +14,7 @@ own methods and file:
    with the least total damage under a byte budget is a multiple-choice knapsack, solved exactly
    by dynamic programming over bytes (:func:`solve`).
 4. **Run and verify.** The chosen policy becomes a recipe (gradual pruning, fine-tuning with
-   distillation, sharing, fine-tuning), is run, and is verified on what the user gets: the real
+   distillation, sharing, fine-tuning, biases onto an 8-bit grid), is run, and is verified on what the user gets: the real
    file's bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off
    until the file fits; ``max_drop`` searches the byte budget (bisection on log bytes) for the
    smallest file whose fine-tuned model is within the drop.
@@ -35,7 +35,8 @@ import yaml
 from torch import nn
 
 from .errors import NetshrinkError
-from .methods.base import COMPRESSIBLE, select_layers, transforms, weight_source
+from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, select_layers, transforms, weight_source
+from .methods.bias import QuantizeBiases
 from .methods.prune import keep_largest
 from .methods.share import kmeans_1d
 from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
@@ -231,10 +232,11 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Val
 
 
 def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0,
-                 labeled: bool = True) -> list[dict]:
+                 labeled: bool = True, biased: tuple[str, ...] = (), bias_bits: int | None = None) -> list[dict]:
     """The recipe for a policy: prune gradually while fine-tuning (half the epochs), fine-tune,
     share, fine-tune; every fine-tuning distils from the dense model (class scores by KL, other
-    outputs such as hidden states by mean squared error)."""
+    outputs such as hidden states by mean squared error). Last, the ``biased`` layers' biases go
+    on a ``bias_bits`` grid (after fine-tuning, which would move them off it)."""
     pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
     shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
     tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
@@ -246,6 +248,8 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
     if shared:
         steps.append({"share": {"bits": shared, "targets": list(shared)}})
         steps.append({"finetune": {"epochs": round((0.2 if pruned else 0.5) * epochs, 3), "lr": lr / 5, **tune}})
+    if biased and bias_bits is not None:
+        steps.append({"bias": {"bits": bias_bits, "targets": list(biased)}})
     return steps
 
 
@@ -283,15 +287,16 @@ def _check_budget(max_bytes, max_drop) -> dict:
 def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop: float | None = None,
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
          trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
-         augment: int = 0, seed: int = 0, progress: bool = True, forward: Forward | None = None,
-         on_trial=None) -> AutoResult:
+         bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
+         forward: Forward | None = None, on_trial=None) -> AutoResult:
     """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
     finds. ``max_drop``: validation accuracy at most this many points below the dense model's, in
     the smallest file the search finds. ``data``: training data; ``validation_share`` of it is held
     out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
-    policies are run at most. Returns an :class:`AutoResult`; ``model`` itself is not changed.
+    policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
+    floats). Returns an :class:`AutoResult`; ``model`` itself is not changed.
 
     >>> import netshrink
     >>> from netshrink.data import load_dataset
@@ -316,6 +321,8 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         raise NetshrinkError(f"keeps must be fractions in (0, 1]. Received: keeps={list(keeps)}")
     if not bits or any(b is not None and (not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8) for b in bits):
         raise NetshrinkError(f"bits must be None (float values) or integers 1..8. Received: bits={list(bits)}")
+    if bias_bits is not None:
+        QuantizeBiases(bits=bias_bits).check()
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
@@ -334,12 +341,18 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     work = copy.deepcopy(model)  # sensitivity swaps weights in place: never in the caller's model
     work_layers = {n: work.get_submodule(n) for n in layers}
+    biased = tuple(n for n, m in work_layers.items() if isinstance(m, LINEAR_CONV) and m.bias is not None)
+    if biased and bias_bits is not None:  # as every trial will end: damages and sizes measured with it
+        apply(work, QuantizeBiases(bits=bias_bits, targets=biased))
     scorer = _Validation(work, validation, forward)
     if max_drop is not None and not scorer.labeled:
         raise NetshrinkError("max_drop is in accuracy points: it needs labeled data")
     # What the file holds besides the chosen weights (biases, BatchNorm, header, manifest): taken
     # from the dense file, then corrected by each trial's real file.
-    overhead = len(to_bytes(work)) - sum(coded_bytes(m.weight) for m in work_layers.values())
+    # The recipe stored in the manifest is counted with a policy touching every layer.
+    every = {n: Choice(0.5, max((b for b in bits if b), default=None), 0, 0.0) for n in work_layers}
+    overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, biased, bias_bits))) \
+        - sum(coded_bytes(m.weight) for m in work_layers.values())
     if max_bytes is not None:  # an impossible budget is refused before the long work
         smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(b for b in bits if b) if any(bits) else None))
                                   for m in work_layers.values())
@@ -353,7 +366,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         policy = solve(table, target)
         if policy is None:
             return None
-        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled)
+        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits)
         candidate = copy.deepcopy(model)
         if steps:
             from .recipe import Recipe

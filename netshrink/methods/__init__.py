@@ -4,6 +4,7 @@ plus one line here."""
 from .activations import QuantizeActivations
 from .adaround import AdaRound
 from .base import Method, Report, apply, bake
+from .bias import QuantizeBiases
 from .clip import Clip, ClipWeights
 from .gptq import GPTQ
 from .grid import FixedGrid
@@ -17,7 +18,7 @@ from .wanda import Wanda
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits, RemoveHeads,
-    GPTQ, AdaRound, SparseGPT, Wanda)}
+    GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases)}
 
 # Weight transforms a file can record and rebuild on load: record()["kind"] -> class.
 TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-step": LearnedStepQuantize,
@@ -25,4 +26,4 @@ TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-ste
 
 __all__ = ["REGISTRY", "TRANSFORMS", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
            "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads", "GPTQ", "AdaRound",
-           "SparseGPT", "Wanda"]
+           "SparseGPT", "Wanda", "QuantizeBiases"]
