@@ -17,7 +17,7 @@ import importlib
 
 from .errors import NetshrinkError
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _WHERE = {
     "prune": "api", "quantize": "api", "clip": "api", "share": "api", "remove_heads": "api",

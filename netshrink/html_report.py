@@ -206,8 +206,10 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
     beside the file, if present). ``reference`` (a dense model file) with ``data`` (labeled test
     data): add accuracy against bytes and latency with the peers (a ``netshrink.benchmark`` run).
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise NetshrinkError("the report draws with matplotlib: pip install 'netshrink[export]'") from None
     matplotlib.use("Agg")
     from .artifact import from_bytes, load
     from .files import atomic_write, check_writable
