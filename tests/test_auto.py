@@ -56,10 +56,18 @@ def test_solver_in_buckets_never_exceeds_the_budget():
         assert policy is not None and sum(c.bytes for c in policy.values()) <= budget
 
 
-def test_auto_max_bytes_on_digits_end_to_end(trained, digits, tmp_path):
+@pytest.fixture(scope="module")
+def found_digits(trained_state, digits):
+    """(dense model, auto's result under 9,000 bytes, the dense state before the call)."""
+    model = netshrink.build_model("lenet-300-100", (1, 8, 8))
+    model.load_state_dict(trained_state)
+    before = _state(model)
+    return model, netshrink.auto(model, digits[0], max_bytes=9000, **FAST), before
+
+
+def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
     train, test = digits
-    before = _state(trained)
-    found = netshrink.auto(trained, train, max_bytes=9000, **FAST)
+    trained, found, before = found_digits
     assert _same(before, _state(trained))  # the caller's model is not changed
     assert found.met and found.file_bytes <= 9000
     assert found.save(tmp_path / "auto.nsk") == found.file_bytes == (tmp_path / "auto.nsk").stat().st_size
@@ -97,7 +105,7 @@ def test_auto_on_a_batchnorm_residual_depthwise_cnn(digits):
     model = netshrink.build_model("resmobile", (1, 8, 8))
     netshrink.fit(model, digits[0], epochs=3, progress=False)
     dense = len(__import__("netshrink.artifact", fromlist=["to_bytes"]).to_bytes(model))
-    found = netshrink.auto(model, digits[0], max_bytes=dense // 6, **FAST)
+    found = netshrink.auto(model, digits[0], max_bytes=dense // 6, trials=2, **FAST)
     assert found.met and found.file_bytes <= dense // 6
     assert netshrink.evaluate(found.model, digits[1]) > 0.5  # it still classifies (dense: ~0.9)
     assert any(c.keep < 1 or c.bits is not None for c in found.policy.values())
@@ -115,7 +123,7 @@ def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
         netshrink.auto(model, data, max_bytes=dense // 3, **FAST)
     with pytest.raises(netshrink.NetshrinkError, match="labeled"):
         netshrink.auto(model, data[:3], validation=data[3:], max_drop=1.0, **FAST)
-    found = netshrink.auto(model, data[:3], validation=data[3:], max_bytes=dense // 3, **FAST)
+    found = netshrink.auto(model, data[:3], validation=data[3:], max_bytes=dense // 3, trials=2, **FAST)
     assert found.met and found.file_bytes <= dense // 3
     assert found.steps[1]["finetune"]["distill"] == {"objective": "mse"}  # hidden states: no class scores
     with torch.no_grad():
@@ -149,8 +157,8 @@ def test_auto_refuses_a_model_that_is_already_compressed(trained, digits):
         netshrink.auto(trained, digits[0], max_bytes=9000, **FAST)
 
 
-def test_report_accounts_for_every_byte_and_draws_each_section(trained, digits, tmp_path):
-    found = netshrink.auto(trained, digits[0], max_bytes=9000, **FAST)
+def test_report_accounts_for_every_byte_and_draws_each_section(found_digits, tmp_path):
+    found = found_digits[1]
     path = tmp_path / "m.nsk"
     found.save(path)
     raw = path.read_bytes()
