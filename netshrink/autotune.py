@@ -192,14 +192,15 @@ class _Validation:
         with eval_mode(model):
             return torch.cat([self.forward(model, x).float() for x, _ in batches(self.data, 1000, checked=True)])
 
-    def loss(self, model: nn.Module) -> float:
+    def scores(self, model: nn.Module) -> tuple[float, float | None]:
+        """(loss, accuracy or None for unlabeled data) from one pass over the split."""
         out = self.outputs(model)
-        if self.labeled:
-            return F.cross_entropy(out, self.labels).item()
-        return F.mse_loss(out, self.reference).item()
+        if not self.labeled:
+            return F.mse_loss(out, self.reference).item(), None
+        return F.cross_entropy(out, self.labels).item(), (out.argmax(1) == self.labels).float().mean().item()
 
-    def accuracy(self, model: nn.Module) -> float | None:
-        return (self.outputs(model).argmax(1) == self.labels).float().mean().item() if self.labeled else None
+    def loss(self, model: nn.Module) -> float:
+        return self.scores(model)[0]
 
 
 def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
@@ -350,15 +351,16 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     # What the file holds besides the chosen weights (biases, BatchNorm, header, manifest): taken
     # from the dense file, then corrected by each trial's real file.
     # The recipe stored in the manifest is counted with a policy touching every layer.
-    every = {n: Choice(0.5, max((b for b in bits if b), default=None), 0, 0.0) for n in work_layers}
+    shared_bits = [b for b in bits if b is not None]
+    every = {n: Choice(0.5, max(shared_bits, default=None), 0, 0.0) for n in work_layers}
     overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, biased, bias_bits))) \
         - sum(coded_bytes(m.weight) for m in work_layers.values())
     if max_bytes is not None:  # an impossible budget is refused before the long work
-        smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(b for b in bits if b) if any(bits) else None))
+        smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(shared_bits, default=None)))
                                   for m in work_layers.values())
         if smallest > max_bytes:
             raise _unreachable(max_bytes, smallest, overhead)
-    dense_accuracy = scorer.accuracy(work)
+    dense_accuracy = scorer.scores(work)[1]
     dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
     table = sensitivity(work, work_layers, scorer, keeps, bits, progress)
 
@@ -372,9 +374,10 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             from .recipe import Recipe
             Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
         size = len(to_bytes(candidate, recipe=steps))
+        loss, accuracy = scorer.scores(candidate)
         trial = {"trial": len(trials_run) + 1, "target_bytes": target, "predicted_bytes":
                  sum(c.bytes for c in policy.values()) + overhead, "file_bytes": size,
-                 "accuracy": scorer.accuracy(candidate), "loss": scorer.loss(candidate),
+                 "accuracy": accuracy, "loss": loss,
                  "policy": {n: c.describe() for n, c in policy.items()}}
         trials_run.append(trial)
         if on_trial is not None:

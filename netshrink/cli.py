@@ -562,12 +562,13 @@ def cmd_report(args) -> int:
     from .html_report import report_page
 
     _outputs(args, args.output)
-    data = calibration = None
+    reference = data = calibration = None
     if args.reference is not None:
-        data, calibration = _image_data(args.data or "mnist", artifact.load(args.reference), {})
+        reference = artifact.load(args.reference)
+        data, calibration = _image_data(args.data or "mnist", reference, {})
     elif args.data is not None:
         raise NetshrinkError("--data is for the Pareto plots: give --reference DENSE.nsk with it")
-    page = report_page(args.path, args.output, search=args.search, reference=args.reference, data=data,
+    page = report_page(args.path, args.output, search=args.search, reference=reference, data=data,
                        calibration=calibration, repeats=args.repeats, progress=lambda step: _print(f"  {step}"))
     _print(f"report: {page} ({page.stat().st_size:,} B; open it in a browser)")
     return 0

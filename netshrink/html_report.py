@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from .errors import NetshrinkError
 
@@ -199,11 +200,11 @@ def _pareto_section(result, file_bytes: int) -> str:
 
 
 def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: str | os.PathLike | None = None,
-                reference: str | os.PathLike | None = None, data=None, calibration=None, repeats: int = 50,
+                reference: "str | os.PathLike | nn.Module | None" = None, data=None, calibration=None, repeats: int = 50,
                 progress=lambda step: None) -> Path:
     """Write one HTML page about the netshrink file at ``path`` to ``output`` (atomically); returns
     its path. ``search``: the JSON record ``netshrink auto`` wrote (default: ``FILE.auto.json``
-    beside the file, if present). ``reference`` (a dense model file) with ``data`` (labeled test
+    beside the file, if present). ``reference`` (a dense model, or its file) with ``data`` (labeled test
     data): add accuracy against bytes and latency with the peers (a ``netshrink.benchmark`` run).
     """
     try:
@@ -213,6 +214,7 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
     matplotlib.use("Agg")
     from .artifact import from_bytes, load
     from .files import atomic_write, check_writable
+    from .methods.base import baked_state_dict
 
     path = Path(path)
     output = check_writable(output, inputs=(path,))
@@ -223,7 +225,6 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
     except OSError as exc:
         raise NetshrinkError(f"cannot read {path}: {exc.strerror or exc}") from None
     model = from_bytes(raw, source=str(path))
-    plain = from_bytes(raw, source=str(path), restore=False)  # parameters only, no transform buffers
     default = path.with_name(path.stem + ".auto.json")
     search_path = Path(search) if search is not None else (default if default.is_file() else None)
     record = None
@@ -235,7 +236,8 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
         if not isinstance(record, dict):
             raise NetshrinkError(f"{search_path} is not a netshrink auto search record")
     rows, overhead = tensor_bytes(raw, str(path))
-    dense = 4 * sum(p.numel() for p in plain.state_dict().values() if p.is_floating_point())
+    # The plain weights' state (transform buffers left out), computed without decoding the file again.
+    dense = 4 * sum(p.numel() for p in baked_state_dict(model).values() if p.is_floating_point())
     parts = [f"<h1>netshrink report: {html.escape(path.name)}</h1>",
              _table(["file bytes", "dense fp32 bytes", "smaller by", "tensors"],
                     [[f"{len(raw):,}", f"{dense:,}", f"{dense / len(raw):.1f}x", len(rows)]])]
@@ -250,7 +252,8 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
     if reference is not None:
         from .bench import benchmark
 
-        result = benchmark(load(reference), data, compressed={path.stem: model}, calibration=calibration, repeats=repeats,
+        reference_model = reference if isinstance(reference, nn.Module) else load(reference)
+        result = benchmark(reference_model, data, compressed={path.stem: model}, calibration=calibration, repeats=repeats,
                            large_repeats=max(3, repeats // 10), progress=progress)
         parts.append(_pareto_section(result, len(raw)))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>netshrink report: {html.escape(path.name)}"
