@@ -375,16 +375,16 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
         size = len(to_bytes(candidate, recipe=steps))
         loss, accuracy = scorer.scores(candidate)
-        trial = {"trial": len(trials_run) + 1, "target_bytes": target, "predicted_bytes":
+        trial = {"trial": len(runs) + 1, "target_bytes": target, "predicted_bytes":
                  sum(c.bytes for c in policy.values()) + overhead, "file_bytes": size,
                  "accuracy": accuracy, "loss": loss,
                  "policy": {n: c.describe() for n, c in policy.items()}}
-        trials_run.append(trial)
+        runs.append({"trial": trial, "model": candidate, "policy": policy, "steps": steps})
         if on_trial is not None:
             on_trial(trial)
-        return {"trial": trial, "model": candidate, "policy": policy, "steps": steps}
+        return runs[-1]
 
-    trials_run: list[dict] = []
+    runs: list[dict] = []  # every trial run, in order
     best = None
     floor = sum(min(c.bytes for c in choices) for choices in table.values())
     if max_bytes is not None:
@@ -402,9 +402,6 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             # The overshoot (and a little more) comes off what this policy's weights were predicted
             # to take, so the next solve must choose something smaller.
             target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
-        met = best is not None
-        if best is None:  # report the last try honestly; it is over the budget
-            best = found
     else:
         low, high = floor, _safe_budget(table, floor)
         for _ in range(trials):
@@ -421,11 +418,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                 high = target
             else:
                 low = target
-        met = best is not None
-        if best is None:
-            best = found
+    met = best is not None
+    if best is None:  # report the last run honestly (over the budget); a later unsolvable target ran nothing
+        best = runs[-1] if runs else None
     if best is None:
         raise NetshrinkError("auto found no policy to run")
     return AutoResult(model=best["model"], policy=best["policy"], steps=best["steps"], budget=budget, met=met,
                       file_bytes=best["trial"]["file_bytes"], dense_bytes=dense_bytes, dense_accuracy=dense_accuracy,
-                      accuracy=best["trial"]["accuracy"], trials=trials_run, sensitivity=table)
+                      accuracy=best["trial"]["accuracy"], trials=[r["trial"] for r in runs], sensitivity=table)
