@@ -16,6 +16,7 @@ benchmarks/results/auto-<model>.png when a Chromium is installed.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import tempfile
@@ -98,7 +99,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"auto-{name}.nsk"
             size = found.save(path)
-            (Path(folder) / f"auto-{name}.auto.json").write_text(__import__("json").dumps(found.to_json()))
+            (Path(folder) / f"auto-{name}.auto.json").write_text(json.dumps(found.to_json()))
             error = 100 * (1 - netshrink.evaluate(netshrink.load(path), test))
             page = netshrink.report_page(path, RESULTS / f"auto-{name}.html")
         rendered = render(page, RESULTS / f"auto-{name}.png")

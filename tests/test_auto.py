@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import netshrink
+from netshrink.artifact import to_bytes
 from netshrink.autotune import Choice, solve
 from netshrink.html_report import tensor_bytes
 
@@ -104,7 +105,7 @@ def test_auto_on_a_batchnorm_residual_depthwise_cnn(digits):
     torch.manual_seed(0)
     model = netshrink.build_model("resmobile", (1, 8, 8))
     netshrink.fit(model, digits[0], epochs=3, progress=False)
-    dense = len(__import__("netshrink.artifact", fromlist=["to_bytes"]).to_bytes(model))
+    dense = len(to_bytes(model))
     found = netshrink.auto(model, digits[0], max_bytes=dense // 6, trials=2, **FAST)
     assert found.met and found.file_bytes <= dense // 6
     assert netshrink.evaluate(found.model, digits[1]) > 0.5  # it still classifies (dense: ~0.9)
@@ -112,8 +113,6 @@ def test_auto_on_a_batchnorm_residual_depthwise_cnn(digits):
 
 
 def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
-    from netshrink.artifact import to_bytes
-
     model = make_tiny_bert()
     g = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(1, 120, (16, 12), generator=g),

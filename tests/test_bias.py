@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import netshrink
+from netshrink.artifact import to_bytes
 from netshrink.codec import weights as codec
 from netshrink.methods import QuantizeBiases, apply
 
@@ -28,7 +29,7 @@ def test_biases_land_on_a_grid_the_file_stores_exactly(trained, digits, tmp_path
     accuracy, reference_accuracy = netshrink.evaluate(trained, digits[1]), netshrink.evaluate(dense, digits[1])
     assert accuracy >= reference_accuracy - (0.01 if bits >= 8 else 0.05)
     netshrink.save(trained, tmp_path / "m.nsk")
-    assert (tmp_path / "m.nsk").stat().st_size < len(__import__("netshrink.artifact", fromlist=["x"]).to_bytes(dense))
+    assert (tmp_path / "m.nsk").stat().st_size < len(to_bytes(dense))
     loaded = netshrink.load(tmp_path / "m.nsk")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
 
