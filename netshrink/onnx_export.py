@@ -223,7 +223,8 @@ def saturating_layers(graph_model) -> list[str]:
 
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
            example_inputs=None, input_shape: tuple[int, ...] | None = None, opset: int = 17,
-           int8_logits: bool = False, vnni: bool = False, forward=None) -> ExportReport:
+           int8_logits: bool = False, vnni: bool = False, integer_outputs: bool = True,
+           forward=None) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (fp32, or int8 QDQ with ``int8=True``), atomically.
 
     ``example_inputs`` is one batch of inputs as the model takes them: a tensor, a tuple
@@ -239,11 +240,19 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     targets known to have VNNI (AVX512-VNNI, AVX-VNNI) or ARM. ``int8_logits=True`` also
     quantizes the model's output (range calibrated on ``calibration``), so the last layer runs as
     an integer kernel too; its predictions may then differ from netshrink's evaluation on near-ties.
+
+    ``integer_outputs`` (default, with ``calibration`` data): float tensors between integer kernels
+    that netshrink's model does not quantize (a convolution's output going into a residual add, the
+    add's output, ...) get 8-bit ranges calibrated on ``calibration``, so ONNX Runtime runs the whole
+    chain as QLinearConv/QLinearAdd instead of falling back to float kernels around every add (as
+    ``quantize_static`` does). Those extra roundings make the graph differ slightly from netshrink's
+    evaluation; the report lists them. ``integer_outputs=False`` keeps exactly netshrink's computation.
     """
     import onnx
     from onnx import helper, numpy_helper
 
-    for flag, value in (("int8", int8), ("int8_logits", int8_logits), ("vnni", vnni)):
+    for flag, value in (("int8", int8), ("int8_logits", int8_logits), ("vnni", vnni),
+                        ("integer_outputs", integer_outputs)):
         if not isinstance(value, bool):
             raise NetshrinkError(f"{flag} must be True or False. Received: {flag}={value!r}")
     if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= 21:
@@ -292,9 +301,15 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if int8:
         weights.update({n: weight_as_int8(m.weight.detach().numpy(), limit) for n, m in work.named_modules()
                         if isinstance(m, nn.Embedding)})
-    graph_model = onnx.load_from_string(_to_onnx_bytes(work, signature, opset, forward))
+    float_graph = _to_onnx_bytes(work, signature, opset, forward)
+    graph_model = onnx.load_from_string(float_graph)
     if int8:
         _insert_qdq(graph_model, dict(work.named_modules()), layers, weights, ranges, report, helper, numpy_helper)
+        if integer_outputs:
+            _quantize_between_kernels(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
+        used = {name for node in graph_model.graph.node for name in node.input}
+        for initializer in [i for i in graph_model.graph.initializer if i.name not in used]:  # merged pairs' grids
+            graph_model.graph.initializer.remove(initializer)
         if int8_logits:
             _quantize_output(graph_model, work, calibration, report, helper, numpy_helper)
         risky = saturating_layers(graph_model)
@@ -480,6 +495,148 @@ def _commuting_source(tensor: str, producer: dict, consumers: dict):
     if node is not None and node.op_type in ("Conv", "Gemm", "MatMul") and consumers.get(node.output[0], 0) == 1:
         return node
     return None
+
+
+INTEGER_OPS = ("Add", "Relu", "MaxPool")  # ONNX Runtime runs these on uint8 when every input is quantized
+
+
+def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signature, calibration, report,
+                              helper, numpy_helper) -> None:
+    """Quantize the float tensors that sit between integer kernels (see ``export``'s
+    ``integer_outputs``): the output of every int8 Conv/Gemm that no quantizer follows, and the
+    output of every Add/Relu/MaxPool whose inputs are all quantized, in graph order so chains of
+    residual blocks become integer end to end. Graph outputs stay float.
+
+    A tensor a layer's own input quantizer already reads (a fork: the layer and a residual add)
+    takes that quantizer's grid, and the layer's separate pair is dropped, so every tensor is
+    quantized once. Other ranges are the min/max of the tensor in the float graph over (at most 8
+    batches of) the calibration data, run by ONNX Runtime itself."""
+    graph = graph_model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    _merge_equal_pairs(graph, initializers)
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    wanted = []
+    for node in graph.node:
+        out = node.output[0] if node.output else None
+        if out is None or out in outputs or all(c.op_type == "QuantizeLinear" for c in consumers.get(out, [None])):
+            continue  # a graph output, unused, or already followed by its quantizer
+        integer_kernel = node.op_type in ("Conv", "Gemm") and all(i in dequantized for i in node.input[:2])
+        integer_op = node.op_type in INTEGER_OPS and all(i in dequantized for i in node.input if i)
+        if integer_kernel or integer_op:
+            readers = consumers.get(out, [])
+            if not (len(readers) == 1 and readers[0].op_type == "Relu"):
+                wanted.append(out)  # else quantized after the ReLU, which ONNX Runtime then fuses away
+            dequantized.add(out)
+    if not wanted:
+        return
+    if calibration is None:
+        report.notes.append(f"{len(wanted)} tensors between integer kernels stay float (pass calibration data to "
+                            "quantize them too, so ONNX Runtime runs the chain as integer kernels)")
+        return
+    qparams, dropped, rename = {}, set(), {}
+    for name in wanted:  # a layer's own grid where one already quantizes this tensor (a fork)
+        pair = next((c for c in consumers.get(name, []) if c.op_type == "QuantizeLinear"), None)
+        if pair is not None:  # merged above: the only pair on this tensor
+            qparams[name] = tuple(pair.input[1:3])
+            dequantize = consumers[pair.output[0]][0]
+            dropped |= {id(pair), id(dequantize)}
+            rename[dequantize.output[0]] = name
+    ranges = _tensor_ranges(float_graph, [n for n in wanted if n not in qparams], signature, calibration)
+    for name, (low, high) in ranges.items():
+        scale, zero_point = ActivationQuantizer(8, low, high).grid()
+        tag = f"{name}.between"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_scale"),
+                                  numpy_helper.from_array(np.array(zero_point, np.uint8), f"{tag}_zero")])
+        qparams[name] = (f"{tag}_scale", f"{tag}_zero")
+    nodes = []
+    for node in _rewired(graph.node, dropped, rename):
+        nodes.append(node)
+        out = node.output[0] if node.output else None
+        if out in qparams:
+            node.output[0] = f"{out}.raw"
+            nodes += [helper.make_node("QuantizeLinear", [f"{out}.raw", *qparams[out]], [f"{out}.q"]),
+                      helper.make_node("DequantizeLinear", [f"{out}.q", *qparams[out]], [out])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    report.notes.append(f"{len(wanted)} tensors between integer kernels quantized to 8 bits ({len(ranges)} ranges "
+                        "calibrated now, the rest on the grid of the layer reading them) so ONNX Runtime runs "
+                        "residual adds and their convolutions as integer kernels; results differ from netshrink's "
+                        "evaluation by these roundings (integer_outputs=False keeps them float)")
+
+
+def _merge_equal_pairs(graph, initializers: dict) -> None:
+    """Where several layers read one tensor through Quantize/Dequantize pairs on the same grid (a
+    fork: a residual block's main path and its shortcut), keep one pair for all of them: one
+    quantization instead of several, and the single-consumer chains ONNX Runtime fuses."""
+    from onnx import numpy_helper
+
+    def grid_of(quantize) -> tuple:
+        return tuple(numpy_helper.to_array(initializers[n]).tobytes() if n in initializers else n
+                     for n in quantize.input[1:3])
+
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, rename, kept = set(), {}, {}
+    for node in graph.node:
+        follower = consumers.get(node.output[0], []) if node.op_type == "QuantizeLinear" else []
+        if len(follower) != 1 or follower[0].op_type != "DequantizeLinear":
+            continue
+        key = (node.input[0], grid_of(node))
+        if key in kept:
+            dropped |= {id(node), id(follower[0])}
+            rename[follower[0].output[0]] = kept[key]
+        else:
+            kept[key] = follower[0].output[0]
+    nodes = list(_rewired(graph.node, dropped, rename))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _rewired(nodes, dropped: set, rename: dict):
+    """The nodes without the dropped ones, with inputs renamed."""
+    for node in nodes:
+        if id(node) in dropped:
+            continue
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+        yield node
+
+
+def _tensor_ranges(float_graph: bytes, names: list[str], signature: _Signature, calibration,
+                   max_batches: int = 8) -> dict[str, tuple[float, float]]:
+    """{tensor: (min, max)} of intermediate tensors of the float graph over the calibration data,
+    computed by ONNX Runtime with those tensors exposed as extra graph outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from .train import batches
+
+    if not names:
+        return {}
+    model = onnx.load_from_string(float_graph)
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    low = dict.fromkeys(names, 0.0)
+    high = dict.fromkeys(names, 0.0)
+    for count, (inputs, _) in enumerate(batches(calibration, 256)):
+        if count >= max_batches:
+            break
+        args = (list(inputs[k] for k in signature.keys) if signature.keys else
+                list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+        feed = {name: torch.as_tensor(a).numpy() for name, a in zip(signature.names, args)}
+        for name, value in zip(names, session.run(names, feed)):
+            low[name], high[name] = min(low[name], float(value.min())), max(high[name], float(value.max()))
+    return {n: (low[n], high[n]) for n in names}
 
 
 def _eight_bit_grid(quantizer: ActivationQuantizer) -> tuple[float, int]:

@@ -226,3 +226,46 @@ def test_int8_embedding_looked_up_twice_is_stored_once(tmp_path):
         expected = reference(**ids).numpy()
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input_ids": ids["input_ids"].numpy()})[0]
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def optimized_ops(path, tmp_path) -> list[str]:
+    """The operators ONNX Runtime actually runs after its graph fusions (extended level: the QDQ
+    fusions, none of the hardware-specific layout rewrites)."""
+    import onnx
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def test_residual_cnn_runs_as_integer_kernels_end_to_end(tmp_path, digits):
+    """resmobile (residual adds, one through a projection, depthwise convolutions, BatchNorm): with
+    calibration data every convolution and add becomes an integer kernel, as quantize_static's
+    graph does; without the extra output ranges the convolutions before each add fall back to float."""
+    train, test = digits
+    model = netshrink.build_model("resmobile", (1, 8, 8))
+    netshrink.fit(model, train, epochs=4, lr=3e-3, seed=0, progress=False)
+    netshrink.quantize(model, weight_bits=7, activation_bits=8, calibration=train)
+    ours = model.eval()(test.tensors[0]).detach().numpy()
+    for integer_outputs in (True, False):
+        path = tmp_path / f"resmobile_{integer_outputs}.onnx"
+        report = export(model, path, int8=True, calibration=train, integer_outputs=integer_outputs)
+        ops = optimized_ops(path, tmp_path)
+        float_kernels = [op for op in ops if op in ("Conv", "FusedConv", "Add")]
+        if integer_outputs:
+            assert float_kernels == [] and ops.count("QLinearConv") == 9 and ops.count("QLinearAdd") == 2
+            assert any("tensors between integer kernels quantized" in note for note in report.notes)
+        else:
+            assert len(float_kernels) >= 4  # the convolutions feeding the adds, the adds
+            assert not any("between integer kernels" in note for note in report.notes)
+        theirs = run_onnx(path, test.tensors[0])
+        assert np.abs(ours - theirs).max() <= 0.05 * (ours.max() - ours.min())
+        assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.97
+    # Activation ranges from the model alone (no calibration data): the export still works, says
+    # which tensors stay float, and does not change the model.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export(model, tmp_path / "nodata.onnx", int8=True)
+    assert any("stay float (pass calibration data" in note for note in report.notes)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
