@@ -305,6 +305,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     graph_model = onnx.load_from_string(float_graph)
     if int8:
         _insert_qdq(graph_model, dict(work.named_modules()), layers, weights, ranges, report, helper, numpy_helper)
+        _merge_equal_pairs(graph_model.graph)
         if integer_outputs:
             _quantize_between_kernels(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
         used = {name for node in graph_model.graph.node for name in node.input}
@@ -512,8 +513,6 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
     quantized once. Other ranges are the min/max of the tensor in the float graph over (at most 8
     batches of) the calibration data, run by ONNX Runtime itself."""
     graph = graph_model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    _merge_equal_pairs(graph, initializers)
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -569,11 +568,13 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
                         "evaluation by these roundings (integer_outputs=False keeps them float)")
 
 
-def _merge_equal_pairs(graph, initializers: dict) -> None:
+def _merge_equal_pairs(graph) -> None:
     """Where several layers read one tensor through Quantize/Dequantize pairs on the same grid (a
     fork: a residual block's main path and its shortcut), keep one pair for all of them: one
     quantization instead of several, and the single-consumer chains ONNX Runtime fuses."""
     from onnx import numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
 
     def grid_of(quantize) -> tuple:
         return tuple(numpy_helper.to_array(initializers[n]).tobytes() if n in initializers else n
@@ -595,8 +596,35 @@ def _merge_equal_pairs(graph, initializers: dict) -> None:
         else:
             kept[key] = follower[0].output[0]
     nodes = list(_rewired(graph.node, dropped, rename))
+    # A pair in front of a ReLU whose only reader quantizes on the same grid with zero point 0 is
+    # redundant (ReLU then that quantizer gives the same codes), and in the way: without it ONNX
+    # Runtime fuses kernel -> ReLU -> Quantize into one integer kernel.
+    producer = {out: node for node in nodes for out in node.output}
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dropped, rename = set(), {}
+    for relu in nodes:
+        dequantize = producer.get(relu.input[0]) if relu.op_type == "Relu" else None
+        quantize = producer.get(dequantize.input[0]) if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+        after = readers.get(relu.output[0], [])
+        if (quantize is None or quantize.op_type != "QuantizeLinear" or len(readers[dequantize.output[0]]) != 1
+                or len(after) != 1 or after[0].op_type != "QuantizeLinear" or grid_of(after[0]) != grid_of(quantize)
+                or not _zero_point_is_zero(initializers, quantize)):
+            continue
+        dropped |= {id(quantize), id(dequantize)}
+        rename[dequantize.output[0]] = quantize.input[0]
+    nodes = list(_rewired(nodes, dropped, rename))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _zero_point_is_zero(initializers: dict, quantize) -> bool:
+    from onnx import numpy_helper
+
+    zero = initializers.get(quantize.input[2]) if len(quantize.input) > 2 else None
+    return zero is not None and not numpy_helper.to_array(zero).any()
 
 
 def _rewired(nodes, dropped: set, rename: dict):

@@ -144,6 +144,26 @@ def test_resmobile_residual_groups_and_depthwise_shrink_together():
     netshrink.fit(small, (torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,))), epochs=1, progress=False)
 
 
+def test_kept_counts_round_to_a_multiple_and_keep_the_best_channels():
+    """multiple_of=8: every kept count a multiple of 8 (at least 8, at most the layer's units), and
+    the kept channels are exactly those remove_units keeps when asked for that count directly."""
+    model = _bn_statistics(netshrink.build_model("resmobile", (1, 16, 16)), (1, 16, 16))
+    x = torch.rand(4, 1, 16, 16)
+    for keep in (0.7, 0.1, 0.99):
+        small, report = remove_units(model, keep=keep, multiple_of=8, example_input=x)
+        fractions = {}
+        for layer, kept in report.kept.items():
+            units = model.get_submodule(layer).weight.shape[0]
+            assert len(kept) % 8 == 0 and 8 <= len(kept) <= units
+            assert abs(len(kept) - keep * units) <= 4 or len(kept) in (8, units)
+            fractions[layer] = len(kept) / units
+        assert remove_units(model, keep=fractions, example_input=x)[1].kept == report.kept
+        assert small(x).shape == (4, 10)
+    assert remove_units(model, keep=0.7, multiple_of=8, example_input=x)[1].kept["expand.conv"].__len__() == 104
+    with pytest.raises(netshrink.NetshrinkError, match="multiple_of must be an integer"):
+        remove_units(model, keep=0.5, multiple_of=0)
+
+
 class EveryLayerType(nn.Module):
     """Structures structured pruning must handle or refuse: concatenation, a grouped convolution,
     channel indexing, a squeeze-excitation multiply, a stored per-channel offset, LayerNorm."""

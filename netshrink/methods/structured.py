@@ -256,16 +256,23 @@ class RemoveUnits(Method):
     ``criterion`` (``l1``, ``l2``, or ``l1-bn``: L1 times the following BatchNorm's |gamma|).
     The model's output layer is never shrunk. Applies in place; calibration data (one batch)
     gives shapes for flattens and reductions, and the pruned model is checked on it.
+
+    ``multiple_of``: each kept count is rounded to the nearest multiple of it (at least one
+    multiple, never more than the layer has). Integer and vectorised kernels run channel counts in
+    blocks (ONNX Runtime's int8 convolutions on AVX2: 8), so 34 channels can be slower than 48:
+    measured in ``benchmarks/results/deployment.md``.
     """
 
     name: ClassVar[str] = "structured"
     layer_kinds: ClassVar[tuple] = LINEAR_CONV
     keep: float | Mapping[str, float] = 0.5
     criterion: str = "l1"
+    multiple_of: int = 1
 
     def check(self) -> None:
         super().check()
         check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_range("multiple_of", self.multiple_of, 1, 4096, integer=True)
         check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
@@ -337,7 +344,9 @@ class RemoveUnits(Method):
         if self.criterion == "l1-bn" and space.norms:
             score = score * modules[space.norms[0]].weight.detach().abs()
         units = len(score)
-        count = max(1, int(round(float(per_layer(self.keep, space.producers[0], "keep")) * units)))
+        count = float(per_layer(self.keep, space.producers[0], "keep")) * units
+        step = int(self.multiple_of)
+        count = min(units, max(step, step * int(round(count / step)))) if step > 1 else max(1, int(round(count)))
         return torch.sort(torch.topk(score, count).indices).values
 
 
@@ -355,7 +364,7 @@ def _example(calibration) -> torch.Tensor | None:
 
 
 def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, criterion: str = "l1",
-                 example_input: torch.Tensor | None = None, targets: tuple[str, ...] = (),
+                 multiple_of: int = 1, example_input: torch.Tensor | None = None, targets: tuple[str, ...] = (),
                  ignore: tuple[str, ...] = ()) -> tuple[nn.Module, StructuredReport]:
     """A smaller copy of ``model`` (``model`` is unchanged); see :class:`RemoveUnits`.
 
@@ -364,7 +373,7 @@ def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, c
     >>> small.fc1.weight.shape, small.fc2.weight.shape, small.fc3.weight.shape
     (torch.Size([150, 784]), torch.Size([50, 150]), torch.Size([10, 50]))
     """
-    method = RemoveUnits(keep=keep, criterion=criterion, targets=targets, ignore=ignore)
+    method = RemoveUnits(keep=keep, criterion=criterion, multiple_of=multiple_of, targets=targets, ignore=ignore)
     method.check()
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
