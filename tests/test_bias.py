@@ -12,7 +12,7 @@ from netshrink.codec import weights as codec
 from netshrink.methods import QuantizeBiases, apply
 
 
-@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8, 12])
 def test_biases_land_on_a_grid_the_file_stores_exactly(trained, digits, tmp_path, bits):
     dense = copy.deepcopy(trained)
     report = apply(trained, QuantizeBiases(bits=bits))
@@ -55,7 +55,7 @@ def test_bias_step_in_a_recipe_and_on_held_out_models(digits, make_tiny_bert):
     assert cosine.min() > 0.999
 
 
-@pytest.mark.parametrize("bits", [1, 9, 2.5, "8"])
+@pytest.mark.parametrize("bits", [1, 13, 2.5, "8"])
 def test_bad_bias_bits_are_refused_before_anything_changes(trained, bits):
     before = {k: v.clone() for k, v in trained.state_dict().items()}
     with pytest.raises(netshrink.NetshrinkError, match="bits"):

@@ -20,10 +20,11 @@ def distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
     return distinct if len(distinct) <= limit else None
 
 
-# Candidate scales per row: the row's largest |value| over each symmetric qmax (2^(b-1) - 1, where
-# per-channel quantization puts the largest weight exactly), then its smallest |value| over small
-# integers (affine grids, shared grids). Every candidate is verified bit for bit.
-_FROM_MAX = (1, 3, 7, 15, 31, 63, 127)
+# Candidate scales per row: the row's largest |value| over each symmetric qmax (2^(b-1) - 1 for b up
+# to 12, the widest code the coder's alphabet holds; per-channel quantization puts the largest weight
+# exactly there), then its smallest |value| over small integers (affine grids, shared grids). Every
+# candidate is verified bit for bit.
+_FROM_MAX = (1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047)
 _FROM_MIN = (1, 2, 3, 4)
 _SAMPLE_ROWS = 32
 

@@ -45,8 +45,10 @@ def grid_bias(bias: torch.Tensor, bits: int) -> torch.Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeBiases(Method):
-    """Round each selected layer's bias to ``bits`` (2..8, or a per-layer map) on one grid per
-    layer. Place it after the last fine-tuning."""
+    """Round each selected layer's bias to ``bits`` (2..12, or a per-layer map) on one grid per
+    layer. Place it after the last fine-tuning. 8 bits keep a model's accuracy (tested); 10-12
+    bits are a near-lossless file (largest change: half a step of the largest bias over 511-2047
+    steps)."""
 
     name: ClassVar[str] = "bias"
     layer_kinds: ClassVar[tuple] = LINEAR_CONV
@@ -54,7 +56,7 @@ class QuantizeBiases(Method):
 
     def check(self) -> None:
         super().check()
-        check_range("bits", self.bits, 2, 8, integer=True)  # the grids the file detects
+        check_range("bits", self.bits, 2, 12, integer=True)  # the grids the file detects
 
     def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
         plan = []
