@@ -305,7 +305,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     graph_model = onnx.load_from_string(float_graph)
     if int8:
         _insert_qdq(graph_model, dict(work.named_modules()), layers, weights, ranges, report, helper, numpy_helper)
-        _merge_equal_pairs(graph_model.graph)
+        _simplify_pairs(graph_model.graph)
         if integer_outputs:
             _quantize_between_kernels(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
         used = {name for node in graph_model.graph.node for name in node.input}
@@ -514,20 +514,17 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
     batches of) the calibration data, run by ONNX Runtime itself."""
     graph = graph_model.graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(graph.node)
     outputs = {o.name for o in graph.output}
     wanted = []
     for node in graph.node:
         out = node.output[0] if node.output else None
-        if out is None or out in outputs or all(c.op_type == "QuantizeLinear" for c in consumers.get(out, [None])):
+        readers = consumers.get(out, [])
+        if out in outputs or not readers or all(c.op_type == "QuantizeLinear" for c in readers):
             continue  # a graph output, unused, or already followed by its quantizer
         integer_kernel = node.op_type in ("Conv", "Gemm") and all(i in dequantized for i in node.input[:2])
         integer_op = node.op_type in INTEGER_OPS and all(i in dequantized for i in node.input if i)
         if integer_kernel or integer_op:
-            readers = consumers.get(out, [])
             if not (len(readers) == 1 and readers[0].op_type == "Relu"):
                 wanted.append(out)  # else quantized after the ReLU, which ONNX Runtime then fuses away
             dequantized.add(out)
@@ -540,7 +537,7 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
     qparams, dropped, rename = {}, set(), {}
     for name in wanted:  # a layer's own grid where one already quantizes this tensor (a fork)
         pair = next((c for c in consumers.get(name, []) if c.op_type == "QuantizeLinear"), None)
-        if pair is not None:  # merged above: the only pair on this tensor
+        if pair is not None:  # _simplify_pairs left one pair per grid on a tensor
             qparams[name] = tuple(pair.input[1:3])
             dequantize = consumers[pair.output[0]][0]
             dropped |= {id(pair), id(dequantize)}
@@ -568,10 +565,14 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
                         "evaluation by these roundings (integer_outputs=False keeps them float)")
 
 
-def _merge_equal_pairs(graph) -> None:
-    """Where several layers read one tensor through Quantize/Dequantize pairs on the same grid (a
-    fork: a residual block's main path and its shortcut), keep one pair for all of them: one
-    quantization instead of several, and the single-consumer chains ONNX Runtime fuses."""
+def _simplify_pairs(graph) -> None:
+    """Remove the Quantize/Dequantize pairs that change no value, so that every tensor is quantized
+    once and ONNX Runtime sees the single-reader chains it fuses into integer kernels:
+
+    * several layers reading one tensor through pairs on the same grid (a fork: a residual block's
+      main path and its shortcut) share one pair;
+    * a pair in front of a ReLU whose only reader quantizes on the same grid with zero point 0 goes
+      (ReLU then that quantizer gives the same codes), so kernel -> ReLU -> Quantize fuses."""
     from onnx import numpy_helper
 
     initializers = {i.name: i for i in graph.initializer}
@@ -580,10 +581,7 @@ def _merge_equal_pairs(graph) -> None:
         return tuple(numpy_helper.to_array(initializers[n]).tobytes() if n in initializers else n
                      for n in quantize.input[1:3])
 
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(graph.node)
     dropped, rename, kept = set(), {}, {}
     for node in graph.node:
         follower = consumers.get(node.output[0], []) if node.op_type == "QuantizeLinear" else []
@@ -596,14 +594,8 @@ def _merge_equal_pairs(graph) -> None:
         else:
             kept[key] = follower[0].output[0]
     nodes = list(_rewired(graph.node, dropped, rename))
-    # A pair in front of a ReLU whose only reader quantizes on the same grid with zero point 0 is
-    # redundant (ReLU then that quantizer gives the same codes), and in the way: without it ONNX
-    # Runtime fuses kernel -> ReLU -> Quantize into one integer kernel.
     producer = {out: node for node in nodes for out in node.output}
-    readers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(nodes)
     dropped, rename = set(), {}
     for relu in nodes:
         dequantize = producer.get(relu.input[0]) if relu.op_type == "Relu" else None
@@ -625,6 +617,15 @@ def _zero_point_is_zero(initializers: dict, quantize) -> bool:
 
     zero = initializers.get(quantize.input[2]) if len(quantize.input) > 2 else None
     return zero is not None and not numpy_helper.to_array(zero).any()
+
+
+def _readers(nodes) -> dict[str, list]:
+    """{tensor: the nodes that read it}."""
+    readers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def _rewired(nodes, dropped: set, rename: dict):
