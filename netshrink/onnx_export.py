@@ -312,7 +312,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
         for initializer in [i for i in graph_model.graph.initializer if i.name not in used]:  # merged pairs' grids
             graph_model.graph.initializer.remove(initializer)
         if int8_logits:
-            _quantize_output(graph_model, work, calibration, report, helper, numpy_helper)
+            _quantize_output(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
         risky = saturating_layers(graph_model)
         if risky:
             report.notes.append(f"weights {', '.join(risky)} use the full int8 range: CPUs without VNNI "
@@ -354,10 +354,7 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
     graph = graph_model.graph
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = _readers(graph.node)
     locate = _weight_locator(modules, list(weights), numpy_helper)
     before: dict[int, list] = {}  # id(node) -> nodes to insert before it
     after: dict[int, list] = {}  # id(node) -> nodes to insert after it
@@ -464,20 +461,14 @@ def _gather_int8_rows(node, layer: str, tag: str, after: dict, helper) -> None:
         helper.make_node("Mul", [f"{tag}.rows_float", f"{tag}.rows_scale"], [out])]
 
 
-def _quantize_output(graph_model, model: nn.Module, calibration, report, helper, numpy_helper) -> None:
-    """Q/DQ on the graph output, over the logits' min/max on (at most 8 batches of) calibration data."""
-    from .train import batches, call, output_tensor
-
-    low, high = 0.0, 0.0
-    with torch.no_grad():
-        for i, (x, _) in enumerate(batches(calibration, 256)):
-            if i >= 8:
-                break
-            logits = output_tensor(call(model, x))
-            low, high = min(low, float(logits.min())), max(high, float(logits.max()))
-    scale, zero_point = ActivationQuantizer(8, low, high).grid()
+def _quantize_output(graph_model, float_graph: bytes, signature: _Signature, calibration, report, helper,
+                     numpy_helper) -> None:
+    """Q/DQ on the graph output, over its min/max in the float graph on (at most 8 batches of)
+    calibration data."""
     graph = graph_model.graph
     output = graph.output[0].name
+    low, high = _tensor_ranges(float_graph, [output], signature, calibration)[output]
+    scale, zero_point = ActivationQuantizer(8, low, high).grid()
     producer = next(node for node in graph.node if output in node.output)
     producer.output[list(producer.output).index(output)] = "logits_raw"
     graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "logits_scale"),
@@ -491,9 +482,9 @@ def _commuting_source(tensor: str, producer: dict, consumers: dict):
     """The Conv/Gemm/MatMul whose output reaches ``tensor`` through single-consumer ReLU/MaxPool/
     Flatten/Reshape nodes only, or None."""
     node = producer.get(tensor)
-    while node is not None and node.op_type in COMMUTING_OPS and consumers.get(node.input[0], 0) == 1:
+    while node is not None and node.op_type in COMMUTING_OPS and len(consumers.get(node.input[0], [])) == 1:
         node = producer.get(node.input[0])
-    if node is not None and node.op_type in ("Conv", "Gemm", "MatMul") and consumers.get(node.output[0], 0) == 1:
+    if node is not None and node.op_type in ("Conv", "Gemm", "MatMul") and len(consumers.get(node.output[0], [])) == 1:
         return node
     return None
 
@@ -651,7 +642,9 @@ def _tensor_ranges(float_graph: bytes, names: list[str], signature: _Signature, 
     if not names:
         return {}
     model = onnx.load_from_string(float_graph)
-    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names
+                               if n not in present])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
