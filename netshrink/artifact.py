@@ -1,4 +1,5 @@
-"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 3).
+"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 4; format 3
+is the same layout without packed tensors, and loads).
 
 * The blob (see :func:`to_bytes`): a SHA-256 of the whole file, the manifest (compressed JSON),
   then each tensor's payload; float32 tensors are coded exactly by ``codec.weights``.
@@ -48,7 +49,7 @@ from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserv
                            transforms)
 from .models import model_from_spec, spec_of
 
-FORMAT, VERSION, READS = "netshrink", 3, (1, 2, 3)
+FORMAT, VERSION, READS = "netshrink", 4, (1, 2, 3, 4)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest

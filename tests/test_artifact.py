@@ -86,7 +86,7 @@ def test_files_are_safetensors_with_a_small_overhead(tmp_path):
     path = tmp_path / "small.nsk"
     size = netshrink.save(model, path)
     with safe_open(path, "np") as f:  # any safetensors reader opens it: one uint8 blob
-        assert f.metadata() == {"netshrink": "3"} and list(f.keys()) == ["netshrink"]
+        assert f.metadata() == {"netshrink": "4"} and list(f.keys()) == ["netshrink"]
         assert f.get_tensor("netshrink").dtype == np.uint8
     payloads = sum(len(weights.encode(a)) for a in artifact.stored_arrays(model).values())
     overhead = size - payloads  # header, manifest (names, shapes, transforms), checksum

@@ -1,5 +1,7 @@
-"""The tensor coder of format-3 files (``codec.weights``) against the arrays it codes: every
+"""The tensor coder of format-3 and format-4 files (``codec.weights``) against the arrays it codes: every
 decode is bit-identical, whatever the values (NaN, -0.0, subnormals), shape or density."""
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,88 @@ def test_truncated_or_padded_tensor_is_an_error(cut):
 def test_encoding_is_deterministic():
     w = quantized(np.random.default_rng(3), (30, 70), 3, 0.4)
     assert weights.encode(w) == weights.encode(w.copy())
+
+
+# Packed coding (codec.packed): large tensors by default; forced here on any tensor so that every
+# path (bitmap and gap maps, symbols packed several per byte, two byte planes for 12-bit codes,
+# float mantissas) meets the same property tests.
+def forced_packing():
+    return mock.patch.multiple(weights, PACK_ABOVE=-1, PACKED_MARGIN=float("inf"))
+
+
+def packed_roundtrip(array):
+    with forced_packing():
+        encoded = roundtrip(array)
+    if encoded[0] not in (weights.CONSTANT, weights.RAW):
+        assert encoded[1] & weights.PACKED
+    return encoded
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
+              elements=st.sampled_from([0.0, 0.0, 0.0, 1.5, -0.25, 3.0, 7.0, -1e-3, -0.0])))
+def test_packed_roundtrip_low_cardinality(array):
+    packed_roundtrip(array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.one_of(st.integers(0, 300), st.tuples(st.integers(1, 20), st.integers(1, 20))),
+              elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
+def test_packed_roundtrip_any_floats(array):
+    packed_roundtrip(array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 0.9, 1.0]),
+       st.sampled_from([1, 2, 3, 4, 8, 10, 12]), st.sampled_from([(17, 33), (1, 700), (300, 3), (4, 3, 3, 3)]))
+def test_packed_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape):
+    packed_roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep))
+
+
+@pytest.mark.parametrize("gap", [0, 254, 255, 256, 510, 511, 100_000])
+def test_packed_map_gaps_across_run_bytes(gap):
+    """Gaps of 255 and more zeros take several bytes in the gap map; every length must survive."""
+    w = np.zeros(gap + 1001, np.float32)
+    w[[gap, gap + 1000]] = [1.5, -2.0]
+    packed_roundtrip(w)
+
+
+def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_margin():
+    rng = np.random.default_rng(0)
+    big = quantized(rng, (1100, 1000), 8)  # a bell-shaped 8-bit layer, above PACK_ABOVE values
+    sparse = np.where(rng.random((1100, 1000)) < 0.1, rng.standard_normal((1100, 1000)), 0).astype(np.float32)
+    for array in (big, sparse):
+        encoded = roundtrip(array)
+        assert encoded[1] & weights.PACKED
+        rows, width = weights.matrix_shape(array.shape)
+        context = weights._encode_as(array.ravel().view(np.uint32), rows, width,
+                                     *weights._symbols(array.ravel().view(np.uint32), width)[0])[1]
+        assert len(encoded) <= (1 + weights.PACKED_MARGIN) * len(context) + 64
+    # structured maps (whole input columns kept or dropped): the context coder is far smaller and stays
+    columns = rng.random(1000) < 0.1
+    structured = np.where(columns & (rng.random((1100, 1000)) < 0.9), 0.5, 0).astype(np.float32)
+    assert not roundtrip(structured)[1] & weights.PACKED
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 100])
+def test_truncated_or_padded_packed_tensor_is_an_error(cut):
+    w = quantized(np.random.default_rng(0), (40, 50), 4, 0.3)
+    data = packed_roundtrip(w)
+    with pytest.raises(NetshrinkError):
+        weights.decode(data[:-cut], (40, 50))
+    with pytest.raises(NetshrinkError):
+        weights.decode(data + b"\0", (40, 50))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 255))
+def test_corrupt_packed_bytes_are_an_error_or_the_right_shape(position, value):
+    """A changed byte (the file's checksum catches it first; this is what lies behind): either one
+    NetshrinkError or an array of the promised shape, never another exception."""
+    data = bytearray(packed_roundtrip(quantized(np.random.default_rng(1), (60, 70), 3, 0.05)))
+    data[position % len(data)] = value
+    try:
+        out = weights.decode(bytes(data), (60, 70))
+    except NetshrinkError:
+        return
+    assert out.shape == (60, 70) and out.dtype == np.float32

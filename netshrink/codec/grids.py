@@ -9,14 +9,23 @@ MAX_GRID_CODE = 1 << 15
 
 
 def distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
-    """The sorted distinct values, or None when there are more than ``limit``. A strided sample is
-    counted first: when it alone exceeds the limit, so does the whole (dense float weights are
-    rejected without sorting millions of values)."""
-    if bits.size > 8 * limit:
-        sample = bits[:: bits.size // (4 * limit)]
-        if len(np.unique(sample)) > limit:
+    """The sorted distinct values (bit patterns), or None when there are more than ``limit``.
+
+    Zeros (pruned weights) are set aside first, so a sparse tensor sorts only its kept values.
+    Then a strided sample of the rest is counted: n values drawn from at most ``limit`` distinct
+    ones show on average at most limit * (1 - e^(-n / limit)) distinct values (equally likely
+    values; any other mix shows fewer), so a sample with clearly more (10% and 10 values of
+    margin) rejects dense float weights without sorting millions of values. A rejection only
+    means the values are coded as floats instead of codebook indices: exact either way."""
+    nonzero = bits[bits != 0]
+    if nonzero.size > 8 * limit:
+        sample = nonzero[:: nonzero.size // (4 * limit)]
+        seen = len(np.unique(sample))
+        if seen > min(limit, 1.1 * limit * -np.expm1(-sample.size / limit) + 10):
             return None
-    distinct = np.unique(bits)
+    distinct = np.unique(nonzero)
+    if nonzero.size < bits.size:
+        distinct = np.concatenate([np.zeros(1, dtype=bits.dtype), distinct])
     return distinct if len(distinct) <= limit else None
 
 
@@ -79,29 +88,53 @@ def grid(bits: np.ndarray, rows: np.ndarray | int) -> tuple[np.ndarray, np.ndarr
 def _dense_grid(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`grid` for a dense [rows, length] matrix of bit patterns: the same candidates and the
     same bit-exact test, with reductions along an axis instead of over row-number arrays."""
+    found = _dense_grid_rows(bits)
+    return None if found is None else (found[0], found[1].ravel())
+
+
+def _dense_grid_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(scales, int32 codes [rows, length], the candidate each row took)."""
     values = bits.view(np.float32)
     if not np.isfinite(values).all():
         return None
-    if len(bits) > _SAMPLE_ROWS and _dense_grid(bits[:_SAMPLE_ROWS]) is None:
-        return None  # a grid holds on every row: a few rows reject most tensors cheaply
     magnitude = np.abs(values)
-    largest = magnitude.max(axis=1)
-    smallest = np.where(values != 0, magnitude, np.inf).min(axis=1)
+    references = {True: magnitude.max(axis=1)}
+    candidates = [(True, k) for k in _FROM_MAX] + [(False, k) for k in _FROM_MIN]
+    order = list(range(len(candidates)))
+    if len(bits) > _SAMPLE_ROWS:
+        # A grid holds on every row: a few rows reject most tensors cheaply, and tell which
+        # candidates to try first (one pass over the tensor instead of one per candidate).
+        sample = _dense_grid_rows(bits[:_SAMPLE_ROWS])
+        if sample is None:
+            return None
+        counts = np.bincount(sample[2])
+        order = [*dict.fromkeys([*(int(i) for i in counts.argsort()[::-1] if counts[i]), *order])]
     scales = np.ones(len(bits), dtype=np.float32)
+    taken = np.zeros(len(bits), dtype=np.int64)
+    codes = None
     unresolved = np.arange(len(bits))
-    for reference, k in [(largest, k) for k in _FROM_MAX] + [(smallest, k) for k in _FROM_MIN]:
-        trial = (reference.astype(np.float64) / k).astype(np.float32)
+    for index in order:
+        use_largest, k = candidates[index]
+        if use_largest not in references:
+            references[False] = np.where(values != 0, magnitude, np.inf).min(axis=1)
+        trial = (references[use_largest].astype(np.float64) / k).astype(np.float32)
         trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
         whole = len(unresolved) == len(bits)
         v, b, t = (values, bits, trial) if whole else (values[unresolved], bits[unresolved], trial[unresolved])
         with np.errstate(over="ignore", invalid="ignore"):
-            codes = np.rint(v / t[:, None])
-            product = codes.astype(np.float32) * t[:, None]
-        exact = ((np.abs(codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b) & ((codes != 0) | (b == 0))).all(axis=1)
-        scales[unresolved[exact]] = t[exact]
+            trial_codes = np.rint(v / t[:, None])
+            product = trial_codes * t[:, None]
+        exact = ((np.abs(trial_codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b)
+                 & ((trial_codes != 0) | (b == 0))).all(axis=1)
+        if whole and exact.all():
+            return np.ascontiguousarray(trial), trial_codes.astype(np.int32), np.full(len(bits), index)
+        if codes is None:
+            codes = np.zeros(bits.shape, dtype=np.int32)
+        done = unresolved[exact]
+        scales[done], taken[done], codes[done] = t[exact], index, trial_codes[exact]
         unresolved = unresolved[~exact]
         if unresolved.size == 0:
-            return scales, np.rint(values / scales[:, None]).astype(np.int64).ravel()
+            return scales, codes, taken
     return None
 
 

@@ -1,4 +1,4 @@
-"""How one float32 tensor is stored (file format 3). Exact: decode(encode(x)) is x bit for bit.
+"""How one float32 tensor is stored (file formats 3 and 4). Exact: decode(encode(x)) is x bit for bit.
 
 A tensor is seen as a matrix (rows: output channels, the first dimension) and its values as
 integer symbols of one of three kinds:
@@ -18,6 +18,11 @@ large) and, with a map, whether the next line is non-zero there (the map is deco
 Lines run along rows or along columns, whichever the encoder estimates is smaller (for a
 fully-connected layer on images, columns are input pixels: neighbours).
 
+Large tensors (format 4) are **packed** instead (``codec.packed``: symbols several to a byte,
+zstd's Huffman coding over them; the map as a bitmap or as gaps) unless the context coder is
+more than ``PACKED_MARGIN`` smaller on a sample: it decodes about ten times faster, and large
+layers rarely have the neighbour structure contexts exploit.
+
 Layout::
 
     u8 kind                                   0 constant, 1 float, 2 grid, 3 codebook, 4 raw
@@ -25,13 +30,16 @@ Layout::
     raw: u32 per value                        (when coding would not be smaller)
     otherwise:
     u8 flags                                  bit 0: lines along columns; bit 1: significance map;
-                                              bit 2: value contexts
+                                              bit 2: value contexts; bit 3: packed
     varint rows (or columns) per line | varint alphabet
     float: u8 lowest exponent present
     grid: varint row count, codebook: varint entry count; then u8 lowest exponent, varint alphabet
                                               of those floats (coded first, like ``float``)
-    varint words | words: the range coder's output (u32, little-endian)
-    mantissas: 3 bytes per coded float (scales or entries first, then values), little-endian
+    varint words | words: the range coder's output (u32, little-endian); packed: of the scales or
+                                              entries only
+    mantissas of the scales or codebook entries: 3 bytes each, little-endian
+    packed: the map (when flagged), then the value symbols (``codec.packed`` streams)
+    float: mantissas of the coded values, 3 bytes each
 """
 from __future__ import annotations
 
@@ -42,14 +50,19 @@ import numpy as np
 
 from ..errors import NetshrinkError
 from .grids import distinct_within, grid
+from .packed import read_map, read_symbols, write_map, write_symbols
 from .lines import MAX_ALPHABET, Models, decode_lines, encode_lines, range_decoder, range_encoder
 from .streams import Reader, write_varint
 
 CONSTANT, FLOAT, GRID, CODEBOOK, RAW = 0, 1, 2, 3, 4
 NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook", RAW: "raw"}
-COLUMNS, MAP, VALUE_CONTEXT = 1, 2, 4
+COLUMNS, MAP, VALUE_CONTEXT, PACKED = 1, 2, 4, 8
 VALUE_CLASSES = 5  # see _sign_table
 SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
+# Tensors above PACK_ABOVE values (4 MiB of float32) are packed (codec.packed: about ten times
+# faster to decode) unless the context coder saves more than PACKED_MARGIN on a sample of SAMPLE
+# values. Smaller tensors take the context coder, a few tens of milliseconds at most.
+PACK_ABOVE, PACKED_MARGIN, SAMPLE = 1 << 20, 0.03, 1 << 17
 EXPONENTS = 512  # float symbols: (8 exponent bits - the lowest present) * 2 + sign
 # Lines per tensor: each costs a few calls in Python. With contexts, lines are what neighbours
 # are, so small tensors keep every row or column; without contexts lines only pace adaptation.
@@ -75,7 +88,8 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
     rows, width = matrix_shape(array.shape)
-    candidates = [_encode_as(bits, rows, width, *found) for found in _symbols(bits, width)]
+    candidates = [_encode_as(bits, rows, width, *found, packed=bits.size > PACK_ABOVE and _packing_pays(bits, rows, width, *found))
+                  for found in _symbols(bits, width)]
     position_bits, data = min(candidates, key=lambda candidate: len(candidate[1]))
     if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
         position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
@@ -85,41 +99,87 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
 
 
 def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.ndarray, side: np.ndarray | None,
-               low: int) -> tuple[int, bytes]:
-    """(bits spent on the map, encoded bytes) with the values as ``symbols`` of ``kind``."""
+               low: int, packed: bool = False) -> tuple[int, bytes]:
+    """(bits spent on the map, encoded bytes) with the values as ``symbols`` of ``kind``; coded
+    line by line with contexts, or ``packed`` (fast, see ``codec.packed``)."""
     nonzero = bits != 0
     use_map = 1 - nonzero.mean() >= MAP_SHARE[kind]
     alphabet = int(symbols.max()) + 1
-    signs = _sign_table(kind, alphabet, side, low)[symbols]
-    if use_map:
-        signs = np.where(nonzero, signs, 0)
-    # Both line directions are estimated on the top-left corner (at most 512 x 512): enough to
-    # see the structure, and cheap for large tensors.
-    corner = (slice(0, 512), slice(0, 512))
-    columns, value_context = _choose_lines(
-        nonzero.reshape(rows, width)[corner] if use_map else None, signs.reshape(rows, width)[corner])
-    flags = (COLUMNS if columns else 0) | (MAP if use_map else 0) | (VALUE_CONTEXT if value_context else 0)
+    columns = value_context = False
+    if not packed:
+        signs = _sign_table(kind, alphabet, side, low)[symbols]
+        if use_map:
+            signs = np.where(nonzero, signs, 0)
+        # Both line directions are estimated on the top-left corner (at most 512 x 512): enough to
+        # see the structure, and cheap for large tensors.
+        corner = (slice(0, 512), slice(0, 512))
+        columns, value_context = _choose_lines(
+            nonzero.reshape(rows, width)[corner] if use_map else None, signs.reshape(rows, width)[corner])
+    flags = (COLUMNS if columns else 0) | (MAP if use_map else 0) | (VALUE_CONTEXT if value_context else 0) \
+        | (PACKED if packed else 0)
     out = io.BytesIO()
     out.write(bytes([kind, flags]))
     layout = Layout(rows, width, flags)
     write_varint(out, layout.group)
     write_varint(out, alphabet)
+    coder = range_encoder()
+    side_mantissas = b""
     if kind == FLOAT:
         out.write(bytes([low]))
-    else:
+    else:  # scales or codebook entries: their exponents coded first, their mantissas stored after
         side_low, side_symbols = float_symbols(side)
         write_varint(out, len(side))
         out.write(bytes([side_low]))
         write_varint(out, int(side_symbols.max()) + 1)
-
-    coder = range_encoder()
-    mantissas = []
-    if kind != FLOAT:  # scales or codebook entries: their exponents, then (below) their mantissas
         encode_lines(coder, side_symbols, np.array([0, len(side)]), Models(int(side_symbols.max()) + 1, 1))
-        mantissas.append(side)
+        side_mantissas = _mantissa_bytes(side)
+    if packed:
+        _write_words(out, coder)
+        out.write(side_mantissas)
+        start = out.tell()
+        positions = None
+        if use_map:
+            write_map(out, nonzero)
+            positions = np.flatnonzero(nonzero)
+        position_bits = 8 * (out.tell() - start)
+        write_symbols(out, symbols if positions is None else symbols[positions], alphabet)
+        value_bits = bits if positions is None else bits[positions]
+    else:
+        position_bits, positions = _code_lines(coder, layout, nonzero if use_map else None, symbols, signs,
+                                               value_context, alphabet)
+        _write_words(out, coder)
+        out.write(side_mantissas)
+        value_bits = layout.orient(bits)
+        value_bits = value_bits if positions is None else value_bits[positions]
+    if kind == FLOAT:
+        out.write(_mantissa_bytes(value_bits))
+    return position_bits, out.getvalue()
+
+
+def _packing_pays(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.ndarray, side: np.ndarray | None,
+                  low: int) -> bool:
+    """Whether the packed coding of a large tensor is at most ``PACKED_MARGIN`` larger than the
+    context coder's, judged by coding both ways a band of rows from the middle (at most
+    ``SAMPLE`` values, 1024 columns): the context coder pays only where neighbours are alike."""
+    columns = min(width, 1024)
+    band = min(rows, max(64, SAMPLE // columns))
+    start = (rows - band) // 2
+    window = (slice(start, start + band), slice(0, columns))
+    sample_bits = np.ascontiguousarray(bits.reshape(rows, width)[window]).ravel()
+    if (sample_bits == sample_bits[0]).all():
+        return True
+    sample = (sample_bits, band, columns, kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
+              side[start:start + band] if kind == GRID else side, low)
+    return len(_encode_as(*sample, packed=True)[1]) <= (1 + PACKED_MARGIN) * len(_encode_as(*sample)[1])
+
+
+def _code_lines(coder, layout: Layout, nonzero: np.ndarray | None, symbols: np.ndarray, signs: np.ndarray,
+                value_context: bool, alphabet: int) -> tuple[int, np.ndarray | None]:
+    """Range-code the map (when given) and the value symbols line by line, with contexts; returns
+    (bits spent on the map, positions of the coded values in line order or None: all of them)."""
     side_bits = coder.num_bits()
     bounds, m = layout.bounds(), layout.line_length
-    if use_map:
+    if nonzero is not None:
         oriented_nonzero = layout.orient(nonzero).astype(np.int64)
         encode_lines(coder, oriented_nonzero, bounds, Models(2, 4), _map_context(oriented_nonzero, m))
         positions = np.flatnonzero(oriented_nonzero)
@@ -135,20 +195,27 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
         contexts = previous if positions is None else previous[positions]
         if positions is not None:  # with a map: is the next line non-zero here (the map is decoded first)
             contexts = contexts * 2 + _back(oriented_nonzero, -m)[positions]
-    encode_lines(coder, coded, value_bounds, Models(alphabet, (VALUE_CLASSES * (2 if use_map else 1)) if value_context else 1), contexts)
-    if kind == FLOAT:
-        oriented_bits = layout.orient(bits)
-        mantissas.append(oriented_bits if positions is None else oriented_bits[positions])
+    encode_lines(coder, coded, value_bounds, Models(alphabet, (VALUE_CLASSES * (2 if nonzero is not None else 1))
+                                                    if value_context else 1), contexts)
+    return position_bits, positions
+
+
+def _write_words(out: io.BytesIO, coder) -> None:
     words = coder.get_compressed()
     write_varint(out, len(words))
     out.write(words.astype("<u4").tobytes())
-    for part in mantissas:
-        out.write(_mantissa_bytes(part))
-    return position_bits, out.getvalue()
 
 
 def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode a float32 array of ``shape`` from bytes written by :func:`encode`."""
+    """Decode a float32 array of ``shape`` from bytes written by :func:`encode`; corrupt bytes
+    raise one NetshrinkError (``constriction`` reports invalid data as an AssertionError)."""
+    try:
+        return _decode(data, shape)
+    except (ValueError, IndexError, OverflowError, AssertionError) as exc:
+        raise NetshrinkError(f"encoded tensor is corrupt ({type(exc).__name__})") from None
+
+
+def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     shape = tuple(int(d) for d in shape)
     size = math.prod(shape)
     reader = Reader(data)
@@ -183,31 +250,13 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         side = floats(decode_lines(coder, np.array([0, side_count]), Models(side_alphabet, 1)), side_low, reader)
         if kind == GRID and side_count != rows:
             raise NetshrinkError("encoded tensor is corrupt (grid scales)")
-    bounds = layout.bounds()
-    if flags & MAP:
-        nonzero = np.zeros(size, dtype=bool)
-
-        def record_map(i, line):
-            nonzero[bounds[i]:bounds[i + 1]] = line
-
-        decode_lines(coder, bounds, Models(2, 4), _map_contexts(nonzero, bounds), record_map)
-        positions = np.flatnonzero(nonzero)
-        value_bounds = np.searchsorted(positions, bounds)
+    if flags & PACKED:
+        if flags & (COLUMNS | VALUE_CONTEXT):
+            raise NetshrinkError("encoded tensor is corrupt (flags)")
+        positions = read_map(reader, size) if flags & MAP else None
+        coded = read_symbols(reader, size if positions is None else positions.size, alphabet)
     else:
-        positions, value_bounds = None, bounds
-    signs = np.zeros(size, dtype=np.int8)
-    sign_of = _sign_table(kind, alphabet, side, low)
-
-    def record_signs(i, line):
-        where = slice(bounds[i], bounds[i + 1]) if positions is None else positions[value_bounds[i]:value_bounds[i + 1]]
-        signs[where] = sign_of[line]
-
-    if flags & VALUE_CONTEXT:
-        coded = decode_lines(coder, value_bounds, Models(alphabet, VALUE_CLASSES * (2 if flags & MAP else 1)),
-                             _value_contexts(signs, positions, value_bounds, layout.line_length,
-                                             nonzero if flags & MAP else None), record_signs)
-    else:
-        coded = decode_lines(coder, value_bounds, Models(alphabet, 1))
+        positions, coded = _decode_lines(coder, layout, flags, _sign_table(kind, alphabet, side, low), alphabet)
     if kind == FLOAT:
         values = floats(coded, low, reader)
     elif kind == CODEBOOK:
@@ -225,6 +274,35 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     if kind == GRID:
         out = out.reshape(rows, width) * side.view(np.float32)[:, None]
     return out.reshape(shape)
+
+
+def _decode_lines(coder, layout: Layout, flags: int, sign_of: np.ndarray, alphabet: int) \
+        -> tuple[np.ndarray | None, np.ndarray]:
+    """Inverse of :func:`_code_lines`: (positions of the coded values in line order or None, their symbols)."""
+    size, bounds = layout.size, layout.bounds()
+    nonzero = None
+    if flags & MAP:
+        nonzero = np.zeros(size, dtype=bool)
+
+        def record_map(i, line):
+            nonzero[bounds[i]:bounds[i + 1]] = line
+
+        decode_lines(coder, bounds, Models(2, 4), _map_contexts(nonzero, bounds), record_map)
+        positions = np.flatnonzero(nonzero)
+        value_bounds = np.searchsorted(positions, bounds)
+    else:
+        positions, value_bounds = None, bounds
+    if not flags & VALUE_CONTEXT:
+        return positions, decode_lines(coder, value_bounds, Models(alphabet, 1))
+    signs = np.zeros(size, dtype=np.int8)
+
+    def record_signs(i, line):
+        where = slice(bounds[i], bounds[i + 1]) if positions is None else positions[value_bounds[i]:value_bounds[i + 1]]
+        signs[where] = sign_of[line]
+
+    return positions, decode_lines(coder, value_bounds, Models(alphabet, VALUE_CLASSES * (2 if nonzero is not None else 1)),
+                                   _value_contexts(signs, positions, value_bounds, layout.line_length, nonzero),
+                                   record_signs)
 
 
 def encoding_name(data: bytes) -> str:
@@ -269,13 +347,13 @@ def _symbols(bits: np.ndarray, width: int) -> list[tuple]:
     found = grid(bits, width)
     if found is not None:
         scales, codes = found
-        zigzag = np.where(codes >= 0, 2 * codes, -2 * codes - 1)
+        zigzag = (codes << 1) ^ (codes >> 31)  # 0, -1, 1, -2, 2, ... as 0, 1, 2, 3, 4, ...
         if zigzag.max() < MAX_ALPHABET:
             return [(GRID, zigzag, scales.view(np.uint32), 0)]
     options = []
     distinct = distinct_within(bits, min(MAX_ALPHABET, bits.size // 2)) if bits.size >= 4 else None
     if distinct is not None:
-        options.append((CODEBOOK, np.searchsorted(distinct, bits).astype(np.int64), distinct, 0))
+        options.append((CODEBOOK, np.searchsorted(distinct, bits).astype(np.int32), distinct, 0))
     if not options or bits.size <= SMALL:
         low, symbols = float_symbols(bits)
         options.append((FLOAT, symbols, None, low))
@@ -389,9 +467,9 @@ def _entropy(joint: np.ndarray, alphabet: int, contexts: int) -> float:
 
 def float_symbols(bits: np.ndarray) -> tuple[int, np.ndarray]:
     """(lowest exponent byte, one symbol per float: (exponent - lowest) * 2 + sign)."""
-    exponents = ((bits >> 23) & 0xFF).astype(np.int64)
+    exponents = ((bits >> 23) & 0xFF).astype(np.int32)
     low = int(exponents.min())
-    return low, (exponents - low) * 2 + (bits >> 31).astype(np.int64)
+    return low, (exponents - low) * 2 + (bits >> 31).astype(np.int32)
 
 
 def _mantissa_bytes(bits: np.ndarray) -> bytes:
