@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 from torch import nn
 
 from .codec import format2 as format2_codec
@@ -80,7 +79,7 @@ def stored_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     arrays = {}
     for name, tensor in baked_state_dict(model).items():
         array = tensor.detach().cpu().numpy()
-        if array.dtype == np.float32:
+        if array.dtype == np.float32 and (array.view(np.uint32) == 0x80000000).any():  # copied only then
             array = np.where(array == 0, np.float32(0), array).astype(np.float32)
         arrays[name] = array
     return arrays
@@ -167,10 +166,10 @@ def _file_digest(data: bytes, at: int, length: int) -> str:
     return h.hexdigest()
 
 
-def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
+def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytearray:
     """Serialise ``model`` (its transforms baked into a copy; the model itself is not changed).
 
-    Format 3: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
+    Format 4: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
 
         32 bytes  SHA-256 of the whole file, computed with these 32 bytes zeroed
         varint    manifest length | the manifest: JSON, raw-deflate compressed
@@ -214,18 +213,27 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     return assemble(json.dumps(manifest, separators=(",", ":")), payloads)
 
 
-def assemble(manifest: str, payloads: list[bytes]) -> bytes:
-    """A format-3 file from its manifest text and tensor payloads, checksum set."""
+def assemble(manifest: str, payloads: list[bytes]) -> bytearray:
+    """A format-4 file from its manifest text and tensor payloads, checksum set. Written into one
+    buffer (safetensors' writer would copy the blob three more times): the safetensors header is
+    the one its writer produces for a single uint8 tensor (a test compares them); the payload
+    list is emptied as it is copied, so its bytes are not held twice."""
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=MANIFEST_WORDS)
     packed = packer.compress(manifest.encode()) + packer.flush()
     head = io.BytesIO()
     head.write(bytes(DIGEST_BYTES))
     write_varint(head, len(packed))
-    blob = np.frombuffer(b"".join([head.getvalue(), packed, *payloads]), dtype=np.uint8)
-    data = bytearray(st_save({BLOB: blob}, metadata={KEY: str(VERSION)}))
+    head.write(packed)
+    size = head.tell() + sum(len(payload) for payload in payloads)
+    header = json.dumps({"__metadata__": {KEY: str(VERSION)}, BLOB: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+    data = bytearray(len(header).to_bytes(8, "little") + header + head.getvalue())
+    while payloads:
+        data += payloads.pop(0)
     at = _blob_offset(data)
     data[at:at + DIGEST_BYTES] = blob_digest(data)
-    return bytes(data)
+    return data
 
 
 def _blob_offset(data: bytes | bytearray) -> int:
