@@ -468,7 +468,7 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
         if "enc" in entry:
             try:
                 coder = codec if entry["enc"] == "weights" else format2_codec
-                array = coder.decode(array.tobytes(), shape)
+                array = coder.decode(memoryview(array), shape)
             except NetshrinkError as exc:
                 raise NetshrinkError(f"{source}: tensor {name!r}: {exc}") from None
             except (ValueError, IndexError, OverflowError, MemoryError, AssertionError) as exc:
@@ -476,7 +476,7 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
                 raise _corrupt(source, f"tensor {name!r} does not decode: {type(exc).__name__}") from None
         if tuple(array.shape) != shape or ("sha" in entry and _digest(array) != entry["sha"]):
             raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
-        state[name] = torch.from_numpy(np.array(array))
+        state[name] = torch.from_numpy(array if array.flags.writeable else np.array(array))  # raw: read-only bytes
     for name, entry in manifest["tensors"].items():
         if "same_as" in entry:
             state[name] = state[entry["same_as"]]
