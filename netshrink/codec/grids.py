@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 MAX_GRID_CODE = 1 << 15
+_NEGATIVE_ZERO = np.uint32(0x80000000)
 
 
 def distinct_within(bits: np.ndarray, limit: int) -> np.ndarray | None:
@@ -94,11 +95,6 @@ def _dense_grid(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _dense_grid_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(scales, int32 codes [rows, length], the candidate each row took)."""
-    values = bits.view(np.float32)
-    if not np.isfinite(values).all():
-        return None
-    magnitude = np.abs(values)
-    references = {True: magnitude.max(axis=1)}
     candidates = [(True, k) for k in _FROM_MAX] + [(False, k) for k in _FROM_MIN]
     order = list(range(len(candidates)))
     if len(bits) > _SAMPLE_ROWS:
@@ -109,6 +105,12 @@ def _dense_grid_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
             return None
         counts = np.bincount(sample[2])
         order = [*dict.fromkeys([*(int(i) for i in counts.argsort()[::-1] if counts[i]), *order])]
+    values = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        references = {True: np.maximum(values.max(axis=1), -values.min(axis=1))}  # |largest|, no |values| copy
+    # -0.0 passes the bit test below (-0.0 * s is -0.0) but integer code 0 gives +0.0: off every grid.
+    if (bits == _NEGATIVE_ZERO).any():
+        return None
     scales = np.ones(len(bits), dtype=np.float32)
     taken = np.zeros(len(bits), dtype=np.int64)
     codes = None
@@ -116,16 +118,21 @@ def _dense_grid_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for index in order:
         use_largest, k = candidates[index]
         if use_largest not in references:
-            references[False] = np.where(values != 0, magnitude, np.inf).min(axis=1)
+            references[False] = np.where(values != 0, np.abs(values), np.inf).min(axis=1)
         trial = (references[use_largest].astype(np.float64) / k).astype(np.float32)
         trial[~(trial > 0) | ~np.isfinite(trial)] = 1.0
         whole = len(unresolved) == len(bits)
         v, b, t = (values, bits, trial) if whole else (values[unresolved], bits[unresolved], trial[unresolved])
-        with np.errstate(over="ignore", invalid="ignore"):
-            trial_codes = np.rint(v / t[:, None])
-            product = trial_codes * t[:, None]
-        exact = ((np.abs(trial_codes) <= MAX_GRID_CODE) & (product.view(np.uint32) == b)
-                 & ((trial_codes != 0) | (b == 0))).all(axis=1)
+        # Few passes over the tensor (it may be hundreds of MB): codes rounded in place, the
+        # bound checked on per-row extremes (NaN and infinities fail it: NaN compares false), the
+        # values compared as bit patterns (-0.0 == 0.0 as floats).
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            trial_codes = np.divide(v, t[:, None])
+            np.rint(trial_codes, out=trial_codes)
+            bounded = (trial_codes.max(axis=1) <= MAX_GRID_CODE) & (trial_codes.min(axis=1) >= -MAX_GRID_CODE)
+            product = np.multiply(trial_codes, t[:, None])
+        exact = bounded & (product.view(np.uint32) == b).all(axis=1)
+        del product
         if whole and exact.all():
             return np.ascontiguousarray(trial), trial_codes.astype(np.int32), np.full(len(bits), index)
         if codes is None:

@@ -78,19 +78,19 @@ def write_symbols(out: io.BytesIO, symbols: np.ndarray, alphabet: int) -> None:
 
 
 def read_symbols(reader: Reader, size: int, alphabet: int) -> np.ndarray:
-    """Inverse of :func:`write_symbols`: ``size`` symbols, int32."""
+    """Inverse of :func:`write_symbols`: ``size`` symbols (uint8 below 257 symbols, else int32)."""
     if alphabet > 256:
-        low = read_symbols(reader, size, 256)
-        return low | read_symbols(reader, size, -(-alphabet // 256)) << 8
+        low = read_symbols(reader, size, 256).astype(np.int32)
+        return low | read_symbols(reader, size, -(-alphabet // 256)).astype(np.int32) << 8
     count, base = per_byte(alphabet), max(alphabet, 2)
     packed = _read_frame(reader, -(-size // count))
     if count == 1:
-        symbols = packed.astype(np.int32)
+        symbols = packed
     else:
         if packed.size and int(packed.max()) >= base ** count:
             raise NetshrinkError("encoded tensor is corrupt (packed symbol out of range)")
         digits = (np.arange(256)[:, None] // base ** np.arange(count)) % base  # each byte's symbols
-        symbols = digits.astype(np.int32)[packed].ravel()[:size]
+        symbols = digits.astype(np.uint8)[packed].ravel()[:size]
     if symbols.size and int(symbols.max()) >= alphabet:
         raise NetshrinkError("encoded tensor is corrupt (symbol outside its alphabet)")
     return symbols

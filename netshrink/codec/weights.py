@@ -263,16 +263,16 @@ def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         values = side[coded]
     else:  # grid codes as floats, one table look-up (zigzag: 0, -1, 1, -2, 2, ...)
         table = np.arange(alphabet)
-        values = np.where(table % 2 == 0, table // 2, -(table + 1) // 2).astype(np.float32).view(np.uint32)[coded]
+        values = np.where(table % 2 == 0, table // 2, -(table + 1) // 2).astype(np.float32)[coded]
     _finish(reader)
     if positions is None:
         oriented = values
     else:
-        oriented = np.zeros(size, dtype=np.uint32)
+        oriented = np.zeros(size, dtype=values.dtype)
         oriented[positions] = values
-    out = layout.restore(oriented).view(np.float32)
+    out = layout.restore(oriented).view(np.float32).reshape(rows, width)
     if kind == GRID:
-        out = out.reshape(rows, width) * side.view(np.float32)[:, None]
+        out *= side.view(np.float32)[:, None]  # a fresh array: scaled in place
     return out.reshape(shape)
 
 
