@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
 from .methods.grid import expand, last_fixed_grid
-from .methods.base import (COMPRESSIBLE, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
+from .methods.base import (COMPRESSIBLE, baked_items, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
 
@@ -68,13 +69,6 @@ MANIFEST_WORDS = (b'"transforms":{"kind":"fixed-grid","bits":4,"scheme":"symmetr
 STATE_KEY = ".parametrizations.weight."  # transform tensors: <layer>.parametrizations.weight.<i>.<name>
 
 
-def _fingerprint(array: np.ndarray) -> bytes:
-    """A few values spread over the array: equal for identical arrays, different for almost any two
-    others (which are then compared in full). Hashing every array cost a pass over the model."""
-    flat = array.reshape(-1)
-    return flat[:: max(1, flat.size // 64)][:64].tobytes()
-
-
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
@@ -83,13 +77,16 @@ def stored_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The arrays a file stores for ``model``: its baked state, with -0.0 as +0.0 (they compare
     equal and compute identically, but the sign bit would make the codec store it as a non-zero;
     masks written as w * mask leave many of them)."""
-    arrays = {}
-    for name, tensor in baked_state_dict(model).items():
+    return dict(stored_items(model))
+
+
+def stored_items(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """:func:`stored_arrays` one at a time (each computed when its turn comes)."""
+    for name, tensor in baked_items(model):
         array = tensor.detach().cpu().numpy()
         if array.dtype == np.float32 and (array.view(np.uint32) == 0x80000000).any():  # copied only then
             array = np.where(array == 0, np.float32(0), array).astype(np.float32)
-        arrays[name] = array
-    return arrays
+        yield name, array
 
 
 def transform_records(model: nn.Module) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
@@ -107,23 +104,25 @@ def transform_records(model: nn.Module) -> tuple[dict[str, list[dict]], dict[str
     return records, arrays
 
 
-def grid_codes(model: nn.Module, arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
+def fixed_grids(model: nn.Module) -> dict[str, tuple[int, Any]]:
     """Weights whose last transform is a fixed grid are stored as their integer codes (as float32,
     which the codec packs into a few bits each), not their values: a grouped grid has a different
     scale per group, so its values are many more distinct numbers than its codes. Returns
-    ``{weight key: (position of the grid in the record list, codes)}``; the values are
-    ``codes * scale`` again on load, bit for bit (the grid's own last two steps). ``arrays`` are
-    the stored (baked) arrays, so no weight is computed a second time."""
+    ``{weight key: (position of the grid in the record list, the grid)}``; see :func:`grid_codes`."""
     found = {}
     for name, layer in model.named_modules():
         grid = last_fixed_grid(layer)
         if grid is not None:
-            key = f"{name}.weight" if name else "weight"
-            weight = torch.from_numpy(arrays[key])
-            codes = torch.round(weight / expand(grid.scale, weight, grid.group_size))
             recorded = [t for t in transforms(layer) if type(t) in TRANSFORMS.values()]
-            found[key] = (len(recorded) - 1, codes.numpy().astype(np.float32) + 0.0)
+            found[f"{name}.weight" if name else "weight"] = (len(recorded) - 1, grid)
     return found
+
+
+def grid_codes(array: np.ndarray, grid) -> np.ndarray:
+    """The integer codes (float32) of a baked weight on its fixed grid; the values are ``codes *
+    scale`` again on load, bit for bit (the grid's own last two steps)."""
+    weight = torch.from_numpy(array)
+    return torch.round(weight / expand(grid.scale, weight, grid.group_size)).numpy().astype(np.float32) + 0.0
 
 
 def _values_from_codes(manifest: dict, state: dict[str, torch.Tensor],
@@ -190,30 +189,31 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     quantizers = {name: m.input_quantizer.bits for name, m in model.named_modules()
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
     records, transform_arrays = transform_records(model)
-    arrays = stored_arrays(model)
-    codes = grid_codes(model, arrays)
-    for name, (position, array) in codes.items():
-        arrays[name] = array
+    grids = fixed_grids(model)
     table, payloads = [], []
-    seen: dict[tuple, tuple[str, np.ndarray]] = {}  # tied tensors: same fingerprint, then compared
-    for name, array in {**arrays, **transform_arrays}.items():
+    # One array at a time (baked, coded, let go): saving holds the model, the payloads and one
+    # array's work. Identical arrays have identical payloads (coding is exact), so tied weights (an
+    # embedding shared with an output layer) and identical tensors are found by payload and stored
+    # once; the manifest points the others at that copy.
+    seen: dict[tuple, str] = {}
+    for name, array in itertools.chain(stored_items(model), transform_arrays.items()):
         extras: dict[str, Any] = {}
-        if name in codes:
-            extras["grid"] = codes[name][0]
-        key = (_fingerprint(array), array.dtype.str, array.shape)
-        if key in seen and np.array_equal(seen[key][1], array):
-            # Tied weights (an embedding shared with an output layer) and identical tensors are
-            # stored once; the manifest points the others at that copy.
-            table.append([name, list(array.shape), 0, {**extras, "same_as": seen[key][0]}])
-            continue
-        seen.setdefault(key, (name, array))
+        if name in grids:
+            extras["grid"], grid = grids[name]
+            array = grid_codes(array, grid)
         if array.dtype == np.float32:
             payload = codec.encode(array)
         else:
             extras["dtype"] = array.dtype.newbyteorder("<").str
             payload = np.ascontiguousarray(array, dtype=extras["dtype"]).tobytes()
+        key = (payload, array.dtype.str, array.shape)
+        if key in seen:
+            table.append([name, list(array.shape), 0, {**extras, "same_as": seen[key]}])
+            continue
+        seen[key] = name
         table.append([name, list(array.shape), len(payload)] + ([extras] if extras else []))
         payloads.append(payload)
+    del seen
     manifest = {"model": spec_of(model), "tensors": table}
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
                                                    ("transforms", records), ("info", info)) if value})
@@ -543,7 +543,7 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
     _check_fits(model, state, quantized, source)
     if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
         model = model_from_spec(manifest["model"])
-    with preserved(model, values=not rebuilt):
+    with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
         remove_transforms(model, keep_values=False)
         detach_all(model)
         modules = dict(model.named_modules())
@@ -551,12 +551,39 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
             smooth = state.get(f"{layer}.input_quantizer.smooth")
             attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
         _fit_shapes(model, state)
-        model.load_state_dict(state, strict=True)
+        _assign(model, state)
         if restore and manifest.get("transforms"):
             restore_transforms(model, manifest["transforms"], transform_state)
     model.eval()
     model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make the decoded tensors the model's own instead of copying them in: loading holds the
+    model once, a model built on the meta device is filled without allocating its weights first,
+    and the tensors the model had are released, never written. Each tensor takes the dtype and
+    device the model has for it; weights the model ties (one Parameter in several places) stay
+    tied; tensors the file stored once but the model keeps apart get their own copy."""
+    current = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    tied = {key: first.setdefault(id(tensor), key) for key, tensor in current.items()}
+    ready: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()
+    for key, tensor in state.items():
+        if tied[key] != key:
+            continue
+        target = current[key]
+        tensor = tensor.to(dtype=target.dtype) if target.is_meta else tensor.to(device=target.device, dtype=target.dtype)
+        ready[key] = tensor.clone() if id(tensor) in taken else tensor
+        taken.add(id(ready[key]))
+    model.load_state_dict({key: ready[tied[key]] for key in state}, strict=True, assign=True)
+    for key, owner_key in tied.items():
+        if owner_key != key:
+            owner_name, _, attribute = key.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            first_name, _, first_attribute = owner_key.rpartition(".")
+            setattr(owner, attribute, getattr(model.get_submodule(first_name) if first_name else model, first_attribute))
 
 
 def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

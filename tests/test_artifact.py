@@ -1,3 +1,4 @@
+import copy
 import os
 
 import numpy as np
@@ -124,3 +125,61 @@ def test_masked_negative_zeros_are_stored_as_sparse(trained):
     assert codec.encoding_name(codec.encode(arrays["fc1.weight"])).endswith("+map")
     dense_bytes = 4 * sum(a.size for a in arrays.values())
     assert sum(len(codec.encode(a)) for a in arrays.values()) <= len(artifact.to_bytes(trained)) < dense_bytes / 4
+
+
+class Tied(torch.nn.Module):
+    """An embedding tied to the output layer, and two biases equal to each other but not tied."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.hidden = torch.nn.Linear(16, 16)
+        self.other = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 50)
+        self.out.weight = self.embed.weight
+        with torch.no_grad():
+            self.hidden.bias.zero_()
+            self.other.bias.zero_()
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        return self.out(self.hidden(x) + self.other(x))
+
+
+def test_tied_weights_stay_tied_and_equal_tensors_stay_apart(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    netshrink.quantize(model, weight_bits=6)
+    path = tmp_path / "tied.nsk"
+    netshrink.save(model, path)
+    tokens = torch.arange(10)
+    expected = netshrink.bake(copy.deepcopy(model)).eval()(tokens)
+    for _ in range(2):  # twice: nothing from the first load leaks into the second
+        torch.manual_seed(1)
+        loaded = netshrink.load(path, model=Tied(), restore=False)
+        assert torch.equal(loaded(tokens), expected)
+        assert loaded.out.weight is loaded.embed.weight
+        assert loaded.hidden.bias.data_ptr() != loaded.other.bias.data_ptr()
+        with torch.no_grad():
+            loaded.hidden.bias.add_(1.0)
+        assert torch.all(loaded.other.bias == 0)
+
+
+def test_a_model_built_on_the_meta_device_is_filled_from_the_file(tmp_path):
+    """For models too large to hold twice: build the skeleton without memory, load fills it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30), torch.nn.Linear(30, 5))
+    netshrink.prune(model, keep=0.3)
+    netshrink.quantize(model, weight_bits=4)
+    path = tmp_path / "meta.nsk"
+    netshrink.save(model, path)
+    with torch.device("meta"):
+        skeleton = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30), torch.nn.Linear(30, 5))
+    loaded = netshrink.load(path, model=skeleton)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    x = torch.randn(7, 40)
+    assert torch.equal(loaded(x), model.eval()(x))
+    # a float64 model keeps its dtype (the file's float32 values converted, as a copy would)
+    double = netshrink.load(path, model=torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30),
+                                                            torch.nn.Linear(30, 5)).double(), restore=False)
+    assert all(t.dtype == torch.float64 for t in double.state_dict().values())

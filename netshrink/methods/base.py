@@ -387,18 +387,23 @@ def remove_transforms(model: nn.Module, *, keep_values: bool) -> nn.Module:
 
 def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict ``bake(model)`` would have, computed without changing ``model``."""
-    state = {}
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if ".parametrizations." not in f".{key}":
-                state[key] = value
-                continue
-            prefix, rest = f".{key}".split(".parametrizations.", 1)
-            tensor_name, tail = rest.split(".", 1)
-            if tail == "original":
-                owner = model.get_submodule(prefix[1:]) if prefix else model
-                state[f"{prefix[1:]}.{tensor_name}" if prefix else tensor_name] = getattr(owner, tensor_name).detach()
-    return state
+    return dict(baked_items(model))
+
+
+def baked_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`baked_state_dict` one entry at a time: a transformed weight is computed when its turn
+    comes, so a caller that handles each and lets it go holds one at a time."""
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in f".{key}":
+            yield key, value
+            continue
+        prefix, rest = f".{key}".split(".parametrizations.", 1)
+        tensor_name, tail = rest.split(".", 1)
+        if tail == "original":
+            owner = model.get_submodule(prefix[1:]) if prefix else model
+            with torch.no_grad():
+                value = getattr(owner, tensor_name).detach()
+            yield (f"{prefix[1:]}.{tensor_name}" if prefix else tensor_name), value
 
 
 def is_depthwise(module: nn.Module) -> bool:
