@@ -7,17 +7,19 @@ sparse, on one core: encode and decode throughput and peak memory.
 Each model is 10 x Linear(w, w) with weights drawn from N(0, 0.02^2), the initialisation of BERT
 and GPT-2 and close to the bell shape of trained weights; "4-bit, uniform" uses PyTorch's default
 (uniform) initialisation instead, the worst case for the fast packed coding. Every model runs
-in its own process (``--variant``) with one thread, so memory figures do not mix. Throughput is
+with one thread. Throughput is
 the fp32 model's MB (10^6 bytes) over the seconds of the tensor coder alone, and of the whole
 ``netshrink.save`` and ``netshrink.load``. Peak memory is the
-process's resident set size sampled every 5 ms, above what it held before the model was built,
-over the fp32 model's bytes: a save holds the model itself (1.0) plus what encoding adds.
+process's resident set size sampled every 5 ms, above what it held after its imports, over the
+fp32 model's bytes; the coder, the save and the load each run in a process of their own (memory
+freed while building the model is returned to the system before the save is measured).
 
 Writes benchmarks/results/scale.md.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 import netshrink
 from netshrink import artifact
@@ -85,45 +88,48 @@ def build(width: int, layers: int, init: str) -> torch.nn.Sequential:
     return model
 
 
-def run_variant(name: str, width: int, layers: int) -> dict:
-    """One model: built, compressed, saved, loaded into a fresh model and compared (in this process)."""
-    torch.set_num_threads(1)
+def compressed(name: str, width: int, layers: int) -> torch.nn.Sequential:
     init, compress = VARIANTS[name]
     model = build(width, layers, init)
-    volume = 4 * sum(p.numel() for p in model.parameters())
     compress(model)
-    expected = [layer.weight.detach().clone() for layer in model]  # compared after loading
-    # The tensor coder alone, on the arrays a file stores (what save adds: baking transforms,
-    # the manifest, checksums, the write; what load adds: rebuilding transforms, copying in).
-    arrays = [a for a in artifact.stored_arrays(model).values() if a.dtype == np.float32]
-    started = time.perf_counter()
-    payloads = [codec.encode(a) for a in arrays]
-    encode_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    for payload, array in zip(payloads, arrays):
-        codec.decode(payload, array.shape)
-    decode_seconds = time.perf_counter() - started
-    del arrays, payloads
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.nsk"
-        before = rss_bytes()
+    return model
+
+
+def run_phase(phase: str, name: str, width: int, layers: int, path: Path) -> dict:
+    """One phase for one model, in a process of its own: "coder" times the tensor coder alone on
+    the arrays a file stores; "save" builds the model and saves it to ``path`` (with its weights
+    beside it, to check the load); "load" fills a skeleton built on the meta device from ``path``.
+    Peak memory is the process's highest resident size above what it held after its imports."""
+    torch.set_num_threads(1)
+    baseline = rss_bytes()
+    if phase == "coder":
+        arrays = [a for a in artifact.stored_arrays(compressed(name, width, layers)).values() if a.dtype == np.float32]
+        started = time.perf_counter()
+        payloads = [codec.encode(a) for a in arrays]
+        encode_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for payload, array in zip(payloads, arrays):
+            codec.decode(payload, array.shape)
+        return {"encode_seconds": encode_seconds, "decode_seconds": time.perf_counter() - started}
+    if phase == "save":
+        model = compressed(name, width, layers)
+        save_file({str(i): layer.weight.detach().contiguous() for i, layer in enumerate(model)}, path.with_suffix(".expected"))
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory building the model freed goes back first
         with Peak() as save:
             size = netshrink.save(model, path)
-        save_peak = save.peak - before
-        del model
-        with torch.device("meta"):  # the way to load a model too large to hold twice: no memory until filled
-            skeleton = build(width, layers, "uniform")
-        before = rss_bytes()
-        with Peak() as load:
-            loaded = netshrink.load(path, model=skeleton)
-        load_peak = load.peak - before
-        exact = all(torch.equal(layer.weight.detach(), w) for layer, w in zip(loaded, expected))
-        held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in loaded.state_dict().values()}.values())
-    # The saved model (1x) is resident during save; a load fills a skeleton built on the meta device.
-    return {"name": name, "volume": volume, "size": size, "encode_seconds": encode_seconds,
-            "decode_seconds": decode_seconds, "save_seconds": save.seconds, "load_seconds": load.seconds,
-            "save_peak": (save_peak + volume) / volume, "load_peak": load_peak / volume, "held": held / volume,
-            "exact": exact}
+        return {"size": size, "save_seconds": save.seconds, "save_peak": save.peak - baseline, "model": held(model)}
+    with torch.device("meta"):  # the way to load a model too large to hold twice: no memory until filled
+        skeleton = build(width, layers, "uniform")
+    with Peak() as load:
+        loaded = netshrink.load(path, model=skeleton)
+    expected = load_file(path.with_suffix(".expected"))
+    exact = all(torch.equal(layer.weight.detach(), expected[str(i)]) for i, layer in enumerate(loaded))
+    return {"load_seconds": load.seconds, "load_peak": load.peak - baseline, "loaded": held(loaded), "exact": exact}
+
+
+def held(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors (shared storage once)."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()}.values())
 
 
 def main() -> None:
@@ -131,23 +137,30 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=100e6)
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--phase", choices=("coder", "save", "load"), help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     args = parser.parse_args()
     width = int(math.sqrt(args.params / args.layers))
     if args.variant:
-        print(json.dumps(run_variant(args.variant, width, args.layers)))
+        print(json.dumps(run_phase(args.phase, args.variant, width, args.layers, args.path)))
         return
     rows = []
+    volume = 4 * args.layers * (width * width + width)
     for name in VARIANTS:
         print(f"{name} ...", flush=True)
-        result = subprocess.run([sys.executable, __file__, "--variant", name, "--params", str(args.params),
-                                 "--layers", str(args.layers)], capture_output=True, text=True, check=True)
-        r = json.loads(result.stdout.strip().splitlines()[-1])
-        mb = r["volume"] / 1e6
-        rows.append([name, f"{r['size']:,}", f"{r['volume'] / r['size']:.1f}x", f"{mb / r['encode_seconds']:.0f}",
+        r: dict = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for phase in ("coder", "save", "load"):
+                result = subprocess.run([sys.executable, __file__, "--variant", name, "--phase", phase, "--params",
+                                         str(args.params), "--layers", str(args.layers), "--path", str(Path(tmp) / "m.nsk")],
+                                        capture_output=True, text=True, check=True)
+                r.update(json.loads(result.stdout.strip().splitlines()[-1]))
+        mb = volume / 1e6
+        rows.append([name, f"{r['size']:,}", f"{volume / r['size']:.1f}x", f"{mb / r['encode_seconds']:.0f}",
                      f"{mb / r['decode_seconds']:.0f}", f"{mb / r['save_seconds']:.0f}", f"{mb / r['load_seconds']:.0f}",
-                     f"{r['save_peak']:.2f}x", f"{r['load_peak']:.2f}x", f"{r['held']:.2f}x",
-                     "yes" if r["exact"] else "**NO**"])
+                     f"{r['save_peak'] / volume:.2f}x (model {r['model'] / volume:.2f}x)",
+                     f"{r['load_peak'] / volume:.2f}x (model {r['loaded'] / volume:.2f}x)", "yes" if r["exact"] else "**NO**"])
         print(rows[-1], flush=True)
     params = args.layers * (width * width + width)
     text = "\n".join([
@@ -158,12 +171,13 @@ def main() -> None:
         "(`codec.weights`) on the arrays the file stores. Save: all of `netshrink.save` (baking the weight "
         "transforms, coding, manifest, checksum, atomic write); load: all of `netshrink.load` into a fresh "
         "model built on the meta device (checksum, decoding, checks, rebuilding the transforms). Peak = the "
-        "process's resident memory during the call over the fp32 model's bytes, counting the model itself "
-        "(1.00x means nothing beyond the model). Loaded model = the bytes of the loaded model's tensors: a "
-        "pruned model loaded with its transforms (the default) keeps a float32 mask beside each weight. Exact = "
+        "process's highest resident memory above its imports (each call in a process of its own) over the "
+        "fp32 model's bytes, counting the model itself, whose own tensors are given in brackets: a pruned "
+        "model with its transforms (as pruned, and as loaded by default) keeps a float32 mask beside each "
+        "weight. Exact = "
         "every loaded weight equals the saved one bit for bit.",
         "", markdown(["model", "file bytes", "smaller", "encode MB/s", "decode MB/s", "save MB/s", "load MB/s",
-                      "peak, save", "peak, load", "loaded model", "exact"], rows), ""])
+                      "peak, save", "peak, load", "exact"], rows), ""])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(text)
