@@ -1,5 +1,6 @@
 """The tensor coder of format-3 and format-4 files (``codec.weights``) against the arrays it codes: every
 decode is bit-identical, whatever the values (NaN, -0.0, subnormals), shape or density."""
+from contextlib import nullcontext
 from unittest import mock
 
 import numpy as np
@@ -14,11 +15,16 @@ from netshrink.errors import NetshrinkError
 from netshrink.methods.quantize import fake_quantize
 
 
-def roundtrip(array):
-    encoded = weights.encode(array)
+def roundtrip(array, packed=False):
+    """Encode and decode; ``packed`` forces the packed coding (``codec.packed``, by default only for
+    large tensors) on any tensor, so every path meets the same property tests."""
+    with mock.patch.multiple(weights, PACK_ABOVE=-1, PACKED_MARGIN=float("inf")) if packed else nullcontext():
+        encoded = weights.encode(array)
     decoded = weights.decode(encoded, array.shape)
     assert decoded.dtype == np.float32 and decoded.shape == array.shape
     assert decoded.tobytes() == np.asarray(array, np.float32).tobytes()  # bit-identical, incl. -0.0 and NaN
+    if packed and encoded[0] not in (weights.CONSTANT, weights.RAW):
+        assert encoded[1] & weights.PACKED
     return encoded
 
 
@@ -36,25 +42,28 @@ def test_edge_cases(array):
     roundtrip(array)
 
 
-@settings(max_examples=150, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
-              elements=st.sampled_from([0.0, 0.0, 0.0, 1.5, -0.25, 3.0, 7.0, -1e-3, -0.0])))
-def test_roundtrip_low_cardinality(array):
-    roundtrip(array)
+@pytest.mark.parametrize("packed", [False, True])
+@settings(max_examples=120, deadline=None)
+@given(array=arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
+                    elements=st.sampled_from([0.0, 0.0, 0.0, 1.5, -0.25, 3.0, 7.0, -1e-3, -0.0])))
+def test_roundtrip_low_cardinality(array, packed):
+    roundtrip(array, packed)
 
 
-@settings(max_examples=100, deadline=None)
-@given(arrays(np.float32, st.one_of(st.integers(0, 300), st.tuples(st.integers(1, 20), st.integers(1, 20))),
-              elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
-def test_roundtrip_any_floats(array):
-    roundtrip(array)
+@pytest.mark.parametrize("packed", [False, True])
+@settings(max_examples=80, deadline=None)
+@given(array=arrays(np.float32, st.one_of(st.integers(0, 300), st.tuples(st.integers(1, 20), st.integers(1, 20))),
+                    elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
+def test_roundtrip_any_floats(array, packed):
+    roundtrip(array, packed)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from([0.0, 0.01, 0.1, 0.5, 0.51, 0.9, 1.0]), st.sampled_from([1, 2, 4, 8, 12]),
-       st.sampled_from([(17, 33), (1, 200), (300, 3), (4, 3, 3, 3)]))
-def test_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape):
-    roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep))
+@given(seed=st.integers(0, 2 ** 32 - 1), keep=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 0.51, 0.9, 1.0]),
+       bits=st.sampled_from([1, 2, 3, 4, 8, 10, 12]), shape=st.sampled_from([(17, 33), (1, 700), (300, 3), (4, 3, 3, 3)]))
+def test_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape, packed):
+    roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep), packed)
 
 
 def test_sizes_against_what_the_values_hold():
@@ -107,48 +116,12 @@ def test_encoding_is_deterministic():
     assert weights.encode(w) == weights.encode(w.copy())
 
 
-# Packed coding (codec.packed): large tensors by default; forced here on any tensor so that every
-# path (bitmap and gap maps, symbols packed several per byte, two byte planes for 12-bit codes,
-# float mantissas) meets the same property tests.
-def forced_packing():
-    return mock.patch.multiple(weights, PACK_ABOVE=-1, PACKED_MARGIN=float("inf"))
-
-
-def packed_roundtrip(array):
-    with forced_packing():
-        encoded = roundtrip(array)
-    if encoded[0] not in (weights.CONSTANT, weights.RAW):
-        assert encoded[1] & weights.PACKED
-    return encoded
-
-
-@settings(max_examples=100, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
-              elements=st.sampled_from([0.0, 0.0, 0.0, 1.5, -0.25, 3.0, 7.0, -1e-3, -0.0])))
-def test_packed_roundtrip_low_cardinality(array):
-    packed_roundtrip(array)
-
-
-@settings(max_examples=60, deadline=None)
-@given(arrays(np.float32, st.one_of(st.integers(0, 300), st.tuples(st.integers(1, 20), st.integers(1, 20))),
-              elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
-def test_packed_roundtrip_any_floats(array):
-    packed_roundtrip(array)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2 ** 32 - 1), st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 0.9, 1.0]),
-       st.sampled_from([1, 2, 3, 4, 8, 10, 12]), st.sampled_from([(17, 33), (1, 700), (300, 3), (4, 3, 3, 3)]))
-def test_packed_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape):
-    packed_roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep))
-
-
 @pytest.mark.parametrize("gap", [0, 254, 255, 256, 510, 511, 100_000])
 def test_packed_map_gaps_across_run_bytes(gap):
     """Gaps of 255 and more zeros take several bytes in the gap map; every length must survive."""
     w = np.zeros(gap + 1001, np.float32)
     w[[gap, gap + 1000]] = [1.5, -2.0]
-    packed_roundtrip(w)
+    roundtrip(w, packed=True)
 
 
 def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_margin():
@@ -171,7 +144,7 @@ def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_marg
 @pytest.mark.parametrize("cut", [1, 5, 20, 100])
 def test_truncated_or_padded_packed_tensor_is_an_error(cut):
     w = quantized(np.random.default_rng(0), (40, 50), 4, 0.3)
-    data = packed_roundtrip(w)
+    data = roundtrip(w, packed=True)
     with pytest.raises(NetshrinkError):
         weights.decode(data[:-cut], (40, 50))
     with pytest.raises(NetshrinkError):
@@ -183,7 +156,7 @@ def test_truncated_or_padded_packed_tensor_is_an_error(cut):
 def test_corrupt_packed_bytes_are_an_error_or_the_right_shape(position, value):
     """A changed byte (the file's checksum catches it first; this is what lies behind): either one
     NetshrinkError or an array of the promised shape, never another exception."""
-    data = bytearray(packed_roundtrip(quantized(np.random.default_rng(1), (60, 70), 3, 0.05)))
+    data = bytearray(roundtrip(quantized(np.random.default_rng(1), (60, 70), 3, 0.05), packed=True))
     data[position % len(data)] = value
     try:
         out = weights.decode(bytes(data), (60, 70))
