@@ -18,7 +18,7 @@ from netshrink.methods.quantize import fake_quantize
 def roundtrip(array, packed=False):
     """Encode and decode; ``packed`` forces the packed coding (``codec.packed``, by default only for
     large tensors) on any tensor, so every path meets the same property tests."""
-    with mock.patch.multiple(weights, PACK_ABOVE=-1, PACKED_MARGIN=float("inf")) if packed else nullcontext():
+    with mock.patch.multiple(weights, SAMPLE=-1, MARGIN_ABOVE=-1, PACKED_MARGIN=float("inf")) if packed else nullcontext():
         encoded = weights.encode(array)
     decoded = weights.decode(encoded, array.shape)
     assert decoded.dtype == np.float32 and decoded.shape == array.shape
@@ -126,7 +126,7 @@ def test_packed_map_gaps_across_run_bytes(gap):
 
 def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_margin():
     rng = np.random.default_rng(0)
-    big = quantized(rng, (1100, 1000), 8)  # a bell-shaped 8-bit layer, above PACK_ABOVE values
+    big = quantized(rng, (1100, 1000), 8)  # a bell-shaped 8-bit layer, above MARGIN_ABOVE values
     sparse = np.where(rng.random((1100, 1000)) < 0.1, rng.standard_normal((1100, 1000)), 0).astype(np.float32)
     for array in (big, sparse):
         encoded = roundtrip(array)

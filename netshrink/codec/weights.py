@@ -18,10 +18,11 @@ large) and, with a map, whether the next line is non-zero there (the map is deco
 Lines run along rows or along columns, whichever the encoder estimates is smaller (for a
 fully-connected layer on images, columns are input pixels: neighbours).
 
-Large tensors (format 4) are **packed** instead (``codec.packed``: symbols several to a byte,
-zstd's Huffman coding over them; the map as a bitmap or as gaps) unless the context coder is
-more than ``PACKED_MARGIN`` smaller on a sample: it decodes about ten times faster, and large
-layers rarely have the neighbour structure contexts exploit.
+Format 4 can **pack** a tensor instead (``codec.packed``: symbols several to a byte, zstd's
+Huffman coding over them; the map as a bitmap or as gaps): it decodes about ten times faster, and
+large layers rarely have the neighbour structure contexts exploit. Packing is chosen when it is
+smaller (on a sample, for large tensors), or for tensors above 4 MiB when it is at most
+``PACKED_MARGIN`` larger.
 
 Layout::
 
@@ -59,10 +60,11 @@ NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook
 COLUMNS, MAP, VALUE_CONTEXT, PACKED = 1, 2, 4, 8
 VALUE_CLASSES = 5  # see _sign_table
 SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
-# Tensors above PACK_ABOVE values (4 MiB of float32) are packed (codec.packed: about ten times
-# faster to decode) unless the context coder saves more than PACKED_MARGIN on a sample of SAMPLE
-# values. Smaller tensors take the context coder, a few tens of milliseconds at most.
-PACK_ABOVE, PACKED_MARGIN, SAMPLE = 1 << 20, 0.03, 1 << 17
+# Packed coding (codec.packed) decodes about ten times faster than the context coder. Tensors of up
+# to SAMPLE values are coded both ways, the smaller kept; larger ones are packed when, on a sample
+# of SAMPLE values, packing is smaller, or (above MARGIN_ABOVE values, 4 MiB of float32, where
+# decoding time starts to show) at most PACKED_MARGIN larger.
+PACKED_MARGIN, MARGIN_ABOVE, SAMPLE = 0.03, 1 << 20, 1 << 17
 EXPONENTS = 512  # float symbols: (8 exponent bits - the lowest present) * 2 + sign
 # Lines per tensor: each costs a few calls in Python. With contexts, lines are what neighbours
 # are, so small tensors keep every row or column; without contexts lines only pace adaptation.
@@ -88,8 +90,12 @@ def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
     rows, width = matrix_shape(array.shape)
-    candidates = [_encode_as(bits, rows, width, *found, packed=bits.size > PACK_ABOVE and _packing_pays(bits, rows, width, *found))
-                  for found in _symbols(bits, width)]
+    candidates = []
+    for found in _symbols(bits, width):
+        if bits.size <= SAMPLE:
+            candidates += [_encode_as(bits, rows, width, *found), _encode_as(bits, rows, width, *found, packed=True)]
+        else:
+            candidates.append(_encode_as(bits, rows, width, *found, packed=_packing_pays(bits, rows, width, *found)))
     position_bits, data = min(candidates, key=lambda candidate: len(candidate[1]))
     if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
         position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
@@ -158,9 +164,10 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
 
 def _packing_pays(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.ndarray, side: np.ndarray | None,
                   low: int) -> bool:
-    """Whether the packed coding of a large tensor is at most ``PACKED_MARGIN`` larger than the
-    context coder's, judged by coding both ways a band of rows from the middle (at most
-    ``SAMPLE`` values, 1024 columns): the context coder pays only where neighbours are alike."""
+    """Whether the packed coding of a large tensor is smaller than the context coder's (at most
+    ``PACKED_MARGIN`` larger above ``MARGIN_ABOVE`` values), judged by coding both ways a band of
+    rows from the middle (at most ``SAMPLE`` values, 1024 columns): the context coder pays only
+    where neighbours are alike."""
     columns = min(width, 1024)
     band = min(rows, max(64, SAMPLE // columns))
     start = (rows - band) // 2
@@ -170,7 +177,8 @@ def _packing_pays(bits: np.ndarray, rows: int, width: int, kind: int, symbols: n
         return True
     sample = (sample_bits, band, columns, kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
               side[start:start + band] if kind == GRID else side, low)
-    return len(_encode_as(*sample, packed=True)[1]) <= (1 + PACKED_MARGIN) * len(_encode_as(*sample)[1])
+    margin = PACKED_MARGIN if bits.size > MARGIN_ABOVE else 0.0
+    return len(_encode_as(*sample, packed=True)[1]) <= (1 + margin) * len(_encode_as(*sample)[1])
 
 
 def _code_lines(coder, layout: Layout, nonzero: np.ndarray | None, symbols: np.ndarray, signs: np.ndarray,
