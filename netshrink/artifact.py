@@ -30,7 +30,7 @@ import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -172,8 +172,16 @@ def _file_digest(data: bytes, at: int, length: int) -> str:
     return h.hexdigest()
 
 
-def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytearray:
-    """Serialise ``model`` (its transforms baked into a copy; the model itself is not changed).
+def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
+    """The bytes :func:`save` writes for ``model`` (see :func:`write_model`)."""
+    buffer = io.BytesIO()
+    write_model(buffer, model, recipe=recipe, info=info)
+    return buffer.getvalue()
+
+
+def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> int:
+    """Serialise ``model`` into the seekable binary file ``out`` (its transforms baked into a copy;
+    the model itself is not changed); returns the byte count.
 
     Format 4: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
 
@@ -217,14 +225,22 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
     manifest = {"model": spec_of(model), "tensors": table}
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
                                                    ("transforms", records), ("info", info)) if value})
-    return assemble(json.dumps(manifest, separators=(",", ":")), payloads)
+    return write_file(out, json.dumps(manifest, separators=(",", ":")), payloads)
 
 
-def assemble(manifest: str, payloads: list[bytes]) -> bytearray:
-    """A format-4 file from its manifest text and tensor payloads, checksum set. Written into one
-    buffer (safetensors' writer would copy the blob three more times): the safetensors header is
-    the one its writer produces for a single uint8 tensor (a test compares them); the payload
-    list is emptied as it is copied, so its bytes are not held twice."""
+def assemble(manifest: str, payloads: list[bytes]) -> bytes:
+    """A format-4 file's bytes from its manifest text and tensor payloads, checksum set."""
+    buffer = io.BytesIO()
+    write_file(buffer, manifest, payloads)
+    return buffer.getvalue()
+
+
+def write_file(out: BinaryIO, manifest: str, payloads: list[bytes]) -> int:
+    """Write a format-4 file (manifest text, tensor payloads) into the seekable binary file ``out``
+    and set its checksum; returns the byte count. The bytes are hashed as they are written and
+    each payload is let go once written (the list is emptied), so saving never holds the file
+    in memory beside its payloads. The safetensors header is the one safetensors' writer produces
+    for a single uint8 tensor (a test compares them); that writer needs the whole blob in memory."""
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=MANIFEST_WORDS)
     packed = packer.compress(manifest.encode()) + packer.flush()
     head = io.BytesIO()
@@ -235,12 +251,22 @@ def assemble(manifest: str, payloads: list[bytes]) -> bytearray:
     header = json.dumps({"__metadata__": {KEY: str(VERSION)}, BLOB: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}},
                         separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
-    data = bytearray(len(header).to_bytes(8, "little") + header + head.getvalue())
+    digest, start = hashlib.sha256(), out.tell()
+
+    def put(chunk: bytes) -> None:
+        out.write(chunk)
+        digest.update(chunk)  # the digest's own bytes are zeros here, as the checksum is defined
+
+    put(len(header).to_bytes(8, "little") + header)
+    put(head.getvalue())
+    payloads.reverse()
     while payloads:
-        data += payloads.pop(0)
-    at = _blob_offset(data)
-    data[at:at + DIGEST_BYTES] = blob_digest(data)
-    return data
+        put(payloads.pop())
+    end = out.tell()
+    out.seek(start + 8 + len(header))
+    out.write(digest.digest())
+    out.seek(end)
+    return end - start
 
 
 def _blob_offset(data: bytes | bytearray) -> int:
@@ -284,7 +310,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
     """
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
-    return atomic_write(path, to_bytes(model, recipe=recipe, info=info))
+    return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info))
 
 
 def _corrupt(source: str, what: str) -> NetshrinkError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from .errors import NetshrinkError
 
@@ -60,8 +61,10 @@ def check_writable(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> int:
-    """Write ``data`` to ``path`` atomically with the user's umask; returns the byte count."""
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], int]) -> int:
+    """Write ``data`` to ``path`` atomically with the user's umask; returns the byte count.
+    ``data`` may be a function that writes into the open (seekable) file and returns the count,
+    so large files need not be built in memory first."""
     path = check_writable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> int:
         raise NetshrinkError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(handle, "wb") as f:
-            f.write(data)
+            count = data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
@@ -84,4 +87,4 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> int:
         if isinstance(exc, OSError):
             raise NetshrinkError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
-    return len(data)
+    return count
