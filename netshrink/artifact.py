@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -53,6 +54,7 @@ FORMAT, VERSION, READS = "netshrink", 4, (1, 2, 3, 4)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
+SPOOL_MEMORY = 1 << 26  # payloads kept in memory while saving; beyond this they wait in a temporary file
 MAX_DIMS = 8
 BLOB = "netshrink"  # format 3: the one safetensors tensor, a uint8 blob
 DIGEST_BYTES = 32
@@ -198,11 +200,13 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
     records, transform_arrays = transform_records(model)
     grids = fixed_grids(model)
-    table, payloads = [], []
-    # One array at a time (baked, coded, let go): saving holds the model, the payloads and one
-    # array's work. Identical arrays have identical payloads (coding is exact), so tied weights (an
-    # embedding shared with an output layer) and identical tensors are found by payload and stored
-    # once; the manifest points the others at that copy.
+    table = []
+    # One array at a time (baked, coded, written to a spool, let go): saving holds the model and
+    # one array's work (payloads beyond SPOOL_MEMORY bytes wait on disk until the manifest, which
+    # precedes them, is known). Identical arrays have identical payloads (coding is exact), so tied
+    # weights (an embedding shared with an output layer) and identical tensors are found by their
+    # payload's hash and stored once; the manifest points the others at that copy.
+    payloads = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
     seen: dict[tuple, str] = {}
     for name, array in itertools.chain(stored_items(model), transform_arrays.items()):
         extras: dict[str, Any] = {}
@@ -214,18 +218,18 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
         else:
             extras["dtype"] = array.dtype.newbyteorder("<").str
             payload = np.ascontiguousarray(array, dtype=extras["dtype"]).tobytes()
-        key = (payload, array.dtype.str, array.shape)
+        key = (hashlib.sha256(payload).digest(), array.dtype.str, array.shape)
         if key in seen:
             table.append([name, list(array.shape), 0, {**extras, "same_as": seen[key]}])
             continue
         seen[key] = name
         table.append([name, list(array.shape), len(payload)] + ([extras] if extras else []))
-        payloads.append(payload)
-    del seen
+        payloads.write(payload)
     manifest = {"model": spec_of(model), "tensors": table}
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
                                                    ("transforms", records), ("info", info)) if value})
-    return write_file(out, json.dumps(manifest, separators=(",", ":")), payloads)
+    with payloads:
+        return write_file(out, json.dumps(manifest, separators=(",", ":")), payloads)
 
 
 def assemble(manifest: str, payloads: list[bytes]) -> bytes:
@@ -235,19 +239,27 @@ def assemble(manifest: str, payloads: list[bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def write_file(out: BinaryIO, manifest: str, payloads: list[bytes]) -> int:
-    """Write a format-4 file (manifest text, tensor payloads) into the seekable binary file ``out``
-    and set its checksum; returns the byte count. The bytes are hashed as they are written and
-    each payload is let go once written (the list is emptied), so saving never holds the file
-    in memory beside its payloads. The safetensors header is the one safetensors' writer produces
-    for a single uint8 tensor (a test compares them); that writer needs the whole blob in memory."""
+def write_file(out: BinaryIO, manifest: str, payloads: list[bytes] | BinaryIO) -> int:
+    """Write a format-4 file (manifest text, then the tensor payloads: a list, emptied as it is
+    written, or a binary file of them all) into the seekable binary file ``out`` and set its
+    checksum; returns the byte count. The bytes are hashed as they are written, so the file is
+    never held in memory. The safetensors header is the one safetensors' writer produces for a
+    single uint8 tensor (a test compares them); that writer needs the whole blob in memory."""
+    if isinstance(payloads, list):
+        payload_bytes = sum(len(payload) for payload in payloads)
+        payloads.reverse()
+        chunks = (payloads.pop() for _ in range(len(payloads)))
+    else:
+        payload_bytes = payloads.seek(0, io.SEEK_END)
+        payloads.seek(0)
+        chunks = iter(lambda: payloads.read(1 << 24), b"")
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=MANIFEST_WORDS)
     packed = packer.compress(manifest.encode()) + packer.flush()
     head = io.BytesIO()
     head.write(bytes(DIGEST_BYTES))
     write_varint(head, len(packed))
     head.write(packed)
-    size = head.tell() + sum(len(payload) for payload in payloads)
+    size = head.tell() + payload_bytes
     header = json.dumps({"__metadata__": {KEY: str(VERSION)}, BLOB: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}},
                         separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
@@ -259,9 +271,8 @@ def write_file(out: BinaryIO, manifest: str, payloads: list[bytes]) -> int:
 
     put(len(header).to_bytes(8, "little") + header)
     put(head.getvalue())
-    payloads.reverse()
-    while payloads:
-        put(payloads.pop())
+    for chunk in chunks:
+        put(chunk)
     end = out.tell()
     out.seek(start + 8 + len(header))
     out.write(digest.digest())

@@ -183,3 +183,19 @@ def test_a_model_built_on_the_meta_device_is_filled_from_the_file(tmp_path):
     double = netshrink.load(path, model=torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.LayerNorm(30),
                                                             torch.nn.Linear(30, 5)).double(), restore=False)
     assert all(t.dtype == torch.float64 for t in double.state_dict().values())
+
+
+def test_payloads_spooled_to_disk_give_the_same_file(tmp_path, monkeypatch):
+    """Payloads beyond SPOOL_MEMORY wait in a temporary file while saving; the file is the same."""
+    torch.manual_seed(0)
+    model = netshrink.build_model("lenet-5")
+    netshrink.prune(model, keep=0.3)
+    netshrink.quantize(model, weight_bits=5)
+    in_memory = artifact.to_bytes(model)
+    monkeypatch.setattr(artifact, "SPOOL_MEMORY", 100)
+    path = tmp_path / "spooled.nsk"
+    assert netshrink.save(model, path) == len(in_memory)
+    assert path.read_bytes() == in_memory
+    loaded = netshrink.load(path)
+    for name, tensor in artifact.baked_state_dict(model).items():
+        assert torch.equal(artifact.baked_state_dict(loaded)[name], tensor), name
