@@ -235,24 +235,18 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
 def assemble(manifest: str, payloads: list[bytes]) -> bytes:
     """A format-4 file's bytes from its manifest text and tensor payloads, checksum set."""
     buffer = io.BytesIO()
-    write_file(buffer, manifest, payloads)
+    write_file(buffer, manifest, io.BytesIO(b"".join(payloads)))
     return buffer.getvalue()
 
 
-def write_file(out: BinaryIO, manifest: str, payloads: list[bytes] | BinaryIO) -> int:
-    """Write a format-4 file (manifest text, then the tensor payloads: a list, emptied as it is
-    written, or a binary file of them all) into the seekable binary file ``out`` and set its
-    checksum; returns the byte count. The bytes are hashed as they are written, so the file is
+def write_file(out: BinaryIO, manifest: str, payloads: BinaryIO) -> int:
+    """Write a format-4 file (manifest text, then the tensor payloads, read from the binary file
+    ``payloads``) into the seekable binary file ``out`` and set its checksum; returns the byte
+    count. The bytes are hashed as they are written, so the file is
     never held in memory. The safetensors header is the one safetensors' writer produces for a
     single uint8 tensor (a test compares them); that writer needs the whole blob in memory."""
-    if isinstance(payloads, list):
-        payload_bytes = sum(len(payload) for payload in payloads)
-        payloads.reverse()
-        chunks = (payloads.pop() for _ in range(len(payloads)))
-    else:
-        payload_bytes = payloads.seek(0, io.SEEK_END)
-        payloads.seek(0)
-        chunks = iter(lambda: payloads.read(1 << 24), b"")
+    payload_bytes = payloads.seek(0, io.SEEK_END)
+    payloads.seek(0)
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=MANIFEST_WORDS)
     packed = packer.compress(manifest.encode()) + packer.flush()
     head = io.BytesIO()
@@ -271,7 +265,7 @@ def write_file(out: BinaryIO, manifest: str, payloads: list[bytes] | BinaryIO) -
 
     put(len(header).to_bytes(8, "little") + header)
     put(head.getvalue())
-    for chunk in chunks:
+    for chunk in iter(lambda: payloads.read(1 << 24), b""):
         put(chunk)
     end = out.tell()
     out.seek(start + 8 + len(header))

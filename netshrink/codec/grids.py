@@ -105,12 +105,12 @@ def _dense_grid_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
             return None
         counts = np.bincount(sample[2])
         order = [*dict.fromkeys([*(int(i) for i in counts.argsort()[::-1] if counts[i]), *order])]
-    values = bits.view(np.float32)
-    with np.errstate(invalid="ignore"):
-        references = {True: np.maximum(values.max(axis=1), -values.min(axis=1))}  # |largest|, no |values| copy
     # -0.0 passes the bit test below (-0.0 * s is -0.0) but integer code 0 gives +0.0: off every grid.
     if (bits == _NEGATIVE_ZERO).any():
         return None
+    values = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        references = {True: np.maximum(values.max(axis=1), -values.min(axis=1))}  # |largest|, no |values| copy
     scales = np.ones(len(bits), dtype=np.float32)
     taken = np.zeros(len(bits), dtype=np.int64)
     codes = None

@@ -96,10 +96,10 @@ def read_symbols(reader: Reader, size: int, alphabet: int) -> np.ndarray:
     return symbols
 
 
-def write_map(out: io.BytesIO, nonzero: np.ndarray) -> None:
-    """Which of the values are non-zero (bool array): as a bitmap or as gaps, whichever is smaller."""
+def write_map(out: io.BytesIO, nonzero: np.ndarray, positions: np.ndarray) -> None:
+    """Which of the values are non-zero (a bool array, and ``positions``: its non-zero indices) as
+    a bitmap or as gaps, whichever is smaller."""
     forms = [(BITMAP, np.packbits(nonzero))]
-    positions = np.flatnonzero(nonzero)
     if positions.size < GAPS_BELOW * nonzero.size:
         gaps = np.diff(positions, prepend=-1) - 1
         runs = gaps // _RUN
@@ -126,9 +126,9 @@ def read_map(reader: Reader, size: int) -> np.ndarray:
     if form != GAPS or count > size:  # a gap byte is at least one position
         raise NetshrinkError("encoded tensor is corrupt (map form)")
     data = _read_frame(reader, count)
-    ends = np.flatnonzero(data != _RUN)
-    if ends.size != 0 and ends[-1] != data.size - 1 or ends.size == 0 and data.size:
+    if data.size and data[-1] == _RUN:
         raise NetshrinkError("encoded tensor is corrupt (unfinished gap)")
+    ends = np.flatnonzero(data != _RUN)
     runs = np.diff(ends, prepend=-1) - 1  # 255-bytes before each remainder
     positions = np.cumsum(runs * _RUN + data[ends].astype(np.int64) + 1) - 1
     if positions.size and positions[-1] >= size:

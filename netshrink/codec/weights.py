@@ -143,10 +143,9 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
         _write_words(out, coder)
         out.write(side_mantissas)
         start = out.tell()
-        positions = None
+        positions = np.flatnonzero(nonzero) if use_map else None
         if use_map:
-            write_map(out, nonzero)
-            positions = np.flatnonzero(nonzero)
+            write_map(out, nonzero, positions)
         position_bits = 8 * (out.tell() - start)
         write_symbols(out, symbols if positions is None else symbols[positions], alphabet)
         value_bits = bits if positions is None else bits[positions]
