@@ -157,6 +157,9 @@ def test_tiny_bert_exports_to_onnx_runtime_with_named_dynamic_inputs(tiny_bert, 
     assert how.pop("pooler.dense") == "not in the graph: the exported output does not use it"
     assert not any(h.startswith("fp32") for h in how.values()) and fp32.layers
     assert saturating_layers(onnx.load(str(tmp_path / "int8.onnx"))) == []
+    for path in ("fp32.onnx", "int8.onnx"):  # eager attention: no NaN guard per layer
+        assert "IsNaN" not in {n.op_type for n in onnx.load(str(tmp_path / path)).graph.node}
+    assert tiny_bert.config._attn_implementation == "sdpa"  # the user's model is not changed
     batch = {k: v[:5, :11] for k, v in data[1].items()}  # another batch size and sequence length
     with torch.no_grad():
         reference = tiny_bert(**batch).last_hidden_state.numpy()
