@@ -188,12 +188,12 @@ def test_version_1_files_still_load():
     assert model.netshrink_manifest["info"] == {"note": "written by netshrink 0.1.0"}
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_version_2_and_3_files_load(version):
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_version_2_to_4_files_load(version):
     # Format 2 (netshrink 0.2-0.3): a safetensors tensor per weight, Huffman-coded sparse,
     # codebook and grid-code tensors, per-tensor checksums. Format 3 (0.4): one blob, context
     # coding with constriction (this fixture also catches a constriction release that would
-    # change its models). Pruned, shared, grouped-grid layers and an activation quantizer, each
+    # change its models). Format 4 (0.6): packed tensors (zstd). Pruned, shared, grouped-grid layers and an activation quantizer, each
     # restored with its transform.
     expected = json.loads((FIXTURES / f"v{version}-lenet-digits.json").read_text())
     model = netshrink.load(FIXTURES / f"v{version}-lenet-digits.nsk")
