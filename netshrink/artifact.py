@@ -1,5 +1,5 @@
-"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 4; format 3
-is the same layout without packed tensors, and loads).
+"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 5; formats 3
+and 4 are the same layout without tensors in bands, and format 3 without packed ones; they load).
 
 * The blob (see :func:`to_bytes`): a SHA-256 of the whole file, the manifest (compressed JSON),
   then each tensor's payload; float32 tensors are coded exactly by ``codec.weights``.
@@ -15,6 +15,8 @@ is the same layout without packed tensors, and loads).
   payload by the file, each stream's count by its tensor's size, the sum of the tensors by the
   machine's memory; zoo models are built on PyTorch's ``meta`` device and checked against the
   stored shapes before any weight is allocated.
+* Loading reads the file twice, a piece at a time (the checksum, then each tensor's payload as it
+  is decoded), so it holds the model and one tensor's work, never the file.
 * Loading never unpickles; only :class:`NetshrinkError` leaves :func:`load`; a failed load into a
   caller's model leaves it exactly as it was.
 * Writes are atomic (``files.atomic_write``). Formats 1 and 2 (a safetensors tensor per stored
@@ -22,6 +24,7 @@ is the same layout without packed tensors, and loads).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import itertools
@@ -50,11 +53,12 @@ from .methods.base import (COMPRESSIBLE, baked_items, baked_state_dict, is_depth
                            transforms)
 from .models import model_from_spec, spec_of
 
-FORMAT, VERSION, READS = "netshrink", 4, (1, 2, 3, 4)
+FORMAT, VERSION, READS = "netshrink", 5, (1, 2, 3, 4, 5)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
-SPOOL_MEMORY = 1 << 26  # payloads kept in memory while saving; beyond this they wait in a temporary file
+HASH_CHUNK = 1 << 24  # bytes hashed (and, loading from a file, read) at a time
+SPOOL_MEMORY = 1 << 23  # payloads kept in memory while saving; beyond this they wait in a temporary file
 MAX_DIMS = 8
 BLOB = "netshrink"  # format 3: the one safetensors tensor, a uint8 blob
 DIGEST_BYTES = 32
@@ -69,6 +73,25 @@ MANIFEST_WORDS = (b'"transforms":{"kind":"fixed-grid","bits":4,"scheme":"symmetr
                   b'.weight",[.bias",[.running_mean",[.running_var",[.num_batches_tracked",[],8,{"dtype":"<i8"}]'
                   b'{"kind":"codebook"}{"kind":"mask","label":"prune"}{"model":{"name":"lenet-300-100"')
 STATE_KEY = ".parametrizations.weight."  # transform tensors: <layer>.parametrizations.weight.<i>.<name>
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the memory of freed temporaries to the system. glibc keeps freed blocks of a few
+    megabytes in the process (its mmap threshold rises after the first such block is freed), so
+    coding one large tensor after another grew saving's resident size to about twice the live
+    peak (a 100M-parameter 8-bit model, measured). Called between tensors; a no-op without glibc."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _digest(array: np.ndarray) -> str:
@@ -87,8 +110,9 @@ def stored_items(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     for name, tensor in baked_items(model):
         array = tensor.detach().cpu().numpy()
         if array.dtype == np.float32 and (array.view(np.uint32) == 0x80000000).any():  # copied only then
-            array = np.where(array == 0, np.float32(0), array).astype(np.float32)
+            array = np.where(array == 0, np.float32(0), array)  # float32 already: one new array
         yield name, array
+        del tensor, array  # let go before the next is computed
 
 
 def transform_records(model: nn.Module) -> tuple[dict[str, list[dict]], dict[str, np.ndarray]]:
@@ -124,7 +148,10 @@ def grid_codes(array: np.ndarray, grid) -> np.ndarray:
     """The integer codes (float32) of a baked weight on its fixed grid; the values are ``codes *
     scale`` again on load, bit for bit (the grid's own last two steps)."""
     weight = torch.from_numpy(array)
-    return torch.round(weight / expand(grid.scale, weight, grid.group_size)).numpy().astype(np.float32) + 0.0
+    codes = weight / expand(grid.scale, weight, grid.group_size)  # one temporary, rounded in place
+    codes.round_()
+    codes += 0.0  # -0.0 as +0.0
+    return codes.numpy()
 
 
 def _values_from_codes(manifest: dict, state: dict[str, torch.Tensor],
@@ -185,7 +212,7 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     """Serialise ``model`` into the seekable binary file ``out`` (its transforms baked into a copy;
     the model itself is not changed); returns the byte count.
 
-    Format 4: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
+    Format 5: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
 
         32 bytes  SHA-256 of the whole file, computed with these 32 bytes zeroed
         varint    manifest length | the manifest: JSON, raw-deflate compressed
@@ -214,17 +241,24 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
             extras["grid"], grid = grids[name]
             array = grid_codes(array, grid)
         if array.dtype == np.float32:
-            payload = codec.encode(array)
+            parts = codec.encode_parts(array)  # a large tensor's bands are written as they are coded
         else:
             extras["dtype"] = array.dtype.newbyteorder("<").str
-            payload = np.ascontiguousarray(array, dtype=extras["dtype"]).tobytes()
-        key = (hashlib.sha256(payload).digest(), array.dtype.str, array.shape)
-        if key in seen:
+            parts = iter([np.ascontiguousarray(array, dtype=extras["dtype"]).tobytes()])
+        start, digest = payloads.tell(), hashlib.sha256()
+        for part in parts:
+            payloads.write(part)
+            digest.update(part)
+        key = (digest.digest(), array.dtype.str, array.shape)
+        if key in seen:  # written once already: this copy goes
+            payloads.seek(start)
+            payloads.truncate()
             table.append([name, list(array.shape), 0, {**extras, "same_as": seen[key]}])
             continue
         seen[key] = name
-        table.append([name, list(array.shape), len(payload)] + ([extras] if extras else []))
-        payloads.write(payload)
+        table.append([name, list(array.shape), payloads.tell() - start] + ([extras] if extras else []))
+        del array, parts
+        give_back_memory()
     manifest = {"model": spec_of(model), "tensors": table}
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
                                                    ("transforms", records), ("info", info)) if value})
@@ -233,14 +267,14 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
 
 
 def assemble(manifest: str, payloads: list[bytes]) -> bytes:
-    """A format-4 file's bytes from its manifest text and tensor payloads, checksum set."""
+    """A format-5 file's bytes from its manifest text and tensor payloads, checksum set."""
     buffer = io.BytesIO()
     write_file(buffer, manifest, io.BytesIO(b"".join(payloads)))
     return buffer.getvalue()
 
 
 def write_file(out: BinaryIO, manifest: str, payloads: BinaryIO) -> int:
-    """Write a format-4 file (manifest text, then the tensor payloads, read from the binary file
+    """Write a format-5 file (manifest text, then the tensor payloads, read from the binary file
     ``payloads``) into the seekable binary file ``out`` and set its checksum; returns the byte
     count. The bytes are hashed as they are written, so the file is
     never held in memory. The safetensors header is the one safetensors' writer produces for a
@@ -274,33 +308,87 @@ def write_file(out: BinaryIO, manifest: str, payloads: BinaryIO) -> int:
     return end - start
 
 
-def _blob_offset(data: bytes | bytearray) -> int:
+class FileBytes:
+    """A file's bytes, read when sliced: loading holds the manifest and one tensor's payload at a
+    time, never the whole file. Slices past the end come back short, as bytes' do."""
+
+    def __init__(self, file: BinaryIO, source: str) -> None:
+        self.file, self.source = file, source
+        self.stat = os.fstat(file.fileno())
+        self.size = self.stat.st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop, _ = where.indices(self.size)
+        try:
+            self.file.seek(start)
+            return self.file.read(max(0, stop - start))
+        except OSError as exc:
+            raise NetshrinkError(f"cannot read {self.source}: {exc.strerror or exc}") from None
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was written to since it was opened (its checksum was verified in a
+        first pass; the tensors are read in a second)."""
+        now = os.fstat(self.file.fileno())
+        if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
+            raise NetshrinkError(f"{self.source} changed while it was read")
+
+
+class _Payload:
+    """A tensor's coded bytes in a :class:`FileBytes`, read when the tensor is decoded; described
+    like the uint8 array they become, for the manifest checks."""
+
+    dtype, ndim = np.dtype(np.uint8), 1
+
+    def __init__(self, data: FileBytes, start: int, length: int) -> None:
+        self.data, self.start, self.shape, self.nbytes = data, start, (length,), length
+
+    def read(self) -> np.ndarray:
+        chunk = self.data[self.start:self.start + self.nbytes]
+        if len(chunk) != self.nbytes:
+            raise NetshrinkError("the file changed while it was read")
+        return np.frombuffer(chunk, dtype=np.uint8)
+
+
+def _bytes_at(data, start: int, stop: int):
+    """``data[start:stop]`` without copying bytes in memory (read from disk for a :class:`FileBytes`)."""
+    return data[start:stop] if isinstance(data, FileBytes) else memoryview(data)[start:stop]
+
+
+def _blob_offset(data) -> int:
     """Where the blob's bytes start: after the 8-byte header size and the header."""
     return 8 + int.from_bytes(data[:8], "little")
 
 
-def blob_digest(data: bytes | bytearray) -> bytes:
+def blob_digest(data) -> bytes:
     """A format-3 file's SHA-256: every byte, with the digest's own 32 bytes read as zeros (hashed
-    in place, without copying the file)."""
-    at, view = _blob_offset(data), memoryview(data)
-    digest = hashlib.sha256(view[:at])
+    in place, a piece at a time, without copying the file)."""
+    at = _blob_offset(data)
+    digest = hashlib.sha256(_bytes_at(data, 0, at))
     digest.update(bytes(DIGEST_BYTES))
-    digest.update(view[at + DIGEST_BYTES:])
+    for start in range(at + DIGEST_BYTES, len(data), HASH_CHUNK):
+        digest.update(_bytes_at(data, start, start + HASH_CHUNK))
     return digest.digest()
 
 
-def manifest_section(data: bytes, source: str = "file") -> tuple[bytes, Reader]:
-    """A format-3 file's manifest (JSON bytes, at most ``MAX_HEADER``) and a reader at its first
-    payload."""
-    reader = Reader(memoryview(data)[_blob_offset(data) + DIGEST_BYTES:])
+def manifest_section(data, source: str = "file") -> tuple[bytes, int]:
+    """A format-3 file's manifest (JSON bytes, at most ``MAX_HEADER``) and where its first payload
+    starts."""
+    start = _blob_offset(data) + DIGEST_BYTES
     try:
+        reader = Reader(_bytes_at(data, start, start + 10))  # the manifest's length (a varint)
+        length = reader.varint()
+        start += reader.pos
+        packed = bytes(_bytes_at(data, start, start + length))
         unpacker = zlib.decompressobj(-15, zdict=MANIFEST_WORDS)
-        text = unpacker.decompress(bytes(reader.take(reader.varint())), MAX_HEADER)
-        if unpacker.unconsumed_tail or not unpacker.eof:
+        text = unpacker.decompress(packed, MAX_HEADER)
+        if len(packed) != length or unpacker.unconsumed_tail or not unpacker.eof:
             raise _corrupt(source, "manifest too large or cut short")
     except (zlib.error, NetshrinkError):
         raise _corrupt(source, "manifest is not compressed JSON") from None
-    return text, reader
+    return text, start + length
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = None,
@@ -412,8 +500,8 @@ def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np
         raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
     if isinstance(metadata[KEY], str) and metadata[KEY].isdigit():
         manifest, stored = _read_format3(data, header, source)
-    else:
-        manifest, stored = _read_format2(data, metadata, source)
+    else:  # formats 1 and 2 (small files of the first versions) are read whole
+        manifest, stored = _read_format2(data[:] if isinstance(data, FileBytes) else data, metadata, source)
     _check_manifest(manifest, stored, source)
     return manifest, stored
 
@@ -454,7 +542,7 @@ def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[st
         raise _corrupt(source, "unexpected safetensors layout")
     if blob_digest(data) != bytes(data[at:at + DIGEST_BYTES]):
         raise NetshrinkError(f"{source} fails its checksum: the file was damaged or changed after it was written")
-    text, reader = manifest_section(data, source)
+    text, offset = manifest_section(data, source)
     try:
         manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -477,11 +565,14 @@ def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[st
         tensors[name] = entry
         if "same_as" in entry:
             continue
-        payload = reader.take(length)
+        if length > len(data) - offset:
+            raise _corrupt(source, f"tensor {name!r} is cut short")
+        start, offset = offset, offset + length
         dtype = extras.get("dtype")
         if dtype is None:
             entry["enc"] = "weights"
-            stored[name] = np.frombuffer(payload, dtype=np.uint8)
+            stored[name] = (_Payload(data, start, length) if isinstance(data, FileBytes)
+                            else np.frombuffer(_bytes_at(data, start, offset), dtype=np.uint8))
             continue
         if not (isinstance(dtype, str) and len(dtype) == 3 and dtype[0] in "<|" and dtype[1] in "biuf" and dtype[2] in "1248"):
             raise _corrupt(source, f"bad dtype for tensor {name!r}")
@@ -489,8 +580,8 @@ def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[st
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) \
                 or length != itemsize * math.prod(shape):
             raise _corrupt(source, f"tensor {name!r} does not fill its shape")
-        stored[name] = np.frombuffer(payload, dtype=dtype).reshape(shape)
-    if reader.pos != len(reader.data):
+        stored[name] = np.frombuffer(_bytes_at(data, start, offset), dtype=dtype).reshape(shape)
+    if offset != len(data):
         raise _corrupt(source, "trailing bytes after the last tensor")
     manifest["tensors"] = tensors
     return manifest, stored
@@ -506,7 +597,7 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
         if "enc" in entry:
             try:
                 coder = codec if entry["enc"] == "weights" else format2_codec
-                array = coder.decode(memoryview(array), shape)
+                array = coder.decode(memoryview(array.read() if isinstance(array, _Payload) else array), shape)
             except NetshrinkError as exc:
                 raise NetshrinkError(f"{source}: tensor {name!r}: {exc}") from None
             except (ValueError, IndexError, OverflowError, MemoryError, AssertionError) as exc:
@@ -515,6 +606,7 @@ def _decode_all(manifest: dict, stored: dict[str, np.ndarray], source: str) -> d
         if tuple(array.shape) != shape or ("sha" in entry and _digest(array) != entry["sha"]):
             raise NetshrinkError(f"{source}: tensor {name!r} fails its checksum (corrupt file)")
         state[name] = torch.from_numpy(array if array.flags.writeable else np.array(array))  # raw: read-only bytes
+        give_back_memory()
     for name, entry in manifest["tensors"].items():
         if "same_as" in entry:
             state[name] = state[entry["same_as"]]
@@ -554,7 +646,7 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dic
                                      f"{list(current.shape)} in the model")
 
 
-def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file", *,
+def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: str = "file", *,
                restore: bool = True) -> nn.Module:
     """Rebuild a model from bytes written by :func:`to_bytes` (see :func:`load`)."""
     if model is not None and not isinstance(model, nn.Module):
@@ -569,6 +661,8 @@ def from_bytes(data: bytes, model: nn.Module | None = None, source: str = "file"
         with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
             model = model_from_spec(manifest["model"])
     state = _decode_all(manifest, stored, source)
+    if isinstance(data, FileBytes):
+        data.check_unchanged()
     transform_state = _split_transform_state(state)
     _values_from_codes(manifest, state, transform_state, source)
     _check_fits(model, state, quantized, source)
@@ -652,7 +746,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        file = open(path, "rb")
     except (OSError, TypeError) as exc:
         raise NetshrinkError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return from_bytes(data, model, source=str(path), restore=restore)
+    with file:  # read a piece at a time: the file is never held whole in memory
+        return from_bytes(FileBytes(file, str(path)), model, source=str(path), restore=restore)

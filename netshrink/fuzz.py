@@ -26,8 +26,8 @@ KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "he
 def manifest_text(data: bytes) -> tuple[str, bytes] | None:
     """A format-3 file's manifest JSON and the payload bytes after it (None if unreadable)."""
     try:
-        text, reader = manifest_section(data)
-        return text.decode(), bytes(reader.data[reader.pos:])
+        text, payloads = manifest_section(data)
+        return text.decode(), bytes(data[payloads:])
     except Exception:  # noqa: BLE001 - damaged input is simply not edited
         return None
 

@@ -1,5 +1,7 @@
+import contextlib
 import copy
 import os
+from unittest import mock
 
 import numpy as np
 
@@ -9,6 +11,7 @@ from safetensors.torch import save_file
 
 import netshrink
 from netshrink import artifact
+from netshrink.codec import weights as codec
 
 
 def test_roundtrip_bit_identical_weights_and_predictions(trained, digits, tmp_path):
@@ -87,13 +90,13 @@ def test_files_are_safetensors_with_a_small_overhead(tmp_path):
     path = tmp_path / "small.nsk"
     size = netshrink.save(model, path)
     with safe_open(path, "np") as f:  # any safetensors reader opens it: one uint8 blob
-        assert f.metadata() == {"netshrink": "4"} and list(f.keys()) == ["netshrink"]
+        assert f.metadata() == {"netshrink": str(artifact.VERSION)} and list(f.keys()) == ["netshrink"]
         blob = f.get_tensor("netshrink")
         assert blob.dtype == np.uint8
     # netshrink writes the safetensors header itself (to avoid copies): byte for byte safetensors' own
     from safetensors.numpy import save
     data = path.read_bytes()
-    assert data == save({"netshrink": blob}, metadata={"netshrink": "4"})
+    assert data == save({"netshrink": blob}, metadata={"netshrink": str(artifact.VERSION)})
     payloads = sum(len(weights.encode(a)) for a in artifact.stored_arrays(model).values())
     overhead = size - payloads  # header, manifest (names, shapes, transforms), checksum
     assert 0 < overhead <= 300, overhead
@@ -146,12 +149,19 @@ class Tied(torch.nn.Module):
         return self.out(self.hidden(x) + self.other(x))
 
 
-def test_tied_weights_stay_tied_and_equal_tensors_stay_apart(tmp_path):
+@pytest.mark.parametrize("band", [None, 100])
+def test_tied_weights_stay_tied_and_equal_tensors_stay_apart(tmp_path, band):
+    """(``band``: the weights coded in bands of rows, streamed into the file as they are coded;
+    the tied copy is found once written, and taken back.)"""
     torch.manual_seed(0)
     model = Tied()
     netshrink.quantize(model, weight_bits=6)
     path = tmp_path / "tied.nsk"
-    netshrink.save(model, path)
+    with mock.patch.object(codec, "BAND", band) if band else contextlib.nullcontext():
+        netshrink.save(model, path)
+    manifest, stored = artifact.read_manifest(path.read_bytes())
+    assert manifest["tensors"]["out.weight"]["same_as"] == "embed.weight" and "out.weight" not in stored
+    assert (codec.encoding_name(bytes(stored["embed.weight"])).endswith(" in bands")) == bool(band)
     tokens = torch.arange(10)
     expected = netshrink.bake(copy.deepcopy(model)).eval()(tokens)
     for _ in range(2):  # twice: nothing from the first load leaks into the second

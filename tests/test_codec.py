@@ -1,4 +1,4 @@
-"""The tensor coder of format-3 and format-4 files (``codec.weights``) against the arrays it codes: every
+"""The tensor coder of format-3 to format-5 files (``codec.weights``) against the arrays it codes: every
 decode is bit-identical, whatever the values (NaN, -0.0, subnormals), shape or density."""
 from contextlib import nullcontext
 from unittest import mock
@@ -15,17 +15,34 @@ from netshrink.errors import NetshrinkError
 from netshrink.methods.quantize import fake_quantize
 
 
-def roundtrip(array, packed=False):
-    """Encode and decode; ``packed`` forces the packed coding (``codec.packed``, by default only for
-    large tensors) on any tensor, so every path meets the same property tests."""
-    with mock.patch.multiple(weights, SAMPLE=-1, MARGIN_ABOVE=-1, PACKED_MARGIN=float("inf")) if packed else nullcontext():
+# "packed" forces the packed coding (``codec.packed``, by default only for large tensors) on any
+# tensor, "bands" cuts any tensor of more than 37 values into bands of rows (by default only above a
+# million values), so every path meets the same property tests.
+MODES = {"auto": {}, "packed": dict(SAMPLE=-1, MARGIN_ABOVE=-1, PACKED_MARGIN=float("inf")), "bands": dict(BAND=37)}
+
+
+def roundtrip(array, mode="auto"):
+    """Encode and decode in one of ``MODES``; the decoded array must be the same bits."""
+    with mock.patch.multiple(weights, **MODES[mode]) if MODES[mode] else nullcontext():
         encoded = weights.encode(array)
     decoded = weights.decode(encoded, array.shape)
     assert decoded.dtype == np.float32 and decoded.shape == array.shape
     assert decoded.tobytes() == np.asarray(array, np.float32).tobytes()  # bit-identical, incl. -0.0 and NaN
-    if packed and encoded[0] not in (weights.CONSTANT, weights.RAW):
+    if mode == "packed" and encoded[0] not in (weights.CONSTANT, weights.RAW):
         assert encoded[1] & weights.PACKED
+    if mode == "bands":
+        assert (encoded[0] == weights.BANDS) == (array.size > 37 and weights.matrix_shape(array.shape)[0] > 1)
     return encoded
+
+
+def bands(encoded):
+    """The bands of a tensor coded in bands, each as bytes."""
+    reader = weights.Reader(encoded)
+    assert reader.u8() == weights.BANDS and reader.varint() >= 1
+    parts = []
+    while reader.pos < len(encoded):
+        parts.append(bytes(reader.take(reader.varint())))
+    return parts
 
 
 def quantized(rng, shape, bits, keep=1.0):
@@ -42,28 +59,28 @@ def test_edge_cases(array):
     roundtrip(array)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=120, deadline=None)
 @given(array=arrays(np.float32, st.tuples(st.integers(1, 40), st.integers(1, 40)),
                     elements=st.sampled_from([0.0, 0.0, 0.0, 1.5, -0.25, 3.0, 7.0, -1e-3, -0.0])))
-def test_roundtrip_low_cardinality(array, packed):
-    roundtrip(array, packed)
+def test_roundtrip_low_cardinality(array, mode):
+    roundtrip(array, mode)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=80, deadline=None)
 @given(array=arrays(np.float32, st.one_of(st.integers(0, 300), st.tuples(st.integers(1, 20), st.integers(1, 20))),
                     elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
-def test_roundtrip_any_floats(array, packed):
-    roundtrip(array, packed)
+def test_roundtrip_any_floats(array, mode):
+    roundtrip(array, mode)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1), keep=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 0.51, 0.9, 1.0]),
        bits=st.sampled_from([1, 2, 3, 4, 8, 10, 12]), shape=st.sampled_from([(17, 33), (1, 700), (300, 3), (4, 3, 3, 3)]))
-def test_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape, packed):
-    roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep), packed)
+def test_roundtrip_pruned_quantized_any_density(seed, keep, bits, shape, mode):
+    roundtrip(quantized(np.random.default_rng(seed), shape, bits, keep), mode)
 
 
 def test_sizes_against_what_the_values_hold():
@@ -111,6 +128,25 @@ def test_truncated_or_padded_tensor_is_an_error(cut):
         weights.decode(data + b"\0", (40, 50))
 
 
+def test_bands_cost_little_and_bad_bands_are_an_error():
+    rng = np.random.default_rng(4)
+    w = quantized(rng, (64, 200), 4, 0.3)
+    whole = roundtrip(w)
+    banded = roundtrip(w, "bands")  # 64 bands of one row each
+    assert len(bands(banded)) == 64 and weights.encoding_name(banded) == "grid+map in bands"
+    with mock.patch.object(weights, "BAND", 2000):  # 10 rows per band, the last one of 4
+        encoded = roundtrip(w)
+    parts = bands(encoded)
+    assert len(parts) == 7 and weights.decode(parts[-1], (4, 200)).tobytes() == w[60:].tobytes()
+    assert len(encoded) < 1.1 * len(whole)  # each band relearns its models: bands of 2,000 values cost < 10%
+    for bad in (bytes([weights.BANDS, 0]) + banded[2:],  # no rows per band
+                bytes([weights.BANDS, 64]) + banded[2:],  # one band of all the rows
+                bytes([weights.BANDS, 32, 3, weights.BANDS, 1, 0]),  # bands within a band
+                banded[:-1], banded + b"\0"):
+        with pytest.raises(NetshrinkError):
+            weights.decode(bad, w.shape)
+
+
 def test_encoding_is_deterministic():
     w = quantized(np.random.default_rng(3), (30, 70), 3, 0.4)
     assert weights.encode(w) == weights.encode(w.copy())
@@ -121,7 +157,7 @@ def test_packed_map_gaps_across_run_bytes(gap):
     """Gaps of 255 and more zeros take several bytes in the gap map; every length must survive."""
     w = np.zeros(gap + 1001, np.float32)
     w[[gap, gap + 1000]] = [1.5, -2.0]
-    roundtrip(w, packed=True)
+    roundtrip(w, "packed")
 
 
 def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_margin():
@@ -129,22 +165,23 @@ def test_large_tensors_are_packed_unless_context_coding_saves_more_than_the_marg
     big = quantized(rng, (1100, 1000), 8)  # a bell-shaped 8-bit layer, above MARGIN_ABOVE values
     sparse = np.where(rng.random((1100, 1000)) < 0.1, rng.standard_normal((1100, 1000)), 0).astype(np.float32)
     for array in (big, sparse):
-        encoded = roundtrip(array)
-        assert encoded[1] & weights.PACKED
+        encoded = roundtrip(array)  # above BAND values: two bands, each packed
+        parts = bands(encoded)
+        assert len(parts) == 2 and all(part[1] & weights.PACKED for part in parts)
         rows, width = weights.matrix_shape(array.shape)
         context = weights._encode_as(array.ravel().view(np.uint32), rows, width,
                                      *weights._symbols(array.ravel().view(np.uint32), width)[0])[1]
-        assert len(encoded) <= (1 + weights.PACKED_MARGIN) * len(context) + 64
+        assert len(encoded) <= (1 + weights.PACKED_MARGIN) * len(context) + 64 * len(parts)
     # structured maps (whole input columns kept or dropped): the context coder is far smaller and stays
     columns = rng.random(1000) < 0.1
     structured = np.where(columns & (rng.random((1100, 1000)) < 0.9), 0.5, 0).astype(np.float32)
-    assert not roundtrip(structured)[1] & weights.PACKED
+    assert not any(part[1] & weights.PACKED for part in bands(roundtrip(structured)))
 
 
 @pytest.mark.parametrize("cut", [1, 5, 20, 100])
 def test_truncated_or_padded_packed_tensor_is_an_error(cut):
     w = quantized(np.random.default_rng(0), (40, 50), 4, 0.3)
-    data = roundtrip(w, packed=True)
+    data = roundtrip(w, "packed")
     with pytest.raises(NetshrinkError):
         weights.decode(data[:-cut], (40, 50))
     with pytest.raises(NetshrinkError):
@@ -156,7 +193,7 @@ def test_truncated_or_padded_packed_tensor_is_an_error(cut):
 def test_corrupt_packed_bytes_are_an_error_or_the_right_shape(position, value):
     """A changed byte (the file's checksum catches it first; this is what lies behind): either one
     NetshrinkError or an array of the promised shape, never another exception."""
-    data = bytearray(roundtrip(quantized(np.random.default_rng(1), (60, 70), 3, 0.05), packed=True))
+    data = bytearray(roundtrip(quantized(np.random.default_rng(1), (60, 70), 3, 0.05), "packed"))
     data[position % len(data)] = value
     try:
         out = weights.decode(bytes(data), (60, 70))

@@ -9,6 +9,7 @@ import stat
 import time
 import tracemalloc
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -88,6 +89,26 @@ def test_failed_load_leaves_the_callers_model_exactly_as_it_was(trained, digits,
     assert _model_state(other) == before
     loaded = netshrink.load(tmp_path / "m.nsk", model=other)  # the same file loads into it
     assert loaded is other and torch.equal(other(digits[1].tensors[0]), source(digits[1].tensors[0]))
+
+
+def test_a_file_written_to_while_it_loads_is_an_error_and_the_model_stays(trained, digits, tmp_path):
+    """Loading reads a file twice (checksum, then each tensor): a writer in between is caught."""
+    path = tmp_path / "m.nsk"
+    netshrink.save(_compressed(copy.deepcopy(trained), digits), path)
+    target = netshrink.build_model("lenet-300-100", (1, 8, 8), seed=3)
+    before = _model_state(target)
+    decode_all = artifact._decode_all
+    for change in (lambda data: path.write_bytes(data),  # rewritten in place, the same bytes
+                   lambda data: path.write_bytes(data[:-100])):  # cut short
+        def writer_in_between(*args, change=change):
+            change(path.read_bytes())
+            return decode_all(*args)
+        path.write_bytes(netshrink.artifact.to_bytes(_compressed(copy.deepcopy(trained), digits)))
+        time.sleep(0.01)  # a later modification time
+        with mock.patch.object(artifact, "_decode_all", writer_in_between), \
+                pytest.raises(netshrink.NetshrinkError, match="changed while it was read|is corrupt"):
+            netshrink.load(path, model=target)
+        assert _model_state(target) == before
 
 
 def test_every_byte_is_covered_by_the_checksum(trained, digits, tmp_path):

@@ -1,4 +1,4 @@
-"""How one float32 tensor is stored (file formats 3 and 4). Exact: decode(encode(x)) is x bit for bit.
+"""How one float32 tensor is stored (file formats 3 to 5). Exact: decode(encode(x)) is x bit for bit.
 
 A tensor is seen as a matrix (rows: output channels, the first dimension) and its values as
 integer symbols of one of three kinds:
@@ -18,17 +18,23 @@ large) and, with a map, whether the next line is non-zero there (the map is deco
 Lines run along rows or along columns, whichever the encoder estimates is smaller (for a
 fully-connected layer on images, columns are input pixels: neighbours).
 
-Format 4 can **pack** a tensor instead (``codec.packed``: symbols several to a byte, zstd's
+Format 4 and later can **pack** a tensor instead (``codec.packed``: symbols several to a byte, zstd's
 Huffman coding over them; the map as a bitmap or as gaps): it decodes about ten times faster, and
 large layers rarely have the neighbour structure contexts exploit. Packing is chosen when it is
 smaller (on a sample, for large tensors), or for tensors above 4 MiB when it is at most
 ``PACKED_MARGIN`` larger.
 
+Format 5 codes a tensor of more than ``BAND`` values (a million) as **bands** of whole rows, each
+a tensor of its own, so coding and decoding hold one band's work at a time.
+
 Layout::
 
-    u8 kind                                   0 constant, 1 float, 2 grid, 3 codebook, 4 raw
+    u8 kind                                   0 constant, 1 float, 2 grid, 3 codebook, 4 raw, 5 bands
     constant: u32 value                       (also the empty tensor)
     raw: u32 per value                        (when coding would not be smaller)
+    bands (format 5; tensors above ``BAND`` values): varint rows per band (the last band may have
+                                              fewer), then per band: varint byte count | the band
+                                              coded as a tensor of its own (any kind but bands)
     otherwise:
     u8 flags                                  bit 0: lines along columns; bit 1: significance map;
                                               bit 2: value contexts; bit 3: packed
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -55,8 +62,13 @@ from .packed import read_map, read_symbols, write_map, write_symbols
 from .lines import MAX_ALPHABET, Models, decode_lines, encode_lines, range_decoder, range_encoder
 from .streams import Reader, write_varint
 
-CONSTANT, FLOAT, GRID, CODEBOOK, RAW = 0, 1, 2, 3, 4
+CONSTANT, FLOAT, GRID, CODEBOOK, RAW, BANDS = 0, 1, 2, 3, 4, 5
 NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook", RAW: "raw"}
+# Tensors above BAND values (4 MiB of float32) are coded as bands of whole rows of about that
+# many values, each on its own (own kind, grid, codebook, models): coding and decoding then hold
+# one band's work, whatever the tensor's size. Adaptive models restart per band, which costs a few
+# hundred bytes in a band's megabytes.
+BAND = 1 << 20
 COLUMNS, MAP, VALUE_CONTEXT, PACKED = 1, 2, 4, 8
 VALUE_CLASSES = 5  # see _sign_table
 SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
@@ -83,19 +95,53 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
     """Encode a float32 array (its shape is stored by the caller). ``stats``, when given, receives
     the kind and the bits spent on positions (the map) and on values."""
+    return b"".join(encode_parts(array, stats))
+
+
+def encode_parts(array: np.ndarray, stats: dict | None = None) -> Iterator[bytes]:
+    """:func:`encode`'s bytes in pieces, one band of a large tensor at a time, for a writer that
+    streams them: coding holds one band's work, never the whole tensor's."""
     array = np.ascontiguousarray(array, dtype=np.float32)
-    bits = array.ravel().view(np.uint32)
+    rows, width = matrix_shape(array.shape)
+    bits = array.reshape(rows, width).view(np.uint32)
+    if array.size <= BAND or rows < 2:
+        yield _encode_whole(bits.ravel(), rows, width, stats)
+        return
+    band_rows = max(1, BAND // width)
+    packed = _packing_pays(bits)  # one decision for the tensor, from its middle rows
+    head = io.BytesIO()
+    head.write(bytes([BANDS]))
+    write_varint(head, band_rows)
+    yield head.getvalue()
+    totals = {"kind": "bands", "position_bits": 0, "value_bits": 8 * head.tell()}
+    for start in range(0, rows, band_rows):
+        band = bits[start:start + band_rows]
+        found: dict = {}
+        part = _encode_whole(band.ravel(), band.shape[0], width, found, packed)
+        length = io.BytesIO()
+        write_varint(length, len(part))
+        totals["position_bits"] += found["position_bits"]
+        totals["value_bits"] += found["value_bits"] + 8 * length.tell()
+        yield length.getvalue() + part
+    if stats is not None:
+        stats.update(totals)
+
+
+def _encode_whole(bits: np.ndarray, rows: int, width: int, stats: dict | None, packed: bool | None = None) -> bytes:
+    """One tensor (or band) coded every way that applies, the smallest kept; ``packed`` decided
+    by the caller, or here (see ``SAMPLE``)."""
     if bits.size == 0 or (bits == bits[0]).all():
         if stats is not None:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
-    rows, width = matrix_shape(array.shape)
+    if packed is None and bits.size > SAMPLE:
+        packed = _packing_pays(bits.reshape(rows, width))
     candidates = []
     for found in _symbols(bits, width):
-        if bits.size <= SAMPLE:
+        if packed is None:
             candidates += [_encode_as(bits, rows, width, *found), _encode_as(bits, rows, width, *found, packed=True)]
         else:
-            candidates.append(_encode_as(bits, rows, width, *found, packed=_packing_pays(bits, rows, width, *found)))
+            candidates.append(_encode_as(bits, rows, width, *found, packed=packed))
     position_bits, data = min(candidates, key=lambda candidate: len(candidate[1]))
     if len(data) > 4 * bits.size:  # tiny tensors of distinct floats: learning costs more than it saves
         position_bits, data = 0, bytes([RAW]) + bits.astype("<u4").tobytes()
@@ -161,23 +207,22 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     return position_bits, out.getvalue()
 
 
-def _packing_pays(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.ndarray, side: np.ndarray | None,
-                  low: int) -> bool:
-    """Whether the packed coding of a large tensor is smaller than the context coder's (at most
-    ``PACKED_MARGIN`` larger above ``MARGIN_ABOVE`` values), judged by coding both ways a band of
-    rows from the middle (at most ``SAMPLE`` values, 1024 columns): the context coder pays only
-    where neighbours are alike."""
+def _packing_pays(bits: np.ndarray) -> bool:
+    """Whether the packed coding of a large tensor (``bits`` as a matrix) is smaller than the
+    context coder's (at most ``PACKED_MARGIN`` larger above ``MARGIN_ABOVE`` values), judged by
+    coding both ways, each with its best kind, a band of rows from the middle (at most ``SAMPLE``
+    values, 1024 columns): the context coder pays only where neighbours are alike."""
+    rows, width = bits.shape
     columns = min(width, 1024)
     band = min(rows, max(64, SAMPLE // columns))
     start = (rows - band) // 2
-    window = (slice(start, start + band), slice(0, columns))
-    sample_bits = np.ascontiguousarray(bits.reshape(rows, width)[window]).ravel()
-    if (sample_bits == sample_bits[0]).all():
+    sample = np.ascontiguousarray(bits[start:start + band, :columns]).ravel()
+    if (sample == sample[0]).all():
         return True
-    sample = (sample_bits, band, columns, kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
-              side[start:start + band] if kind == GRID else side, low)
-    margin = PACKED_MARGIN if bits.size > MARGIN_ABOVE else 0.0
-    return len(_encode_as(*sample, packed=True)[1]) <= (1 + margin) * len(_encode_as(*sample)[1])
+    found = _symbols(sample, columns)
+    packed = min(len(_encode_as(sample, band, columns, *f, packed=True)[1]) for f in found)
+    lines = min(len(_encode_as(sample, band, columns, *f)[1]) for f in found)
+    return packed <= (1 + (PACKED_MARGIN if bits.size > MARGIN_ABOVE else 0.0)) * lines
 
 
 def _code_lines(coder, layout: Layout, nonzero: np.ndarray | None, symbols: np.ndarray, signs: np.ndarray,
@@ -235,6 +280,8 @@ def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         out = np.frombuffer(reader.take(4 * size), dtype="<u4").view(np.float32).reshape(shape).copy()
         _finish(reader)
         return out
+    if kind == BANDS:
+        return _decode_bands(reader, shape)
     if kind not in NAMES or size == 0:
         raise NetshrinkError(f"encoded tensor is corrupt (kind {kind} for {size} values)")
     flags = reader.u8()
@@ -283,6 +330,23 @@ def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(shape)
 
 
+def _decode_bands(reader: Reader, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor coded as bands of rows (see ``BAND``), each decoded into its place in turn."""
+    rows, width = matrix_shape(shape)
+    band_rows = reader.varint()
+    if not 1 <= band_rows < rows:
+        raise NetshrinkError("encoded tensor is corrupt (bands)")
+    out = np.empty((rows, width), dtype=np.float32)
+    for start in range(0, rows, band_rows):
+        part = reader.take(reader.varint())
+        if len(part) and part[0] == BANDS:
+            raise NetshrinkError("encoded tensor is corrupt (bands within a band)")
+        count = min(band_rows, rows - start)
+        out[start:start + count] = _decode(part, (count, width))
+    _finish(reader)
+    return out.reshape(shape)
+
+
 def _decode_lines(coder, layout: Layout, flags: int, sign_of: np.ndarray, alphabet: int) \
         -> tuple[np.ndarray | None, np.ndarray]:
     """Inverse of :func:`_code_lines`: (positions of the coded values in line order or None, their symbols)."""
@@ -316,6 +380,11 @@ def encoding_name(data: bytes) -> str:
     """The value kind, with "+map" when a significance map says which values are non-zero."""
     if not data:
         return "?"
+    if data[0] == BANDS:
+        reader = Reader(data)
+        reader.u8(), reader.varint()
+        first = bytes(reader.take(min(reader.varint(), 2)))
+        return f"{encoding_name(first)} in bands" if first[:1] != bytes([BANDS]) else "?"
     name = NAMES.get(data[0], "?")
     return f"{name}+map" if data[0] in (FLOAT, GRID, CODEBOOK) and data[1] & MAP else name
 

@@ -404,6 +404,7 @@ def baked_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             with torch.no_grad():
                 value = getattr(owner, tensor_name).detach()
             yield (f"{prefix[1:]}.{tensor_name}" if prefix else tensor_name), value
+            del value  # let go before the next is computed
 
 
 def is_depthwise(module: nn.Module) -> bool:
