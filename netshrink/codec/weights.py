@@ -134,10 +134,11 @@ def _encode_whole(bits: np.ndarray, rows: int, width: int, stats: dict | None, p
         if stats is not None:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
+    options = _symbols(bits, width)
     if packed is None and bits.size > SAMPLE:
-        packed = _packing_pays(bits.reshape(rows, width))
+        packed = _packing_pays(bits.reshape(rows, width), options)
     candidates = []
-    for found in _symbols(bits, width):
+    for found in options:
         if packed is None:
             candidates += [_encode_as(bits, rows, width, *found), _encode_as(bits, rows, width, *found, packed=True)]
         else:
@@ -207,19 +208,25 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     return position_bits, out.getvalue()
 
 
-def _packing_pays(bits: np.ndarray) -> bool:
+def _packing_pays(bits: np.ndarray, found: list[tuple] | None = None) -> bool:
     """Whether the packed coding of a large tensor (``bits`` as a matrix) is smaller than the
     context coder's (at most ``PACKED_MARGIN`` larger above ``MARGIN_ABOVE`` values), judged by
     coding both ways, each with its best kind, a band of rows from the middle (at most ``SAMPLE``
-    values, 1024 columns): the context coder pays only where neighbours are alike."""
+    values, 1024 columns): the context coder pays only where neighbours are alike. ``found``: the
+    tensor's symbols (see :func:`_symbols`), when the caller has them."""
     rows, width = bits.shape
     columns = min(width, 1024)
     band = min(rows, max(64, SAMPLE // columns))
     start = (rows - band) // 2
-    sample = np.ascontiguousarray(bits[start:start + band, :columns]).ravel()
+    window = (slice(start, start + band), slice(0, columns))
+    sample = np.ascontiguousarray(bits[window]).ravel()
     if (sample == sample[0]).all():
         return True
-    found = _symbols(sample, columns)
+    if found is None:
+        found = _symbols(sample, columns)
+    else:  # the same symbols, cut to the window (a grid's scales to its rows)
+        found = [(kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
+                  side[start:start + band] if kind == GRID else side, low) for kind, symbols, side, low in found]
     packed = min(len(_encode_as(sample, band, columns, *f, packed=True)[1]) for f in found)
     lines = min(len(_encode_as(sample, band, columns, *f)[1]) for f in found)
     return packed <= (1 + (PACKED_MARGIN if bits.size > MARGIN_ABOVE else 0.0)) * lines
