@@ -128,6 +128,24 @@ def test_truncated_or_padded_tensor_is_an_error(cut):
         weights.decode(data + b"\0", (40, 50))
 
 
+def test_near_uniform_packed_symbols_go_one_per_byte():
+    """A 4-bit grid over uniform weights packs two codes a byte with near-uniform bytes, which zstd
+    stores raw (4 bits a code); one code a byte, zstd's Huffman stage codes them within 1% of the
+    context coder."""
+    rng = np.random.default_rng(5)
+    uniform = fake_quantize(torch.rand(300, 1000) * 2 - 1, 4, "symmetric", True).numpy()
+    encoded = roundtrip(uniform, "packed")
+    assert encoded[1] & weights.SPREAD
+    rows, width = uniform.shape
+    bits = uniform.ravel().view(np.uint32)
+    context = weights._encode_as(bits, rows, width, *weights._symbols(bits, width)[0])[1]
+    assert len(encoded) < 1.015 * len(context) and 8 * len(encoded) / uniform.size < 3.97  # packed raw: 4.03
+    bell = quantized(rng, (300, 1000), 4)  # bell-shaped codes compress packed: no spreading
+    assert not roundtrip(bell, "packed")[1] & weights.SPREAD
+    with pytest.raises(NetshrinkError):
+        weights.decode(encoded[:1] + bytes([weights.SPREAD]) + encoded[2:], uniform.shape)  # spread, not packed
+
+
 def test_bands_cost_little_and_bad_bands_are_an_error():
     rng = np.random.default_rng(4)
     w = quantized(rng, (64, 200), 4, 0.3)

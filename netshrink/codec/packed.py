@@ -27,6 +27,7 @@ LEVEL = 1  # zstd's entropy stage does the work; higher levels spend time on mat
 BITMAP, GAPS = 0, 1
 _RUN = 255  # a gap byte meaning "255 zeros, the gap continues"
 GAPS_BELOW = 0.2  # gaps are tried below this density (a byte per kept value: denser maps lose)
+RAW_SHARE = 0.98  # a frame at least this share of its input was (nearly) stored raw: try one symbol per byte
 
 
 def _zstd():
@@ -62,27 +63,43 @@ def per_byte(alphabet: int) -> int:
     return count
 
 
-def write_symbols(out: io.BytesIO, symbols: np.ndarray, alphabet: int) -> None:
+def write_symbols(out: io.BytesIO, symbols: np.ndarray, alphabet: int, spread: bool | None = None) -> bool:
     """Symbols (each < ``alphabet``): below 257 symbols, packed as many per byte as fit (mixed
-    radix, the first symbol in the lowest place); larger alphabets as a low-byte plane and a plane
-    of the rest, each packed so."""
+    radix, the first symbol in the lowest place), or one per byte when ``spread``; larger
+    alphabets as a low-byte plane and a plane of the rest, each so. Returns ``spread``, decided
+    here when None: zstd stores a block raw when Huffman coding it saves too little, and packed
+    near-uniform symbols (a 4-bit grid over uniform weights: 3.88 bits of entropy in 4) fall under
+    that bar; one per byte, the same symbols save half the bytes and are Huffman-coded (within
+    1% of the context coder in that case)."""
     if alphabet > 256:
         write_symbols(out, symbols & 0xFF, 256)
-        write_symbols(out, symbols >> 8, -(-alphabet // 256))
-        return
+        return write_symbols(out, symbols >> 8, -(-alphabet // 256), spread)
     count = per_byte(alphabet)
+    if count == 1 or spread:
+        _write_frame(out, symbols.astype(np.uint8).tobytes())
+        return bool(spread)
     padded = np.zeros(-(-symbols.size // count) * count, dtype=np.uint16)
     padded[:symbols.size] = symbols
     places = (max(alphabet, 2) ** np.arange(count)).astype(np.uint16)
-    _write_frame(out, (padded.reshape(-1, count) * places).sum(axis=1, dtype=np.uint16).astype(np.uint8).tobytes())
+    packed = (padded.reshape(-1, count) * places).sum(axis=1, dtype=np.uint16).astype(np.uint8).tobytes()
+    dense = io.BytesIO()
+    _write_frame(dense, packed)
+    if spread is None and dense.tell() >= RAW_SHARE * len(packed):
+        alone = io.BytesIO()
+        _write_frame(alone, symbols.astype(np.uint8).tobytes())
+        if alone.tell() < dense.tell():
+            out.write(alone.getvalue())
+            return True
+    out.write(dense.getvalue())
+    return False
 
 
-def read_symbols(reader: Reader, size: int, alphabet: int) -> np.ndarray:
+def read_symbols(reader: Reader, size: int, alphabet: int, spread: bool = False) -> np.ndarray:
     """Inverse of :func:`write_symbols`: ``size`` symbols (uint8 below 257 symbols, else int32)."""
     if alphabet > 256:
         low = read_symbols(reader, size, 256).astype(np.int32)
-        return low | read_symbols(reader, size, -(-alphabet // 256)).astype(np.int32) << 8
-    count, base = per_byte(alphabet), max(alphabet, 2)
+        return low | read_symbols(reader, size, -(-alphabet // 256), spread).astype(np.int32) << 8
+    count, base = 1 if spread else per_byte(alphabet), max(alphabet, 2)
     packed = _read_frame(reader, -(-size // count))
     if count == 1:
         symbols = packed

@@ -37,7 +37,8 @@ Layout::
                                               coded as a tensor of its own (any kind but bands)
     otherwise:
     u8 flags                                  bit 0: lines along columns; bit 1: significance map;
-                                              bit 2: value contexts; bit 3: packed
+                                              bit 2: value contexts; bit 3: packed; bit 4 (format 5):
+                                              packed symbols one per byte (``codec.packed``)
     varint rows (or columns) per line | varint alphabet
     float: u8 lowest exponent present
     grid: varint row count, codebook: varint entry count; then u8 lowest exponent, varint alphabet
@@ -69,7 +70,7 @@ NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook
 # one band's work, whatever the tensor's size. Adaptive models restart per band, which costs a few
 # hundred bytes in a band's megabytes.
 BAND = 1 << 20
-COLUMNS, MAP, VALUE_CONTEXT, PACKED = 1, 2, 4, 8
+COLUMNS, MAP, VALUE_CONTEXT, PACKED, SPREAD = 1, 2, 4, 8, 16
 VALUE_CLASSES = 5  # see _sign_table
 SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
 # Packed coding (codec.packed) decodes about ten times faster than the context coder. Tensors of up
@@ -194,7 +195,8 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
         if use_map:
             write_map(out, nonzero, positions)
         position_bits = 8 * (out.tell() - start)
-        write_symbols(out, symbols if positions is None else symbols[positions], alphabet)
+        if write_symbols(out, symbols if positions is None else symbols[positions], alphabet):
+            out.getbuffer()[1] |= SPREAD  # the flags byte: symbols one per byte
         value_bits = bits if positions is None else bits[positions]
     else:
         position_bits, positions = _code_lines(coder, layout, nonzero if use_map else None, symbols, signs,
@@ -311,11 +313,13 @@ def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
         side = floats(decode_lines(coder, np.array([0, side_count]), Models(side_alphabet, 1)), side_low, reader)
         if kind == GRID and side_count != rows:
             raise NetshrinkError("encoded tensor is corrupt (grid scales)")
+    if flags & SPREAD and not flags & PACKED:
+        raise NetshrinkError("encoded tensor is corrupt (flags)")
     if flags & PACKED:
         if flags & (COLUMNS | VALUE_CONTEXT):
             raise NetshrinkError("encoded tensor is corrupt (flags)")
         positions = read_map(reader, size) if flags & MAP else None
-        coded = read_symbols(reader, size if positions is None else positions.size, alphabet)
+        coded = read_symbols(reader, size if positions is None else positions.size, alphabet, bool(flags & SPREAD))
     else:
         positions, coded = _decode_lines(coder, layout, flags, _sign_table(kind, alphabet, side, low), alphabet)
     if kind == FLOAT:
