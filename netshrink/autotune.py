@@ -203,8 +203,8 @@ class _Validation:
         return self.scores(model)[0]
 
 
-def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
-                keeps=KEEPS, bits=BITS, progress: bool = True) -> dict[str, list[Choice]]:
+def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
+                        keeps=KEEPS, bits=BITS, progress: bool = True) -> dict[str, list[Choice]]:
     """Every layer's choices with their coded bytes and validation damage, one layer compressed at
     a time (its weight swapped in place and put back)."""
     from .train import Progress
@@ -230,6 +230,19 @@ def sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Val
     finally:
         bar.close()
     return table
+
+
+def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> dict[str, list[Choice]]:
+    """An earlier sensitivity table, checked against this search: the same layers, and choices
+    from these keeps and bits."""
+    if not isinstance(table, dict) or set(table) != set(layers):
+        raise NetshrinkError("sensitivity is not a table for this model's layers: pass AutoResult.sensitivity of an "
+                             "earlier search of the same model")
+    for name, choices in table.items():
+        if not choices or not all(isinstance(c, Choice) and c.keep in keeps and c.bits in bits for c in choices):
+            raise NetshrinkError(f"sensitivity for layer {name!r} has choices outside keeps={list(keeps)} and "
+                                 f"bits={list(bits)}: search with the keeps and bits it was measured with")
+    return {name: list(table[name]) for name in layers}
 
 
 def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0,
@@ -289,7 +302,8 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
          trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
          bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
-         forward: Forward | None = None, on_trial=None) -> AutoResult:
+         forward: Forward | None = None, on_trial=None,
+         sensitivity: dict[str, list[Choice]] | None = None) -> AutoResult:
     """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
@@ -297,7 +311,9 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     the smallest file the search finds. ``data``: training data; ``validation_share`` of it is held
     out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
     policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
-    floats). Returns an :class:`AutoResult`; ``model`` itself is not changed.
+    floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
+    model, validation data, keeps and bits, so that searching several budgets measures it once.
+    Returns an :class:`AutoResult`; ``model`` itself is not changed.
 
     >>> import netshrink
     >>> from netshrink.data import load_dataset
@@ -362,7 +378,10 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             raise _unreachable(max_bytes, smallest, overhead)
     dense_accuracy = scorer.scores(work)[1]
     dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
-    table = sensitivity(work, work_layers, scorer, keeps, bits, progress)
+    if sensitivity is None:
+        table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress)
+    else:
+        table = _reused(sensitivity, work_layers, keeps, bits)
 
     def run(target: int) -> dict | None:
         policy = solve(table, target)

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -82,6 +83,10 @@ def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
     # Called again: the same answer (no state kept between calls).
     again = netshrink.auto(trained, train, max_bytes=9000, **FAST)
     assert again.file_bytes == found.file_bytes and again.policy == found.policy
+    # Another budget, reusing the measured sensitivity: not measured again, the same table.
+    with mock.patch("netshrink.autotune.measure_sensitivity", side_effect=AssertionError("measured again")):
+        smaller = netshrink.auto(trained, train, max_bytes=7000, sensitivity=found.sensitivity, **FAST)
+    assert smaller.sensitivity == found.sensitivity and smaller.file_bytes <= 7000
 
 
 def found_split(train):
@@ -142,6 +147,7 @@ def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
     ({"max_bytes": 5000, "validation_share": 1.0}, "validation_share"),
     ({"max_bytes": 5000, "targets": ["nope"]}, "matches no"),
     ({"max_bytes": 5000, "trials": 0}, "trials"),
+    ({"max_bytes": 5000, "sensitivity": {"fc1": []}}, "sensitivity is not a table"),
 ])
 def test_auto_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
     before = _state(trained)
