@@ -49,7 +49,8 @@ def main() -> None:
     variants = [
         ("identity (w * 1)", lambda: w * 1),
         ("mask: torch.where(mask, w, 0)", lambda: torch.where(bool_mask, w, zero)),
-        ("mask: w * float mask (netshrink)", lambda: w * float_mask),
+        ("mask: w * float mask (netshrink while training)", lambda: w * float_mask),
+        ("mask: w * bool mask (netshrink's stored mask, in eval)", lambda: w * bool_mask),
         ("4-bit: straight-through sum q + (w - w.detach())",
          lambda: straight_through(fake_quantize(w.detach(), 4, "symmetric", True), w)),
         ("4-bit: torch.fake_quantize_per_channel_affine", fused),

@@ -43,6 +43,26 @@ def test_fine_tuning_keeps_pruned_weights_at_exactly_zero(trained, digits):
     assert torch.all(trained.fc1.weight[zero_before] == 0)
 
 
+def test_the_mask_is_stored_as_booleans_with_a_float_copy_only_while_training(trained, digits):
+    netshrink.prune(trained, keep=0.3)
+    mask = trained.fc1.parametrizations.weight[0]
+    assert mask.mask.dtype == torch.bool and trained.state_dict()["fc1.parametrizations.weight.0.mask"].dtype == torch.bool
+    x = digits[1].tensors[0][:64]
+    trained.train()
+    training_out = trained(x)  # the float copy serves the training steps
+    assert mask._multiplier is not None and mask._multiplier.dtype == torch.float32
+    trained.eval()
+    assert mask._multiplier is None  # evaluating holds the booleans only
+    assert torch.equal(trained(x), training_out)
+    reference = torch.where(mask.mask, trained.fc1.parametrizations.weight.original, 0.0)
+    assert torch.equal(trained.fc1.weight, reference)
+    for _ in range(2):  # twice: a loaded mask replaces the float copy
+        trained.train()
+        trained(x)
+        trained.load_state_dict({**trained.state_dict(), "fc1.parametrizations.weight.0.mask": ~mask.mask})
+        assert torch.equal(trained.fc1.weight, torch.where(mask.mask, trained.fc1.parametrizations.weight.original, 0.0))
+
+
 def test_pruning_again_tightens_instead_of_stacking(trained):
     netshrink.prune(trained, keep=0.5)
     netshrink.prune(trained, keep=0.25)

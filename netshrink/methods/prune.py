@@ -19,19 +19,38 @@ from .base import Method, check_choice, check_range, per_layer, weight_of
 class Mask(nn.Module):
     """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero.
 
-    A float multiply costs little more than nothing in forward + backward, ``torch.where`` about
-    2.3 times as much (benchmarks/results/transform_overhead.md), and on small models that is a
-    large share of the training step. Pruned negative
-    weights become -0.0, equal to 0.0 in every computation; files store them as +0.0.
+    The mask is kept as booleans (a byte per weight). While training, the multiply uses a float
+    copy made at the first training step and dropped by ``eval()``: a float multiply costs little
+    more than nothing in forward + backward, a boolean one about three times as much and
+    ``torch.where`` about four (benchmarks/results/transform_overhead.md), and on small models that
+    is a large share of the training step. A pruned model that is evaluated, saved or loaded holds
+    1.25x its weights, not 2x. Pruned negative weights become -0.0, equal to 0.0 in every
+    computation; files store them as +0.0.
     """
 
     def __init__(self, mask: torch.Tensor, label: str = "prune") -> None:
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.float32))
+        self.register_buffer("mask", mask.to(torch.bool))
         self.label = label
+        self._multiplier: torch.Tensor | None = None  # the float copy, while training
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+        if not self.training:
+            return w * self.mask
+        multiplier = self._multiplier
+        if multiplier is None or multiplier.dtype != w.dtype or multiplier.device != w.device \
+                or multiplier.shape != self.mask.shape:
+            multiplier = self._multiplier = self.mask.to(device=w.device, dtype=w.dtype)
+        return w * multiplier
+
+    def train(self, mode: bool = True) -> "Mask":
+        if not mode:
+            self._multiplier = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._multiplier = None  # a new mask: the copy follows it
+        super()._load_from_state_dict(*args, **kwargs)
 
     def record(self) -> dict:
         """What a file stores to rebuild this transform (see ``methods.base.restore_transforms``)."""
