@@ -113,7 +113,8 @@ def run_phase(phase: str, name: str, width: int, layers: int, path: Path) -> dic
         return {"encode_seconds": encode_seconds, "decode_seconds": time.perf_counter() - started}
     if phase == "save":
         model = compressed(name, width, layers)
-        save_file({str(i): layer.weight.detach().contiguous() for i, layer in enumerate(model)}, path.with_suffix(".expected"))
+        with torch.no_grad():  # (with gradients, a pruned layer's weight would make its mask's float copy for training)
+            save_file({str(i): layer.weight.contiguous() for i, layer in enumerate(model)}, path.with_suffix(".expected"))
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory building the model freed goes back first
         with Peak() as save:
             size = netshrink.save(model, path)
@@ -173,8 +174,8 @@ def main() -> None:
         "model built on the meta device (checksum, decoding, checks, rebuilding the transforms). Peak = the "
         "process's highest resident memory above its imports (each call in a process of its own) over the "
         "fp32 model's bytes, counting the model itself, whose own tensors are given in brackets: a pruned "
-        "model with its transforms (as pruned, and as loaded by default) keeps a float32 mask beside each "
-        "weight. Exact = "
+        "model with its transforms (as pruned, and as loaded by default) keeps a boolean mask beside each "
+        "weight (and, after training steps, a float copy of it until `eval()` or saving lets it go). Exact = "
         "every loaded weight equals the saved one bit for bit.",
         "", markdown(["model", "file bytes", "smaller", "encode MB/s", "decode MB/s", "save MB/s", "load MB/s",
                       "peak, save", "peak, load", "exact"], rows), ""])

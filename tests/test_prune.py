@@ -43,12 +43,16 @@ def test_fine_tuning_keeps_pruned_weights_at_exactly_zero(trained, digits):
     assert torch.all(trained.fc1.weight[zero_before] == 0)
 
 
-def test_the_mask_is_stored_as_booleans_with_a_float_copy_only_while_training(trained, digits):
+def test_the_mask_is_stored_as_booleans_with_a_float_copy_only_while_training(trained, digits, tmp_path):
     netshrink.prune(trained, keep=0.3)
     mask = trained.fc1.parametrizations.weight[0]
     assert mask.mask.dtype == torch.bool and trained.state_dict()["fc1.parametrizations.weight.0.mask"].dtype == torch.bool
     x = digits[1].tensors[0][:64]
     trained.train()
+    with torch.no_grad():
+        trained(x)
+    netshrink.save(trained, tmp_path / "m.nsk")
+    assert mask._multiplier is None  # no float copy without gradients (saving, evaluating in training mode)
     training_out = trained(x)  # the float copy serves the training steps
     assert mask._multiplier is not None and mask._multiplier.dtype == torch.float32
     trained.eval()

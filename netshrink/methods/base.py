@@ -319,7 +319,8 @@ def add_transform(layer: nn.Module, transform: nn.Module) -> None:
             if type(existing) is type(transform):
                 stack[i] = transform
                 return
-    parametrize.register_parametrization(layer, "weight", transform)
+    with torch.no_grad():  # registering runs the transform once, as a check: no training step
+        parametrize.register_parametrization(layer, "weight", transform)
 
 
 def restore_transforms(model: nn.Module, records: dict[str, list[dict]],
@@ -349,7 +350,8 @@ def restore_transforms(model: nn.Module, records: dict[str, list[dict]],
                     raise
                 raise NetshrinkError(f"bad weight transform record for {layer!r}: {record!r}") from None
     for module, transform in planned:
-        parametrize.register_parametrization(module, "weight", transform)
+        with torch.no_grad():  # registering runs the transform once, as a check: no training step
+            parametrize.register_parametrization(module, "weight", transform)
 
 
 def transforms(layer: nn.Module) -> list[nn.Module]:

@@ -20,12 +20,14 @@ class Mask(nn.Module):
     """Weight transform ``w * mask``. Gradients of pruned weights are zero, so they stay zero.
 
     The mask is kept as booleans (a byte per weight). While training, the multiply uses a float
-    copy made at the first training step and dropped by ``eval()``: a float multiply costs little
+    copy made at the first training step (in training mode, with gradients) and dropped by ``eval()``
+    or by a use without gradients (baking, saving): a float multiply costs little
     more than nothing in forward + backward, a boolean one about three times as much and
-    ``torch.where`` about four (benchmarks/results/transform_overhead.md), and on small models that
+    ``torch.where`` about five (benchmarks/results/transform_overhead.md), and on small models that
     is a large share of the training step. A pruned model that is evaluated, saved or loaded holds
-    1.25x its weights, not 2x. Pruned negative weights become -0.0, equal to 0.0 in every
-    computation; files store them as +0.0.
+    1.25x its weights, not 2x. In training steps pruned negative weights become -0.0, equal to 0.0
+    in every computation; elsewhere they come out as +0.0, so saving need not copy the weight to
+    clear the sign bit.
     """
 
     def __init__(self, mask: torch.Tensor, label: str = "prune") -> None:
@@ -35,21 +37,26 @@ class Mask(nn.Module):
         self._multiplier: torch.Tensor | None = None  # the float copy, while training
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return w * self.mask
+        if not (self.training and w.requires_grad and torch.is_grad_enabled()):  # baking, saving, evaluating
+            self.release()
+            return (w * self.mask).add_(0.0)  # pruned negative weights as +0.0, in place
         multiplier = self._multiplier
         if multiplier is None or multiplier.dtype != w.dtype or multiplier.device != w.device \
                 or multiplier.shape != self.mask.shape:
             multiplier = self._multiplier = self.mask.to(device=w.device, dtype=w.dtype)
         return w * multiplier
 
+    def release(self) -> None:
+        """Let the float copy go (the next training step makes it again)."""
+        self._multiplier = None
+
     def train(self, mode: bool = True) -> "Mask":
         if not mode:
-            self._multiplier = None
+            self.release()
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._multiplier = None  # a new mask: the copy follows it
+        self.release()  # a new mask: the copy follows it
         super()._load_from_state_dict(*args, **kwargs)
 
     def record(self) -> dict:
