@@ -27,8 +27,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import netshrink
-from netshrink.autotune import Choice, policy_steps
-from netshrink.methods.base import select_layers, weight_source
+from netshrink.autotune import Choice, policy_steps, searched_layers
 from auto_compression import dense_model, split  # benchmarks/auto_compression.py
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
@@ -46,10 +45,9 @@ def file_bytes(model, steps) -> int:
 
 def uniform(dense, keep: float, bits: int, train, args):
     """Every layer auto would choose for, the same setting, through auto's own recipe."""
-    owners: dict[int, str] = {}
-    layers = [n for n, m in select_layers(dense, (), ()).items() if owners.setdefault(id(weight_source(m)), n) == n]
+    layers = searched_layers(dense)
     policy = {n: Choice(keep, bits, 0, 0.0) for n in layers}
-    biased = tuple(n for n in layers if getattr(dense.get_submodule(n), "bias", None) is not None)
+    biased = tuple(n for n, m in layers.items() if getattr(m, "bias", None) is not None)
     steps = policy_steps(policy, args.epochs, LR, args.augment, True, biased, 8)
     model = copy.deepcopy(dense)
     netshrink.Recipe.from_steps(copy.deepcopy(steps), "uniform").run(model, train, seed=args.seed)

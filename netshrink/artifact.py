@@ -341,12 +341,22 @@ class FileBytes:
         except OSError as exc:
             raise NetshrinkError(f"cannot read {self.source}: {exc.strerror or exc}") from None
 
+    def exactly(self, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start``, which the file had when its size was read."""
+        chunk = self[start:start + length]
+        if len(chunk) != length:
+            raise self._changed()
+        return chunk
+
     def check_unchanged(self) -> None:
         """Raise if the file was written to since it was opened (its checksum was verified in a
         first pass; the tensors are read in a second)."""
         now = os.fstat(self.file.fileno())
         if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
-            raise NetshrinkError(f"{self.source} changed while it was read")
+            raise self._changed()
+
+    def _changed(self) -> NetshrinkError:
+        return NetshrinkError(f"{self.source} changed while it was read")
 
 
 class _Payload:
@@ -359,10 +369,7 @@ class _Payload:
         self.data, self.start, self.shape, self.nbytes = data, start, (length,), length
 
     def read(self) -> np.ndarray:
-        chunk = self.data[self.start:self.start + self.nbytes]
-        if len(chunk) != self.nbytes:
-            raise NetshrinkError("the file changed while it was read")
-        return np.frombuffer(chunk, dtype=np.uint8)
+        return np.frombuffer(self.data.exactly(self.start, self.nbytes), dtype=np.uint8)
 
 
 def _bytes_at(data, start: int, stop: int):

@@ -232,6 +232,14 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
     return table
 
 
+def searched_layers(model: nn.Module, targets=(), ignore=()) -> dict[str, nn.Module]:
+    """The layers :func:`auto` chooses settings for: the selected Linear/Conv layers, a weight
+    tied to several of them once (under its first name)."""
+    owners: dict[int, str] = {}
+    return {n: m for n, m in select_layers(model, tuple(targets), tuple(ignore)).items()
+            if owners.setdefault(id(weight_source(m)), n) == n}
+
+
 def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> dict[str, list[Choice]]:
     """An earlier sensitivity table, checked against this search: the same layers, and choices
     from these keeps and bits."""
@@ -343,9 +351,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
-    layers = select_layers(model, tuple(targets), tuple(ignore))
-    owners: dict[int, str] = {}
-    layers = {n: m for n, m in layers.items() if owners.setdefault(id(weight_source(m)), n) == n}  # tied: once
+    layers = searched_layers(model, targets, ignore)
     check_data(data, "training data")
     if validation is None:
         train, validation = _split(data, validation_share, seed)

@@ -38,10 +38,17 @@ def _zstd():
     return zstandard
 
 
-def _write_frame(out: io.BytesIO, data: bytes) -> None:
-    frame = _zstd().ZstdCompressor(level=LEVEL).compress(data)
+def _frame(data: bytes) -> bytes:
+    return _zstd().ZstdCompressor(level=LEVEL).compress(data)
+
+
+def _put_frame(out: io.BytesIO, frame: bytes) -> None:
     write_varint(out, len(frame))
     out.write(frame)
+
+
+def _write_frame(out: io.BytesIO, data: bytes) -> None:
+    _put_frame(out, _frame(data))
 
 
 def _read_frame(reader: Reader, size: int) -> np.ndarray:
@@ -82,15 +89,13 @@ def write_symbols(out: io.BytesIO, symbols: np.ndarray, alphabet: int, spread: b
     padded[:symbols.size] = symbols
     places = (max(alphabet, 2) ** np.arange(count)).astype(np.uint16)
     packed = (padded.reshape(-1, count) * places).sum(axis=1, dtype=np.uint16).astype(np.uint8).tobytes()
-    dense = io.BytesIO()
-    _write_frame(dense, packed)
-    if spread is None and dense.tell() >= RAW_SHARE * len(packed):
-        alone = io.BytesIO()
-        _write_frame(alone, symbols.astype(np.uint8).tobytes())
-        if alone.tell() < dense.tell():
-            out.write(alone.getvalue())
+    frame = _frame(packed)
+    if spread is None and len(frame) >= RAW_SHARE * len(packed):
+        alone = _frame(symbols.astype(np.uint8).tobytes())
+        if len(alone) < len(frame):
+            _put_frame(out, alone)
             return True
-    out.write(dense.getvalue())
+    _put_frame(out, frame)
     return False
 
 
