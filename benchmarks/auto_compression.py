@@ -3,6 +3,10 @@ real file and on the test set (which the search never sees).
 
     python benchmarks/auto_compression.py                       # LeNet-300-100 and LeNet-5
     python benchmarks/auto_compression.py --models lenet-300-100 --trials 4 --cache /tmp/auto
+    python benchmarks/auto_compression.py --rankings variational    # one ranking only
+
+Each model is searched with each pruning ranking (magnitude, and what sparse variational dropout
+learns), side by side; the second search reuses the first one's sensitivity table.
 
 The dense model trains on 54,000 training images; the other 6,000 are the validation split auto
 scores its choices and trials on. The budget is the issue's target test error (1.64% for
@@ -69,6 +73,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=20, help="fine-tuning epochs per trial")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--augment", type=int, default=2)
+    parser.add_argument("--rankings", nargs="+", default=["magnitude", "variational"],
+                        choices=["magnitude", "variational"], help="pruning rankings to search with, side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "auto_compression.md")
@@ -82,50 +88,60 @@ def main() -> None:
              f"Machine: 2 CPU threads, torch {torch.__version__}. Dense models train on 54,000 images; auto scores "
              "choices and trials on the other 6,000 (validation) and never sees the test set. Ratios are dense fp32 "
              "bytes (4 per parameter) over the real file on disk.", "",
-             "| model | dense test error | target test error | budget (validation drop) | trials | file bytes | "
-             "ratio | target ratio | test error | validation drop | bars met | search time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | pruning ranking | dense test error | target test error | budget (validation drop) | trials | "
+             "file bytes | ratio | target ratio | test error | validation drop | bars met | search time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for name in args.models:
         model, dense_seconds = dense_model(name, fit_data, args.dense_epochs, args.augment, args.seed, args.cache)
         dense_error = 100 * (1 - netshrink.evaluate(model, test))
         budget = max(0.0, TARGET_ERROR[name] - dense_error)
-        started = time.perf_counter()
-        found = netshrink.auto(model, fit_data, validation=validation, max_drop=budget, epochs=args.epochs,
-                               trials=args.trials, augment=args.augment, seed=args.seed,
-                               on_trial=lambda t: print(f"{name} trial {t['trial']}: {t['file_bytes']:,} B, "
-                                                        f"val {100 * t['accuracy']:.2f}%", flush=True))
-        seconds = time.perf_counter() - started
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / f"auto-{name}.nsk"
-            size = found.save(path)
-            (Path(folder) / f"auto-{name}.auto.json").write_text(json.dumps(found.to_json()))
-            error = 100 * (1 - netshrink.evaluate(netshrink.load(path), test))
-            page = netshrink.report_page(path, RESULTS / f"auto-{name}.html")
-        rendered = render(page, RESULTS / f"auto-{name}.png")
-        (RESULTS / f"auto-{name}.yaml").write_text(f"# {command_line(__file__).strip()}\n" + found.yaml())
-        ratio = found.dense_bytes / size
-        met = error <= TARGET_ERROR[name] and ratio >= TARGET_RATIO[name]
-        drop = 100 * (found.dense_accuracy - found.accuracy)
-        lines.append(f"| {name} | {dense_error:.2f}% | {TARGET_ERROR[name]:.2f}% | {budget:.2f} pts | {len(found.trials)} | "
-                     f"{size:,} | {ratio:.1f}x | {TARGET_RATIO[name]}x | {error:.2f}% | {drop:+.2f} pts | "
-                     f"{'yes' if met else 'NO'} | {seconds:.0f}s |")
-        details += [f"## {name}", "", f"Dense training {dense_seconds:.0f}s (0 when cached). Policy "
-                    f"(`benchmarks/results/auto-{name}.yaml`), each layer's setting with its predicted bytes "
-                    "and its damage (validation loss increase alone, before fine-tuning):", "",
-                    "| layer | setting | predicted bytes | damage |", "|---|---|---|---|"]
-        details += [f"| {n} | {c.describe()} | {c.bytes:,} | {c.damage:.4f} |" for n, c in found.policy.items()]
-        details += ["", "Trials (each a full run with fine-tuning, verified on its real file):", "",
-                    "| trial | target bytes | predicted bytes | file bytes | validation accuracy | policy |",
-                    "|---|---|---|---|---|---|"]
-        details += [f"| {t['trial']} | {t['target_bytes']:,} | {t['predicted_bytes']:,} | {t['file_bytes']:,} | "
-                    f"{100 * t['accuracy']:.2f}% | {'; '.join(f'{k}: {v}' for k, v in t['policy'].items())} |"
-                    for t in found.trials]
-        details += ["", f"Report: `benchmarks/results/auto-{name}.html`" +
-                    (f", rendered in headless Chromium: ![report](auto-{name}.png)" if rendered else
-                     " (no Chromium here to render it)"), ""]
-        args.output.write_text("\n".join(lines + [""] + details) + "\n")  # written as each model finishes
+        sensitivity = None  # measured by the first search, reused by the next
+        for ranking in args.rankings:
+            started = time.perf_counter()
+            found = netshrink.auto(model, fit_data, validation=validation, max_drop=budget, epochs=args.epochs,
+                                   trials=args.trials, augment=args.augment, seed=args.seed, ranking=ranking,
+                                   sensitivity=sensitivity,
+                                   on_trial=lambda t: print(f"{name} {ranking} trial {t['trial']}: {t['file_bytes']:,} B, "
+                                                            f"val {100 * t['accuracy']:.2f}%", flush=True))
+            seconds = time.perf_counter() - started
+            sensitivity = found.sensitivity
+            stem = f"auto-{name}" + ("" if ranking == "magnitude" else f"-{ranking}")
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / f"{stem}.nsk"
+                size = found.save(path)
+                (Path(folder) / f"{stem}.auto.json").write_text(json.dumps(found.to_json()))
+                error = 100 * (1 - netshrink.evaluate(netshrink.load(path), test))
+                page = netshrink.report_page(path, RESULTS / f"{stem}.html")
+            rendered = render(page, RESULTS / f"{stem}.png")
+            (RESULTS / f"{stem}.yaml").write_text(f"# {command_line(__file__).strip()}\n" + found.yaml())
+            ratio = found.dense_bytes / size
+            met = error <= TARGET_ERROR[name] and ratio >= TARGET_RATIO[name]
+            drop = 100 * (found.dense_accuracy - found.accuracy)
+            lines.append(f"| {name} | {ranking} | {dense_error:.2f}% | {TARGET_ERROR[name]:.2f}% | {budget:.2f} pts | "
+                         f"{len(found.trials)} | {size:,} | {ratio:.1f}x | {TARGET_RATIO[name]}x | {error:.2f}% | "
+                         f"{drop:+.2f} pts | {'yes' if met else 'NO'} | {seconds:.0f}s |")
+            details += _details(name, ranking, stem, found, dense_seconds, rendered)
+            args.output.write_text("\n".join(lines + [""] + details) + "\n")  # written as each search finishes
     print("\n".join(lines))
+
+
+def _details(name: str, ranking: str, stem: str, found, dense_seconds: float, rendered: bool) -> list[str]:
+    details = [f"## {name}, {ranking} ranking", "", f"Dense training {dense_seconds:.0f}s (0 when cached). Policy "
+               f"(`benchmarks/results/{stem}.yaml`), each layer's setting with its predicted bytes "
+               "and its damage (validation loss increase alone, before fine-tuning; the same table for both rankings):", "",
+               "| layer | setting | predicted bytes | damage |", "|---|---|---|---|"]
+    details += [f"| {n} | {c.describe()} | {c.bytes:,} | {c.damage:.4f} |" for n, c in found.policy.items()]
+    details += ["", "Trials (each a full run with fine-tuning, verified on its real file):", "",
+                "| trial | target bytes | predicted bytes | file bytes | validation accuracy | policy |",
+                "|---|---|---|---|---|---|"]
+    details += [f"| {t['trial']} | {t['target_bytes']:,} | {t['predicted_bytes']:,} | {t['file_bytes']:,} | "
+                f"{100 * t['accuracy']:.2f}% | {'; '.join(f'{k}: {v}' for k, v in t['policy'].items())} |"
+                for t in found.trials]
+    details += ["", f"Report: `benchmarks/results/{stem}.html`" +
+                (f", rendered in headless Chromium: ![report]({stem}.png)" if rendered else
+                 " (no Chromium here to render it)"), ""]
+    return details
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ import yaml
 from torch import nn
 
 from .errors import NetshrinkError
-from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, select_layers, transforms, weight_source
+from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distinct_weights, select_layers, transforms
 from .methods.bias import QuantizeBiases
-from .methods.prune import keep_largest
+from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
 from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
                     default_forward, eval_mode)
@@ -235,9 +235,7 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
 def searched_layers(model: nn.Module, targets=(), ignore=()) -> dict[str, nn.Module]:
     """The layers :func:`auto` chooses settings for: the selected Linear/Conv layers, a weight
     tied to several of them once (under its first name)."""
-    owners: dict[int, str] = {}
-    return {n: m for n, m in select_layers(model, tuple(targets), tuple(ignore)).items()
-            if owners.setdefault(id(weight_source(m)), n) == n}
+    return distinct_weights(select_layers(model, tuple(targets), tuple(ignore)))
 
 
 def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> dict[str, list[Choice]]:
@@ -254,17 +252,20 @@ def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> d
 
 
 def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0,
-                 labeled: bool = True, biased: tuple[str, ...] = (), bias_bits: int | None = None) -> list[dict]:
-    """The recipe for a policy: prune gradually while fine-tuning (half the epochs), fine-tune,
-    share, fine-tune; every fine-tuning distils from the dense model (class scores by KL, other
-    outputs such as hidden states by mean squared error). Last, the ``biased`` layers' biases go
-    on a ``bias_bits`` grid (after fine-tuning, which would move them off it)."""
+                 labeled: bool = True, biased: tuple[str, ...] = (), bias_bits: int | None = None,
+                 ranking: str = "magnitude") -> list[dict]:
+    """The recipe for a policy: prune gradually while fine-tuning (half the epochs; ``ranking``
+    says which weights stay), fine-tune, share, fine-tune; every fine-tuning distils from the
+    dense model (class scores by KL, other outputs such as hidden states by mean squared error).
+    Last, the ``biased`` layers' biases go on a ``bias_bits`` grid (after fine-tuning, which would
+    move them off it)."""
     pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
     shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
     tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
     steps: list[dict] = []
     if pruned:
-        steps.append({"prune": {"keep": pruned, "targets": list(pruned)},
+        ranked = {} if ranking == "magnitude" else {"ranking": ranking}
+        steps.append({"prune": {"keep": pruned, "targets": list(pruned), **ranked},
                       "gradual": {"epochs": round(0.5 * epochs, 3), "lr": lr, "every": 50, **tune}})
         steps.append({"finetune": {"epochs": round(0.3 * epochs, 3), "lr": lr / 2, **tune}})
     if shared:
@@ -311,7 +312,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
          trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
          bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
          forward: Forward | None = None, on_trial=None,
-         sensitivity: dict[str, list[Choice]] | None = None) -> AutoResult:
+         sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude") -> AutoResult:
     """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
@@ -321,6 +322,9 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
     floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
     model, validation data, keeps and bits, so that searching several budgets measures it once.
+    ``ranking``: which weights the trials' pruning keeps, ``"magnitude"`` or ``"variational"``
+    (learned while pruning: slower, and better when few weights stay; see
+    ``methods/variational.py``). Sensitivity is measured with magnitude pruning either way.
     Returns an :class:`AutoResult`; ``model`` itself is not changed.
 
     >>> import netshrink
@@ -348,6 +352,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         raise NetshrinkError(f"bits must be None (float values) or integers 1..8. Received: bits={list(bits)}")
     if bias_bits is not None:
         QuantizeBiases(bits=bias_bits).check()
+    check_choice("ranking", ranking, RANKINGS)
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
@@ -375,7 +380,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     # The recipe stored in the manifest is counted with a policy touching every layer.
     shared_bits = [b for b in bits if b is not None]
     every = {n: Choice(0.5, max(shared_bits, default=None), 0, 0.0) for n in work_layers}
-    overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, biased, bias_bits))) \
+    overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking))) \
         - sum(coded_bytes(m.weight) for m in work_layers.values())
     if max_bytes is not None:  # an impossible budget is refused before the long work
         smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(shared_bits, default=None)))
@@ -393,7 +398,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         policy = solve(table, target)
         if policy is None:
             return None
-        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits)
+        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking)
         candidate = copy.deepcopy(model)
         if steps:
             from .recipe import Recipe

@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "0.018 0.012)")
     auto.add_argument("--bits", type=_number(int, 0), nargs="+", metavar="B",
                       help="shared bit widths each layer may get, 0 for float values (default: 0 8 6 5 4 3 2)")
+    auto.add_argument("--ranking", choices=("magnitude", "variational"), default="magnitude",
+                      help="which weights pruning keeps: the largest, or those sparse variational dropout learns "
+                           "the model needs while it prunes (slower, better at a few percent kept; default: magnitude)")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
 
@@ -534,7 +537,7 @@ def cmd_auto(args) -> int:
         choices["bits"] = tuple(b or None for b in args.bits)
     found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, validation_share=args.validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
-                 on_trial=show, **choices)
+                 ranking=args.ranking, on_trial=show, **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
     test_accuracy = evaluate(found.model, test)

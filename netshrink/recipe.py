@@ -2,7 +2,8 @@
 
 A step is one method (``prune``, ``nm``, ``clip``, ``quantize``, ``activations``, ``share``) with its
 settings, or ``finetune``. What and when stay apart: a ``prune`` step with a ``gradual`` schedule
-tightens its masks along Zhu & Gupta's polynomial during that many epochs of fine-tuning::
+tightens its masks along Zhu & Gupta's polynomial during that many epochs of fine-tuning, ranking
+weights by magnitude or (``ranking: variational``) by what sparse variational dropout learns::
 
     name: example
     steps:
@@ -28,8 +29,8 @@ from torch import nn
 from .errors import NetshrinkError
 from .methods import REGISTRY
 from .methods.base import Method, apply, preserved
-from .methods.prune import Prune, gradual
-from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, fit, frozen_copy
+from .methods.prune import Prune, pruning_schedule
+from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, examples_in, fit, frozen_copy
 
 STEP_KINDS = tuple(REGISTRY) + ("finetune",)
 
@@ -110,19 +111,26 @@ def _checked_finetune(step: Finetune, where: str) -> Finetune:
     return step
 
 
+def _check_schedule(action, schedule, where: str) -> None:
+    if schedule is not None and not isinstance(action, Prune):
+        raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
+    if schedule is None and isinstance(action, Prune) and action.ranking == "variational":
+        raise NetshrinkError(f"{where}: ranking: variational is learned while fine-tuning: add a 'gradual' schedule")
+
+
 def parse_step(raw: Any, index: int) -> Step:
     where = f"step {index + 1}"
     if isinstance(raw, Step):
         raw = raw.action if raw.schedule is None else raw
     if isinstance(raw, Step):  # a gradual step built in Python: check both of its parts
-        if not isinstance(raw.action, Prune):
-            raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
+        _check_schedule(raw.action, raw.schedule, where)
         raw.action.check()
         _checked_finetune(raw.schedule, f"{where}.gradual")
         _check_number("every", raw.every, positive=True, integer=True)
         return raw
     if isinstance(raw, Method):
         raw.check()
+        _check_schedule(raw, None, where)
         return Step(raw)
     if isinstance(raw, Finetune):
         return Step(_checked_finetune(raw, where))
@@ -139,8 +147,7 @@ def parse_step(raw: Any, index: int) -> Step:
         action: Method | Finetune = _finetune(settings, where)
     else:
         action = _build(REGISTRY[kind], settings, f"{where} ({kind})")
-    if schedule is not None and not isinstance(action, Prune):
-        raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
+    _check_schedule(action, schedule, where)
     every = 50
     if schedule is not None:
         schedule = dict(schedule)
@@ -219,8 +226,10 @@ class Recipe:
             if isinstance(step.action, Finetune):
                 _run_finetune(model, step.action, train, teacher, seed + i, progress, f"step {i + 1}")
             elif step.schedule is not None:
-                callback = gradual(model, step.action, every=step.every)
-                _run_finetune(model, step.schedule, train, teacher, seed + i, progress, f"step {i + 1}", callback)
+                examples = examples_in(train, step.schedule.batch_size)
+                with pruning_schedule(model, step.action, every=step.every, examples=examples) as (callback, penalty):
+                    _run_finetune(model, step.schedule, train, teacher, seed + i, progress, f"step {i + 1}",
+                                  callback, penalty)
             else:
                 apply(model, step.action, calibration=train)
             row = {"step": i + 1, "what": step.describe(), "seconds": time.perf_counter() - started}
@@ -236,10 +245,10 @@ def _distills(step: Step) -> bool:
     return any(isinstance(s, Finetune) and s.distill for s in (step.action, step.schedule))
 
 
-def _run_finetune(model, step: Finetune, train, teacher, seed, progress, desc, on_step=None) -> None:
+def _run_finetune(model, step: Finetune, train, teacher, seed, progress, desc, on_step=None, penalty=None) -> None:
     fit(model, train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size, seed=seed,
         teacher=teacher if step.distill else None, distill=step.distill, on_step=on_step, augment=step.augment,
-        progress=progress, desc=desc)
+        progress=progress, desc=desc, penalty=penalty)
 
 
 def _finetune_raw(step: Finetune) -> dict:

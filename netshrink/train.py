@@ -152,6 +152,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def examples_in(data: Data, batch_size: int) -> int:
+    """How many examples an epoch of ``data`` holds (batches times ``batch_size`` when only the
+    number of batches is known; 0 when not even that is)."""
+    tensors = _in_memory(data)
+    if tensors is not None:
+        return len(tensors[0])
+    return (_length(data, batch_size) or 0) * batch_size
+
+
 def _length(data: Data, batch_size: int) -> int | None:
     tensors = _in_memory(data)
     if tensors is not None:
@@ -211,7 +220,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         seed: int = 0, teacher: nn.Module | None = None, distill: Distill | None = None,
         on_step: StepCallback | None = None, lr_decay: bool = True, augment: int = 0,
         progress: bool = True, desc: str = "train", forward: Forward | None = None,
-        loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> dict:
+        loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None) -> dict:
     """Train ``model`` in place with Adam; returns ``{"steps", "seconds", "loss"}``.
 
     ``epochs`` may be fractional. Batches may be labeled or not, and inputs a tensor, a tuple or a
@@ -219,7 +229,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     teacher (a frozen copy of the model as it was is a good default teacher), on unlabeled data
     too. ``forward(model, inputs) -> tensor`` says how to get the output (default: the model's
     output tensor, ``.logits`` or ``.last_hidden_state``); ``loss(output, labels) -> scalar``
-    replaces cross-entropy. ``lr_decay`` anneals the learning rate to zero along a cosine.
+    replaces cross-entropy; ``penalty() -> scalar`` is added to every step's loss (a regularizer,
+    such as variational dropout's KL term). ``lr_decay`` anneals the learning rate to zero along a cosine.
     ``augment`` > 0 shifts training images by up to that many pixels. Seeded: the same seed gives
     the same weights. On any failure the model is restored as it was.
     """
@@ -238,7 +249,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         raise NetshrinkError(f"distill must be a netshrink.Distill. Received: {distill!r}")
     if distill is not None and teacher is None:
         raise NetshrinkError("distillation needs a teacher model")
-    for what, function in (("forward", forward), ("loss", loss)):
+    for what, function in (("forward", forward), ("loss", loss), ("penalty", penalty)):
         if function is not None and not callable(function):
             raise NetshrinkError(f"{what} must be a function. Received: {function!r}")
     check_data(data, "training data")
@@ -260,7 +271,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
             (eval_mode(teacher) if teacher is not None else contextlib.nullcontext()):
         model.train()
         return _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
-                      augment, progress, desc, forward, loss)
+                      augment, progress, desc, forward, loss, penalty)
 
 
 def _check_number(what: str, value, *, positive: bool = False, integer: bool = False) -> None:
@@ -272,7 +283,7 @@ def _check_number(what: str, value, *, positive: bool = False, integer: bool = F
 
 
 def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay, augment,
-           progress, desc, forward, loss_function) -> dict:
+           progress, desc, forward, loss_function, penalty) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -300,6 +311,8 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
                 raise NetshrinkError("unlabeled data: pass a teacher (distillation) or a loss function")
             else:
                 loss = F.cross_entropy(output, y)
+            if penalty is not None:
+                loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -35,6 +35,12 @@ def weight_source(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+def distinct_weights(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``layers`` with a weight tied to several of them kept once, under its first name."""
+    owners: dict[int, str] = {}
+    return {n: m for n, m in layers.items() if owners.setdefault(id(weight_source(m)), n) == n}
+
+
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
@@ -214,13 +220,9 @@ class Method:
         layers, unmatched = self._select(model)
         # Tied layers share one weight: compute its transform once, on the first of them, and give
         # every other the same transform, so all keep computing with one (compressed) weight.
-        first_of: dict[int, str] = {}
-        tied = {}
-        for name, layer in layers.items():
-            owner = first_of.setdefault(id(weight_source(layer)), name)
-            if owner != name:
-                tied[name] = owner
-        primary = {n: m for n, m in layers.items() if n not in tied}
+        primary = distinct_weights(layers)
+        owner_of = {id(weight_source(m)): n for n, m in primary.items()}
+        tied = {n: owner_of[id(weight_source(m))] for n, m in layers.items() if n not in primary}
         planned = self.prepare(primary, model=model, **context)  # everything computed before any change
         report = self.new_report(unmatched)
         for layer_name, transform, detail in planned:

@@ -5,7 +5,8 @@ smallest-magnitude weights and keeping them at zero, which a mask does.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, check_choice, check_range, per_layer, weight_of
+from .base import Method, check_choice, check_range, distinct_weights, per_layer, weight_of
+
+RANKINGS = ("magnitude", "variational")
 
 
 class Mask(nn.Module):
@@ -93,21 +96,36 @@ class Prune(Method):
     ``keep`` is one number or a per-layer map (``{"fc1": 0.08, "re:conv.*": 0.5, "*": 0.2}``).
     ``scope="global"`` ranks all selected layers' weights together (one number only).
     Applied again, it tightens the existing mask: pruned weights stay pruned.
+
+    ``ranking="variational"`` ranks weights by what sparse variational dropout learns while a
+    gradual schedule fine-tunes (``methods/variational.py``), with the KL term weighted by
+    ``strength``; it needs that schedule (a recipe step's ``gradual``).
     """
 
     name: ClassVar[str] = "prune"
     keep: float | Mapping[str, float] = 0.1
     scope: str = "layer"
+    ranking: str = "magnitude"
+    strength: float = 3.0
 
     def check(self) -> None:
         super().check()
         check_range("keep", self.keep, 0.0, 1.0, low_open=True)
         check_choice("scope", self.scope, ("layer", "global"))
+        check_choice("ranking", self.ranking, RANKINGS)
+        check_range("strength", self.strength, 0.0, 1e6, low_open=True)
         if self.scope == "global" and isinstance(self.keep, Mapping):
             raise NetshrinkError(f"scope='global' takes one keep fraction, not a map. Received: keep={dict(self.keep)}")
 
-    def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
-        magnitudes = {name: _current_magnitude(layer) for name, layer in layers.items()}
+    def prepare(self, layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None = None, **_: Any) -> list:
+        if self.ranking == "variational" and scores is None:
+            raise NetshrinkError("ranking='variational' is learned while fine-tuning: give the prune step a gradual "
+                                 "schedule (a recipe step with 'gradual', or auto(..., ranking='variational'))")
+        if scores is None:
+            magnitudes = {name: _current_magnitude(layer) for name, layer in layers.items()}
+        else:  # higher is kept first; weights pruned already stay pruned
+            magnitudes = {name: scores[name].masked_fill(weight_of(layer) == 0, -float("inf"))
+                          for name, layer in layers.items()}
         if self.scope == "global":
             total = sum(m.numel() for m in magnitudes.values())
             count = int(round(self.keep * total))
@@ -167,10 +185,12 @@ def polynomial_keep(final_keep: float, progress: float, power: int = 3) -> float
     return 1.0 - final_sparsity * (1.0 - (1.0 - progress) ** power)
 
 
-def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.75):
+def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.75,
+            scores: Callable[[], dict[str, torch.Tensor]] | None = None):
     """A ``fit(on_step=...)`` callback that prunes gradually to ``method.keep``: every ``every``
     steps the mask tightens along :func:`polynomial_keep`, reaching the final keep at fraction
-    ``end`` of training (the rest of training recovers accuracy at full sparsity)."""
+    ``end`` of training (the rest of training recovers accuracy at full sparsity). ``scores()``
+    ranks the weights (default: magnitude)."""
     from .base import apply
 
     method.check()
@@ -184,6 +204,24 @@ def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.
         keep = method.keep
         scheduled = ({k: polynomial_keep(v, step / end_step) for k, v in keep.items()}
                      if isinstance(keep, Mapping) else polynomial_keep(keep, step / end_step))
-        apply(model, Prune(keep=scheduled, scope=method.scope, targets=method.targets, ignore=method.ignore))
+        apply(model, Prune(keep=scheduled, scope=method.scope, ranking=method.ranking, strength=method.strength,
+                           targets=method.targets, ignore=method.ignore),
+              **({"scores": scores()} if scores is not None else {}))
 
     return on_step
+
+
+@contextlib.contextmanager
+def pruning_schedule(model: nn.Module, method: Prune, *, every: int = 50, examples: int = 0,
+                     end: float = 0.75) -> Iterator[tuple[Callable, Callable | None]]:
+    """``(on_step, penalty)`` for ``fit`` to prune gradually along ``method``: with the variational
+    ranking, noise on the pruned layers for the block's duration and its KL term as the penalty
+    (``examples``: the training set's size), else magnitude and no penalty."""
+    if method.ranking == "magnitude":
+        yield gradual(model, method, every=every, end=end), None
+        return
+    from .variational import variational_noise
+
+    layers = distinct_weights(method.select(model))
+    with variational_noise(layers, method.strength, examples) as noise:
+        yield gradual(model, method, every=every, end=end, scores=noise.scores), noise.penalty
