@@ -192,12 +192,13 @@ def test_cli_auto_then_report_rendered_in_a_browser(tmp_path, trained):
     netshrink.save(trained, tmp_path / "dense.nsk")
     grid = ["--keeps", "1", "0.3", "0.1", "--bits", "0", "4", "2"]
     done = _cli("auto", "dense.nsk", "--data", "digits", "--max-bytes", "9000", "--epochs", "1", "--trials", "2",
-                *grid, "-o", "auto.nsk", cwd=tmp_path)
+                *grid, "--ranking", "variational", "-o", "auto.nsk", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "policy" in done.stdout and "met" in done.stdout
     assert (tmp_path / "auto.nsk").stat().st_size <= 9000
     steps = yaml.safe_load((tmp_path / "auto.yaml").read_text())["steps"]
     assert any("prune" in s or "share" in s for s in steps)
+    assert all(s["prune"]["ranking"] == "variational" for s in steps if "prune" in s)  # rerun below with it
     rerun = _cli("compress", "dense.nsk", "--data", "digits", "--recipe", "auto.yaml", "-o", "again.nsk", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     report = _cli("report", "auto.nsk", "-o", "report.html", cwd=tmp_path)
