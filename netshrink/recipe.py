@@ -30,7 +30,7 @@ from .errors import NetshrinkError
 from .methods import REGISTRY
 from .methods.base import Method, apply, preserved
 from .methods.prune import Prune, pruning_schedule
-from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, examples_in, fit, frozen_copy
+from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, fit, frozen_copy
 
 STEP_KINDS = tuple(REGISTRY) + ("finetune",)
 
@@ -226,8 +226,7 @@ class Recipe:
             if isinstance(step.action, Finetune):
                 _run_finetune(model, step.action, train, teacher, seed + i, progress, f"step {i + 1}")
             elif step.schedule is not None:
-                examples = examples_in(train, step.schedule.batch_size)
-                with pruning_schedule(model, step.action, every=step.every, examples=examples) as (callback, penalty):
+                with pruning_schedule(model, step.action, every=step.every) as (callback, penalty):
                     _run_finetune(model, step.schedule, train, teacher, seed + i, progress, f"step {i + 1}",
                                   callback, penalty)
             else:

@@ -152,15 +152,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def examples_in(data: Data, batch_size: int) -> int:
-    """How many examples an epoch of ``data`` holds (batches times ``batch_size`` when only the
-    number of batches is known; 0 when not even that is)."""
-    tensors = _in_memory(data)
-    if tensors is not None:
-        return len(tensors[0])
-    return (_length(data, batch_size) or 0) * batch_size
-
-
 def _length(data: Data, batch_size: int) -> int | None:
     tensors = _in_memory(data)
     if tensors is not None:

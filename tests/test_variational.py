@@ -10,7 +10,7 @@ from torch import nn
 
 import netshrink
 from netshrink.methods.prune import Prune
-from netshrink.methods.variational import PARAMETER, VariationalNoise, variational_noise
+from netshrink.methods.variational import PARAMETER, variational_noise
 
 
 def _sampled_variance(layer, x, log_sigma2, draws=3000):
@@ -38,7 +38,7 @@ def test_output_noise_has_the_variance_of_noisy_weights(make, shape):
         plain = layer(x)
     log_sigma2 = torch.randn_like(layer.weight) - 3
     reference = _sampled_variance(layer, x, log_sigma2)
-    with variational_noise({"layer": layer}, strength=1.0, examples=1):
+    with variational_noise({"layer": layer}, strength=1.0):
         with torch.no_grad():
             getattr(layer, PARAMETER).copy_(log_sigma2)
         layer.train()
@@ -63,10 +63,10 @@ def test_kl_term_follows_a_monte_carlo_reference():
         layer = nn.Linear(1, 1, bias=False)
         with torch.no_grad():
             layer.weight.fill_(1.0)
-        with variational_noise({"l": layer}, strength=2.0, examples=10) as noise:
+        with variational_noise({"l": layer}, strength=2.0) as noise:  # one weight: the mean is the sum
             with torch.no_grad():
                 getattr(layer, PARAMETER).fill_(float(a))
-            penalties.append(noise.penalty().item() * 10 / 2.0)
+            penalties.append(noise.penalty().item() / 2.0)
     penalties = torch.tensor(penalties)
     assert torch.allclose(penalties - penalties[2], reference - reference[2], atol=0.03)
     assert all(earlier > later for earlier, later in zip(penalties, penalties[1:]))  # noise is rewarded
@@ -76,35 +76,33 @@ def test_before_training_the_variational_ranking_is_the_magnitude_ranking(traine
     by_magnitude = copy.deepcopy(trained)
     netshrink.prune(by_magnitude, keep={"fc1": 0.1, "fc2": 0.3}, targets=("fc1", "fc2"))
     layers = {n: trained.get_submodule(n) for n in ("fc1", "fc2")}
-    with variational_noise(layers, strength=1.0, examples=100) as noise:
+    with variational_noise(layers, strength=1.0) as noise:
         netshrink.apply(trained, Prune(keep={"fc1": 0.1, "fc2": 0.3}, ranking="variational", targets=("fc1", "fc2")),
                         scores=noise.scores())
     for name in layers:
         assert torch.equal(trained.get_submodule(name).weight, by_magnitude.get_submodule(name).weight)
 
 
-def _recipe(keep, epochs=1):
-    return netshrink.Recipe.from_steps([
-        {"prune": {"keep": keep, "ranking": "variational"}, "gradual": {"epochs": epochs, "lr": 1e-3, "every": 5}}])
-
-
 def test_recipe_on_a_batchnorm_residual_depthwise_cnn_keeps_exact_counts_and_leaves_nothing_behind(digits):
     torch.manual_seed(0)
     dense = netshrink.build_model("resmobile", (1, 8, 8))
-    netshrink.fit(dense, digits[0], epochs=2, progress=False)
+    netshrink.fit(dense, digits[0], epochs=8, progress=False)
+    recipe = netshrink.Recipe.from_steps([
+        {"prune": {"keep": 0.5, "ranking": "variational"}, "gradual": {"epochs": 2, "lr": 1e-3, "every": 5}},
+        {"finetune": {"epochs": 1, "lr": 5e-4}}])  # re-estimates BatchNorm statistics without the noise
     runs = []
     for _ in range(2):  # twice: nothing of the first run may leak into the second
         model = copy.deepcopy(dense)
-        _recipe(0.3).run(model, digits[0], progress=False)
+        recipe.run(model, digits[0], progress=False)
         runs.append(model)
     for name, layer in dense.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             pruned = runs[0].get_submodule(name)
-            assert int((pruned.weight != 0).sum()) == round(0.3 * layer.weight.numel())
+            assert int((pruned.weight != 0).sum()) == round(0.5 * layer.weight.numel())
             assert not hasattr(pruned, PARAMETER) and not pruned._forward_hooks
     assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()))
     assert not any(PARAMETER in k for k in runs[0].state_dict())
-    assert netshrink.evaluate(runs[0], digits[1]) > 0.5  # still classifies
+    assert netshrink.evaluate(runs[0], digits[1]) >= netshrink.evaluate(dense, digits[1]) - 0.03
 
 
 def test_variational_ranking_beats_magnitude_at_a_few_percent_kept(trained, digits):
@@ -159,6 +157,4 @@ def test_a_variational_prune_without_a_schedule_is_refused_and_nothing_changes(t
                        ({"strength": math.inf}, "strength")):
         with pytest.raises(netshrink.NetshrinkError, match=match):
             netshrink.apply(trained, Prune(keep=0.1, **bad))
-    with pytest.raises(netshrink.NetshrinkError, match="size"):
-        VariationalNoise({"fc1": trained.fc1}, strength=1.0, examples=0)
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())

@@ -106,7 +106,7 @@ class Prune(Method):
     keep: float | Mapping[str, float] = 0.1
     scope: str = "layer"
     ranking: str = "magnitude"
-    strength: float = 3.0
+    strength: float = 10.0
 
     def check(self) -> None:
         super().check()
@@ -212,16 +212,16 @@ def gradual(model: nn.Module, method: Prune, *, every: int = 50, end: float = 0.
 
 
 @contextlib.contextmanager
-def pruning_schedule(model: nn.Module, method: Prune, *, every: int = 50, examples: int = 0,
+def pruning_schedule(model: nn.Module, method: Prune, *, every: int = 50,
                      end: float = 0.75) -> Iterator[tuple[Callable, Callable | None]]:
     """``(on_step, penalty)`` for ``fit`` to prune gradually along ``method``: with the variational
-    ranking, noise on the pruned layers for the block's duration and its KL term as the penalty
-    (``examples``: the training set's size), else magnitude and no penalty."""
+    ranking, noise on the pruned layers for the block's duration and its KL term as the penalty,
+    else magnitude and no penalty."""
     if method.ranking == "magnitude":
         yield gradual(model, method, every=every, end=end), None
         return
     from .variational import variational_noise
 
     layers = distinct_weights(method.select(model))
-    with variational_noise(layers, method.strength, examples) as noise:
+    with variational_noise(layers, method.strength) as noise:
         yield gradual(model, method, every=every, end=end, scores=noise.scores), noise.penalty

@@ -57,16 +57,20 @@ def _output_variance(layer: nn.Module, x: torch.Tensor, variance: torch.Tensor) 
 class VariationalNoise:
     """Noise of a learned variance on ``layers`` (name -> layer) while a schedule fine-tunes them.
 
-    ``penalty()`` is the KL term to add to each step's loss: ``strength`` times the summed KL over
-    the ``examples`` in the training set (the evidence lower bound has strength 1; more prunes
-    harder, and a pruning schedule with a fixed target learns its ranking better with a few times
-    more). ``scores()`` ranks the weights: ``-log alpha``, highest kept first.
+    ``penalty()`` is the KL term to add to each step's loss: ``strength`` times the mean KL per
+    weight. The evidence lower bound divides the summed KL by the training set's size instead, which
+    makes the pull towards noise depend on how much data there is: with a few thousand examples it
+    swamps the data term and the network trains under noise it cannot bear. A pruning schedule sets
+    the sparsity itself and needs only a ranking, so the pull is per weight, the same on any data
+    (on LeNet-300-100 and 54,000 MNIST images, strength 10 is the lower bound's pull times 2).
+    ``scores()`` ranks the weights: ``-log alpha``, highest kept first.
     """
 
-    def __init__(self, layers: dict[str, nn.Module], strength: float, examples: int) -> None:
-        if examples < 1:
-            raise NetshrinkError(f"variational ranking needs the training set's size. Received: {examples} examples")
-        self.layers, self.scale = layers, strength / examples
+    def __init__(self, layers: dict[str, nn.Module], strength: float) -> None:
+        count = sum(layer.weight.numel() for layer in layers.values())
+        if count == 0:
+            raise NetshrinkError("variational ranking needs layers with weights")
+        self.layers, self.scale = layers, strength / count
         self.handles = []
         for layer in layers.values():
             initial = torch.full_like(layer.weight.detach(), INITIAL_LOG_SIGMA2)
@@ -106,9 +110,9 @@ class VariationalNoise:
 
 
 @contextlib.contextmanager
-def variational_noise(layers: dict[str, nn.Module], strength: float, examples: int) -> Iterator[VariationalNoise]:
+def variational_noise(layers: dict[str, nn.Module], strength: float) -> Iterator[VariationalNoise]:
     """:class:`VariationalNoise` on ``layers`` inside the block, gone afterwards (on errors too)."""
-    noise = VariationalNoise(layers, strength, examples)
+    noise = VariationalNoise(layers, strength)
     try:
         yield noise
     finally:
