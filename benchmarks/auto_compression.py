@@ -6,7 +6,7 @@ real file and on the test set (which the search never sees).
     python benchmarks/auto_compression.py --rankings variational    # one ranking only
 
 Each model is searched with each pruning ranking (magnitude, and what sparse variational dropout
-learns), side by side; the second search reuses the first one's sensitivity table.
+learns), side by side.
 
 The dense model trains on 54,000 training images; the other 6,000 are the validation split auto
 scores its choices and trials on. The budget is the issue's target test error (1.64% for
@@ -96,16 +96,13 @@ def main() -> None:
         model, dense_seconds = dense_model(name, fit_data, args.dense_epochs, args.augment, args.seed, args.cache)
         dense_error = 100 * (1 - netshrink.evaluate(model, test))
         budget = max(0.0, TARGET_ERROR[name] - dense_error)
-        sensitivity = None  # measured by the first search, reused by the next
-        for ranking in args.rankings:
+        for ranking in args.rankings:  # each measures its own sensitivity: what each ranking keeps differs
             started = time.perf_counter()
             found = netshrink.auto(model, fit_data, validation=validation, max_drop=budget, epochs=args.epochs,
                                    trials=args.trials, augment=args.augment, seed=args.seed, ranking=ranking,
-                                   sensitivity=sensitivity,
                                    on_trial=lambda t: print(f"{name} {ranking} trial {t['trial']}: {t['file_bytes']:,} B, "
                                                             f"val {100 * t['accuracy']:.2f}%", flush=True))
             seconds = time.perf_counter() - started
-            sensitivity = found.sensitivity
             stem = f"auto-{name}" + ("" if ranking == "magnitude" else f"-{ranking}")
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / f"{stem}.nsk"
@@ -129,7 +126,7 @@ def main() -> None:
 def _details(name: str, ranking: str, stem: str, found, dense_seconds: float, rendered: bool) -> list[str]:
     details = [f"## {name}, {ranking} ranking", "", f"Dense training {dense_seconds:.0f}s (0 when cached). Policy "
                f"(`benchmarks/results/{stem}.yaml`), each layer's setting with its predicted bytes "
-               "and its damage (validation loss increase alone, before fine-tuning; the same table for both rankings):", "",
+               "and its damage (validation loss increase alone, before fine-tuning):", "",
                "| layer | setting | predicted bytes | damage |", "|---|---|---|---|"]
     details += [f"| {n} | {c.describe()} | {c.bytes:,} | {c.damage:.4f} |" for n, c in found.policy.items()]
     details += ["", "Trials (each a full run with fine-tuning, verified on its real file):", "",

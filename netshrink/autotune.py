@@ -4,9 +4,10 @@
 own methods and file:
 
 1. **Sensitivity.** On a validation split held out of the training data (never the test set),
-   each layer alone gets each choice (magnitude pruning to a keep fraction, then weight sharing
-   at a bit width, or neither) while every other layer stays dense; the rise of the validation
-   loss is that choice's damage.
+   each layer alone gets each choice (pruning to a keep fraction, then weight sharing at a bit
+   width, or neither) while every other layer stays dense; the rise of the validation loss is
+   that choice's damage. Pruning ranks weights by magnitude, or by what sparse variational
+   dropout learns in a first training pass (``ranking="variational"``).
 2. **Size.** Each choice's bytes are the real coder's output for that layer's weight as it would
    be stored (``codec.weights.encode``), not a bits-times-count estimate: positions and values
    are context coded, so only the coder knows what a mask costs.
@@ -39,6 +40,7 @@ from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distin
 from .methods.bias import QuantizeBiases
 from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
+from .sweep import Runner
 from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
                     default_forward, eval_mode)
 
@@ -58,6 +60,7 @@ class Choice:
     bits: int | None
     bytes: int  # the layer weight's coded bytes
     damage: float  # validation loss increase with only this layer compressed
+    ranking: str = "magnitude"  # which weights the keep fraction keeps
 
     def describe(self) -> str:
         parts = [] if self.keep >= 1 else [f"keep {self.keep:g}"]
@@ -154,13 +157,13 @@ def _safe_budget(table: dict[str, list[Choice]], floor: int) -> int:
     return ceiling
 
 
-def compressed_weight(w: torch.Tensor, keep: float, bits: int | None) -> torch.Tensor:
-    """``w`` pruned to its ``keep`` largest magnitudes, then its survivors shared through
-    ``2**bits`` k-means centroids: what the recipe's prune and share steps produce before
-    fine-tuning."""
+def compressed_weight(w: torch.Tensor, keep: float, bits: int | None, score: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` pruned to its ``keep`` highest-scoring entries (default score: magnitude), then its
+    survivors shared through ``2**bits`` k-means centroids: what the recipe's prune and share steps
+    produce before fine-tuning."""
     w = w.detach().float()
     if keep < 1:
-        w = w * keep_largest(w.abs(), int(round(keep * w.numel()))).view_as(w)
+        w = w * keep_largest(w.abs() if score is None else score, int(round(keep * w.numel()))).view_as(w)
     if bits is not None:
         nonzero = w != 0
         centroids, assignment = kmeans_1d(w[nonzero], 2 ** bits)
@@ -204,9 +207,11 @@ class _Validation:
 
 
 def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
-                        keeps=KEEPS, bits=BITS, progress: bool = True) -> dict[str, list[Choice]]:
+                        keeps=KEEPS, bits=BITS, progress: bool = True,
+                        scores: dict[str, torch.Tensor] | None = None) -> dict[str, list[Choice]]:
     """Every layer's choices with their coded bytes and validation damage, one layer compressed at
-    a time (its weight swapped in place and put back)."""
+    a time (its weight swapped in place and put back). ``scores``: per-layer weight rankings
+    learned by variational dropout (default: magnitude)."""
     from .train import Progress
 
     base = validation.loss(model)
@@ -218,10 +223,11 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
             choices = []
             for keep in keeps:
                 for b in bits:
-                    w = compressed_weight(original, keep, b)
+                    w = compressed_weight(original, keep, b, None if scores is None else scores[name])
                     with torch.no_grad():
                         layer.weight.copy_(w)
-                    choices.append(Choice(keep, b, coded_bytes(w), max(0.0, validation.loss(model) - base)))
+                    choices.append(Choice(keep, b, coded_bytes(w), max(0.0, validation.loss(model) - base),
+                                          "magnitude" if scores is None else "variational"))
                     done += 1
                     bar.update(done, name)
             with torch.no_grad():
@@ -232,15 +238,33 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
     return table
 
 
+def learn_ranking(model: nn.Module, layers: dict[str, nn.Module], train: Data, epochs: float, lr: float,
+                  augment: int, labeled: bool, seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Train ``model`` in place under sparse variational dropout on ``layers`` (no masks),
+    distilled from itself as it was, and return each layer's learned ranking (``-log alpha``).
+    Sensitivity measured on this model, pruned by these scores, sees what the variational ranking
+    keeps: which weights, how their positions code and how they share."""
+    from .methods.prune import Prune
+    from .methods.variational import variational_noise
+    from .train import Distill, fit, frozen_copy
+
+    teacher = frozen_copy(model)
+    with variational_noise(layers, Prune.strength) as noise:
+        fit(model, train, epochs=epochs, lr=lr, seed=seed, teacher=teacher,
+            distill=Distill() if labeled else Distill(objective="mse"), augment=augment, progress=progress,
+            desc="variational ranking", penalty=noise.penalty)
+        return noise.scores()
+
+
 def searched_layers(model: nn.Module, targets=(), ignore=()) -> dict[str, nn.Module]:
     """The layers :func:`auto` chooses settings for: the selected Linear/Conv layers, a weight
     tied to several of them once (under its first name)."""
     return distinct_weights(select_layers(model, tuple(targets), tuple(ignore)))
 
 
-def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> dict[str, list[Choice]]:
-    """An earlier sensitivity table, checked against this search: the same layers, and choices
-    from these keeps and bits."""
+def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple, ranking: str) -> dict[str, list[Choice]]:
+    """An earlier sensitivity table, checked against this search: the same layers, choices from
+    these keeps and bits, measured with this ranking."""
     if not isinstance(table, dict) or set(table) != set(layers):
         raise NetshrinkError("sensitivity is not a table for this model's layers: pass AutoResult.sensitivity of an "
                              "earlier search of the same model")
@@ -248,6 +272,9 @@ def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple) -> d
         if not choices or not all(isinstance(c, Choice) and c.keep in keeps and c.bits in bits for c in choices):
             raise NetshrinkError(f"sensitivity for layer {name!r} has choices outside keeps={list(keeps)} and "
                                  f"bits={list(bits)}: search with the keeps and bits it was measured with")
+        if any(c.ranking != ranking for c in choices):
+            raise NetshrinkError(f"sensitivity was measured with the {choices[0].ranking} ranking; this search prunes "
+                                 f"with ranking={ranking!r}: measure it again (sensitivity=None)")
     return {name: list(table[name]) for name in layers}
 
 
@@ -274,6 +301,26 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
     if biased and bias_bits is not None:
         steps.append({"bias": {"bits": bias_bits, "targets": list(biased)}})
     return steps
+
+
+def _between(low: int, high: int, t: float) -> int:
+    """The budget a fraction ``t`` of the way from ``low`` to ``high`` on a log scale (t = 1/2, the
+    geometric mean, as sqrt(low * high): the bisection's own rounding)."""
+    return int(math.sqrt(low * high)) if t == 0.5 else int(low ** (1 - t) * high ** t)
+
+
+def _run_trial(shared: tuple, steps: list[dict]) -> tuple[nn.Module, int, float, float | None]:
+    """One trial, wherever it runs (``sweep.Runner``): the policy's recipe on a copy of the dense
+    model, then its real file's size and its validation scores."""
+    from .artifact import to_bytes
+    from .recipe import Recipe
+
+    model, train, scorer, seed, progress = shared
+    candidate = copy.deepcopy(model)
+    if steps:
+        Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
+    loss, accuracy = scorer.scores(candidate)
+    return candidate, len(to_bytes(candidate, recipe=steps)), loss, accuracy
 
 
 def _split(data: Data, share: float, seed: int) -> tuple[Data, Data]:
@@ -312,7 +359,8 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
          trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
          bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
          forward: Forward | None = None, on_trial=None,
-         sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude") -> AutoResult:
+         sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude",
+         parallel: int = 1, address: str | None = None) -> AutoResult:
     """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
@@ -323,8 +371,14 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
     model, validation data, keeps and bits, so that searching several budgets measures it once.
     ``ranking``: which weights the trials' pruning keeps, ``"magnitude"`` or ``"variational"``
-    (learned while pruning: slower, and better when few weights stay; see
-    ``methods/variational.py``). Sensitivity is measured with magnitude pruning either way.
+    (learned while pruning: slower; see ``methods/variational.py``). With ``"variational"``, a first
+    pass of ``epochs / 2`` learns the ranking on the dense model, and sensitivity is measured on
+    that model pruned by it.
+    ``parallel``: with ``max_drop``, how many budgets each round of the search tries at once (1:
+    bisection); ``address``: run each round's trials as Ray tasks on that cluster (``"auto"``,
+    ``"ray://host:10001"``, or ``"local"`` for one started here) instead of one after another here:
+    the same trials and the same result, sooner when the cluster has room for a round. Workers
+    need netshrink installed.
     Returns an :class:`AutoResult`; ``model`` itself is not changed.
 
     >>> import netshrink
@@ -353,6 +407,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     if bias_bits is not None:
         QuantizeBiases(bits=bias_bits).check()
     check_choice("ranking", ranking, RANKINGS)
+    _check_number("parallel", parallel, positive=True, integer=True)
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
@@ -390,26 +445,28 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     dense_accuracy = scorer.scores(work)[1]
     dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
     if sensitivity is None:
-        table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress)
+        scores = None
+        if ranking == "variational":  # the table must see what this ranking keeps, learned first
+            scores = learn_ranking(work, work_layers, train, 0.5 * epochs, lr, augment, scorer.labeled, seed, progress)
+        table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress, scores)
     else:
-        table = _reused(sensitivity, work_layers, keeps, bits)
+        table = _reused(sensitivity, work_layers, keeps, bits, ranking)
 
-    def run(target: int) -> dict | None:
+    def plan(target: int) -> dict | None:
         policy = solve(table, target)
         if policy is None:
             return None
-        steps = policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking)
-        candidate = copy.deepcopy(model)
-        if steps:
-            from .recipe import Recipe
-            Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
-        size = len(to_bytes(candidate, recipe=steps))
-        loss, accuracy = scorer.scores(candidate)
-        trial = {"trial": len(runs) + 1, "target_bytes": target, "predicted_bytes":
+        return {"target": target, "policy": policy,
+                "steps": policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking)}
+
+    def record(planned: dict, outcome: tuple) -> dict:
+        candidate, size, loss, accuracy = outcome
+        policy = planned["policy"]
+        trial = {"trial": len(runs) + 1, "target_bytes": planned["target"], "predicted_bytes":
                  sum(c.bytes for c in policy.values()) + overhead, "file_bytes": size,
                  "accuracy": accuracy, "loss": loss,
                  "policy": {n: c.describe() for n, c in policy.items()}}
-        runs.append({"trial": trial, "model": candidate, "policy": policy, "steps": steps})
+        runs.append({"trial": trial, "model": candidate, "policy": policy, "steps": planned["steps"]})
         if on_trial is not None:
             on_trial(trial)
         return runs[-1]
@@ -417,37 +474,49 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     runs: list[dict] = []  # every trial run, in order
     best = None
     floor = sum(min(c.bytes for c in choices) for choices in table.values())
-    if max_bytes is not None:
-        target = max_bytes - overhead
-        if target < floor:
-            raise _unreachable(max_bytes, floor + overhead, overhead)
-        for _ in range(trials):
-            found = run(target)
-            if found is None:
-                break
-            size = found["trial"]["file_bytes"]
-            if size <= max_bytes:
-                best = found
-                break
-            # The overshoot (and a little more) comes off what this policy's weights were predicted
-            # to take, so the next solve must choose something smaller.
-            target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
-    else:
-        low, high = floor, _safe_budget(table, floor)
-        for _ in range(trials):
-            target = int(math.sqrt(max(low, 1) * high))
-            found = run(target)
-            if found is None:  # bucket rounding made this target infeasible: aim higher
-                low = target
-                continue
-            drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
-            found["trial"]["drop"] = drop
-            if drop <= max_drop:
-                if best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]:
+    with Runner(_run_trial, (model, train, scorer, seed, progress), address) as runner:
+        if max_bytes is not None:
+            target = max_bytes - overhead
+            if target < floor:
+                raise _unreachable(max_bytes, floor + overhead, overhead)
+            for _ in range(trials):
+                planned = plan(target)
+                if planned is None:
+                    break
+                found = record(planned, runner.run([planned["steps"]])[0])
+                size = found["trial"]["file_bytes"]
+                if size <= max_bytes:
                     best = found
-                high = target
-            else:
-                low = target
+                    break
+                # The overshoot (and a little more) comes off what this policy's weights were predicted
+                # to take, so the next solve must choose something smaller.
+                target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
+        else:
+            low, high, left = floor, _safe_budget(table, floor), trials
+            while left > 0:
+                # A round: `parallel` budgets spread evenly on a log scale strictly between the
+                # largest failing and the smallest passing budget (one: their geometric mean).
+                count = min(parallel, left)
+                targets = sorted({_between(max(low, 1), high, (i + 1) / (count + 1)) for i in range(count)})
+                left -= len(targets)
+                planned = [plan(t) for t in targets]
+                outcomes = iter(runner.run([p["steps"] for p in planned if p is not None]))
+                passing, failing = [], []
+                for target, p in zip(targets, planned):
+                    if p is None:  # bucket rounding made this target infeasible: aim higher
+                        failing.append(target)
+                        continue
+                    found = record(p, next(outcomes))
+                    drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
+                    found["trial"]["drop"] = drop
+                    if drop <= max_drop:
+                        if best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]:
+                            best = found
+                        passing.append(target)
+                    else:
+                        failing.append(target)
+                high = min([high, *passing])
+                low = max([low, *(t for t in failing if t < high)])
     met = best is not None
     if best is None:  # report the last run honestly (over the budget); a later unsolvable target ran nothing
         best = runs[-1] if runs else None

@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--ranking", choices=("magnitude", "variational"), default="magnitude",
                       help="which weights pruning keeps: the largest, or those sparse variational dropout learns "
                            "the model needs while it prunes (slower, better at a few percent kept; default: magnitude)")
+    auto.add_argument("--parallel", type=POSITIVE_INT, default=1, metavar="K",
+                      help="with --max-drop, budgets tried at once in each round of the search (default: 1, a "
+                           "bisection); worth raising with --ray")
+    auto.add_argument("--ray", metavar="ADDRESS",
+                      help="run each round's trials as Ray tasks on this cluster ('auto', 'ray://host:10001', or "
+                           "'local' to start one here); the same trials and result as without, sooner")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
 
@@ -537,7 +543,7 @@ def cmd_auto(args) -> int:
         choices["bits"] = tuple(b or None for b in args.bits)
     found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, validation_share=args.validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
-                 ranking=args.ranking, on_trial=show, **choices)
+                 ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
     test_accuracy = evaluate(found.model, test)

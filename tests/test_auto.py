@@ -106,6 +106,20 @@ def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits
     assert found.file_bytes == min(t["file_bytes"] for t in passing)  # the smallest passing trial
 
 
+def test_rounds_of_trials_on_ray_find_what_they_find_in_this_process(trained, digits):
+    """A local Ray cluster runs each round's two trials as tasks: every trial, and the model found,
+    are the same as in this process."""
+    pytest.importorskip("ray")
+    settings = dict(max_drop=2.0, trials=4, parallel=2, **FAST)
+    here = netshrink.auto(trained, digits[0], **settings)
+    first_round = [t["target_bytes"] for t in here.trials[:2]]
+    assert len(here.trials) == 4 and first_round[0] < first_round[1]  # two budgets at once
+    there = netshrink.auto(trained, digits[0], address="local", sensitivity=here.sensitivity, **settings)
+    assert there.trials == here.trials
+    assert _same(there.model.state_dict(), here.model.state_dict())
+    assert there.file_bytes == here.file_bytes and there.met == here.met
+
+
 def test_auto_on_a_batchnorm_residual_depthwise_cnn(digits):
     torch.manual_seed(0)
     model = netshrink.build_model("resmobile", (1, 8, 8))
@@ -148,6 +162,8 @@ def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
     ({"max_bytes": 5000, "targets": ["nope"]}, "matches no"),
     ({"max_bytes": 5000, "trials": 0}, "trials"),
     ({"max_bytes": 5000, "sensitivity": {"fc1": []}}, "sensitivity is not a table"),
+    ({"max_drop": 1.0, "parallel": 0}, "parallel"),
+    ({"max_drop": 1.0, "address": ""}, "address"),
 ])
 def test_auto_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
     before = _state(trained)

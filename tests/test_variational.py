@@ -141,8 +141,12 @@ def test_auto_writes_the_ranking_into_its_policy(trained, digits):
     prunes = [s["prune"] for s in found.steps if "prune" in s]
     assert prunes and all(p["ranking"] == "variational" for p in prunes)
     assert found.file_bytes <= 9000
+    assert all(c.ranking == "variational" for choices in found.sensitivity.values() for c in choices)
     with pytest.raises(netshrink.NetshrinkError, match="ranking"):
         netshrink.auto(trained, digits[0], max_bytes=9000, ranking="random", progress=False)
+    with pytest.raises(netshrink.NetshrinkError, match="measured with the variational ranking"):
+        netshrink.auto(trained, digits[0], max_bytes=9000, sensitivity=found.sensitivity, progress=False,
+                       keeps=(1.0, 0.1), bits=(None, 4))
 
 
 def test_a_variational_prune_without_a_schedule_is_refused_and_nothing_changes(trained):

@@ -1,0 +1,99 @@
+"""Where a search's runs happen: one after another in this process (the default), or at the same
+time as Ray tasks on a cluster. The runs are the same either way: each is a deterministic function
+of its inputs, run with the same number of PyTorch threads, so a cluster changes how long a search
+takes, never what it finds.
+
+Ray core tasks, not Ray Tune: netshrink's searches choose their next runs from the last round's
+results by their own rules (``auto``'s bisection of a byte budget), which is what a round of
+tasks is; Tune's trial directories, searchers and schedulers would add nothing but weight. Ray
+transports the model and data between processes of the user's own cluster with its own
+serialization; no file from elsewhere is unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .errors import NetshrinkError
+
+
+def _with_threads(function: Callable, threads: int, shared, job):
+    """``function(shared, job)`` with ``threads`` PyTorch threads (a cluster worker starts with
+    one; results of some kernels depend on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return function(shared, job)
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _ray(address: str) -> Iterator[object]:
+    try:
+        import ray
+    except ImportError:
+        raise NetshrinkError(f"address={address!r} runs on Ray, which is not installed: pip install 'ray>=2.9' "
+                             "(or netshrink[distributed])") from None
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NetshrinkError(f"cannot reach the Ray cluster at {address!r}: {message}") from None
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class Runner:
+    """Runs ``function(shared, job)`` for rounds of jobs. ``address``: None for this process, a Ray
+    cluster's address (``"ray://head:10001"``, ``"auto"`` for the cluster this machine is in), or
+    ``"local"`` for a Ray cluster started on this machine. ``shared`` is sent to the cluster once.
+    Use as a context manager: the connection lasts for the search."""
+
+    def __init__(self, function: Callable, shared, address: str | None = None) -> None:
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local' or "
+                                 f"'ray://host:10001'. Received: address={address!r}")
+        self.function, self.shared, self.address = function, shared, address
+        self.threads = torch.get_num_threads()
+        self._stack = contextlib.ExitStack()
+        self._remote = self._shared_ref = None
+
+    def __enter__(self) -> "Runner":
+        if self.address is not None:
+            ray = self._stack.enter_context(_ray(self.address))
+            widest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+            if widest < self.threads:  # such a task would wait for ever
+                raise NetshrinkError(f"every run uses {self.threads} PyTorch threads (as in this process), but no "
+                                     f"node of the Ray cluster has {self.threads} CPUs (largest: {widest:g}): set "
+                                     f"torch.set_num_threads({int(widest) or 1}) first")
+            self._remote = ray.remote(num_cpus=self.threads)(_with_threads)
+            self._errors = ray.exceptions.RayTaskError
+            self._shared_ref = ray.put(self.shared)
+            self._get = ray.get
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def run(self, jobs: list) -> list:
+        """Every job's result, in the order of ``jobs``."""
+        if self._remote is None:
+            return [_with_threads(self.function, self.threads, self.shared, job) for job in jobs]
+        refs = [self._remote.remote(self.function, self.threads, self._shared_ref, job) for job in jobs]
+        try:
+            return self._get(refs)
+        except self._errors as exc:  # the run's own error, as it would be in this process: one line
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, NetshrinkError):
+                raise NetshrinkError(str(cause)) from None
+            detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+            raise NetshrinkError(f"a run on the Ray cluster failed: {type(cause).__name__}: {detail}") from None
