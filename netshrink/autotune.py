@@ -40,7 +40,7 @@ from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distin
 from .methods.bias import QuantizeBiases
 from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
-from .sweep import Runner
+from .sweep import Runner, check_address
 from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
                     default_forward, eval_mode)
 
@@ -309,18 +309,19 @@ def _between(low: int, high: int, t: float) -> int:
     return int(math.sqrt(low * high)) if t == 0.5 else int(low ** (1 - t) * high ** t)
 
 
-def _run_trial(shared: tuple, steps: list[dict]) -> tuple[nn.Module, int, float, float | None]:
+def _run_trial(shared: tuple, steps: list[dict]) -> tuple[bytes, float, float | None, nn.Module | None]:
     """One trial, wherever it runs (``sweep.Runner``): the policy's recipe on a copy of the dense
-    model, then its real file's size and its validation scores."""
+    model; returns its file, its validation scores and, in this process, the model itself (another
+    process sends the file: a model with transforms cannot be pickled, and the file is exact)."""
     from .artifact import to_bytes
     from .recipe import Recipe
 
-    model, train, scorer, seed, progress = shared
+    model, train, scorer, seed, progress, here = shared
     candidate = copy.deepcopy(model)
     if steps:
         Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
     loss, accuracy = scorer.scores(candidate)
-    return candidate, len(to_bytes(candidate, recipe=steps)), loss, accuracy
+    return to_bytes(candidate, recipe=steps), loss, accuracy, candidate if here else None
 
 
 def _split(data: Data, share: float, seed: int) -> tuple[Data, Data]:
@@ -388,7 +389,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     >>> found.file_bytes <= 6000
     True
     """
-    from .artifact import to_bytes
+    from .artifact import from_bytes, to_bytes
 
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
@@ -408,6 +409,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         QuantizeBiases(bits=bias_bits).check()
     check_choice("ranking", ranking, RANKINGS)
     _check_number("parallel", parallel, positive=True, integer=True)
+    check_address(address)
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
@@ -460,8 +462,10 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                 "steps": policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking)}
 
     def record(planned: dict, outcome: tuple) -> dict:
-        candidate, size, loss, accuracy = outcome
-        policy = planned["policy"]
+        data, loss, accuracy, candidate = outcome
+        if candidate is None:  # run elsewhere: the model comes back as its file
+            candidate = from_bytes(data, copy.deepcopy(model), "a trial's file")
+        size, policy = len(data), planned["policy"]
         trial = {"trial": len(runs) + 1, "target_bytes": planned["target"], "predicted_bytes":
                  sum(c.bytes for c in policy.values()) + overhead, "file_bytes": size,
                  "accuracy": accuracy, "loss": loss,
@@ -474,7 +478,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     runs: list[dict] = []  # every trial run, in order
     best = None
     floor = sum(min(c.bytes for c in choices) for choices in table.values())
-    with Runner(_run_trial, (model, train, scorer, seed, progress), address) as runner:
+    with Runner(_run_trial, (model, train, scorer, seed, progress, address is None), address) as runner:
         if max_bytes is not None:
             target = max_bytes - overhead
             if target < floor:

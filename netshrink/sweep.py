@@ -30,13 +30,18 @@ def _with_threads(function: Callable, threads: int, shared, job):
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def _ray(address: str) -> Iterator[object]:
+def _import_ray(address: str):
     try:
         import ray
     except ImportError:
         raise NetshrinkError(f"address={address!r} runs on Ray, which is not installed: pip install 'ray>=2.9' "
                              "(or netshrink[distributed])") from None
+    return ray
+
+
+@contextlib.contextmanager
+def _ray(address: str) -> Iterator[object]:
+    ray = _import_ray(address)
     started = not ray.is_initialized()
     if started:
         try:
@@ -52,16 +57,23 @@ def _ray(address: str) -> Iterator[object]:
             ray.shutdown()
 
 
+def check_address(address: str | None) -> None:
+    """Refuse an address that is not one, or one Ray is not installed to reach (before long work)."""
+    if address is not None and (not isinstance(address, str) or not address.strip()):
+        raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local' or "
+                             f"'ray://host:10001'. Received: address={address!r}")
+    if address is not None:
+        _import_ray(address)
+
+
 class Runner:
     """Runs ``function(shared, job)`` for rounds of jobs. ``address``: None for this process, a Ray
     cluster's address (``"ray://head:10001"``, ``"auto"`` for the cluster this machine is in), or
     ``"local"`` for a Ray cluster started on this machine. ``shared`` is sent to the cluster once.
-    Use as a context manager: the connection lasts for the search."""
+    Entering it as a context manager connects, for the rest of the search."""
 
     def __init__(self, function: Callable, shared, address: str | None = None) -> None:
-        if address is not None and (not isinstance(address, str) or not address.strip()):
-            raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local' or "
-                                 f"'ray://host:10001'. Received: address={address!r}")
+        check_address(address)
         self.function, self.shared, self.address = function, shared, address
         self.threads = torch.get_num_threads()
         self._stack = contextlib.ExitStack()
