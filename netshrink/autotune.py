@@ -303,6 +303,10 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
     return steps
 
 
+def _key(policy: dict[str, Choice]) -> tuple:
+    return tuple((name, c.keep, c.bits) for name, c in policy.items())
+
+
 def _between(low: int, high: int, t: float) -> int:
     """The budget a fraction ``t`` of the way from ``low`` to ``high`` on a log scale (t = 1/2, the
     geometric mean, as sqrt(low * high): the bisection's own rounding)."""
@@ -497,28 +501,36 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                 target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
         else:
             low, high, left = floor, _safe_budget(table, floor), trials
-            while left > 0:
+            passed: dict[tuple, bool] = {}  # every policy run so far: did it pass?
+            for _ in range(4 * trials):  # a bound on rounds whose budgets give only known policies
+                if left <= 0 or high - low <= 1:
+                    break
                 # A round: `parallel` budgets spread evenly on a log scale strictly between the
-                # largest failing and the smallest passing budget (one: their geometric mean).
+                # largest failing and the smallest passing budget (one: their geometric mean). A
+                # budget whose policy ran already is judged by that run, not run again.
                 count = min(parallel, left)
                 targets = sorted({_between(max(low, 1), high, (i + 1) / (count + 1)) for i in range(count)})
-                left -= len(targets)
                 planned = [plan(t) for t in targets]
-                outcomes = iter(runner.run([p["steps"] for p in planned if p is not None]))
+                fresh = {}
+                for p in planned:
+                    if p is not None and _key(p["policy"]) not in passed:
+                        fresh.setdefault(_key(p["policy"]), p)
+                left -= len(fresh)
+                outcomes = dict(zip(fresh, runner.run([p["steps"] for p in fresh.values()])))
                 passing, failing = [], []
                 for target, p in zip(targets, planned):
                     if p is None:  # bucket rounding made this target infeasible: aim higher
                         failing.append(target)
                         continue
-                    found = record(p, next(outcomes))
-                    drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
-                    found["trial"]["drop"] = drop
-                    if drop <= max_drop:
-                        if best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]:
+                    key = _key(p["policy"])
+                    if key not in passed:
+                        found = record(p, outcomes[key])
+                        drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
+                        found["trial"]["drop"] = drop
+                        passed[key] = drop <= max_drop
+                        if passed[key] and (best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]):
                             best = found
-                        passing.append(target)
-                    else:
-                        failing.append(target)
+                    (passing if passed[key] else failing).append(target)
                 high = min([high, *passing])
                 low = max([low, *(t for t in failing if t < high)])
     met = best is not None

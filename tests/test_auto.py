@@ -104,6 +104,8 @@ def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits
     assert [t["trial"] for t in found.trials] == [1, 2, 3]
     passing = [t for t in found.trials if t["drop"] <= 2.0]
     assert found.file_bytes == min(t["file_bytes"] for t in passing)  # the smallest passing trial
+    policies = [tuple(t["policy"].items()) for t in found.trials]
+    assert len(set(policies)) == len(policies)  # a policy is never run twice
 
 
 def test_rounds_of_trials_on_ray_find_what_they_find_in_this_process(trained, digits):
