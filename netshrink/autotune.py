@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +43,7 @@ from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distin
 from .methods.bias import QuantizeBiases
 from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
+from .latency import UNIT_KEEPS
 from .sweep import Runner, check_address
 from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
                     default_forward, eval_mode)
@@ -82,7 +86,10 @@ class AutoResult:
     dense_accuracy: float | None
     accuracy: float | None  # validation accuracy of ``model``
     trials: list[dict] = field(default_factory=list)
-    sensitivity: dict[str, list[Choice]] = field(default_factory=dict)
+    # per layer (bytes, accuracy budgets: Choice) or per group of units (latency: latency.UnitChoice)
+    sensitivity: dict[str, list] = field(default_factory=dict)
+    latency: float | None = None  # seconds per batch on ONNX Runtime (latency budgets), measured
+    dense_latency: float | None = None  # the dense model's, in the same measurement
 
     @property
     def ratio(self) -> float:
@@ -103,6 +110,8 @@ class AutoResult:
         budget = ", ".join(f"{k}={v}" for k, v in self.budget.items())
         lines = [f"Found by netshrink auto ({budget}): {self.file_bytes:,} B file, {self.ratio:.1f}x smaller than "
                  f"dense fp32"]
+        if self.latency is not None and self.dense_latency is not None:
+            lines.append(f"ONNX Runtime latency {1e3 * self.latency:.3f} ms per batch (dense {1e3 * self.dense_latency:.3f} ms)")
         if self.accuracy is not None and self.dense_accuracy is not None:
             lines.append(f"validation accuracy {100 * self.accuracy:.2f}% (dense {100 * self.dense_accuracy:.2f}%)")
         return lines
@@ -111,15 +120,18 @@ class AutoResult:
         """Everything the search saw (for reports), JSON-able."""
         return {"budget": self.budget, "met": self.met, "file_bytes": self.file_bytes, "dense_bytes": self.dense_bytes,
                 "dense_accuracy": self.dense_accuracy, "accuracy": self.accuracy, "trials": self.trials,
+                "latency": self.latency, "dense_latency": self.dense_latency,
                 "policy": {n: asdict(c) for n, c in self.policy.items()},
                 "sensitivity": {n: [asdict(c) for c in choices] for n, choices in self.sensitivity.items()}}
 
 
-def solve(options: dict[str, list[Choice]], budget: int, units: int = SOLVER_UNITS) -> dict[str, Choice] | None:
-    """One choice per layer with the least total damage whose bytes add up to at most ``budget``
-    (None if no combination fits). Multiple-choice knapsack by dynamic programming over bytes in
-    ``ceil(budget / units)``-byte buckets; each choice's bytes are rounded up to whole buckets, so
-    the answer always fits, and it is exact when ``budget <= units``.
+def solve(options: dict[str, list], budget: int, units: int = SOLVER_UNITS,
+          cost_of: Callable[[Any], int] = attrgetter("bytes")) -> dict | None:
+    """One choice per layer with the least total damage whose costs (default: bytes; any
+    non-negative integer) add up to at most ``budget`` (None if no combination fits).
+    Multiple-choice knapsack by dynamic programming over cost in ``ceil(budget / units)``-sized
+    buckets; each choice's cost is rounded up to whole buckets, so the answer always fits, and it
+    is exact when ``budget <= units``.
 
     Written here because the problem is a few lines of numpy; an ILP solver would be a heavy
     dependency for a table of at most a few thousand entries."""
@@ -130,7 +142,7 @@ def solve(options: dict[str, list[Choice]], budget: int, units: int = SOLVER_UNI
     best = np.zeros(size)  # least damage within <= b buckets, over the layers so far
     picks = []
     for name, choices in options.items():
-        costs = [-(-c.bytes // step) for c in choices]
+        costs = [-(-cost_of(c) // step) for c in choices]
         table = np.full((len(choices), size), np.inf)
         for j, (cost, choice) in enumerate(zip(costs, choices)):
             if cost < size:
@@ -143,7 +155,7 @@ def solve(options: dict[str, list[Choice]], budget: int, units: int = SOLVER_UNI
     for (name, choices), pick in zip(reversed(list(options.items())), reversed(picks)):
         choice = choices[int(pick[left])]
         policy[name] = choice
-        left -= -(-choice.bytes // step)
+        left -= -(-cost_of(choice) // step)
     return dict(reversed(list(policy.items())))
 
 
@@ -348,20 +360,25 @@ def _unreachable(max_bytes: int, smallest: int, overhead: int) -> NetshrinkError
                           f"{smallest:,} B (with {overhead:,} B of biases, header and manifest)")
 
 
-def _check_budget(max_bytes, max_drop) -> dict:
-    given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop)) if v is not None}
+def _check_budget(max_bytes, max_drop, max_latency) -> dict:
+    given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop), ("max_latency", max_latency))
+             if v is not None}
     if len(given) != 1:
-        raise NetshrinkError(f"auto takes exactly one budget: max_bytes or max_drop. Received: {given or 'none'}")
+        raise NetshrinkError(f"auto takes exactly one budget: max_bytes, max_drop or max_latency. Received: "
+                             f"{given or 'none'}")
     if max_bytes is not None:
         _check_number("max_bytes", max_bytes, positive=True, integer=True)
-    else:
+    elif max_drop is not None:
         _check_number("max_drop", max_drop)
+    else:
+        _check_number("max_latency", max_latency, positive=True)
     return given
 
 
 def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop: float | None = None,
+         max_latency: float | None = None, latency_batch: int = 1, threads: int | None = None,
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
-         trials: int = 5, keeps: tuple = KEEPS, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
+         trials: int = 5, keeps: tuple | None = None, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
          bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
          forward: Forward | None = None, on_trial=None,
          sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude",
@@ -370,7 +387,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
     finds. ``max_drop``: validation accuracy at most this many points below the dense model's, in
-    the smallest file the search finds. ``data``: training data; ``validation_share`` of it is held
+    the smallest file the search finds. ``max_latency``: at most this many seconds per batch of
+    ``latency_batch`` inputs on ONNX Runtime (fp32, ``threads`` threads, default PyTorch's count),
+    measured on this machine; the choices are then how many units (neurons, channels) each group
+    keeps, removed physically (see ``netshrink/latency.py``), from ``keeps`` (default
+    ``latency.UNIT_KEEPS``; for the byte and accuracy budgets ``KEEPS``). ``data``: training data; ``validation_share`` of it is held
     out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
     policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
     floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
@@ -397,13 +418,15 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
-    budget = _check_budget(max_bytes, max_drop)
+    budget = _check_budget(max_bytes, max_drop, max_latency)
     _check_number("epochs", epochs, positive=True)
     _check_number("lr", lr, positive=True)
     _check_number("trials", trials, positive=True, integer=True)
     _check_number("seed", seed, integer=True)
     if not 0 < validation_share < 1:
         raise NetshrinkError(f"validation_share must be in (0, 1). Received: validation_share={validation_share!r}")
+    if keeps is None:
+        keeps = UNIT_KEEPS if max_latency is not None else KEEPS
     keeps, bits = tuple(keeps), tuple(bits)
     if not keeps or any(not isinstance(k, (int, float)) or isinstance(k, bool) or not 0 < k <= 1 for k in keeps):
         raise NetshrinkError(f"keeps must be fractions in (0, 1]. Received: keeps={list(keeps)}")
@@ -414,6 +437,13 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     check_choice("ranking", ranking, RANKINGS)
     _check_number("parallel", parallel, positive=True, integer=True)
     check_address(address)
+    if max_latency is not None:
+        _check_number("latency_batch", latency_batch, positive=True, integer=True)
+        threads = torch.get_num_threads() if threads is None else threads
+        _check_number("threads", threads, positive=True, integer=True)
+        if address is not None:
+            raise NetshrinkError("max_latency is measured on this machine: its trials run here, not on a cluster "
+                                 f"(drop address). Received: address={address!r}")
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")
@@ -427,6 +457,13 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     forward = forward or default_forward
     check_model_fits(model, train, forward)
     check_model_fits(model, validation, forward)
+    if max_latency is not None:
+        from .latency import search
+
+        return search(model, train, _Validation(model, validation, forward), max_latency=max_latency,
+                      batch=latency_batch, threads=threads, keeps=keeps, epochs=epochs, lr=lr, trials=trials,
+                      augment=augment, seed=seed, progress=progress, targets=targets, ignore=ignore,
+                      on_trial=on_trial, sensitivity=sensitivity)
 
     work = copy.deepcopy(model)  # sensitivity swaps weights in place: never in the caller's model
     work_layers = {n: work.get_submodule(n) for n in layers}

@@ -154,14 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
 
     auto = sub.add_parser(
-        "auto", help="choose per-layer pruning and sharing under one budget, run it and verify it",
+        "auto", help="choose per-layer pruning and sharing (or, for speed, units removed) under one budget, run it "
+                     "and verify it",
         description="Measure how much each layer suffers from each setting (keep fraction x shared bits) on a "
                     "validation split held out of the training data (never the test set), predict each setting's "
                     "bytes with the real coder, solve for the per-layer combination with the least damage, run it "
                     "as a recipe with fine-tuning and distillation, and verify the budget on the real file. "
                     "--max-bytes: the file fits, at the best accuracy found; --max-drop: validation accuracy within "
                     "that many points of the dense model's, in the smallest file found (a search of --trials "
-                    "runs). Writes the model, the policy as a recipe anyone can rerun (OUTPUT.yaml) and what the "
+                    "runs); --max-latency: at most that many milliseconds per batch of --latency-batch inputs on "
+                    "ONNX Runtime (fp32, --threads), measured on this machine: each group of channels or neurons "
+                    "keeps a share of its units (--keeps, default 1 0.75 0.5 0.35 0.25), removed physically, each "
+                    "choice timed alone, the least damaging combination under the budget run with fine-tuning "
+                    "and timed again. Writes the model, the policy as a recipe anyone can rerun (OUTPUT.yaml) and what the "
                     "search saw (OUTPUT.auto.json, read by `netshrink report`). Exit status 1 when the budget is not met "
                     "(the closest model found is still written, and the table says by how much). "
                     "Example: netshrink auto dense.nsk --data mnist --max-drop 0.5 -o auto.nsk")
@@ -171,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-bytes", type=POSITIVE_INT, metavar="BYTES", help="the file on disk at most this big")
     budget.add_argument("--max-drop", type=_number(float, 0), metavar="POINTS",
                         help="validation accuracy at most this many points below the dense model's")
+    budget.add_argument("--max-latency", type=POSITIVE, metavar="MS",
+                        help="ONNX Runtime latency at most this many milliseconds per batch, on this machine")
+    auto.add_argument("--latency-batch", type=POSITIVE_INT, default=1, metavar="N",
+                      help="with --max-latency, inputs per timed batch (default: 1)")
+    auto.add_argument("--threads", type=POSITIVE_INT, default=2, help="with --max-latency, ONNX Runtime threads (default: 2)")
     auto.add_argument("--epochs", type=POSITIVE, default=10, help="fine-tuning epochs per trial (default: 10)")
     auto.add_argument("--lr", type=POSITIVE, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
     auto.add_argument("--trials", type=POSITIVE_INT, default=5, help="policies run at most (default: 5)")
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="shift training images by up to this many pixels while fine-tuning (default: 0)")
     auto.add_argument("--keeps", type=_number(float, 0, low_open=True), nargs="+", metavar="KEEP",
                       help="keep fractions each layer may get (default: 1 0.5 0.3 0.2 0.12 0.08 0.05 0.035 0.025 "
-                           "0.018 0.012)")
+                           "0.018 0.012; with --max-latency, shares of units: 1 0.75 0.5 0.35 0.25)")
     auto.add_argument("--bits", type=_number(int, 0), nargs="+", metavar="B",
                       help="shared bit widths each layer may get, 0 for float values (default: 0 8 6 5 4 3 2)")
     auto.add_argument("--ranking", choices=("magnitude", "variational"), default="magnitude",
@@ -535,13 +545,16 @@ def cmd_auto(args) -> int:
     dense_test = evaluate(model, test)
 
     def show(trial: dict) -> None:
-        _print(f"  trial {trial['trial']}: {trial['file_bytes']:,} B, validation accuracy "
+        speed = f"{1e3 * trial['latency']:.3f} ms, " if "latency" in trial else ""
+        _print(f"  trial {trial['trial']}: {speed}{trial['file_bytes']:,} B, validation accuracy "
                f"{100 * trial['accuracy']:.2f}%  ({', '.join(f'{n}: {d}' for n, d in trial['policy'].items())})")
 
     choices = {"keeps": tuple(args.keeps)} if args.keeps else {}
     if args.bits:
         choices["bits"] = tuple(b or None for b in args.bits)
-    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, validation_share=args.validation,
+    latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
+                                                   "latency_batch": args.latency_batch}
+    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation_share=args.validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
                  ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
     size = found.save(args.output)
@@ -549,18 +562,29 @@ def cmd_auto(args) -> int:
     test_accuracy = evaluate(found.model, test)
     record = {**found.to_json(), "data": args.data, "dense_test_accuracy": dense_test, "test_accuracy": test_accuracy}
     atomic_write(search_path, json.dumps(record, indent=1).encode())
-    weights = {n: m.weight.numel() for n, m in found.model.named_modules() if n in found.policy}
-    _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
-                [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"] for n, c in found.policy.items()])
-    budget = f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
     dense_bytes = args.path.stat().st_size
-    _print_rows(f"result ({budget}: {'met' if found.met else 'NOT met'})",
-                ["", "validation acc.", "test error", "file bytes", "vs fp32", "file"],
-                [["dense", f"{100 * found.dense_accuracy:.2f}%" if found.dense_accuracy is not None else "-",
-                  f"{100 * (1 - dense_test):.2f}%", f"{dense_bytes:,}", f"{found.dense_bytes / dense_bytes:.1f}x",
-                  str(args.path)],
-                 ["auto", f"{100 * found.accuracy:.2f}%" if found.accuracy is not None else "-",
-                  f"{100 * (1 - test_accuracy):.2f}%", f"{size:,}", f"{found.dense_bytes / size:.1f}x", str(args.output)]])
+    dense_row = ["dense", f"{100 * found.dense_accuracy:.2f}%" if found.dense_accuracy is not None else "-",
+                 f"{100 * (1 - dense_test):.2f}%", f"{dense_bytes:,}", f"{found.dense_bytes / dense_bytes:.1f}x"]
+    auto_row = ["auto", f"{100 * found.accuracy:.2f}%" if found.accuracy is not None else "-",
+                f"{100 * (1 - test_accuracy):.2f}%", f"{size:,}", f"{found.dense_bytes / size:.1f}x"]
+    columns = ["", "validation acc.", "test error", "file bytes", "vs fp32"]
+    if found.latency is None:
+        weights = {n: m.weight.numel() for n, m in found.model.named_modules() if n in found.policy}
+        _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
+                    [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"]
+                     for n, c in found.policy.items()])
+        budget = f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
+    else:
+        units = {n: max(c.units for c in found.sensitivity[n]) for n in found.policy}
+        _print_rows("policy", ["group (first layer)", "units", "setting", "latency alone (ms)", "damage (val. loss)"],
+                    [[n, f"{units[n]:,}", c.describe(), f"{1e3 * c.latency:.3f}", f"{c.damage:.4f}"]
+                     for n, c in found.policy.items()])
+        budget = f"--max-latency {args.max_latency:g} ms, batch {args.latency_batch}, {args.threads} threads"
+        columns.append("ONNX Runtime ms")
+        dense_row.append(f"{1e3 * found.dense_latency:.3f}")
+        auto_row.append(f"{1e3 * found.latency:.3f} ({found.dense_latency / found.latency:.2f}x faster)")
+    _print_rows(f"result ({budget}: {'met' if found.met else 'NOT met'})", columns + ["file"],
+                [dense_row + [str(args.path)], auto_row + [str(args.output)]])
     _print(f"policy: {policy_path} (rerun: netshrink compress {args.path} --data {args.data} --recipe {policy_path} "
            f"-o again.nsk); search record: {search_path}")
     return 0 if found.met else 1

@@ -111,19 +111,26 @@ def _sensitivity_section(search: dict) -> str:
     lines = -(-len(layers) // columns)
     figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
     chosen = search.get("policy", {})
+    # A byte budget's choices (keep x shared bits) against their coded bytes; a latency budget's
+    # (units kept) against the latency measured with only that group shrunk.
+    latency = "latency" in next(iter(table.values()))[0]
+    cost = (lambda c: 1e3 * c["latency"]) if latency else (lambda c: c["bytes"])
     for axis, layer in zip(axes.ravel(), layers):
         choices = table[layer]
-        for bits in sorted({c["bits"] for c in choices}, key=lambda b: 99 if b is None else b):
-            curve = sorted((c["bytes"], c["damage"]) for c in choices if c["bits"] == bits)
-            axis.plot(*zip(*curve), marker=".", label="fp32 values" if bits is None else f"{bits}-bit")
+        for bits in sorted({c.get("bits") for c in choices}, key=lambda b: 99 if b is None else b):
+            curve = [(cost(c), c["damage"]) for c in choices if c.get("bits") == bits]
+            curve = curve if latency else sorted(curve)  # latency: in order of units kept, as measured
+            axis.plot(*zip(*curve), marker=".", label="units kept" if latency else
+                      "fp32 values" if bits is None else f"{bits}-bit")
         if layer in chosen:
-            axis.scatter([chosen[layer]["bytes"]], [chosen[layer]["damage"]], s=120, facecolors="none",
+            axis.scatter([cost(chosen[layer])], [chosen[layer]["damage"]], s=120, facecolors="none",
                          edgecolors="red", zorder=5, label="chosen")
-        axis.set_xscale("log")
+        if not latency:
+            axis.set_xscale("log")
         axis.set_yscale("symlog", linthresh=1e-3)
         axis.set_ylim(bottom=0)
         axis.set_title(layer, fontsize=9)
-        axis.set_xlabel("coded bytes", fontsize=8)
+        axis.set_xlabel("ONNX Runtime ms (this group alone shrunk)" if latency else "coded bytes", fontsize=8)
         axis.set_ylabel("validation loss increase", fontsize=8)
         axis.grid(alpha=0.3)
     for axis in axes.ravel()[len(layers):]:
@@ -143,27 +150,30 @@ def _trials_section(search: dict) -> str:
     if not trials:
         return ""
     figure, axis = plt.subplots(figsize=(7, 4))
-    sizes = [t["file_bytes"] for t in trials]
+    latency = "max_latency" in search["budget"]  # trials against their measured latency, not their bytes
+    key, scale, label = ("latency", 1e3, "ONNX Runtime ms per batch") if latency else ("file_bytes", 1, "file bytes")
+    sizes = [scale * t[key] for t in trials]
     accuracies = [100 * t["accuracy"] for t in trials if t.get("accuracy") is not None]
     if len(accuracies) == len(trials):
         axis.scatter(sizes, accuracies, c="tab:blue", zorder=3, label="trials (fine-tuned)")
         for t, size, accuracy in zip(trials, sizes, accuracies):
             axis.annotate(str(t["trial"]), (size, accuracy), xytext=(4, 3), textcoords="offset points", fontsize=8)
         if search.get("accuracy") is not None:
-            axis.scatter([search["file_bytes"]], [100 * search["accuracy"]], s=160, facecolors="none",
+            axis.scatter([scale * search[key]], [100 * search["accuracy"]], s=160, facecolors="none",
                          edgecolors="red", zorder=4, label="chosen")
         if search.get("dense_accuracy") is not None:
             axis.axhline(100 * search["dense_accuracy"], color="black", lw=0.8, ls=":", label="dense")
             if "max_drop" in search["budget"]:
                 axis.axhline(100 * search["dense_accuracy"] - search["budget"]["max_drop"], color="red", lw=0.8,
                              ls="--", label="budget")
-        if "max_bytes" in search["budget"]:
-            axis.axvline(search["budget"]["max_bytes"], color="red", lw=0.8, ls="--", label="budget")
+        if "max_bytes" in search["budget"] or latency:
+            axis.axvline(scale * search["budget"]["max_latency" if latency else "max_bytes"], color="red", lw=0.8,
+                         ls="--", label="budget")
         axis.set_ylabel("validation accuracy (%)")
         axis.legend(fontsize=8)
-    axis.set_xlabel("file bytes")
+    axis.set_xlabel(label)
     axis.grid(alpha=0.3)
-    rows = [[t["trial"], f"{t['file_bytes']:,}", "-" if t.get("accuracy") is None else f"{100 * t['accuracy']:.2f}%",
+    rows = [[t["trial"], f"{t['file_bytes']:,}" + (f" ({1e3 * t['latency']:.3f} ms)" if latency else ""), "-" if t.get("accuracy") is None else f"{100 * t['accuracy']:.2f}%",
              "; ".join(f"{n}: {d}" for n, d in t["policy"].items())] for t in trials]
     return ("<h2>Search</h2>" + _figure_html(figure) +
             _table(["trial", "file bytes", "validation accuracy", "policy"], rows))

@@ -276,38 +276,11 @@ class RemoveUnits(Method):
         check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
-        layers, unmatched = self._select(model)
-        if any(hasattr(m, "parametrizations") for m in layers.values()):
-            raise NetshrinkError("remove units before other compression (the model has weight transforms): "
-                                 "start from the dense model, or netshrink.bake it first")
-        try:
-            traced = fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types on untraceable Python control flow
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
-                                 f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
-        example = _example(calibration)
-        if example is not None:
-            try:
-                with torch.no_grad():
-                    ShapeProp(traced).propagate(example)
-            except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
-                raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
-        modules = dict(traced.named_modules())
-        spaces = _Spaces()
-        layer_space = _analyse(traced, modules, spaces)
+        layers, unmatched, example, traced, modules, groups = self._groups(model, calibration)
         report = StructuredReport(self.name, skipped=self.new_report(unmatched).skipped)
         report.macs_before = _macs(traced, modules) if example is not None else 0
         plans = []
-        for root in sorted({spaces.find(s) for s in layer_space.values()}):
-            space = spaces.info[root]
-            selected = [p for p in space.producers if p in layers]
-            if not selected:
-                continue
-            reason = space.fixed or (None if space.consumers else "nothing consumes its output")
-            outside = [p for p in space.producers if p not in layers]
-            if reason is None and outside:
-                reason = f"it is coupled with {', '.join(outside)}, which is not selected"
+        for space, selected, reason in groups:
             if reason is not None:
                 report.skipped += [(p, reason) for p in selected]
                 continue
@@ -333,6 +306,42 @@ class RemoveUnits(Method):
                                          f"{str(exc).splitlines()[0]}); it was left as it was") from None
                 report.macs_after = _macs(shrunk, dict(shrunk.named_modules()))
         return report
+
+    def _groups(self, model: nn.Module, calibration):
+        """The traced graph's channel spaces that hold a selected layer, each with its selected
+        producers and the reason it cannot be pruned (None: it can); with what was traced."""
+        layers, unmatched = self._select(model)
+        if any(hasattr(m, "parametrizations") for m in layers.values()):
+            raise NetshrinkError("remove units before other compression (the model has weight transforms): "
+                                 "start from the dense model, or netshrink.bake it first")
+        try:
+            traced = fx.symbolic_trace(model)
+        except Exception as exc:  # fx raises many types on untraceable Python control flow
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
+                                 f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
+        example = _example(calibration)
+        if example is not None:
+            try:
+                with torch.no_grad():
+                    ShapeProp(traced).propagate(example)
+            except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
+                raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
+        modules = dict(traced.named_modules())
+        spaces = _Spaces()
+        layer_space = _analyse(traced, modules, spaces)
+        groups = []
+        for root in sorted({spaces.find(s) for s in layer_space.values()}):
+            space = spaces.info[root]
+            selected = [p for p in space.producers if p in layers]
+            if not selected:
+                continue
+            reason = space.fixed or (None if space.consumers else "nothing consumes its output")
+            outside = [p for p in space.producers if p not in layers]
+            if reason is None and outside:
+                reason = f"it is coupled with {', '.join(outside)}, which is not selected"
+            groups.append((space, selected, reason))
+        return layers, unmatched, example, traced, modules, groups
 
     def _choose(self, space: _Space, modules: dict[str, nn.Module]) -> torch.Tensor:
         """Indices of the channels to keep, ascending: the highest-scoring, scores summed over
@@ -381,6 +390,24 @@ def remove_units(model: nn.Module, keep: float | Mapping[str, float] = 0.5, *, c
         raise NetshrinkError(f"example_input must be a tensor (one batch of inputs). Received: {type(example_input).__name__}")
     result = copy.deepcopy(model)
     return result, method.run(result, calibration=example_input)
+
+
+def unit_groups(model: nn.Module, example_input: torch.Tensor | None = None, *, targets: tuple[str, ...] = (),
+                ignore: tuple[str, ...] = ()) -> dict[str, dict]:
+    """The groups of output units :class:`RemoveUnits` can remove from ``model``, keyed by each
+    group's first layer (the key a per-layer ``keep`` map is read with): ``{"layers": the layers
+    whose outputs shrink together, "units": how many units they have}``. Groups that cannot be
+    pruned (the model's output, a concatenation, ...) are left out. ``model`` is not changed.
+
+    >>> from netshrink.models import build_model
+    >>> unit_groups(build_model("lenet-300-100"))
+    {'fc1': {'layers': ['fc1'], 'units': 300}, 'fc2': {'layers': ['fc2'], 'units': 100}}
+    """
+    method = RemoveUnits(targets=targets, ignore=ignore)
+    method.check()
+    *_, modules, groups = method._groups(model, example_input)
+    return {space.producers[0]: {"layers": list(space.producers), "units": int(modules[space.producers[0]].weight.shape[0])}
+            for space, _, reason in groups if reason is None}
 
 
 def _rebuild(result: nn.Module, plans: list[tuple[_Space, torch.Tensor]]) -> None:
