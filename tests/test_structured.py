@@ -251,3 +251,13 @@ def test_shrunk_resmobile_saves_and_loads_without_the_model(tmp_path):
     for skeleton in (None, netshrink.build_model("resmobile", (1, 16, 16))):
         loaded = netshrink.load(tmp_path / "small.nsk", model=skeleton)
         assert loaded.depthwise.conv.groups == 72 and torch.equal(loaded(x), small(x))
+
+
+def test_removing_units_in_place_leaves_batchnorm_statistics_alone(digits):
+    """The example input traces shapes in eval mode: a training-mode BatchNorm would fold it into
+    its running statistics."""
+    model = netshrink.build_model("resmobile", (1, 8, 8)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    netshrink.apply(model, netshrink.RemoveUnits(keep=1.0), calibration=digits[0].tensors[0][:8])
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

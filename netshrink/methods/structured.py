@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import NetshrinkError
+from ..train import eval_mode
 from .base import (LINEAR_CONV, Method, Report, check_choice, check_range, is_depthwise, per_layer, preserved,
                    shrink_layer, sync_sizes)
 
@@ -298,7 +299,7 @@ class RemoveUnits(Method):
             _rebuild(model, plans)
             if example is not None:
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), eval_mode(model):
                         shrunk = fx.symbolic_trace(model)
                         ShapeProp(shrunk).propagate(example)
                 except Exception as exc:  # noqa: BLE001 - restored by preserved(), then one line
@@ -322,8 +323,8 @@ class RemoveUnits(Method):
                                  f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
         example = _example(calibration)
         if example is not None:
-            try:
-                with torch.no_grad():
+            try:  # in eval mode: a training-mode BatchNorm would fold the example into its running statistics
+                with torch.no_grad(), eval_mode(model):
                     ShapeProp(traced).propagate(example)
             except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
                 raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
