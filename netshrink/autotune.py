@@ -377,6 +377,7 @@ def _check_budget(max_bytes, max_drop, max_latency) -> dict:
 
 def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop: float | None = None,
          max_latency: float | None = None, latency_batch: int = 1, threads: int | None = None,
+         runtime: str = "fp32",
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
          trials: int = 5, keeps: tuple | None = None, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
          bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
@@ -388,8 +389,9 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
     finds. ``max_drop``: validation accuracy at most this many points below the dense model's, in
     the smallest file the search finds. ``max_latency``: at most this many seconds per batch of
-    ``latency_batch`` inputs on ONNX Runtime (fp32, ``threads`` threads, default PyTorch's count),
-    measured on this machine; the choices are then how many units (neurons, channels) each group
+    ``latency_batch`` inputs on ONNX Runtime (``threads`` threads, default PyTorch's count; the
+    model exported as ``runtime`` ``"fp32"`` or ``"int8"``, what ``export(int8=True)`` writes, with
+    activation ranges from the training data), measured on this machine; the choices are then how many units (neurons, channels) each group
     keeps, removed physically (see ``netshrink/latency.py``), from ``keeps`` (default
     ``latency.UNIT_KEEPS``; for the byte and accuracy budgets ``KEEPS``). ``data``: training data; ``validation_share`` of it is held
     out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
@@ -441,6 +443,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         _check_number("latency_batch", latency_batch, positive=True, integer=True)
         threads = torch.get_num_threads() if threads is None else threads
         _check_number("threads", threads, positive=True, integer=True)
+        check_choice("runtime", runtime, ("fp32", "int8"))
         if address is not None:
             raise NetshrinkError("max_latency is measured on this machine: its trials run here, not on a cluster "
                                  f"(drop address). Received: address={address!r}")
@@ -461,7 +464,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         from .latency import search
 
         return search(model, train, _Validation(model, validation, forward), max_latency=max_latency,
-                      batch=latency_batch, threads=threads, keeps=keeps, epochs=epochs, lr=lr, trials=trials,
+                      batch=latency_batch, threads=threads, runtime=runtime, keeps=keeps, epochs=epochs, lr=lr, trials=trials,
                       augment=augment, seed=seed, progress=progress, targets=targets, ignore=ignore,
                       on_trial=on_trial, sensitivity=sensitivity)
 

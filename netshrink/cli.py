@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--max-bytes: the file fits, at the best accuracy found; --max-drop: validation accuracy within "
                     "that many points of the dense model's, in the smallest file found (a search of --trials "
                     "runs); --max-latency: at most that many milliseconds per batch of --latency-batch inputs on "
-                    "ONNX Runtime (fp32, --threads), measured on this machine: each group of channels or neurons "
+                    "ONNX Runtime (--runtime fp32 or int8, --threads), measured on this machine: each group of channels or neurons "
                     "keeps a share of its units (--keeps, default 1 0.75 0.5 0.35 0.25), removed physically, each "
                     "choice timed alone, the least damaging combination under the budget run with fine-tuning "
                     "and timed again. Writes the model, the policy as a recipe anyone can rerun (OUTPUT.yaml) and what the "
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--latency-batch", type=POSITIVE_INT, default=1, metavar="N",
                       help="with --max-latency, inputs per timed batch (default: 1)")
     auto.add_argument("--threads", type=POSITIVE_INT, default=2, help="with --max-latency, ONNX Runtime threads (default: 2)")
+    auto.add_argument("--runtime", choices=("fp32", "int8"), default="fp32",
+                      help="with --max-latency, the export that is timed: fp32, or int8 as `netshrink export --int8` "
+                           "writes it (default: fp32)")
     auto.add_argument("--epochs", type=POSITIVE, default=10, help="fine-tuning epochs per trial (default: 10)")
     auto.add_argument("--lr", type=POSITIVE, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
     auto.add_argument("--trials", type=POSITIVE_INT, default=5, help="policies run at most (default: 5)")
@@ -553,7 +556,7 @@ def cmd_auto(args) -> int:
     if args.bits:
         choices["bits"] = tuple(b or None for b in args.bits)
     latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
-                                                   "latency_batch": args.latency_batch}
+                                                   "latency_batch": args.latency_batch, "runtime": args.runtime}
     found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation_share=args.validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
                  ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
@@ -579,7 +582,7 @@ def cmd_auto(args) -> int:
         _print_rows("policy", ["group (first layer)", "units", "setting", "latency alone (ms)", "damage (val. loss)"],
                     [[n, f"{units[n]:,}", c.describe(), f"{1e3 * c.latency:.3f}", f"{c.damage:.4f}"]
                      for n, c in found.policy.items()])
-        budget = f"--max-latency {args.max_latency:g} ms, batch {args.latency_batch}, {args.threads} threads"
+        budget = f"--max-latency {args.max_latency:g} ms, batch {args.latency_batch}, {args.threads} threads, {args.runtime}"
         columns.append("ONNX Runtime ms")
         dense_row.append(f"{1e3 * found.dense_latency:.3f}")
         auto_row.append(f"{1e3 * found.latency:.3f} ({found.dense_latency / found.latency:.2f}x faster)")

@@ -10,7 +10,7 @@ byte budget's (``autotune``), with latency for bytes:
    convolutions and BatchNorms follow their producer) form a group (``unit_groups``).
 2. **Sensitivity and latency.** Each group alone keeps each fraction of its units while the rest
    of the model stays dense: the validation loss increase is the choice's damage, and the model's
-   latency on ONNX Runtime (fp32 export, the batch and threads asked for, every candidate timed
+   latency on ONNX Runtime (fp32 or int8 export, the batch and threads asked for, every candidate timed
    in the same interleaved rounds) is its cost. Measured, not predicted from MACs: runtimes
    compute channels in blocks, so removing units can cost nothing, or even slow a layer down.
 3. **Solve.** A policy's latency is predicted as the dense latency plus each group's change
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .errors import NetshrinkError
 from .train import Data, batches
@@ -61,9 +62,10 @@ def example_batch(data: Data, size: int) -> torch.Tensor:
     return inputs[torch.arange(size) % len(inputs)]
 
 
-def ort_latencies(models: list[nn.Module], example: torch.Tensor, threads: int,
-                  repeats: int = TIMING_REPEATS) -> list:
-    """Each model exported to fp32 ONNX and run by ONNX Runtime on ``example`` with ``threads``
+def ort_latencies(models: list[nn.Module], example: torch.Tensor, threads: int, repeats: int = TIMING_REPEATS,
+                  calibration: Data | None = None) -> list:
+    """Each model exported to ONNX (fp32, or int8 QDQ with activation ranges calibrated on
+    ``calibration`` inputs when given) and run by ONNX Runtime on ``example`` with ``threads``
     threads; their :class:`~netshrink.bench.Timing` (median seconds, spread between rounds), all
     timed in the same interleaved rounds so that drift hits every model alike."""
     from .bench import _interleaved, ort_session
@@ -73,7 +75,7 @@ def ort_latencies(models: list[nn.Module], example: torch.Tensor, threads: int,
         runs = []
         for i, model in enumerate(models):
             path = Path(folder) / f"{i}.onnx"
-            export(model, path, example_inputs=example)
+            export(model, path, example_inputs=example, int8=calibration is not None, calibration=calibration)
             session = ort_session(path, threads)
             feed = {session.get_inputs()[0].name: example.numpy()}
             runs.append(lambda session=session, feed=feed: session.run(None, feed))
@@ -89,7 +91,7 @@ def shrunk(model: nn.Module, keep: dict[str, float], example: torch.Tensor) -> n
 
 
 def measure(model: nn.Module, groups: dict[str, dict], keeps: tuple, scorer, example: torch.Tensor, threads: int,
-            repeats: int = TIMING_REPEATS, progress: bool = True):
+            calibration: Data | None = None, progress: bool = True):
     """Each group's choices: every group alone shrunk to every keep, scored on the validation split
     and timed on ONNX Runtime in one interleaved measurement (keep 1 is the dense model)."""
     from .train import Progress
@@ -108,7 +110,7 @@ def measure(model: nn.Module, groups: dict[str, dict], keeps: tuple, scorer, exa
                 bar.update(len(entries), group)
     finally:
         bar.close()
-    timings = ort_latencies(candidates, example, threads, repeats)
+    timings = ort_latencies(candidates, example, threads, calibration=calibration)
     table: dict[str, list[UnitChoice]] = {group: [] for group in groups}
     for group, keep, units, damage, index in entries:  # keep 1: the dense model, timed once
         table[group].append(UnitChoice(keep, units, timings[index if keep < 1 else 0].median, damage))
@@ -125,7 +127,8 @@ def unit_steps(policy: dict[str, UnitChoice], epochs: float, lr: float, augment:
     return [{"structured": {"keep": {**keep, "*": 1.0}}}, {"finetune": {"epochs": epochs, "lr": lr, **tune}}]
 
 
-def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: int, threads: int, keeps: tuple,
+def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: int, threads: int, runtime: str,
+           keeps: tuple,
            epochs: float, lr: float, trials: int, augment: int, seed: int, progress: bool, targets: tuple,
            ignore: tuple, on_trial=None, sensitivity=None):
     """``auto``'s search under ``max_latency`` seconds per batch of ``batch`` (see the module doc)."""
@@ -135,12 +138,14 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
     from .recipe import Recipe
 
     example = example_batch(scorer.data, batch)
+    # int8: every candidate exported as netshrink.export(int8=True) would, ranges from training inputs
+    calibration = TensorDataset(example_batch(train, 256)) if runtime == "int8" else None
     groups = unit_groups(model, example[:2], targets=tuple(targets), ignore=tuple(ignore))
     if not groups:
         raise NetshrinkError("max_latency removes units, and this model has no group of units that can be removed "
                              "(netshrink.remove_units(model, example_input=x)[1] says why)")
     keeps = tuple(sorted({1.0, *keeps}, reverse=True))  # every group may stay whole: the dense model's time
-    table = measure(model, groups, keeps, scorer, example, threads, progress=progress) if sensitivity is None \
+    table = measure(model, groups, keeps, scorer, example, threads, calibration, progress) if sensitivity is None \
         else _reused(sensitivity, groups, keeps)
     dense = next(c.latency for c in next(iter(table.values())) if c.keep >= 1)
     fastest = min(c.latency for choices in table.values() for c in choices)
@@ -157,7 +162,8 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
         best_guess = dense + sum(min(c.latency for c in choices) - dense for choices in table.values())
         raise NetshrinkError(f"max_latency={1e3 * max_latency:.3f} ms cannot be met by removing units: the dense model "
                              f"takes {1e3 * dense:.3f} ms and the fewest units of every group about "
-                             f"{1e3 * best_guess:.3f} ms (batch {batch}, {threads} threads); allow more, or pass smaller keeps")
+                             f"{1e3 * best_guess:.3f} ms (batch {batch}, {threads} threads, {runtime}); allow more, or "
+                             "pass smaller keeps")
     runs, best, target = [], None, max_latency
     for _ in range(trials):
         policy = plan(target)
@@ -167,7 +173,7 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
         candidate = copy.deepcopy(model)
         if steps:
             Recipe.from_steps(copy.deepcopy(steps), "auto").run(candidate, train, seed=seed, progress=progress)
-        reference, measured = ort_latencies([model, candidate], example, threads)
+        reference, measured = ort_latencies([model, candidate], example, threads, calibration=calibration)
         loss, accuracy = scorer.scores(candidate)
         predicted = dense + sum(c.latency - dense for c in policy.values())
         trial = {"trial": len(runs) + 1, "target_latency": target, "predicted_latency": predicted,
@@ -187,7 +193,7 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
     best = best or min(runs, key=lambda r: r["trial"]["latency"])  # none met: the fastest, reported as over
     trial = best["trial"]
     return AutoResult(model=best["model"], policy=best["policy"], steps=best["steps"],
-                      budget={"max_latency": max_latency, "batch": batch, "threads": threads}, met=met,
+                      budget={"max_latency": max_latency, "batch": batch, "threads": threads, "runtime": runtime}, met=met,
                       file_bytes=trial["file_bytes"], dense_bytes=4 * sum(
                           p.numel() for p in model.state_dict().values() if p.is_floating_point()),
                       dense_accuracy=scorer.scores(model)[1], accuracy=trial["accuracy"],

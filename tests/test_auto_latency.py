@@ -23,7 +23,7 @@ def _parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def _stand_in_timer(models, example, threads, repeats=0):
+def _stand_in_timer(models, example, threads, **_):
     """Latency proportional to a model's parameters: deterministic, and additive over groups."""
     return [Timing(1e-8 * _parameters(m), 1e-8 * _parameters(m), 0.0) for m in models]
 
@@ -132,6 +132,7 @@ def test_auto_max_latency_on_onnx_runtime(resmobile, digits):
     ({"max_latency": 1.0, "latency_batch": 0}, "latency_batch"),
     ({"max_latency": 1.0, "threads": 0}, "threads"),
     ({"max_latency": 1.0, "address": "local"}, "this machine"),
+    ({"max_latency": 1.0, "runtime": "int4"}, "runtime"),
     ({"max_latency": 1.0, "sensitivity": {"fc1": []}}, "not a latency table"),
 ])
 def test_auto_max_latency_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
@@ -159,9 +160,9 @@ def test_cli_auto_max_latency(tmp_path, resmobile):
                               capture_output=True, text=True, timeout=600)
 
     done = cli("auto", "dense.nsk", "--data", "digits", "--max-latency", "10000", "--latency-batch", "4", "--epochs", "1",
-               "--trials", "1", "--keeps", "1", "0.5", "-o", "fast.nsk")
+               "--trials", "1", "--keeps", "1", "0.5", "--runtime", "int8", "-o", "fast.nsk")
     assert done.returncode == 0, done.stderr
-    assert "ONNX Runtime ms" in done.stdout and "met" in done.stdout and "group" in done.stdout
+    assert "ONNX Runtime ms" in done.stdout and "met" in done.stdout and "group" in done.stdout and "int8" in done.stdout
     assert netshrink.load(tmp_path / "fast.nsk") is not None
     report = cli("report", "fast.nsk", "-o", "report.html")
     assert report.returncode == 0, report.stderr
