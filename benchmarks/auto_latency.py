@@ -31,7 +31,7 @@ from torch.utils.data import TensorDataset
 import netshrink
 from netshrink.latency import UnitChoice, example_batch, ort_latencies, unit_steps
 from netshrink.methods.structured import unit_groups
-from auto_compression import dense_model, split  # benchmarks/auto_compression.py
+from auto_pareto import plot_fronts, resmobile_arguments, resmobile_on_fashion  # benchmarks/auto_pareto.py
 from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,52 +50,19 @@ def uniform(dense, keep: float, train, example, args):
     return model
 
 
-def plot(points: dict[str, list[tuple[float, float, str]]], dense: tuple[float, float], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (label, rows), (color, marker) in zip(points.items(), (("tab:gray", "s"), ("tab:blue", "o"))):
-        rows = sorted(rows)
-        ax.plot([r[0] for r in rows], [100 * r[1] for r in rows], marker=marker, color=color, label=label)
-        for ms, accuracy, name in rows:
-            ax.annotate(name, (ms, 100 * accuracy), textcoords="offset points",
-                        xytext=(5, -11 if label.startswith("uniform") else 6), fontsize=7, color=color)
-    ax.scatter([dense[0]], [100 * dense[1]], color="black", marker="D", label="dense")
-    ax.set_xlabel("ONNX Runtime latency (ms per batch)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dense-epochs", type=float, default=6)
-    parser.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs per run (uniform and auto)")
+    resmobile_arguments(parser)
     parser.add_argument("--trials", type=int, default=2, help="auto runs per budget at most")
     parser.add_argument("--batch", type=int, default=256, help="images per timed batch")
     parser.add_argument("--runtime", choices=("fp32", "int8"), default="int8")
     parser.add_argument("--repeats", type=int, default=60, help="timed runs per model in the final measurement")
-    parser.add_argument("--train", type=int, help="use only this many training images (a quick look)")
-    parser.add_argument("--validation", type=int, default=2000, help="training images held out for auto's scores")
-    parser.add_argument("--augment", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, help="keep the dense model here between runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "auto_latency.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
 
-    train, test = netshrink.load_dataset("fashion-mnist", "train"), netshrink.load_dataset("fashion-mnist", "test")
-    fit_data, validation = split(train, args.validation, args.seed)
-    if args.train:
-        fit_data = TensorDataset(*(t[:args.train] for t in fit_data.tensors))
-    dense, _ = dense_model("resmobile", fit_data, args.dense_epochs, args.augment, args.seed, args.cache)
+    dense, fit_data, validation, test = resmobile_on_fashion(args)
     example = example_batch(validation, args.batch)
     calibration = TensorDataset(example_batch(fit_data, 256)) if args.runtime == "int8" else None
 
@@ -142,16 +109,17 @@ def main() -> None:
     search_rows = []
     for name, fraction, found in searches:
         policy = "; ".join(f"{g}: {c.describe()}" for g, c in found.policy.items())
-        search_rows.append(f"| {name} | {1e3 * found.budget['max_latency']:.3f} | {'yes' if found.met else 'NO'} | {len(found.trials)} | "
-                           f"{1e3 * found.trials[-1]['predicted_latency']:.3f} | {1e3 * found.latency:.3f} | "
+        chosen = next(t for t in found.trials if t["latency"] == found.latency)
+        search_rows.append(f"| {name} | {1e3 * found.budget['max_latency']:.3f} | {'yes' if found.met else 'NO'} | "
+                           f"{len(found.trials)} | {1e3 * chosen['predicted_latency']:.3f} | {1e3 * found.latency:.3f} | "
                            f"{100 * found.accuracy:.2f}% | {policy} |")
     picture = args.output.with_suffix(".png")
     dense_point = (1e3 * timings["dense"].median, accuracy["dense"])
-    plot({"uniform (every group keeps the same share)": [(1e3 * timings[n].median, accuracy[n], n.replace("uniform ", ""))
-                                                          for n in names if n.startswith("uniform")],
-          "netshrink auto (max_latency)": [(1e3 * timings[n].median, accuracy[n], n.replace("auto ", ""))
-                                           for n in names if n.startswith("auto")]},
-         dense_point, picture, f"resmobile on Fashion-MNIST, ONNX Runtime {args.runtime}, batch {args.batch}, 2 threads")
+    fronts = {label: [(1e3 * timings[n].median, accuracy[n], n.split(" ", 1)[1]) for n in names if n.startswith(kind)]
+              for label, kind in (("uniform (every group keeps the same share)", "uniform"),
+                                  ("netshrink auto (max_latency)", "auto"))}
+    plot_fronts(fronts, picture, "ONNX Runtime latency (ms per batch)",
+                f"resmobile on Fashion-MNIST, ONNX Runtime {args.runtime}, batch {args.batch}, 2 threads", dense_point)
     groups = unit_groups(dense, example[:2])
     described = ", ".join(f"{g} ({len(i['layers'])} layers, {i['units']} units)" for g, i in groups.items())
     text = "\n".join([

@@ -54,22 +54,49 @@ def uniform(dense, keep: float, bits: int, train, args):
     return model, steps
 
 
-def plot(points: dict[str, list[tuple[int, float, str]]], dense_accuracy: float, path: Path) -> None:
+def resmobile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that start from a dense resmobile on Fashion-MNIST."""
+    parser.add_argument("--dense-epochs", type=float, default=6)
+    parser.add_argument("--train", type=int, help="use only this many training images (a quick look)")
+    parser.add_argument("--validation", type=int, default=2000, help="training images held out for auto's scores")
+    parser.add_argument("--augment", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, help="keep the dense model here between runs")
+    parser.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs per run (uniform and auto)")
+
+
+def resmobile_on_fashion(args):
+    """(dense resmobile, the images it trained on, the held-out validation images, the test set)."""
+    train, test = netshrink.load_dataset("fashion-mnist", "train"), netshrink.load_dataset("fashion-mnist", "test")
+    fit_data, validation = split(train, args.validation, args.seed)
+    if args.train:
+        fit_data = TensorDataset(*(t[:args.train] for t in fit_data.tensors))
+    dense, _ = dense_model("resmobile", fit_data, args.dense_epochs, args.augment, args.seed, args.cache)
+    return dense, fit_data, validation, test
+
+
+def plot_fronts(points: dict[str, list[tuple[float, float, str]]], path: Path, xlabel: str, title: str,
+                dense: tuple[float | None, float]) -> None:
+    """Test accuracy against a cost (x), a line per kind of run (the first drawn gray, labels
+    below), and the dense model as a point, or as a line where its cost is off the chart (None)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (label, rows), (color, marker) in zip(points.items(), (("tab:gray", "s"), ("tab:blue", "o"))):
+    for i, ((label, rows), (color, marker)) in enumerate(zip(points.items(), (("tab:gray", "s"), ("tab:blue", "o")))):
         rows = sorted(rows)
-        ax.plot([r[0] / 1000 for r in rows], [100 * r[1] for r in rows], marker=marker, color=color, label=label)
-        for size, accuracy, name in rows:
-            ax.annotate(name, (size / 1000, 100 * accuracy), textcoords="offset points", xytext=(5, -11 if
-                        label.startswith("uniform") else 6), fontsize=7, color=color)
-    ax.axhline(100 * dense_accuracy, color="black", linestyle=":", linewidth=1, label="dense fp32")
-    ax.set_xlabel("file on disk (kB)")
+        ax.plot([r[0] for r in rows], [100 * r[1] for r in rows], marker=marker, color=color, label=label)
+        for x, accuracy, name in rows:
+            ax.annotate(name, (x, 100 * accuracy), textcoords="offset points", xytext=(5, -11 if i == 0 else 6),
+                        fontsize=7, color=color)
+    if dense[0] is None:
+        ax.axhline(100 * dense[1], color="black", linestyle=":", linewidth=1, label="dense fp32")
+    else:
+        ax.scatter([dense[0]], [100 * dense[1]], color="black", marker="D", label="dense")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("resmobile on Fashion-MNIST: netshrink auto vs uniform settings")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -79,24 +106,13 @@ def plot(points: dict[str, list[tuple[int, float, str]]], dense_accuracy: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dense-epochs", type=float, default=6)
-    parser.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs per run (uniform and auto)")
+    resmobile_arguments(parser)
     parser.add_argument("--trials", type=int, default=3, help="auto runs per budget at most")
-    parser.add_argument("--train", type=int, help="use only this many training images (a quick look)")
-    parser.add_argument("--validation", type=int, default=2000, help="training images held out for auto's scores")
-    parser.add_argument("--augment", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, help="keep the dense model here between runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "auto_pareto.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
-
-    train, test = netshrink.load_dataset("fashion-mnist", "train"), netshrink.load_dataset("fashion-mnist", "test")
-    fit_data, validation = split(train, args.validation, args.seed)
-    if args.train:
-        fit_data = TensorDataset(*(t[:args.train] for t in fit_data.tensors))
-    dense, _ = dense_model("resmobile", fit_data, args.dense_epochs, args.augment, args.seed, args.cache)
+    dense, fit_data, validation, test = resmobile_on_fashion(args)
     dense_accuracy = netshrink.evaluate(dense, test)
     dense_bytes = 4 * sum(p.numel() for p in dense.state_dict().values() if p.is_floating_point())
     rows, points = [], {"uniform (every layer the same)": [], "netshrink auto (max_bytes = the uniform file's)": []}
@@ -121,7 +137,9 @@ def main() -> None:
                     f"{100 * (auto_accuracy - accuracy):+.2f} pts | {'yes' if dominated else 'NO'} | "
                     f"{len(found.trials)} | {policy} |")
     picture = args.output.with_suffix(".png")
-    plot(points, dense_accuracy, picture)
+    plot_fronts({label: [(size / 1000, accuracy, name) for size, accuracy, name in rows] for label, rows in points.items()},
+                picture, "file on disk (kB)", "resmobile on Fashion-MNIST: netshrink auto vs uniform settings",
+                (None, dense_accuracy))
     # Fewer bytes at the same accuracy: for each uniform point, the smallest auto file at least as accurate.
     fewer = []
     for size, accuracy, label in points["uniform (every layer the same)"]:

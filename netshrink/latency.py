@@ -128,9 +128,8 @@ def unit_steps(policy: dict[str, UnitChoice], epochs: float, lr: float, augment:
 
 
 def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: int, threads: int, runtime: str,
-           keeps: tuple,
-           epochs: float, lr: float, trials: int, augment: int, seed: int, progress: bool, targets: tuple,
-           ignore: tuple, on_trial=None, sensitivity=None):
+           keeps: tuple, epochs: float, lr: float, trials: int, augment: int, seed: int, progress: bool,
+           targets: tuple, ignore: tuple, on_trial=None, sensitivity=None):
     """``auto``'s search under ``max_latency`` seconds per batch of ``batch`` (see the module doc)."""
     from .artifact import to_bytes
     from .autotune import AutoResult, solve
@@ -177,7 +176,8 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
         loss, accuracy = scorer.scores(candidate)
         predicted = dense + sum(c.latency - dense for c in policy.values())
         trial = {"trial": len(runs) + 1, "target_latency": target, "predicted_latency": predicted,
-                 "latency": measured.median, "dense_latency": reference.median, "spread": max(reference.spread, measured.spread),
+                 "latency": measured.median, "dense_latency": reference.median,
+                 "spread": max(reference.spread, measured.spread),
                  "file_bytes": len(to_bytes(candidate, recipe=steps)), "accuracy": accuracy, "loss": loss,
                  "policy": {group: c.describe() for group, c in policy.items()}}
         runs.append({"trial": trial, "model": candidate, "policy": policy, "steps": steps})
