@@ -447,6 +447,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         if address is not None:
             raise NetshrinkError("max_latency is measured on this machine: its trials run here, not on a cluster "
                                  f"(drop address). Received: address={address!r}")
+        unused = {k: v for k, v in (("bits", bits), ("ranking", ranking), ("parallel", parallel))
+                  if v != {"bits": BITS, "ranking": "magnitude", "parallel": 1}[k]}
+        if unused:
+            raise NetshrinkError(f"max_latency chooses how many units each group keeps; {', '.join(unused)} "
+                                 f"belong to the byte and accuracy budgets. Received: {unused}")
     if any(transforms(m) for m in model.modules() if isinstance(m, COMPRESSIBLE)):
         raise NetshrinkError("auto starts from a dense model; this one already has compression transforms "
                              "(netshrink.bake(model) makes them plain weights)")

@@ -133,6 +133,8 @@ def test_auto_max_latency_on_onnx_runtime(resmobile, digits):
     ({"max_latency": 1.0, "threads": 0}, "threads"),
     ({"max_latency": 1.0, "address": "local"}, "this machine"),
     ({"max_latency": 1.0, "runtime": "int4"}, "runtime"),
+    ({"max_latency": 1.0, "bits": (None, 4)}, "bits"),
+    ({"max_latency": 1.0, "ranking": "variational"}, "ranking"),
     ({"max_latency": 1.0, "sensitivity": {"fc1": []}}, "not a latency table"),
 ])
 def test_auto_max_latency_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
