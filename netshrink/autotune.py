@@ -391,10 +391,10 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     the smallest file the search finds. ``max_latency``: at most this many seconds per batch of
     ``latency_batch`` inputs on ONNX Runtime (``threads`` threads, default PyTorch's count; the
     model exported as ``runtime`` ``"fp32"`` or ``"int8"``, what ``export(int8=True)`` writes, with
-    activation ranges from the training data), measured on this machine; the choices are then how many units (neurons, channels) each group
-    keeps, removed physically (see ``netshrink/latency.py``), from ``keeps`` (default
-    ``latency.UNIT_KEEPS``; for the byte and accuracy budgets ``KEEPS``). ``data``: training data; ``validation_share`` of it is held
-    out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
+    activation ranges from the training data), measured on this machine; the choices are then how
+    many units (neurons, channels) each group keeps, removed physically (see ``netshrink/latency.py``),
+    from ``keeps`` (default ``latency.UNIT_KEEPS``; for the byte and accuracy budgets ``KEEPS``).
+    ``data``: training data; ``validation_share`` of it is held out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
     policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
     floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
     model, validation data, keeps and bits, so that searching several budgets measures it once.
@@ -447,8 +447,8 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         if address is not None:
             raise NetshrinkError("max_latency is measured on this machine: its trials run here, not on a cluster "
                                  f"(drop address). Received: address={address!r}")
-        unused = {k: v for k, v in (("bits", bits), ("ranking", ranking), ("parallel", parallel))
-                  if v != {"bits": BITS, "ranking": "magnitude", "parallel": 1}[k]}
+        unused = {name: given for name, given, default in (("bits", bits, BITS), ("ranking", ranking, "magnitude"),
+                                                           ("parallel", parallel, 1)) if given != default}
         if unused:
             raise NetshrinkError(f"max_latency chooses how many units each group keeps; {', '.join(unused)} "
                                  f"belong to the byte and accuracy budgets. Received: {unused}")

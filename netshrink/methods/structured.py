@@ -277,7 +277,7 @@ class RemoveUnits(Method):
         check_choice("criterion", self.criterion, ("l1", "l2", "l1-bn"))
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> StructuredReport:
-        layers, unmatched, example, traced, modules, groups = self._groups(model, calibration)
+        unmatched, example, traced, modules, groups = self._groups(model, calibration)
         report = StructuredReport(self.name, skipped=self.new_report(unmatched).skipped)
         report.macs_before = _macs(traced, modules) if example is not None else 0
         plans = []
@@ -342,7 +342,7 @@ class RemoveUnits(Method):
             if reason is None and outside:
                 reason = f"it is coupled with {', '.join(outside)}, which is not selected"
             groups.append((space, selected, reason))
-        return layers, unmatched, example, traced, modules, groups
+        return unmatched, example, traced, modules, groups
 
     def _choose(self, space: _Space, modules: dict[str, nn.Module]) -> torch.Tensor:
         """Indices of the channels to keep, ascending: the highest-scoring, scores summed over
