@@ -26,6 +26,7 @@ _WHERE = {
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
     "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods", "GPTQ": "methods",
     "AdaRound": "methods", "SparseGPT": "methods", "Wanda": "methods", "QuantizeBiases": "methods",
+    "PruneUnused": "methods",
     "save": "artifact", "load": "artifact", "load_dataset": "data", "build_model": "models",
     "Recipe": "recipe", "summary": "report", "fit": "train", "evaluate": "train", "Distill": "train",
 }

@@ -15,9 +15,11 @@ own methods and file:
    with the least total damage under a byte budget is a multiple-choice knapsack, solved exactly
    by dynamic programming over bytes (:func:`solve`).
 4. **Run and verify.** The chosen policy becomes a recipe (gradual pruning, fine-tuning with
-   distillation, sharing, fine-tuning, biases onto an 8-bit grid), is run, and is verified on what the user gets: the real
-   file's bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off
-   until the file fits; ``max_drop`` searches the byte budget (bisection on log bytes) for the
+   distillation, zeroing the weights of units no layer reads any more, sharing, fine-tuning,
+   biases onto an 8-bit grid), is run, and is verified on what the user gets: the real file's
+   bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off until
+   the file fits, and with the bytes a file leaves unspent added back (zeroed units make files
+   smaller than predicted), keeping the best fitting run; ``max_drop`` searches the byte budget (bisection on log bytes) for the
    smallest file whose fine-tuned model is within the drop.
 
 The input model is not changed; the result holds the compressed model, the policy as a recipe
@@ -50,10 +52,13 @@ from .train import (Data, Forward, _check_number, _in_memory, batches, check_dat
 
 KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
 BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
-SOLVER_UNITS = 8192
+SOLVER_UNITS = 8192  # byte buckets of the dynamic program: exact when the budget is smaller
 # A policy whose summed damage (validation loss increase before any fine-tuning) is this small is
 # as good as dense: the accuracy search never needs to try a bigger one.
-SAFE_DAMAGE = 0.01  # byte buckets of the dynamic program: exact when the budget is smaller
+SAFE_DAMAGE = 0.01
+# A byte-budget run whose file is more than this share under the budget leaves bytes unspent: the
+# next trial is solved with them added back.
+UNDERSHOOT = 0.03
 
 
 @dataclass(frozen=True)
@@ -294,7 +299,8 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
                  labeled: bool = True, biased: tuple[str, ...] = (), bias_bits: int | None = None,
                  ranking: str = "magnitude") -> list[dict]:
     """The recipe for a policy: prune gradually while fine-tuning (half the epochs; ``ranking``
-    says which weights stay), fine-tune, share, fine-tune; every fine-tuning distils from the
+    says which weights stay), fine-tune, zero the weights of units no layer reads any more
+    (``methods.unused``), share, fine-tune; every fine-tuning distils from the
     dense model (class scores by KL, other outputs such as hidden states by mean squared error).
     Last, the ``biased`` layers' biases go on a ``bias_bits`` grid (after fine-tuning, which would
     move them off it)."""
@@ -307,6 +313,7 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
         steps.append({"prune": {"keep": pruned, "targets": list(pruned), **ranked},
                       "gradual": {"epochs": round(0.5 * epochs, 3), "lr": lr, "every": 50, **tune}})
         steps.append({"finetune": {"epochs": round(0.3 * epochs, 3), "lr": lr / 2, **tune}})
+        steps.append({"unused": {}})  # weights of units pruning left unread: exact, and fewer bytes
     if shared:
         steps.append({"share": {"bits": shared, "targets": list(shared)}})
         steps.append({"finetune": {"epochs": round((0.2 if pruned else 0.5) * epochs, 3), "lr": lr / 5, **tune}})
@@ -532,17 +539,22 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             target = max_bytes - overhead
             if target < floor:
                 raise _unreachable(max_bytes, floor + overhead, overhead)
+            tried = set()
             for _ in range(trials):
                 planned = plan(target)
-                if planned is None:
+                if planned is None or _key(planned["policy"]) in tried:
                     break
+                tried.add(_key(planned["policy"]))
                 found = record(planned, runner.run([planned["steps"]])[0])
                 size = found["trial"]["file_bytes"]
                 if size <= max_bytes:
-                    best = found
-                    break
-                # The overshoot (and a little more) comes off what this policy's weights were predicted
-                # to take, so the next solve must choose something smaller.
+                    if best is None or found["trial"]["loss"] < best["trial"]["loss"]:
+                        best = found
+                    if size >= (1 - UNDERSHOOT) * max_bytes:
+                        break
+                # The miss comes off (an overshoot, and a little more) or goes onto (a file well under
+                # the budget: zeroed unread units, codebooks that code better after fine-tuning) what
+                # this policy's weights were predicted to take, and the next solve chooses again.
                 target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
         else:
             low, high, left = floor, _safe_budget(table, floor), trials

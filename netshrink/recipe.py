@@ -74,13 +74,17 @@ def _build(cls: type, settings: Any, where: str):
     if unknown:
         raise NetshrinkError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(sorted(known - {'name'}))}")
-    settings = {k: tuple(v) if k in ("targets", "ignore") else v for k, v in settings.items()}
+    # YAML lists become tuples; anything else (a bare string, a number) is for check() to refuse
+    settings = {k: tuple(v) if k in ("targets", "ignore") and isinstance(v, list) else v for k, v in settings.items()}
     try:
         obj = cls(**settings)
     except TypeError as exc:
         raise NetshrinkError(f"{where}: {exc}") from None
     if isinstance(obj, Method):
-        obj.check()
+        try:
+            obj.check()
+        except NetshrinkError as exc:  # which step said it
+            raise NetshrinkError(f"{where}: {exc}") from None
     return obj
 
 

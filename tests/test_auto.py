@@ -247,21 +247,22 @@ def test_cli_auto_then_report_rendered_in_a_browser(tmp_path, trained):
     assert (pixels < 128).mean() > 0.01
 
 
-def test_auto_reports_an_over_budget_run_when_no_smaller_policy_exists(trained, digits):
-    """A byte budget just above the smallest choices: the first run overshoots and no smaller policy
-    is left to solve for; auto returns that run, marked as not meeting the budget, instead of failing."""
+def test_auto_reports_an_over_budget_run_when_no_smaller_policy_exists(trained, digits, monkeypatch):
+    """A byte budget just above the smallest choices, and a run whose file comes out larger than
+    predicted (a stand-in trial adds 4,000 bytes to every file, as fine-tuning can make a codebook
+    code worse): no smaller policy is left to solve for, so auto returns that run, marked as not
+    meeting the budget, instead of failing."""
     import re
 
+    import netshrink.autotune as autotune
+
+    real_trial = autotune._run_trial
+    monkeypatch.setattr(autotune, "_run_trial", lambda shared, steps: (
+        lambda data, *rest: (data + bytes(4000), *rest))(*real_trial(shared, steps)))
     grid = dict(FAST, keeps=(1.0, 0.1, 0.03), bits=(None, 4, 2))
     with pytest.raises(netshrink.NetshrinkError, match="cannot be met") as refused:
         netshrink.auto(trained, digits[0], max_bytes=100, **grid)
     smallest = int(re.search(r"need about ([\d,]+) B", str(refused.value)).group(1).replace(",", ""))
-    unmet = []
-    for budget in range(smallest + 5, smallest + 60, 5):
-        found = netshrink.auto(trained, digits[0], max_bytes=budget, **grid)
-        assert found.trials and (found.file_bytes <= budget) == found.met
-        if not found.met:
-            unmet.append(found)
-            break
-    assert unmet, "no budget in the range made the first run overshoot"
-    assert unmet[0].file_bytes == unmet[0].trials[-1]["file_bytes"]
+    found = netshrink.auto(trained, digits[0], max_bytes=smallest + 5, **grid)
+    assert not found.met and found.file_bytes > smallest + 5
+    assert len(found.trials) == 1 and found.file_bytes == found.trials[-1]["file_bytes"]

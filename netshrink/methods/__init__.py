@@ -14,11 +14,12 @@ from .quantize import FakeQuantize, LearnedStepQuantize, QuantizeWeights
 from .share import Codebook, ShareWeights
 from .sparsegpt import SparseGPT
 from .structured import RemoveUnits
+from .unused import PruneUnused
 from .wanda import Wanda
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits, RemoveHeads,
-    GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases)}
+    GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases, PruneUnused)}
 
 # Weight transforms a file can record and rebuild on load: record()["kind"] -> class.
 TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-step": LearnedStepQuantize,
@@ -26,4 +27,4 @@ TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-ste
 
 __all__ = ["REGISTRY", "TRANSFORMS", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
            "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads", "GPTQ", "AdaRound",
-           "SparseGPT", "Wanda", "QuantizeBiases"]
+           "SparseGPT", "Wanda", "QuantizeBiases", "PruneUnused"]

@@ -315,34 +315,8 @@ class RemoveUnits(Method):
         if any(hasattr(m, "parametrizations") for m in layers.values()):
             raise NetshrinkError("remove units before other compression (the model has weight transforms): "
                                  "start from the dense model, or netshrink.bake it first")
-        try:
-            traced = fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types on untraceable Python control flow
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
-                                 f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
-        example = _example(calibration)
-        if example is not None:
-            try:  # in eval mode: a training-mode BatchNorm would fold the example into its running statistics
-                with torch.no_grad(), eval_mode(model):
-                    ShapeProp(traced).propagate(example)
-            except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
-                raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
-        modules = dict(traced.named_modules())
-        spaces = _Spaces()
-        layer_space = _analyse(traced, modules, spaces)
-        groups = []
-        for root in sorted({spaces.find(s) for s in layer_space.values()}):
-            space = spaces.info[root]
-            selected = [p for p in space.producers if p in layers]
-            if not selected:
-                continue
-            reason = space.fixed or (None if space.consumers else "nothing consumes its output")
-            outside = [p for p in space.producers if p not in layers]
-            if reason is None and outside:
-                reason = f"it is coupled with {', '.join(outside)}, which is not selected"
-            groups.append((space, selected, reason))
-        return unmatched, example, traced, modules, groups
+        example, traced, modules, spaces = channel_spaces(model, calibration)
+        return (unmatched, example, traced, modules, selected_spaces(spaces, layers))
 
     def _choose(self, space: _Space, modules: dict[str, nn.Module]) -> torch.Tensor:
         """Indices of the channels to keep, ascending: the highest-scoring, scores summed over
@@ -358,6 +332,46 @@ class RemoveUnits(Method):
         step = int(self.multiple_of)
         count = min(units, max(step, step * int(round(count / step)))) if step > 1 else max(1, int(round(count)))
         return torch.sort(torch.topk(score, count).indices).values
+
+
+def channel_spaces(model: nn.Module, calibration) -> tuple[torch.Tensor | None, fx.GraphModule, dict, list[_Space]]:
+    """Trace ``model`` (shapes from one batch of ``calibration``, in eval mode) and read its
+    channel spaces (see the module docstring): ``(example, traced, modules, spaces)``, one space
+    per group of Linear/Conv layers whose output units go together. Weight transforms may be on:
+    layers are leaves of the trace."""
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types on untraceable Python control flow
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
+                             f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
+    example = _example(calibration)
+    if example is not None:
+        try:  # in eval mode: a training-mode BatchNorm would fold the example into its running statistics
+            with torch.no_grad(), eval_mode(model):
+                ShapeProp(traced).propagate(example)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
+            raise NetshrinkError(f"the model does not run on the example input: {str(exc).splitlines()[0]}") from None
+    modules = dict(traced.named_modules())
+    spaces = _Spaces()
+    layer_space = _analyse(traced, modules, spaces)
+    return example, traced, modules, [spaces.info[root] for root in sorted({spaces.find(s) for s in layer_space.values()})]
+
+
+def selected_spaces(spaces: list[_Space], layers: dict[str, nn.Module]) -> list[tuple[_Space, list[str], str | None]]:
+    """The spaces holding a selected layer, each with its selected producers and why its units
+    cannot be removed (None: they can)."""
+    groups = []
+    for space in spaces:
+        selected = [p for p in space.producers if p in layers]
+        if not selected:
+            continue
+        reason = space.fixed or (None if space.consumers else "nothing consumes its output")
+        outside = [p for p in space.producers if p not in layers]
+        if reason is None and outside:
+            reason = f"it is coupled with {', '.join(outside)}, which is not selected"
+        groups.append((space, selected, reason))
+    return groups
 
 
 def _example(calibration) -> torch.Tensor | None:
