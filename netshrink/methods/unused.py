@@ -48,7 +48,7 @@ class PruneUnused(Method):
         layers, unmatched = self._select(model)
         report = self.new_report(unmatched)
         try:  # every check before any change
-            _, _, modules, spaces = channel_spaces(model, calibration)
+            spaces = channel_spaces(model, calibration)[3]
         except NetshrinkError as exc:  # an optional saving: a graph it cannot read is left as it is
             report.skipped += [(n, f"left as it is: {exc}") for n in layers]
             return report
