@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -82,31 +81,26 @@ def test_names_are_printed_as_text_and_progress_suits_a_log(model_file, tmp_path
     assert "made by this recipe:" in summary.stdout and "- prune:" in summary.stdout  # YAML, not a dict
 
 
-def _started(process: subprocess.Popen) -> None:
-    """Wait until the child runs its own program: a signal that reaches it between fork and exec
-    meets a copy of this process's handler and is lost (seen with the full suite's large test
-    process, whose fork takes a while)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if b"netshrink.cli" in Path(f"/proc/{process.pid}/cmdline").read_bytes():
-                return
-        except OSError:
-            return  # no /proc (not Linux): fall back to the fixed delay alone
-        time.sleep(0.01)
-
-
 def test_ctrl_c_is_one_line(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "netshrink.cli", "train", "--data", "digits", "--epochs", "50",
-                                "-o", "m.nsk"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _started(process)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    # Inside the full suite (never alone, nor in hundreds of runs by hand) the signal is now and
+    # then not seen at all: the child trains to the end and exits 0. Such a run says nothing about
+    # how an interrupt ends, so it is tried again, at most twice; an interrupted run must end in
+    # one line, and one of three must be interrupted.
+    for attempt in range(3):
+        output = tmp_path / f"m{attempt}.nsk"
+        process = subprocess.Popen([sys.executable, "-m", "netshrink.cli", "train", "--data", "digits", "--epochs",
+                                    "50", "-o", output.name], cwd=tmp_path, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        if process.returncode != 0:
+            break
     # 130, or death by SIGINT (which a shell also reports as 130): Python re-raises an interrupt
     # that landed inside an import once the interpreter exits. Never SIGABRT, never a traceback.
-    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err and err.strip() == "interrupted"
-    assert not (tmp_path / "m.nsk").exists()
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err and err.strip() == "interrupted", \
+        (process.returncode, err[-500:])
+    assert not output.exists()
 
 
 def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path):
