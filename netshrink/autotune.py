@@ -225,10 +225,14 @@ class _Validation:
 
 def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
                         keeps=KEEPS, bits=BITS, progress: bool = True,
-                        scores: dict[str, torch.Tensor] | None = None) -> dict[str, list[Choice]]:
+                        scores: dict[str, torch.Tensor] | None = None,
+                        unpruned: dict[str, torch.Tensor] | None = None) -> dict[str, list[Choice]]:
     """Every layer's choices with their coded bytes and validation damage, one layer compressed at
     a time (its weight swapped in place and put back). ``scores``: per-layer weight rankings
-    learned by variational dropout (default: magnitude)."""
+    learned by variational dropout (default: magnitude). ``unpruned``: the weights a keep-1 choice
+    is sized on, when they differ from the model's (a trial trains only the layers it prunes under
+    variational noise, so a layer it keeps whole is shared from its dense weights, which code larger
+    than the noise-shrunk ones the model holds now)."""
     from .train import Progress
 
     base = validation.loss(model)
@@ -243,7 +247,8 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
                     w = compressed_weight(original, keep, b, None if scores is None else scores[name])
                     with torch.no_grad():
                         layer.weight.copy_(w)
-                    choices.append(Choice(keep, b, coded_bytes(w), max(0.0, validation.loss(model) - base),
+                    stored = w if keep < 1 or unpruned is None else compressed_weight(unpruned[name], keep, b)
+                    choices.append(Choice(keep, b, coded_bytes(stored), max(0.0, validation.loss(model) - base),
                                           "magnitude" if scores is None else "variational"))
                     done += 1
                     bar.update(done, name)
@@ -503,10 +508,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     dense_accuracy = scorer.scores(work)[1]
     dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
     if sensitivity is None:
-        scores = None
+        scores = unpruned = None
         if ranking == "variational":  # the table must see what this ranking keeps, learned first
+            unpruned = {n: m.weight.detach().clone() for n, m in work_layers.items()}
             scores = learn_ranking(work, work_layers, train, 0.5 * epochs, lr, augment, scorer.labeled, seed, progress)
-        table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress, scores)
+        table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress, scores, unpruned)
     else:
         table = _reused(sensitivity, work_layers, keeps, bits, ranking)
 

@@ -266,3 +266,18 @@ def test_auto_reports_an_over_budget_run_when_no_smaller_policy_exists(trained, 
     found = netshrink.auto(trained, digits[0], max_bytes=smallest + 5, **grid)
     assert not found.met and found.file_bytes > smallest + 5
     assert len(found.trials) == 1 and found.file_bytes == found.trials[-1]["file_bytes"]
+
+
+def test_variational_ranking_predicts_the_bytes_of_layers_it_keeps_whole(trained, digits):
+    """A layer the policy keeps whole is not trained under variational noise in the trial, so its
+    shared weights code as the dense ones do: the table sizes them so, and the file agrees with the
+    prediction (not with the noise-shrunk weights the ranking pass leaves, which code far smaller)."""
+    from netshrink.autotune import coded_bytes, compressed_weight
+
+    grid = dict(FAST, epochs=4, keeps=(1.0,), bits=(4, 2))
+    found = netshrink.auto(trained, digits[0], max_bytes=60_000, ranking="variational", trials=1, **grid)
+    for name, choices in found.sensitivity.items():
+        dense = trained.get_submodule(name).weight
+        assert [c.bytes for c in choices] == [coded_bytes(compressed_weight(dense, 1.0, c.bits)) for c in choices]
+    trial = found.trials[0]
+    assert abs(trial["file_bytes"] - trial["predicted_bytes"]) < 0.05 * trial["file_bytes"], trial
