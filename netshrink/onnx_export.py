@@ -330,6 +330,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
         _simplify_pairs(graph_model.graph)
         if integer_outputs:
             _quantize_between_kernels(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
+        _pool_globally(graph_model, report, helper, numpy_helper)
         used = {name for node in graph_model.graph.node for name in node.input}
         for initializer in [i for i in graph_model.graph.initializer if i.name not in used]:  # merged pairs' grids
             graph_model.graph.initializer.remove(initializer)
@@ -576,6 +577,51 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
                         "calibrated now, the rest on the grid of the layer reading them) so ONNX Runtime runs "
                         "residual adds and their convolutions as integer kernels; results differ from netshrink's "
                         "evaluation by these roundings (integer_outputs=False keeps them float)")
+
+
+def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
+    """A mean over the spatial axes of a quantized feature map (``x.mean((2, 3))``, exported as
+    ReduceMean) that is quantized again becomes GlobalAveragePool (and Flatten after the
+    quantizer when the mean drops those axes). The same average on the same grids, but ONNX
+    Runtime fuses "DQ -> GlobalAveragePool -> Q" into QLinearGlobalAveragePool, which reads the
+    uint8 map in the layout the integer convolutions left it in: no float copy of the whole map and
+    no transpose back to NCHW before the classifier. Other reductions are left as they are."""
+    import onnx
+
+    graph = graph_model.graph
+    shapes = onnx.shape_inference.infer_shapes(graph_model).graph
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*shapes.value_info, *shapes.input, *shapes.output]
+            if v.type.tensor_type.HasField("shape")}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = _readers(graph.node)
+    pooled = []
+    for node in list(graph.node):
+        if node.op_type != "ReduceMean" or rank.get(node.input[0]) != 4:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attributes.get("axes", constants.get(node.input[1]) if len(node.input) > 1 else None)
+        source = producer.get(node.input[0])
+        quantize = readers.get(node.output[0], [])
+        if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3] or source is None \
+                or source.op_type != "DequantizeLinear" or len(quantize) != 1 or quantize[0].op_type != "QuantizeLinear":
+            continue
+        dequantize = readers.get(quantize[0].output[0], [])
+        keepdims = attributes.get("keepdims", 1)
+        if not keepdims and (len(dequantize) != 1 or dequantize[0].op_type != "DequantizeLinear"):
+            continue
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=node.name))
+        if not keepdims:  # the quantized [N, C, 1, 1] map, dequantized, then flattened as the mean was
+            flat = dequantize[0].output[0]
+            dequantize[0].output[0] = f"{flat}.pooled"
+            graph.node.insert(list(graph.node).index(dequantize[0]) + 1,
+                              helper.make_node("Flatten", [f"{flat}.pooled"], [flat], axis=1))
+        pooled.append(node.name)
+    if pooled:
+        report.notes.append(f"spatial means ({', '.join(pooled)}) exported as GlobalAveragePool, which ONNX Runtime "
+                            "runs on the uint8 feature map")
 
 
 def _simplify_pairs(graph) -> None:

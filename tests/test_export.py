@@ -228,6 +228,36 @@ def test_int8_embedding_looked_up_twice_is_stored_once(tmp_path):
     assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
 
 
+class _MeanPooled(torch.nn.Module):
+    """Spatial means kept (keepdim=True, into a 1x1 convolution) and dropped (into a Linear), and a
+    mean over channels, which is no global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.mix = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8 + 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        kept = torch.relu(self.mix(h.mean((2, 3), keepdim=True)))
+        return self.fc(torch.cat([kept.mean((-2, -1)), h.mean(1).flatten(1)], 1))
+
+
+def test_spatial_means_run_as_integer_global_pooling(tmp_path, digits):
+    train, test = digits
+    model = _MeanPooled()
+    netshrink.fit(model, train, epochs=2, lr=3e-3, seed=0, progress=False)
+    netshrink.quantize(model, weight_bits=7, activation_bits=8, calibration=train)
+    report = export(model, tmp_path / "m.onnx", int8=True, calibration=train, input_shape=(1, 8, 8))
+    ops = optimized_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count("QLinearGlobalAveragePool") >= 1 and any("GlobalAveragePool" in n for n in report.notes)
+    assert ops.count("ReduceMean") >= 1  # the channel mean is left as it was
+    ours = model.eval()(test.tensors[0]).detach().numpy()
+    theirs = run_onnx(tmp_path / "m.onnx", test.tensors[0])
+    assert np.abs(ours - theirs).max() <= 0.05 * (ours.max() - ours.min())
+
+
 def optimized_ops(path, tmp_path) -> list[str]:
     """The operators ONNX Runtime actually runs after its graph fusions (extended level: the QDQ
     fusions, none of the hardware-specific layout rewrites)."""
@@ -257,6 +287,8 @@ def test_residual_cnn_runs_as_integer_kernels_end_to_end(tmp_path, digits):
         if integer_outputs:
             assert float_kernels == [] and ops.count("QLinearConv") == 9 and ops.count("QLinearAdd") == 2
             assert any("tensors between integer kernels quantized" in note for note in report.notes)
+            # the global mean runs on the uint8 map too: no float ReduceMean over a dequantized copy
+            assert "ReduceMean" not in ops and ops.count("QLinearGlobalAveragePool") == 1
         else:
             assert len(float_kernels) >= 4  # the convolutions feeding the adds, the adds
             assert not any("between integer kernels" in note for note in report.notes)
