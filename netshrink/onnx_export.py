@@ -581,8 +581,8 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
 
 def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
     """A mean over the spatial axes of a quantized feature map (``x.mean((2, 3))``, exported as
-    ReduceMean) that is quantized again becomes GlobalAveragePool (and Flatten after the
-    quantizer when the mean drops those axes). The same average on the same grids, but ONNX
+    ReduceMean) that is quantized again becomes GlobalAveragePool (and Flatten of its uint8 codes
+    when the mean drops those axes). The same average on the same grids, but ONNX
     Runtime fuses "DQ -> GlobalAveragePool -> Q" into QLinearGlobalAveragePool, which reads the
     uint8 map in the layout the integer convolutions left it in: no float copy of the whole map and
     no transpose back to NCHW before the classifier. Other reductions are left as they are."""
@@ -613,11 +613,11 @@ def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
         at = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(at, helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=node.name))
-        if not keepdims:  # the quantized [N, C, 1, 1] map, dequantized, then flattened as the mean was
-            flat = dequantize[0].output[0]
-            dequantize[0].output[0] = f"{flat}.pooled"
-            graph.node.insert(list(graph.node).index(dequantize[0]) + 1,
-                              helper.make_node("Flatten", [f"{flat}.pooled"], [flat], axis=1))
+        if not keepdims:  # the quantized [N, C, 1, 1] codes flattened as the mean was, so "DQ -> Gemm" still fuses
+            codes = quantize[0].output[0]
+            dequantize[0].input[0] = f"{codes}.flat"
+            graph.node.insert(list(graph.node).index(dequantize[0]),
+                              helper.make_node("Flatten", [codes], [f"{codes}.flat"], axis=1))
         pooled.append(node.name)
     if pooled:
         report.notes.append(f"spatial means ({', '.join(pooled)}) exported as GlobalAveragePool, which ONNX Runtime "
