@@ -13,10 +13,11 @@ own methods and file:
    are context coded, so only the coder knows what a mask costs.
 3. **Solve.** Per-layer damages add up (the usual first-order assumption); one choice per layer
    with the least total damage under a byte budget is a multiple-choice knapsack, solved exactly
-   by dynamic programming over bytes (:func:`solve`).
+   by dynamic programming over bytes (:func:`solve`). A layer's bias grid (8 bits down to 4) is
+   a choice too, measured the same way; its bytes and damage add to those of the weight's choice.
 4. **Run and verify.** The chosen policy becomes a recipe (gradual pruning, fine-tuning with
    distillation, zeroing the weights of units no layer reads any more, sharing, fine-tuning,
-   biases onto an 8-bit grid), is run, and is verified on what the user gets: the real file's
+   biases onto the grids chosen for them), is run, and is verified on what the user gets: the real file's
    bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off until
    the file fits, and with the bytes a file leaves unspent added back (zeroed units make files
    smaller than predicted), keeping the best fitting run; ``max_drop`` searches the byte budget (bisection on log bytes) for the
@@ -30,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from operator import attrgetter
 from typing import Any
 
@@ -42,7 +43,7 @@ from torch import nn
 
 from .errors import NetshrinkError
 from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distinct_weights, select_layers, transforms
-from .methods.bias import QuantizeBiases
+from .methods.bias import QuantizeBiases, grid_bias
 from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
 from .latency import UNIT_KEEPS
@@ -52,6 +53,7 @@ from .train import (Data, Forward, _check_number, _in_memory, batches, check_dat
 
 KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
 BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
+BIAS_BITS = (8, 6, 5, 4)  # the grids a layer's bias may end on (each choice measured, as weights are)
 SOLVER_UNITS = 8192  # byte buckets of the dynamic program: exact when the budget is smaller
 # A policy whose summed damage (validation loss increase before any fine-tuning) is this small is
 # as good as dense: the accuracy search never needs to try a bigger one.
@@ -70,10 +72,15 @@ class Choice:
     bytes: int  # the layer weight's coded bytes
     damage: float  # validation loss increase with only this layer compressed
     ranking: str = "magnitude"  # which weights the keep fraction keeps
+    # The grid the layer's bias ends on (None: not chosen here). The solver sees each weight choice
+    # once per bias grid, bytes and damages added: rounding a bias after the last fine-tuning and
+    # compressing the weight are measured apart and add up.
+    bias_bits: int | None = None
 
     def describe(self) -> str:
         parts = [] if self.keep >= 1 else [f"keep {self.keep:g}"]
         parts += [] if self.bits is None else [f"{self.bits}-bit shared"]
+        parts += [] if self.bias_bits is None else [f"{self.bias_bits}-bit bias"]
         return ", ".join(parts) or "dense"
 
 
@@ -260,6 +267,35 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
     return table
 
 
+def measure_bias_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
+                             bias_bits: tuple[int, ...]) -> dict[str, list[Choice]]:
+    """Each biased layer's bias grids, with their coded bytes and the validation loss increase
+    with only that bias rounded (the others as the model holds them)."""
+    base = validation.loss(model)
+    table = {}
+    for name, layer in layers.items():
+        if not isinstance(layer, LINEAR_CONV) or layer.bias is None:
+            continue
+        original = layer.bias.detach().clone()
+        choices = []
+        for b in bias_bits:
+            rounded = grid_bias(original, b)
+            with torch.no_grad():
+                layer.bias.copy_(rounded.to(original))
+            choices.append(Choice(1.0, None, coded_bytes(rounded), max(0.0, validation.loss(model) - base), bias_bits=b))
+        with torch.no_grad():
+            layer.bias.copy_(original)
+        table[name] = choices
+    return table
+
+
+def with_biases(table: dict[str, list[Choice]], biases: dict[str, list[Choice]]) -> dict[str, list[Choice]]:
+    """Every layer's weight choices, once per bias grid of that layer (bytes and damages added)."""
+    return {name: [replace(c, bytes=c.bytes + b.bytes, damage=c.damage + b.damage, bias_bits=b.bias_bits)
+                   for c in choices for b in biases[name]] if name in biases else list(choices)
+            for name, choices in table.items()}
+
+
 def learn_ranking(model: nn.Module, layers: dict[str, nn.Module], train: Data, epochs: float, lr: float,
                   augment: int, labeled: bool, seed: int, progress: bool) -> dict[str, torch.Tensor]:
     """Train ``model`` in place under sparse variational dropout on ``layers`` (no masks),
@@ -301,14 +337,12 @@ def _reused(table, layers: dict[str, nn.Module], keeps: tuple, bits: tuple, rank
 
 
 def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: int = 0,
-                 labeled: bool = True, biased: tuple[str, ...] = (), bias_bits: int | None = None,
-                 ranking: str = "magnitude") -> list[dict]:
+                 labeled: bool = True, ranking: str = "magnitude") -> list[dict]:
     """The recipe for a policy: prune gradually while fine-tuning (half the epochs; ``ranking``
     says which weights stay), fine-tune, zero the weights of units no layer reads any more
     (``methods.unused``), share, fine-tune; every fine-tuning distils from the
     dense model (class scores by KL, other outputs such as hidden states by mean squared error).
-    Last, the ``biased`` layers' biases go on a ``bias_bits`` grid (after fine-tuning, which would
-    move them off it)."""
+    Last, biases go on the grids the policy chose (after fine-tuning, which would move them off)."""
     pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
     shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
     tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
@@ -322,8 +356,10 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
     if shared:
         steps.append({"share": {"bits": shared, "targets": list(shared)}})
         steps.append({"finetune": {"epochs": round((0.2 if pruned else 0.5) * epochs, 3), "lr": lr / 5, **tune}})
-    if biased and bias_bits is not None:
-        steps.append({"bias": {"bits": bias_bits, "targets": list(biased)}})
+    biased = {n: c.bias_bits for n, c in policy.items() if c.bias_bits is not None}
+    if biased:
+        grids = set(biased.values())
+        steps.append({"bias": {"bits": grids.pop() if len(grids) == 1 else biased, "targets": list(biased)}})
     return steps
 
 
@@ -372,6 +408,19 @@ def _unreachable(max_bytes: int, smallest: int, overhead: int) -> NetshrinkError
                           f"{smallest:,} B (with {overhead:,} B of biases, header and manifest)")
 
 
+def _bias_grids(bias_bits) -> tuple[int, ...]:
+    """``bias_bits`` as the tuple of grids to choose from (empty: biases stay float)."""
+    if bias_bits is None:
+        return ()
+    grids = (bias_bits,) if isinstance(bias_bits, (int, float, str)) else tuple(bias_bits)
+    if not grids:
+        raise NetshrinkError("bias_bits must be a number of bits, several to choose from, or None (float biases). "
+                             "Received: an empty list")
+    for b in grids:
+        QuantizeBiases(bits=b).check()
+    return grids
+
+
 def _check_budget(max_bytes, max_drop, max_latency) -> dict:
     given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop), ("max_latency", max_latency))
              if v is not None}
@@ -392,7 +441,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
          runtime: str = "fp32",
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
          trials: int = 5, keeps: tuple | None = None, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
-         bias_bits: int | None = 8, augment: int = 0, seed: int = 0, progress: bool = True,
+         bias_bits: int | tuple | None = BIAS_BITS, augment: int = 0, seed: int = 0, progress: bool = True,
          forward: Forward | None = None, on_trial=None,
          sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude",
          parallel: int = 1, address: str | None = None) -> AutoResult:
@@ -407,8 +456,9 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     many units (neurons, channels) each group keeps, removed physically (see ``netshrink/latency.py``),
     from ``keeps`` (default ``latency.UNIT_KEEPS``; for the byte and accuracy budgets ``KEEPS``).
     ``data``: training data; ``validation_share`` of it is held out for scoring (or pass ``validation``). ``epochs``: fine-tuning per trial; ``trials``: how many
-    policies are run at most. ``bias_bits``: biases end on a grid of this many bits (None: kept as
-    floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
+    policies are run at most. ``bias_bits``: the grids (bits, 2..12) each layer's bias may end on,
+    chosen per layer like the weights' settings (default ``BIAS_BITS``; one number: that grid for
+    every layer; None: biases kept as floats). ``sensitivity``: the table of an earlier result (``AutoResult.sensitivity``) for the same
     model, validation data, keeps and bits, so that searching several budgets measures it once.
     ``ranking``: which weights the trials' pruning keeps, ``"magnitude"`` or ``"variational"``
     (learned while pruning: slower; see ``methods/variational.py``). With ``"variational"``, a first
@@ -446,8 +496,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         raise NetshrinkError(f"keeps must be fractions in (0, 1]. Received: keeps={list(keeps)}")
     if not bits or any(b is not None and (not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 8) for b in bits):
         raise NetshrinkError(f"bits must be None (float values) or integers 1..8. Received: bits={list(bits)}")
-    if bias_bits is not None:
-        QuantizeBiases(bits=bias_bits).check()
+    grids = _bias_grids(bias_bits)
     check_choice("ranking", ranking, RANKINGS)
     _check_number("parallel", parallel, positive=True, integer=True)
     check_address(address)
@@ -487,22 +536,24 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     work = copy.deepcopy(model)  # sensitivity swaps weights in place: never in the caller's model
     work_layers = {n: work.get_submodule(n) for n in layers}
-    biased = tuple(n for n, m in work_layers.items() if isinstance(m, LINEAR_CONV) and m.bias is not None)
-    if biased and bias_bits is not None:  # as every trial will end: damages and sizes measured with it
-        apply(work, QuantizeBiases(bits=bias_bits, targets=biased))
+    biased = {n: m for n, m in work_layers.items() if isinstance(m, LINEAR_CONV) and m.bias is not None} if grids else {}
+    if biased:  # as every trial will end: weight damages measured with biases on the finest grid offered
+        apply(work, QuantizeBiases(bits=max(grids), targets=tuple(biased)))
     scorer = _Validation(work, validation, forward)
     if max_drop is not None and not scorer.labeled:
         raise NetshrinkError("max_drop is in accuracy points: it needs labeled data")
-    # What the file holds besides the chosen weights (biases, BatchNorm, header, manifest): taken
-    # from the dense file, then corrected by each trial's real file.
+    # What the file holds besides the chosen weights and biases (other biases, BatchNorm, header,
+    # manifest): taken from the dense file, then corrected by each trial's real file.
     # The recipe stored in the manifest is counted with a policy touching every layer.
     shared_bits = [b for b in bits if b is not None]
-    every = {n: Choice(0.5, max(shared_bits, default=None), 0, 0.0) for n in work_layers}
-    overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking))) \
-        - sum(coded_bytes(m.weight) for m in work_layers.values())
+    every = {n: Choice(0.5, max(shared_bits, default=None), 0, 0.0, bias_bits=max(grids) if n in biased else None)
+             for n in work_layers}
+    overhead = len(to_bytes(work, recipe=policy_steps(every, epochs, lr, augment, scorer.labeled, ranking))) \
+        - sum(coded_bytes(m.weight) for m in work_layers.values()) - sum(coded_bytes(m.bias) for m in biased.values())
     if max_bytes is not None:  # an impossible budget is refused before the long work
         smallest = overhead + sum(coded_bytes(compressed_weight(m.weight, min(keeps), min(shared_bits, default=None)))
-                                  for m in work_layers.values())
+                                  for m in work_layers.values()) \
+            + sum(coded_bytes(grid_bias(m.bias, min(grids))) for m in biased.values())
         if smallest > max_bytes:
             raise _unreachable(max_bytes, smallest, overhead)
     dense_accuracy = scorer.scores(work)[1]
@@ -515,13 +566,14 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         table = measure_sensitivity(work, work_layers, scorer, keeps, bits, progress, scores, unpruned)
     else:
         table = _reused(sensitivity, work_layers, keeps, bits, ranking)
+    options = with_biases(table, measure_bias_sensitivity(work, biased, scorer, grids))
 
     def plan(target: int) -> dict | None:
-        policy = solve(table, target)
+        policy = solve(options, target)
         if policy is None:
             return None
         return {"target": target, "policy": policy,
-                "steps": policy_steps(policy, epochs, lr, augment, scorer.labeled, biased, bias_bits, ranking)}
+                "steps": policy_steps(policy, epochs, lr, augment, scorer.labeled, ranking)}
 
     def record(planned: dict, outcome: tuple) -> dict:
         data, loss, accuracy, candidate = outcome
@@ -539,7 +591,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     runs: list[dict] = []  # every trial run, in order
     best = None
-    floor = sum(min(c.bytes for c in choices) for choices in table.values())
+    floor = sum(min(c.bytes for c in choices) for choices in options.values())
     with Runner(_run_trial, (model, train, scorer, seed, progress, address is None), address) as runner:
         if max_bytes is not None:
             target = max_bytes - overhead
@@ -563,7 +615,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                 # this policy's weights were predicted to take, and the next solve chooses again.
                 target = sum(c.bytes for c in found["policy"].values()) - (size - max_bytes) - 16
         else:
-            low, high, left = floor, _safe_budget(table, floor), trials
+            low, high, left = floor, _safe_budget(options, floor), trials
             passed: dict[tuple, bool] = {}  # every policy run so far: did it pass?
             for _ in range(4 * trials):  # a bound on rounds whose budgets give only known policies
                 if left <= 0 or high - low <= 1:

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "0.018 0.012; with --max-latency, shares of units: 1 0.75 0.5 0.35 0.25)")
     auto.add_argument("--bits", type=_number(int, 0), nargs="+", metavar="B",
                       help="shared bit widths each layer may get, 0 for float values (default: 0 8 6 5 4 3 2)")
+    auto.add_argument("--bias-bits", type=_number(int, 0), nargs="+", metavar="B",
+                      help="bias grids each layer may end on, 0 for float biases (default: 8 6 5 4)")
     auto.add_argument("--ranking", choices=("magnitude", "variational"), default="magnitude",
                       help="which weights pruning keeps: the largest, or those sparse variational dropout learns "
                            "the model needs while it prunes (slower, better at a few percent kept; default: magnitude)")
@@ -555,6 +557,8 @@ def cmd_auto(args) -> int:
     choices = {"keeps": tuple(args.keeps)} if args.keeps else {}
     if args.bits:
         choices["bits"] = tuple(b or None for b in args.bits)
+    if args.bias_bits:
+        choices["bias_bits"] = None if args.bias_bits == [0] else tuple(args.bias_bits)
     latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
                                                    "latency_batch": args.latency_batch, "runtime": args.runtime}
     found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation_share=args.validation,

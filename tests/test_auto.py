@@ -76,6 +76,14 @@ def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
     dense_accuracy = netshrink.evaluate(trained, test)
     assert netshrink.evaluate(found.model, test) > dense_accuracy - 0.15  # 20x smaller, 1 epoch of fine-tuning
     assert found.ratio > 15
+    # Each layer's bias ends on the grid the policy chose for it (measured like the weights' settings).
+    from netshrink.autotune import BIAS_BITS
+    from netshrink.methods.bias import grid_bias
+
+    for name, choice in found.policy.items():
+        bias = found.model.get_submodule(name).bias.detach()
+        assert choice.bias_bits in BIAS_BITS and f"{choice.bias_bits}-bit bias" in choice.describe()
+        assert torch.equal(grid_bias(bias, choice.bias_bits), bias)
     # The policy is a recipe anyone can rerun: the same seed gives the same weights.
     rerun = copy.deepcopy(trained)
     netshrink.Recipe.from_yaml(found.yaml()).run(rerun, found_split(train), progress=False)
@@ -169,6 +177,8 @@ def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
     ({"max_bytes": 5000, "sensitivity": {"fc1": []}}, "sensitivity is not a table"),
     ({"max_drop": 1.0, "parallel": 0}, "parallel"),
     ({"max_drop": 1.0, "address": ""}, "address"),
+    ({"max_bytes": 5000, "bias_bits": []}, "bias_bits"),
+    ({"max_bytes": 5000, "bias_bits": (8, 1)}, "bits"),
 ])
 def test_auto_bad_settings_are_one_error_and_change_nothing(trained, digits, settings, message):
     before = _state(trained)
@@ -213,13 +223,15 @@ def test_cli_auto_then_report_rendered_in_a_browser(tmp_path, trained):
     netshrink.save(trained, tmp_path / "dense.nsk")
     grid = ["--keeps", "1", "0.3", "0.1", "--bits", "0", "4", "2"]
     done = _cli("auto", "dense.nsk", "--data", "digits", "--max-bytes", "9000", "--epochs", "1", "--trials", "2",
-                *grid, "--ranking", "variational", "-o", "auto.nsk", cwd=tmp_path)
+                *grid, "--bias-bits", "6", "4", "--ranking", "variational", "-o", "auto.nsk", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "policy" in done.stdout and "met" in done.stdout
     assert (tmp_path / "auto.nsk").stat().st_size <= 9000
     steps = yaml.safe_load((tmp_path / "auto.yaml").read_text())["steps"]
     assert any("prune" in s or "share" in s for s in steps)
     assert all(s["prune"]["ranking"] == "variational" for s in steps if "prune" in s)  # rerun below with it
+    bias_grids = [s["bias"]["bits"] for s in steps if "bias" in s]
+    assert bias_grids and all(b in (6, 4) for g in bias_grids for b in (g.values() if isinstance(g, dict) else [g]))
     rerun = _cli("compress", "dense.nsk", "--data", "digits", "--recipe", "auto.yaml", "-o", "again.nsk", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     report = _cli("report", "auto.nsk", "-o", "report.html", cwd=tmp_path)
