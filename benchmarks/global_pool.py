@@ -104,7 +104,9 @@ def main() -> None:
             profiles = [dict((op, ms) for op, ms, _ in operator_profile(p, feed, args.threads)) for p in paths.values()]
             for op in sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles)):
                 lines.append(f"| {op} | " + " | ".join(f"{p[op]:.2f}" if op in p else "-" for p in profiles) + " |")
-            lines.append("")
+            lines.append("| all operators | " + " | ".join(f"{sum(p.values()):.2f}" for p in profiles) + " |")
+            lines += ["", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
+                      "went.", ""]
             outputs = [ort_session(p, args.threads).run(None, feed)[0] for p in paths.values()]
             lines += [f"Largest output difference, GlobalAveragePool against ReduceMean: "
                       f"{np.abs(outputs[0] - outputs[1]).max():.3g} (outputs span {np.ptp(outputs[1]):.3g}).", ""]
