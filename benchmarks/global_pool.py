@@ -26,19 +26,11 @@ import torch
 
 import netshrink
 from netshrink import onnx_export
-from netshrink.bench import _interleaved, operator_profile, ort_session
+from netshrink.bench import _interleaved, _Reader, operator_profile, ort_session
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
-
-
-class _Reader:
-    def __init__(self, batches):
-        self.batches = iter([{"input": b} for b in batches])
-
-    def get_next(self):
-        return next(self.batches, None)
 
 
 def variants(model, calibration: torch.Tensor, folder: Path) -> dict[str, Path]:
@@ -59,7 +51,7 @@ def variants(model, calibration: torch.Tensor, folder: Path) -> dict[str, Path]:
         onnx_export._pool_globally = rewrite
     netshrink.export(model, folder / "fp32.onnx")
     quantize_static(str(folder / "fp32.onnx"), str(paths["ONNX Runtime quantize_static"]),
-                    _Reader([b.numpy() for b in calibration.split(64)][:8]), quant_format=QuantFormat.QDQ,
+                    _Reader([{"input": b.numpy()} for b in calibration.split(64)][:8]), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
     return paths
