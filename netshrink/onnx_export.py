@@ -589,6 +589,8 @@ def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
     import onnx
 
     graph = graph_model.graph
+    if not any(node.op_type == "ReduceMean" for node in graph.node):
+        return  # shape inference copies the whole model (a transformer's hundreds of MB): only when needed
     shapes = onnx.shape_inference.infer_shapes(graph_model).graph
     rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*shapes.value_info, *shapes.input, *shapes.output]
             if v.type.tensor_type.HasField("shape")}
@@ -596,7 +598,7 @@ def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
     producer = {out: node for node in graph.node for out in node.output}
     readers = _readers(graph.node)
     pooled = []
-    for node in list(graph.node):
+    for node in list(graph.node):  # a copy: Flatten nodes are inserted on the way
         if node.op_type != "ReduceMean" or rank.get(node.input[0]) != 4:
             continue
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -610,9 +612,8 @@ def _pool_globally(graph_model, report, helper, numpy_helper) -> None:
         keepdims = attributes.get("keepdims", 1)
         if not keepdims and (len(dequantize) != 1 or dequantize[0].op_type != "DequantizeLinear"):
             continue
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(at, helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=node.name))
+        node.op_type = "GlobalAveragePool"  # rewritten in place: same input, output and name
+        del node.input[1:], node.attribute[:]
         if not keepdims:  # the quantized [N, C, 1, 1] codes flattened as the mean was, so "DQ -> Gemm" still fuses
             codes = quantize[0].output[0]
             dequantize[0].input[0] = f"{codes}.flat"
