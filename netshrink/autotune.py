@@ -269,13 +269,11 @@ def measure_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validati
 
 def measure_bias_sensitivity(model: nn.Module, layers: dict[str, nn.Module], validation: _Validation,
                              bias_bits: tuple[int, ...]) -> dict[str, list[Choice]]:
-    """Each biased layer's bias grids, with their coded bytes and the validation loss increase
-    with only that bias rounded (the others as the model holds them)."""
+    """Each layer's bias grids (``layers``: layers with a bias), with their coded bytes and the
+    validation loss increase with only that bias rounded (the others as the model holds them)."""
     base = validation.loss(model)
     table = {}
     for name, layer in layers.items():
-        if not isinstance(layer, LINEAR_CONV) or layer.bias is None:
-            continue
         original = layer.bias.detach().clone()
         choices = []
         for b in bias_bits:
