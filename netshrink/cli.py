@@ -552,7 +552,7 @@ def cmd_auto(args) -> int:
     def show(trial: dict) -> None:
         speed = f"{1e3 * trial['latency']:.3f} ms, " if "latency" in trial else ""
         _print(f"  trial {trial['trial']}: {speed}{trial['file_bytes']:,} B, validation accuracy "
-               f"{100 * trial['accuracy']:.2f}%  ({', '.join(f'{n}: {d}' for n, d in trial['policy'].items())})")
+               f"{100 * trial['accuracy']:.2f}%  ({'; '.join(f'{n}: {d}' for n, d in trial['policy'].items())})")
 
     choices = {"keeps": tuple(args.keeps)} if args.keeps else {}
     if args.bits:
