@@ -77,8 +77,10 @@ def main() -> None:
                         choices=["magnitude", "variational"], help="pruning rankings to search with, side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
-    parser.add_argument("--output", type=Path, default=RESULTS / "auto_compression.md")
+    parser.add_argument("--output", type=Path, default=RESULTS / "auto_compression.md",
+                        help="results file; a relative path is taken from this script's folder, as the recorded command shows")
     args = parser.parse_args()
+    args.output = Path(__file__).parent / args.output  # an absolute --output stays as it is
     torch.set_num_threads(2)
 
     train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
