@@ -343,6 +343,9 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     else:
         report.layers = [(n, "fp32") for n in layers]
     onnx.checker.check_model(graph_model)
+    # Intermediate shapes are not stored (value_info): with them ONNX Runtime 1.32 fuses a
+    # transformer's residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel
+    # made all-MiniLM-L6-v2 slower, fp32 and int8 alike (benchmarks/onnx_shapes.py).
     atomic_write(path, graph_model.SerializeToString())
     return report
 

