@@ -10,6 +10,19 @@ def command_line(script: str) -> str:
     return f"Command: `{' '.join(['python', f'benchmarks/{Path(script).name}', *sys.argv[1:]])}`  "
 
 
+def operator_table(paths: dict, feed: dict, threads: int, limit: int | None = None) -> list[str]:
+    """ONNX Runtime's per-operator profile of each graph in ``paths`` (name: ONNX file) on ``feed``, as
+    markdown rows side by side (ms per run), largest operators first (the ``limit`` largest), and
+    the sum over all operators."""
+    from netshrink.bench import operator_profile
+
+    profiles = [dict((op, ms) for op, ms, _ in operator_profile(path, feed, threads)) for path in paths.values()]
+    ops = sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles))[:limit]
+    return ["| operator | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths),
+            *(f"| {op} | " + " | ".join(f"{p[op]:.2f}" if op in p else "-" for p in profiles) + " |" for op in ops),
+            "| all operators | " + " | ".join(f"{sum(p.values()):.2f}" for p in profiles) + " |"]
+
+
 def macs(model, x) -> int:
     """Multiply-accumulates of the Linear/Conv layers for one input, counted with forward hooks."""
     import torch

@@ -26,8 +26,8 @@ import torch
 
 import netshrink
 from netshrink import onnx_export
-from netshrink.bench import _interleaved, _Reader, operator_profile, ort_session
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from netshrink.bench import _interleaved, _Reader, ort_session
+from common import command_line, operator_table  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -90,13 +90,9 @@ def main() -> None:
                 lines.append(f"| {name} | {1e3 * one.median:.3f} | {100 * one.spread:.0f}% | {1e3 * large.median:.2f} | "
                              f"{100 * large.spread:.0f}% | {timings[1][peer].median / one.median:.2f}x | "
                              f"{timings[256][peer].median / large.median:.2f}x |")
-            lines += ["", "ONNX Runtime's per-operator profile at batch 256 (ms per run):", "",
-                      "| operator | " + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
             feed = {"input": images[:256].numpy()}
-            profiles = [dict((op, ms) for op, ms, _ in operator_profile(p, feed, args.threads)) for p in paths.values()]
-            for op in sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles)):
-                lines.append(f"| {op} | " + " | ".join(f"{p[op]:.2f}" if op in p else "-" for p in profiles) + " |")
-            lines.append("| all operators | " + " | ".join(f"{sum(p.values()):.2f}" for p in profiles) + " |")
+            lines += ["", "ONNX Runtime's per-operator profile at batch 256 (ms per run):", "",
+                      *operator_table(paths, feed, args.threads)]
             lines += ["", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
                       "went.", ""]
             outputs = [ort_session(p, args.threads).run(None, feed)[0] for p in paths.values()]

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.bench import _interleaved, operator_profile, ort_session
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from netshrink.bench import _interleaved, ort_session
+from common import command_line, operator_table  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -129,13 +129,9 @@ def main() -> None:
                     for n in (name, name.replace("shapes stored", "no shapes")))
             lines.append(f"- {name.split(',')[0]}: {np.abs(a - b).max():.3g}, mean {np.abs(a - b).mean():.3g} "
                          f"(outputs span {np.ptp(b):.3g})")
-        profiled = [n for n in names if n.startswith("netshrink")]
-        profiles = [dict((op, ms) for op, ms, _ in operator_profile(paths[n], feeds[32], args.threads)) for n in profiled]
+        profiled = {n: path for n, path in paths.items() if n.startswith("netshrink")}
         lines += ["", "ONNX Runtime's per-operator profile at batch 32 (ms per run), the largest operators:", "",
-                  "| operator | " + " | ".join(profiled) + " |", "|---|" + "---|" * len(profiled)]
-        for op in sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles))[:12]:
-            lines.append(f"| {op} | " + " | ".join(f"{p[op]:.2f}" if op in p else "-" for p in profiles) + " |")
-        lines.append("| all operators | " + " | ".join(f"{sum(p.values()):.2f}" for p in profiles) + " |")
+                  *operator_table(profiled, feeds[32], args.threads, limit=12)]
         lines += ["", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
                   "went.", ""]
     (RESULTS / "onnx_shapes.md").write_text("\n".join(lines))
