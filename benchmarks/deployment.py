@@ -34,13 +34,19 @@ from common import command_line, macs  # benchmarks/common.py (scripts run from 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
 
-# name: (data set, dense epochs, structured keep fractions, fine-tune epochs and learning rate, kept channels
-# a multiple of, quantization-aware epochs after quantizing). resmobile's counts are multiples of 8, the block
-# ONNX Runtime's int8 convolutions compute in (34 channels ran slower than 48 in a manual check); LeNet-5 runs
+# name: (data set, dense epochs, structured candidates (label: uniform keep fraction, or keep per channel
+# group as netshrink.unit_groups names them), fine-tune epochs and learning rate, kept channels a multiple of,
+# quantization-aware epochs after quantizing). resmobile's counts are multiples of 8, the block ONNX
+# Runtime's int8 convolutions compute in (34 channels ran slower than 48 in a manual check); LeNet-5 runs
 # fastest as fp32, where it matters less. resmobile at keep 0.5 lost 1.9 points after 8 distilled epochs;
-# 30 epochs and 2 quantization-aware ones bring it within 0.3 points of the dense model.
-CNNS = {"lenet-5": ("mnist", 6, (0.5, 0.3), (3, 1e-3), 1, 0),
-        "resmobile": ("fashion-mnist", 8, (0.5,), (30, 2e-3), 8, 2)}
+# 30 epochs and 2 quantization-aware ones bring it to 0.3-0.5 points below the dense model. The layout
+# keeping 16/16/32/96/96 of the 24/48/48/144/96 channels was the fastest of those pruning_layouts.py timed
+# untrained (a third of block1, whose 3x3 convolution feeds the widest one), with more channels than keep 0.5.
+RESMOBILE_LAYOUT = {"stem.conv": 0.67, "block1.conv": 0.34, "block1b.conv": 0.67, "expand.conv": 0.67,
+                    "separable_pw.conv": 1.0}
+CNNS = {"lenet-5": ("mnist", 6, {"keep 0.5": 0.5, "keep 0.3": 0.3}, (3, 1e-3), 1, 0),
+        "resmobile": ("fashion-mnist", 8, {"keep 0.5": 0.5, "keep 16/16/32/96/96 channels": RESMOBILE_LAYOUT},
+                      (30, 2e-3), 8, 2)}
 
 
 def cached(cache: Path | None, filename: str, make):
@@ -62,18 +68,18 @@ def trained(name: str, epochs: float, train):
     return model
 
 
-def structured(dense, keep: float, finetune: tuple[float, float], train, name: str, multiple_of: int, qat: float):
-    """Channels removed (uniform keep per channel group, counts rounded to ``multiple_of``),
+def structured(dense, keep, label: str, finetune: tuple[float, float], train, name: str, multiple_of: int, qat: float):
+    """Channels removed (``keep``: a fraction of every channel group, or one per group; counts rounded to ``multiple_of``),
     fine-tuned with distillation, then 7-bit weights and calibrated 8-bit activations, trained
     ``qat`` more epochs with them (quantization-aware, distilled, a tenth of the learning rate)."""
     epochs, lr = finetune
     augment = 2 if name == "resmobile" else 0
     model, _ = netshrink.remove_units(dense, keep=keep, multiple_of=multiple_of, example_input=train.tensors[0][:2])
-    netshrink.fit(model, train, epochs=epochs, lr=lr, teacher=dense, augment=augment, seed=0, desc=f"{name} keep {keep}")
+    netshrink.fit(model, train, epochs=epochs, lr=lr, teacher=dense, augment=augment, seed=0, desc=f"{name} {label}")
     netshrink.quantize(model, weight_bits=7, activation_bits=8, calibration=train)
     if qat:
         netshrink.fit(model, train, epochs=qat, lr=lr / 10, teacher=dense, augment=augment, seed=0,
-                      desc=f"{name} keep {keep} quantization-aware")
+                      desc=f"{name} {label} quantization-aware")
     return model
 
 
@@ -89,12 +95,12 @@ def cnn_section(name: str, args) -> list[str]:
     lines = []
     example = test.tensors[0]
     dense_macs = macs(dense, example)
-    for keep in keeps:
+    for label, keep in keeps.items():
         suffix = (f"-multiple{multiple_of}-ft{finetune[0]}" if multiple_of > 1 else "") + (f"-qat{qat}" if qat else "")
-        model = cached(args.cache, f"{name}-keep{keep}{suffix}.nsk",
-                       lambda: structured(dense, keep, finetune, train, name, multiple_of, qat))
-        compressed[f"keep {keep}, W7A8"] = model
-        lines.append(f"- netshrink keep {keep}: {macs(model, example) / 1e6:.2f}M MACs per image (dense "
+        model = cached(args.cache, f"{name}-{label.replace(' ', '').replace('/', '-')}{suffix}.nsk",
+                       lambda: structured(dense, keep, label, finetune, train, name, multiple_of, qat))
+        compressed[f"{label}, W7A8"] = model
+        lines.append(f"- netshrink {label}: {macs(model, example) / 1e6:.2f}M MACs per image (dense "
                      f"{dense_macs / 1e6:.2f}M), {parameter_count(model):,} parameters, "
                      f"netshrink's own test accuracy {100 * netshrink.evaluate(model, test):.2f}% (fine-tuned {finetune[0]} "
                      f"epochs with distillation{f', channel counts multiples of {multiple_of}' if multiple_of > 1 else ''}"

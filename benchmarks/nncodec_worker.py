@@ -84,7 +84,8 @@ def main() -> None:
     exact = {name: bool(np.array_equal(np.asarray(decoded[name], np.float32), array)) for name, array in arrays.items()}
     worst = {name: float(np.max(np.abs(np.asarray(decoded[name], np.float32) - array))) if array.size else 0.0
              for name, array in arrays.items()}
-    target.write_text(json.dumps({"bytes": size, "exact": exact, "max_error": worst,
+    squared = {name: float(np.sum((np.asarray(decoded[name], np.float64) - array) ** 2)) for name, array in arrays.items()}
+    target.write_text(json.dumps({"bytes": size, "exact": exact, "max_error": worst, "squared_error": squared,
                                   "encode_seconds": encode_seconds, "decode_seconds": decode_seconds}))
 
 

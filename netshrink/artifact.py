@@ -43,6 +43,7 @@ from torch import nn
 
 from .codec import format2 as format2_codec
 from .codec import weights as codec
+from .codec.grids import round_within
 from .codec.streams import Reader, write_varint
 from .errors import NetshrinkError
 from .files import atomic_write
@@ -50,7 +51,7 @@ from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
 from .methods.grid import expand, last_fixed_grid
 from .methods.prune import Mask
-from .methods.base import (COMPRESSIBLE, baked_items, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
+from .methods.base import (COMPRESSIBLE, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
 
@@ -211,14 +212,17 @@ def _file_digest(data: bytes, at: int, length: int) -> str:
     return h.hexdigest()
 
 
-def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> bytes:
+def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None = None,
+             max_error: float | None = None) -> bytes:
     """The bytes :func:`save` writes for ``model`` (see :func:`write_model`)."""
+    check_max_error(max_error)
     buffer = io.BytesIO()
-    write_model(buffer, model, recipe=recipe, info=info)
+    write_model(buffer, model, recipe=recipe, info=info, max_error=max_error)
     return buffer.getvalue()
 
 
-def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, info: dict | None = None) -> int:
+def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, info: dict | None = None,
+                max_error: float | None = None) -> int:
     """Serialise ``model`` into the seekable binary file ``out`` (its transforms baked into a copy;
     the model itself is not changed); returns the byte count.
 
@@ -232,7 +236,11 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     The manifest lists tensors as ``[name, shape, payload bytes, extras]`` (extras: ``dtype``
     when not float32, ``grid`` for weights stored as grid codes, ``same_as`` for a tensor stored
     once under another name) and omits empty fields; so a small model's whole overhead, header
-    included, is a few hundred bytes."""
+    included, is a few hundred bytes.
+
+    ``max_error`` (near-lossless, only when asked): each parameter is stored either exactly or
+    rounded onto a uniform grid with every value within ``max_error`` (``codec.grids.round_within``),
+    whichever payload is smaller; buffers (BatchNorm statistics, quantizer ranges) stay exact."""
     quantizers = {name: m.input_quantizer.bits for name, m in model.named_modules()
                   if isinstance(input_quantizer(m), ActivationQuantizer)}
     for module in model.modules():  # masks' float copies serve training steps: saving lets them go first
@@ -249,12 +257,15 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     payloads = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
     seen: dict[tuple, str] = {}
     give_back = _GiveBack()
+    parameters = _roundable(model) if max_error else set()
     for name, array in itertools.chain(stored_items(model), transform_arrays.items()):
         extras: dict[str, Any] = {}
         if name in grids:
             extras["grid"], grid = grids[name]
             array = grid_codes(array, grid)
-        if array.dtype == np.float32:
+        if array.dtype == np.float32 and name in parameters and name not in grids:
+            array, parts = _within(array, max_error)
+        elif array.dtype == np.float32:
             parts = codec.encode_parts(array)  # a large tensor's bands are written as they are coded
         else:
             extras["dtype"] = array.dtype.newbyteorder("<").str
@@ -412,8 +423,14 @@ def manifest_section(data, source: str = "file") -> tuple[bytes, int]:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = None,
-         info: dict | None = None) -> int:
+         info: dict | None = None, max_error: float | None = None) -> int:
     """Write ``model`` to ``path`` atomically; returns the file's size in bytes.
+
+    Exact by default: loading gives back every value bit for bit. ``max_error`` asks for a
+    near-lossless file: each parameter (weights, biases, BatchNorm scales and shifts, embeddings)
+    is stored exactly or within ``max_error`` of its value, whichever is smaller on disk, like an
+    NNR codec's quantization parameter but with the bound guaranteed; buffers stay exact. The
+    model in memory is unchanged: load the file to use what it holds.
 
     >>> from netshrink.models import build_model
     >>> import tempfile, os
@@ -423,7 +440,43 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
     """
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
-    return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info))
+    check_max_error(max_error)
+    return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+
+
+def check_max_error(max_error) -> None:
+    """A near-lossless bound is None (exact) or a positive finite number."""
+    if max_error is not None and (isinstance(max_error, bool) or not isinstance(max_error, (int, float))
+                                  or not math.isfinite(max_error) or max_error <= 0):
+        raise NetshrinkError(f"max_error must be a positive number (the largest change of a stored value), or None "
+                             f"for an exact file. Received: max_error={max_error!r}")
+
+
+def _roundable(model: nn.Module) -> set[str]:
+    """The parameters a near-lossless file may round: plain ones, and weights whose only
+    transforms are masks (zeros stay zero). A quantizer or codebook is applied again on loading:
+    rounding its input could move a value to another code, so those weights stay exact."""
+    names = set()
+    for key, _ in model.named_parameters():
+        name = baked_name(key)
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if name == key or all(isinstance(t, Mask) for t in transforms(owner)):
+            names.add(name)
+    return names
+
+
+def _within(array: np.ndarray, max_error: float) -> tuple[np.ndarray, list[bytes]]:
+    """(the values stored, their payload): ``array`` exactly or rounded within ``max_error``,
+    whichever codes smaller. Both payloads are held at once (not streamed band by band): the
+    near-lossless option costs a tensor's payload more memory and twice the coding time."""
+    exact = codec.encode(array)
+    found = round_within(array, max_error)
+    if found is not None:
+        rounded, step = found
+        near = codec.encode(rounded, step=step)
+        if len(near) < len(exact):
+            return rounded, [near]
+    return array, [exact]
 
 
 def _corrupt(source: str, what: str) -> NetshrinkError:

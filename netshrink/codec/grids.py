@@ -151,3 +151,40 @@ def _row_reduce(ufunc, out: np.ndarray, rows: np.ndarray, values: np.ndarray) ->
     out[rows[starts]] = ufunc.reduceat(values, starts)
 
 
+
+
+# The widest grid code the coder's alphabet holds (zigzag symbols below codec.lines.MAX_ALPHABET).
+NEAR_MAX_CODE = 2047
+
+
+def round_within(values: np.ndarray, max_error: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """``values`` (float32) moved onto one uniform grid, every value at most ``max_error`` from
+    where it was (zeros stay zero), and the grid's step; None when a value is not finite or needs
+    a code beyond ``NEAR_MAX_CODE`` steps (the values are then stored exactly).
+
+    The step is a hair under ``2 * max_error``: the largest uniform step whose rounding errors stay
+    within the bound (a uniform grid is what codes a max-error budget in the fewest bits), checked
+    on the float32 products the file will hold."""
+    step = np.float32(2 * max_error * (1 - 2.0 ** -16))
+    if not step > 0 or not np.isfinite(step) or not np.isfinite(values).all():
+        return None
+    codes = np.rint(values / step)
+    if codes.size and np.abs(codes).max() > NEAR_MAX_CODE:
+        return None
+    rounded = (codes * step).astype(np.float32) + np.float32(0)  # + 0: code 0 of a negative value is +0.0
+    if codes.size and np.abs(rounded.astype(np.float64) - values).max() > max_error:
+        return None
+    return rounded, np.asarray(step, dtype=np.float32)
+
+
+def on_step(bits: np.ndarray, rows: int, step: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`grid`'s answer for values known to lie on one ``step`` (:func:`round_within`): the
+    same bit-for-bit check, one candidate instead of a search; None when a value is off it."""
+    values = bits.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes = np.rint(values / step)
+    if not (np.abs(codes) <= NEAR_MAX_CODE).all():
+        return None
+    if not ((codes.astype(np.float32) * step).view(np.uint32) == bits).all():
+        return None
+    return np.full(rows, step, dtype=np.float32), codes.astype(np.int64)

@@ -58,7 +58,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import NetshrinkError
-from .grids import distinct_within, grid
+from .grids import distinct_within, grid, on_step
 from .packed import read_map, read_symbols, write_map, write_symbols
 from .lines import MAX_ALPHABET, Models, decode_lines, encode_lines, range_decoder, range_encoder
 from .streams import Reader, write_varint
@@ -93,23 +93,24 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return rows, size // rows
 
 
-def encode(array: np.ndarray, stats: dict | None = None) -> bytes:
+def encode(array: np.ndarray, stats: dict | None = None, step: np.ndarray | None = None) -> bytes:
     """Encode a float32 array (its shape is stored by the caller). ``stats``, when given, receives
-    the kind and the bits spent on positions (the map) and on values."""
-    return b"".join(encode_parts(array, stats))
+    the kind and the bits spent on positions (the map) and on values. ``step``: one grid step
+    the values are known to lie on (``grids.round_within``), tried instead of searching for one."""
+    return b"".join(encode_parts(array, stats, step))
 
 
-def encode_parts(array: np.ndarray, stats: dict | None = None) -> Iterator[bytes]:
+def encode_parts(array: np.ndarray, stats: dict | None = None, step: np.ndarray | None = None) -> Iterator[bytes]:
     """:func:`encode`'s bytes in pieces, one band of a large tensor at a time, for a writer that
     streams them: coding holds one band's work, never the whole tensor's."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     rows, width = matrix_shape(array.shape)
     bits = array.reshape(rows, width).view(np.uint32)
     if array.size <= BAND or rows < 2:
-        yield _encode_whole(bits.ravel(), rows, width, stats)
+        yield _encode_whole(bits.ravel(), rows, width, stats, step=step)
         return
     band_rows = max(1, BAND // width)
-    packed = _packing_pays(bits)  # one decision for the tensor, from its middle rows
+    packed = _packing_pays(bits, step=step)  # one decision for the tensor, from its middle rows
     head = io.BytesIO()
     head.write(bytes([BANDS]))
     write_varint(head, band_rows)
@@ -118,7 +119,7 @@ def encode_parts(array: np.ndarray, stats: dict | None = None) -> Iterator[bytes
     for start in range(0, rows, band_rows):
         band = bits[start:start + band_rows]
         found: dict = {}
-        part = _encode_whole(band.ravel(), band.shape[0], width, found, packed)
+        part = _encode_whole(band.ravel(), band.shape[0], width, found, packed, step)
         length = io.BytesIO()
         write_varint(length, len(part))
         totals["position_bits"] += found["position_bits"]
@@ -128,14 +129,15 @@ def encode_parts(array: np.ndarray, stats: dict | None = None) -> Iterator[bytes
         stats.update(totals)
 
 
-def _encode_whole(bits: np.ndarray, rows: int, width: int, stats: dict | None, packed: bool | None = None) -> bytes:
+def _encode_whole(bits: np.ndarray, rows: int, width: int, stats: dict | None, packed: bool | None = None,
+                  step: np.ndarray | None = None) -> bytes:
     """One tensor (or band) coded every way that applies, the smallest kept; ``packed`` decided
     by the caller, or here (see ``SAMPLE``)."""
     if bits.size == 0 or (bits == bits[0]).all():
         if stats is not None:
             stats.update(kind="constant", position_bits=0, value_bits=32)
         return bytes([CONSTANT]) + (int(bits[0]) if bits.size else 0).to_bytes(4, "little")
-    options = _symbols(bits, width)
+    options = _symbols(bits, width, step)
     if packed is None and bits.size > SAMPLE:
         packed = _packing_pays(bits.reshape(rows, width), options)
     candidates = []
@@ -210,7 +212,7 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
     return position_bits, out.getvalue()
 
 
-def _packing_pays(bits: np.ndarray, found: list[tuple] | None = None) -> bool:
+def _packing_pays(bits: np.ndarray, found: list[tuple] | None = None, step: np.ndarray | None = None) -> bool:
     """Whether the packed coding of a large tensor (``bits`` as a matrix) is smaller than the
     context coder's (at most ``PACKED_MARGIN`` larger above ``MARGIN_ABOVE`` values), judged by
     coding both ways, each with its best kind, a band of rows from the middle (at most ``SAMPLE``
@@ -225,7 +227,7 @@ def _packing_pays(bits: np.ndarray, found: list[tuple] | None = None) -> bool:
     if (sample == sample[0]).all():
         return True
     if found is None:
-        found = _symbols(sample, columns)
+        found = _symbols(sample, columns, step)
     else:  # the same symbols, cut to the window (a grid's scales to its rows)
         found = [(kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
                   side[start:start + band] if kind == GRID else side, low) for kind, symbols, side, low in found]
@@ -426,12 +428,14 @@ class Layout:
         return np.append(np.arange(0, self.size, self.line_length), self.size)
 
 
-def _symbols(bits: np.ndarray, width: int) -> list[tuple]:
+def _symbols(bits: np.ndarray, width: int, step: np.ndarray | None = None) -> list[tuple]:
     """The ways to see the values worth trying, each (kind, one symbol per value, side floats:
     grid scales or codebook entries as bit patterns, lowest exponent): a grid when one fits;
     else a codebook when values repeat, and floats too for small tensors (where a codebook's
-    entries may cost more than they save: both are coded, the smaller kept)."""
-    found = grid(bits, width)
+    entries may cost more than they save: both are coded, the smaller kept). ``step``: the one
+    grid step to check first (see :func:`encode`)."""
+    found = on_step(bits, bits.size // width, step) if step is not None else None
+    found = found if found is not None else grid(bits, width)
     if found is not None:
         scales, codes = found
         zigzag = (codes << 1) ^ (codes >> 31)  # 0, -1, 1, -2, 2, ... as 0, 1, 2, 3, 4, ...

@@ -398,17 +398,27 @@ def baked_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`baked_state_dict` one entry at a time: a transformed weight is computed when its turn
     comes, so a caller that handles each and lets it go holds one at a time."""
     for key, value in model.state_dict().items():
-        if ".parametrizations." not in f".{key}":
+        name = baked_name(key)
+        if name == key:
             yield key, value
             continue
-        prefix, rest = f".{key}".split(".parametrizations.", 1)
-        tensor_name, tail = rest.split(".", 1)
-        if tail == "original":
-            owner = model.get_submodule(prefix[1:]) if prefix else model
-            with torch.no_grad():
-                value = getattr(owner, tensor_name).detach()
-            yield (f"{prefix[1:]}.{tensor_name}" if prefix else tensor_name), value
-            del value  # let go before the next is computed
+        owner_name, _, tensor_name = name.rpartition(".")
+        if key != ".".join(filter(None, (owner_name, "parametrizations", tensor_name, "original"))):
+            continue  # a transform's own tensor (a mask, a grid's scales)
+        owner = model.get_submodule(owner_name) if owner_name else model
+        with torch.no_grad():
+            value = getattr(owner, tensor_name).detach()
+        yield name, value
+        del value  # let go before the next is computed
+
+
+def baked_name(key: str) -> str:
+    """The plain name of a state-dict entry: ``fc1.parametrizations.weight.original`` is ``fc1.weight``
+    (the name :func:`baked_items` gives the transformed tensor)."""
+    if ".parametrizations." not in f".{key}":
+        return key
+    prefix, rest = f".{key}".split(".parametrizations.", 1)
+    return f"{prefix}.{rest.split('.', 1)[0]}"[1:]
 
 
 def is_depthwise(module: nn.Module) -> bool:
