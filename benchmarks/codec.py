@@ -70,9 +70,11 @@ def nncodec(arrays: dict[str, np.ndarray], python: str | None, mode: int) -> dic
 
 def within_error(model: torch.nn.Module, arrays: dict[str, np.ndarray], worst: float, folder: Path) -> tuple:
     """(file bytes, largest change, RMS change) of netshrink's near-lossless file of ``model`` at
-    ``worst``, NNCodec's own max error on these weights (``save(..., max_error=worst)``)."""
-    size = netshrink.save(model, folder / "near.nsk", max_error=worst)
-    back = stored_arrays(netshrink.load(folder / "near.nsk", model=copy.deepcopy(model), restore=False))
+    ``worst``, NNCodec's own max error on these weights: the model baked (its weights plain values, as
+    NNCodec gets them; a quantizer or codebook left on would be applied again on loading, so the file
+    keeps those weights exact) and saved with ``max_error=worst``."""
+    size = netshrink.save(netshrink.bake(copy.deepcopy(model)), folder / "near.nsk", max_error=worst)
+    back = stored_arrays(netshrink.load(folder / "near.nsk"))
     changes = [(back[name].astype(np.float64) - a) for name, a in arrays.items()]
     largest = max(float(np.abs(c).max()) if c.size else 0.0 for c in changes)
     return size, largest, rms(sum(float(np.sum(c ** 2)) for c in changes), arrays)
@@ -154,7 +156,7 @@ def main() -> None:
              "the whole .nsk file on disk; NNCodec's are its bitstream (codebook mode 1 for the pruned and shared "
              "models, as in the NNR reference, uniform mode 0 for grids and floats, default QP); zstd and xz "
              "compress the fp32 bytes. Bits per kept weight count the coded weight matrices only. \"Near-lossless\": "
-             "netshrink.save(model, path, max_error=E) with E NNCodec's own largest error on that row, so every "
+             "netshrink.save(netshrink.bake(model), path, max_error=E) with E NNCodec's own largest error on that row, so every "
              "parameter is within NNCodec's bound (a file the user asks for; the exact file is the default); its "
              "largest and RMS changes are measured on the loaded file, beside NNCodec's RMS error on the same "
              "values (NNCodec's quantizer aims at a small mean error, netshrink's at the bound: compare both).", "",

@@ -8,7 +8,7 @@ on ONNX Runtime, in one interleaved run per model (netshrink.benchmark).
 Per model: the dense model is trained (seeded; MNIST LeNet-5 with the zoo's 20-50-500 layout, the zoo's
 ``resmobile`` on Fashion-MNIST) or loaded (all-MiniLM-L6-v2 from its PyPI package). netshrink's
 candidates are structured pruning (channels through residual groups, with BatchNorm and depthwise
-convolutions following) at several keep fractions, each fine-tuned with distillation from the dense
+convolutions following) at keep fractions or per-group layouts, each fine-tuned with distillation from the dense
 model, then 7-bit weights (exact int8, correct on CPUs with or without VNNI) and 8-bit activations
 calibrated on training data, run by ONNX Runtime as int8 and fp32. MiniLM: 7-bit weights and 8-bit
 activations (no pruning: see the results' notes). The peers are made from the dense model as
