@@ -455,12 +455,15 @@ def check_max_error(max_error) -> None:
 def _roundable(model: nn.Module) -> set[str]:
     """The parameters a near-lossless file may round: plain ones, and weights whose only
     transforms are masks (zeros stay zero). A quantizer or codebook is applied again on loading:
-    rounding its input could move a value to another code, so those weights stay exact."""
+    rounding its input could move a value to another code, so those weights stay exact; so do an
+    activation quantizer's learned ranges (a step of 0.01 is not a value to move by 1e-3)."""
     names = set()
     for key, _ in model.named_parameters():
         name = baked_name(key)
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if name == key or all(isinstance(t, Mask) for t in transforms(owner)):
+        if isinstance(owner, ActivationQuantizer):
+            continue
+        if name == key or (key.endswith(".original") and all(isinstance(t, Mask) for t in transforms(owner))):
             names.add(name)
     return names
 
