@@ -66,6 +66,14 @@ def test_heads_refused_without_change_where_they_do_not_apply(make_tiny_bert):
     assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
 
 
+def test_remove_units_on_a_transformer_points_to_remove_heads(make_tiny_bert):
+    bert = make_tiny_bert()
+    with pytest.raises(netshrink.NetshrinkError, match="remove_heads") as refused:
+        netshrink.remove_units(bert, keep=0.5, example_input=torch.randint(0, 120, (2, 8)))
+    named = str(refused.value).rsplit("netshrink.", 1)[1]
+    assert callable(getattr(netshrink, named))  # the advice names a function that exists
+
+
 def test_a_pruned_and_quantized_bert_loads_without_passing_the_model(tmp_path, make_tiny_bert):
     model = make_tiny_bert()
     netshrink.remove_heads(model, heads=0.5, neurons=0.5)

@@ -344,7 +344,7 @@ def channel_spaces(model: nn.Module, calibration) -> tuple[torch.Tensor | None, 
     except Exception as exc:  # fx raises many types on untraceable Python control flow
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise NetshrinkError(f"structured pruning needs a model torch.fx can trace ({type(exc).__name__}: "
-                             f"{first}); for Hugging Face transformers use netshrink.prune_heads") from None
+                             f"{first}); for Hugging Face transformers use netshrink.remove_heads") from None
     example = _example(calibration)
     if example is not None:
         try:  # in eval mode: a training-mode BatchNorm would fold the example into its running statistics
