@@ -10,6 +10,13 @@ def command_line(script: str) -> str:
     return f"Command: `{' '.join(['python', f'benchmarks/{Path(script).name}', *sys.argv[1:]])}`  "
 
 
+def timing_arguments(parser, repeats: int, large_repeats: int, large: str = "batch 256") -> None:
+    """The options every latency benchmark takes: threads, and timed runs at batch 1 and at ``large``."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs per candidate at batch 1")
+    parser.add_argument("--large-repeats", type=int, default=large_repeats, help=f"timed runs per candidate at {large}")
+
+
 def operator_table(paths: dict, feed: dict, threads: int, limit: int | None = None) -> list[str]:
     """ONNX Runtime's per-operator profile of each graph in ``paths`` (name: ONNX file) on ``feed``, as
     markdown rows side by side (ms per run), largest operators first (the ``limit`` largest), and

@@ -29,7 +29,7 @@ import torch
 
 import netshrink
 from netshrink.report import parameter_count
-from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -139,9 +139,7 @@ def minilm_section(args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[*CNNS, "minilm"], choices=[*CNNS, "minilm"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=300, help="timed runs per candidate at batch 1")
-    parser.add_argument("--large-repeats", type=int, default=40, help="timed runs per candidate at the large batch")
+    timing_arguments(parser, repeats=300, large_repeats=40, large="the large batch")
     parser.add_argument("--cache", type=Path, help="keep trained models here and reuse them")
     parser.add_argument("--output", default="deployment.md", help="results file name in benchmarks/results")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ import torch
 import netshrink
 from netshrink import onnx_export
 from netshrink.bench import _interleaved, _Reader, ort_session
-from common import command_line, operator_table  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -59,9 +59,7 @@ def variants(model, calibration: torch.Tensor, folder: Path) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=300, help="timed runs per candidate at batch 1")
-    parser.add_argument("--large-repeats", type=int, default=40, help="timed runs per candidate at batch 256")
-    parser.add_argument("--threads", type=int, default=2)
+    timing_arguments(parser, repeats=300, large_repeats=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = netshrink.load_dataset("fashion-mnist", "train")

@@ -32,7 +32,7 @@ import torch
 
 import netshrink
 from netshrink.bench import _interleaved, ort_session
-from common import command_line, operator_table  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -71,9 +71,7 @@ def main() -> None:
     from minilm import sentences, tokenize  # benchmarks/minilm.py
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=100, help="timed runs per candidate at batch 1")
-    parser.add_argument("--large-repeats", type=int, default=20, help="timed runs per candidate at batch 32")
-    parser.add_argument("--threads", type=int, default=2)
+    timing_arguments(parser, repeats=100, large_repeats=20, large="batch 32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     st = packaged.load_model(device="cpu")

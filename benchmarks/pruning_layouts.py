@@ -21,7 +21,7 @@ import torch
 
 import netshrink
 from netshrink.methods.structured import unit_groups
-from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 from deployment import CNNS, cached, trained  # the dense model deployment.py fine-tunes from
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,9 +44,7 @@ LAYOUTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=150, help="timed runs per candidate at batch 1")
-    parser.add_argument("--large-repeats", type=int, default=25, help="timed runs per candidate at batch 256")
+    timing_arguments(parser, repeats=150, large_repeats=25)
     parser.add_argument("--cache", type=Path, help="deployment.py's cache: its dense resmobile is reused")
     args = parser.parse_args()
     data, epochs = CNNS["resmobile"][:2]

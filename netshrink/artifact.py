@@ -263,7 +263,7 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
         if name in grids:
             extras["grid"], grid = grids[name]
             array = grid_codes(array, grid)
-        if array.dtype == np.float32 and name in parameters and name not in grids:
+        if array.dtype == np.float32 and name in parameters:  # never a grid's codes: those layers have transforms
             array, parts = _within(array, max_error)
         elif array.dtype == np.float32:
             parts = codec.encode_parts(array)  # a large tensor's bands are written as they are coded
