@@ -83,3 +83,94 @@ def test_a_pruned_and_quantized_bert_loads_without_passing_the_model(tmp_path, m
     assert type(loaded).__name__ == "BertModel" and loaded.encoder.layer[1].attention.self.query.out_features == 16
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).last_hidden_state, model(**batch()).last_hidden_state)
+
+
+def padded_batches(count: int, seed: int):
+    """Token batches with padded rows (the calibration statistics must skip the padding)."""
+    g = torch.Generator().manual_seed(seed)
+    found = []
+    for _ in range(count):
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[:4, 8:] = 0
+        found.append({"input_ids": torch.randint(1, 120, (8, 12), generator=g), "attention_mask": mask})
+    return found
+
+
+def squared_error(model, dense, data) -> float:
+    with torch.no_grad():
+        return sum(float((model(**b).last_hidden_state - dense(**b).last_hidden_state)[b["attention_mask"].bool()]
+                         .square().mean()) for b in data)
+
+
+def test_surgeon_drops_a_group_the_others_reproduce_and_refits_by_least_squares():
+    from netshrink.methods.heads import surgeon_keep
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    x[:, 6:8] = x[:, 2:4] @ torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)  # group 3 = a mix of group 1
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    hessian = x.T @ x / len(x)
+    kept, refit, error = surgeon_keep(w, hessian, group=2, keep=5, damp=1e-9)
+    assert len(kept) == 5 and (1 in kept) != (3 in kept)  # one of the two redundant groups goes
+    assert error < 1e-6
+    columns = (kept[:, None] * 2 + torch.arange(2)).flatten()
+    assert torch.allclose(x[:, columns] @ refit.T, x @ w.T, atol=1e-5)  # the output is reproduced
+    kept, refit, error = surgeon_keep(w, hessian, group=2, keep=3, damp=1e-9)
+    reference = torch.linalg.lstsq(x[:, (kept[:, None] * 2 + torch.arange(2)).flatten()], x @ w.T).solution.T
+    assert torch.allclose(refit, reference, atol=1e-6)
+    left = x @ w.T - x[:, (kept[:, None] * 2 + torch.arange(2)).flatten()] @ refit.T
+    assert error == pytest.approx(float(left.square().sum() / (x @ w.T).square().sum()), rel=1e-6)
+
+
+def test_data_aware_removal_stays_far_closer_to_the_dense_model(make_tiny_bert):
+    dense = make_tiny_bert()
+    calibration, held_out = padded_batches(8, 0), padded_batches(4, 1)
+    runs = []
+    for _ in range(2):  # twice: nothing may leak between runs
+        model = copy.deepcopy(dense)
+        report = netshrink.remove_heads(model, heads=0.5, neurons=0.5, calibration=calibration)
+        runs.append(model)
+        assert dict(report.changed)["encoder.layer.1.attention.self"].startswith("kept 2 of 4 heads (data-aware")
+        assert model.encoder.layer[1].intermediate.dense.out_features == 32
+    with torch.no_grad():
+        assert torch.equal(runs[0](**held_out[0]).last_hidden_state, runs[1](**held_out[0]).last_hidden_state)
+    by_magnitude = copy.deepcopy(dense)
+    netshrink.remove_heads(by_magnitude, heads=0.5, neurons=0.5)
+    assert squared_error(runs[0], dense, held_out) < 0.2 * squared_error(by_magnitude, dense, held_out)
+
+
+def test_data_aware_removal_refits_the_last_block_by_least_squares_on_real_tokens(make_tiny_bert):
+    dense = make_tiny_bert()
+    calibration = padded_batches(6, 0)
+    model = copy.deepcopy(dense)
+    netshrink.remove_heads(model, heads=1.0, neurons={"encoder.layer.1": 0.5, "*": 1.0}, calibration=calibration)
+    first = model.encoder.layer[1].intermediate.dense
+    dense_first = dense.encoder.layer[1].intermediate.dense
+    kept = [j for j in range(64) if any(torch.equal(first.weight[k], dense_first.weight[j]) for k in range(32))]
+    assert len(kept) == 32
+    activations = []  # the dense block's hidden activations over the real tokens only
+    hook = dense.encoder.layer[1].output.dense.register_forward_pre_hook(
+        lambda module, args: activations.append(args[0][mask.bool()].double()))
+    with torch.no_grad():
+        for mask_batch in calibration:
+            mask = mask_batch["attention_mask"]
+            dense(**mask_batch)
+    hook.remove()
+    a = torch.cat(activations)
+    w = dense.encoder.layer[1].output.dense.weight.double()
+    hessian = a.T @ a / len(a)
+    damped = hessian + 0.01 * float(hessian.diagonal().mean()) * torch.eye(64, dtype=torch.float64)
+    # min tr((W - W') H (W - W')^T) + damping * |W - W'|^2 over W' that is zero on the removed neurons
+    expected = torch.linalg.solve(damped[kept][:, kept], (w @ damped[:, kept]).T).T
+    assert torch.allclose(model.encoder.layer[1].output.dense.weight.double(), expected, atol=1e-4)
+
+
+def test_data_aware_removal_refuses_bad_data_without_change(make_tiny_bert):
+    model = make_tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(netshrink.NetshrinkError, match="calibration"):
+        netshrink.remove_heads(model, heads=0.5, calibration=[{"pixels": torch.zeros(2, 3)}])
+    with pytest.raises(netshrink.NetshrinkError, match="samples"):
+        netshrink.remove_heads(model, heads=0.5, calibration=padded_batches(1, 0), samples=0)
+    assert model.encoder.layer[0].attention.self.query.out_features == 32
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
