@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--vnni", action="store_true",
                         help="with --int8: full-range int8 weights, only for CPUs with VNNI (or ARM); the default "
                              "7-bit weights are correct on every x86-64 CPU")
+    export.add_argument("--portable", action="store_true",
+                        help="with --int8: standard ONNX operators only. By default a transformer's int8 projections "
+                             "use ONNX Runtime's MatMulIntegerToFloat kernel with the bias inside (faster; ONNX "
+                             "Runtime only)")
     _data_arguments(export)
 
     bench = sub.add_parser(
@@ -452,11 +456,12 @@ def cmd_export(args) -> int:
     from .data import load_dataset
     from .onnx_export import export
 
-    if args.vnni and not args.int8:
-        raise NetshrinkError("--vnni goes with --int8")
+    for flag in ("vnni", "portable"):
+        if getattr(args, flag) and not args.int8:
+            raise NetshrinkError(f"--{flag} goes with --int8")
     _outputs(args, args.output)
     model = artifact.load(args.path)
-    report = export(model, args.output, int8=args.int8, vnni=args.vnni,
+    report = export(model, args.output, int8=args.int8, vnni=args.vnni, portable=args.portable,
                     calibration=load_dataset(args.data, "train") if args.int8 else None)
     _print_rows(f"exported {args.output} ({'int8 QDQ, ' + report.target if args.int8 else 'fp32'})",
                 ["layer", "exported as"], [list(row) for row in report.layers])

@@ -66,6 +66,7 @@ def test_outputs_are_checked_first_and_never_replace_inputs(model_file, tmp_path
     user_error(run("bench", model_file, "--data", "digits", "--markdown", model_file / "x.md", cwd=tmp_path),
                "not a writable folder")
     user_error(run("export", model_file, "--vnni", "-o", "m.onnx", cwd=tmp_path), "--vnni goes with --int8")
+    user_error(run("export", model_file, "--portable", "-o", "m.onnx", cwd=tmp_path), "--portable goes with --int8")
     assert model_file.read_bytes() == before
 
 

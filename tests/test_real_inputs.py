@@ -2,6 +2,8 @@
 tiny BERT built from a transformers config (random weights, no download)."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +172,33 @@ def test_tiny_bert_exports_to_onnx_runtime_with_named_dynamic_inputs(tiny_bert, 
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(theirs).flatten(1),
                                                        torch.from_numpy(reference).flatten(1))
         assert theirs.shape == reference.shape and float(cosine.min()) > least, path
+
+
+def test_tiny_bert_int8_projections_use_one_fused_kernel_with_the_same_values(tiny_bert, make_tiny_bert, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from netshrink.onnx_export import saturating_layers
+
+    data = bert_batches()
+    netshrink.quantize(tiny_bert, weight_bits=7, activation_bits=8, calibration=data)
+    fused = netshrink.export(tiny_bert, tmp_path / "fused.onnx", example_inputs=data[0], int8=True)
+    netshrink.export(tiny_bert, tmp_path / "portable.onnx", example_inputs=data[0], int8=True, portable=True)
+    nodes = {p: onnx.load(str(tmp_path / f"{p}.onnx")).graph.node for p in ("fused", "portable")}
+    kernels = [n for n in nodes["fused"] if n.op_type == "MatMulIntegerToFloat"]
+    assert len(kernels) == 12 and all(len(n.input) == 7 and n.domain == "com.microsoft" for n in kernels)  # bias inside
+    assert not any(n.domain for n in nodes["portable"]) and any("MatMulIntegerToFloat" in n for n in fused.notes)
+    assert len(saturating_layers(onnx.load(str(tmp_path / "fused.onnx")))) == 0
+    eight_bit = make_tiny_bert()
+    netshrink.quantize(eight_bit, weight_bits=8, activation_bits=8, calibration=data)
+    for portable in (False, True):  # full-range weights are flagged in the fused kernels as in the QDQ graph
+        netshrink.export(eight_bit, tmp_path / f"vnni{portable}.onnx", example_inputs=data[0], int8=True, vnni=True,
+                         portable=portable)
+    flagged = [saturating_layers(onnx.load(str(tmp_path / f"vnni{p}.onnx"))) for p in (False, True)]
+    assert flagged[0] == flagged[1] and len(flagged[0]) >= 12
+    batch = {k: v[:5, :11].numpy() for k, v in data[1].items()}
+    outputs = [ort.InferenceSession(str(tmp_path / f"{p}.onnx"), providers=["CPUExecutionProvider"]).run(None, batch)[0]
+               for p in ("fused", "portable")]
+    assert np.allclose(outputs[0], outputs[1], atol=1e-4)  # the QDQ graph, as ONNX Runtime runs it, is the reference
+    with pytest.raises(netshrink.NetshrinkError, match="portable"):
+        netshrink.export(tiny_bert, tmp_path / "x.onnx", example_inputs=data[0], int8=True, portable="yes")
