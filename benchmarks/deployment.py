@@ -128,15 +128,14 @@ def minilm_section(args) -> list[str]:
     dense = st[0].auto_model.eval()
     texts, pool_texts = sentences()
     evaluation, calibration = tokenize(st.tokenizer, texts), tokenize(st.tokenizer, pool_texts[:256])
-    removal_texts = pool_texts[:512]  # the training pool: none of the evaluation sentences
-    removal = tokenize(st.tokenizer, removal_texts)
+    removal = tokenize(st.tokenizer, pool_texts)  # the whole training pool: none of the evaluation sentences
     int8 = copy.deepcopy(dense)
     netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
     compressed = {"W7A8": int8}
     started = time.perf_counter()
     for label, (heads, neurons) in MINILM_LAYOUTS.items():
         model = copy.deepcopy(dense)
-        netshrink.remove_heads(model, heads=heads, neurons=neurons, calibration=removal, samples=512)
+        netshrink.remove_heads(model, heads=heads, neurons=neurons, calibration=removal, samples=len(pool_texts))
         netshrink.quantize(model, weight_bits=7, activation_bits=8, calibration=calibration)
         compressed[f"{label} (data-aware), W7A8"] = model
     removed = time.perf_counter() - started
@@ -149,7 +148,7 @@ def minilm_section(args) -> list[str]:
             f"Scored on {len(texts)} held-out sentences (mean cosine of sentence embeddings to the fp32 model's); "
             "timed on 128-token sequences drawn from their tokens.", "",
             f"netshrink's structured candidates keep the fraction of heads and of feed-forward neurons named in every "
-            f"layer, removed with {len(removal_texts)} sentences of the training pool as calibration data and no "
+            f"layer, removed with the {len(pool_texts)} sentences of the training pool as calibration data and no "
             f"retraining ({removed:.0f} s for both, quantization included).", "", result.markdown(), "",
             f"![minilm]({plot.name})", ""]
 

@@ -110,7 +110,7 @@ def share(model: nn.Module, bits: int | Mapping[str, int] = 5, *, init: str = "l
 
 
 def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
-                 neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 256) -> Report:
+                 neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 1024) -> Report:
     """Physically remove attention heads and feed-forward neurons of a transformer (BERT family),
     keeping the fraction ``heads`` / ``neurons`` of each block, in place (see
     :mod:`netshrink.methods.heads`). Without data, by weight magnitude: distil afterwards,
