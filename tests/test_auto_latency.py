@@ -114,6 +114,28 @@ def test_the_solver_meets_a_latency_budget_against_brute_force():
         assert sum(c.damage for c in policy.values()) == pytest.approx(min(sum(c.damage for c in p) for p in fits))
 
 
+def test_a_budget_below_the_smallest_model_is_refused_when_savings_overlap(resmobile, digits):
+    """Savings measured one group at a time can add up to more than the dense time (here the timer is
+    convex in the parameters, so cuts overlap); the smallest model is then timed, not predicted."""
+    from netshrink.latency import shrunk
+
+    dense_parameters = _parameters(resmobile)
+    timer = lambda models, example, threads, **_: [  # noqa: E731
+        Timing(1e-3 * (_parameters(m) / dense_parameters) ** 4, 0.0, 0.0) for m in models]
+    x = digits[0].tensors[0][:2]
+    smallest = shrunk(resmobile, {group: 0.5 for group in unit_groups(resmobile, x)}, x)
+    floor = 1e-3 * (_parameters(smallest) / dense_parameters) ** 4
+    with mock.patch("netshrink.latency.ort_latencies", side_effect=timer):
+        table = netshrink.auto(resmobile, digits[0], max_latency=1.0, latency_batch=4, trials=1, keeps=(1.0, 0.5),
+                               **FAST).sensitivity
+        predicted = 1e-3 + sum(min(c.latency for c in choices) - 1e-3 for choices in table.values())
+        assert predicted < 0.5 * floor  # the additive prediction alone would call half the floor reachable
+        with pytest.raises(netshrink.NetshrinkError, match="cannot be met") as refused:
+            netshrink.auto(resmobile, digits[0], max_latency=0.5 * floor, latency_batch=4, trials=1,
+                           keeps=(1.0, 0.5), sensitivity=table, **FAST)
+    assert f"about {1e3 * floor:.3f} ms" in str(refused.value)
+
+
 def test_auto_max_latency_on_onnx_runtime(resmobile, digits):
     """Real timings; a budget so generous that noise cannot break it: the dense model is kept."""
     found = netshrink.auto(resmobile, digits[0], max_latency=10.0, latency_batch=8, trials=1, keeps=(1.0, 0.5), **FAST)
