@@ -238,7 +238,11 @@ def saturating_layers(graph_model) -> list[str]:
         codes = numpy_helper.to_array(weights[node.input[index]])
         if codes.dtype != np.int8 or codes.ndim < 2:
             continue  # activations' zero points and scalars, not weights
-        magnitudes = np.sort(np.abs(codes.astype(np.int32)).reshape(codes.shape[0], -1), axis=1)
+        # The pairs are summed along each output channel: axis 0 of a Conv/Gemm weight [out, in, ...],
+        # axis 1 of a MatMul weight [in, out] (the DequantizeLinear's axis; ONNX's default is 1).
+        channel = next((a.i for a in node.attribute if a.name == "axis"), 1) if index == 0 else 1
+        magnitudes = np.sort(np.abs(np.moveaxis(codes, channel, 0).astype(np.int32)).reshape(codes.shape[channel], -1),
+                             axis=1)
         top_two = magnitudes[:, -2:].sum(axis=1) if magnitudes.shape[1] > 1 else magnitudes[:, -1]
         if (top_two > SAFE_PAIR_SUM).any():
             risky.append(node.input[index])

@@ -154,6 +154,29 @@ def test_default_int8_export_cannot_saturate_on_cpus_without_vnni(tmp_path, trai
         assert np.array_equal(emulated, true) == exact
 
 
+def test_saturation_check_pairs_codes_within_each_output_channel_of_matmul_weights():
+    """A MatMul weight is [in, out]: pairs are summed along an output column. Each row here has one
+    large code, but column 0 has two."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = np.array([[100, 1, 1], [100, 1, 1], [1, 1, 1], [1, 1, 1]], np.int8)
+    initializers = [numpy_helper.from_array(codes, "w_int8"), numpy_helper.from_array(np.ones(3, np.float32), "w_scale"),
+                    numpy_helper.from_array(np.zeros(3, np.int8), "w_zero")]
+    for kernel in ("dequantize", "fused"):
+        if kernel == "dequantize":
+            nodes = [helper.make_node("DequantizeLinear", ["w_int8", "w_scale", "w_zero"], ["w"], axis=1),
+                     helper.make_node("MatMul", ["x", "w"], ["y"])]
+        else:
+            nodes = [helper.make_node("MatMulIntegerToFloat", ["xq", "w_int8", "s", "w_scale"], ["y"],
+                                      domain="com.microsoft")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializers)
+        assert saturating_layers(helper.make_model(graph)) == ["w_int8"], kernel
+        safe = helper.make_graph(nodes, "g", graph.input, graph.output,
+                                 [numpy_helper.from_array(codes.T.copy(), "w_int8"), *initializers[1:]])
+        assert saturating_layers(helper.make_model(safe)) == [], kernel  # one large code per output column
+
+
 def test_batchnorm_folding_keeps_low_bit_grids_exact(tmp_path):
     torch.manual_seed(0)
     model = ResidualCNN()
