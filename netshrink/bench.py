@@ -132,6 +132,15 @@ class BenchResult:
                         f"{peer_large / r.large.median:.2f}x", f"{r.candidate.bytes:,}", self._score(r.score), front])
         return out
 
+    def judged(self, large: bool) -> tuple[Measured, float, Measured | None]:
+        """(the fastest peer, the accuracy floor it sets, netshrink's fastest model at or above that
+        floor or None) at batch 1 or the large batch: what the bars compare."""
+        pick = partial(Measured.latency, large=large)
+        fastest = min((r for r in self.rows if r.candidate.kind == "peer"), key=pick)
+        floor = (fastest.score - ACCURACY_TOLERANCE if self.metric == "accuracy" else COSINE_FLOOR)
+        eligible = [r for r in self.rows if r.candidate.kind == "netshrink" and r.score >= floor - 1e-9]
+        return fastest, floor, min(eligible, key=pick) if eligible else None
+
     def verdict(self) -> list[str]:
         """The bars, checked on this run: netshrink's fastest model at the peer's accuracy against
         the fastest peer (and, where that peer misses the accuracy bar, the fastest peer that
@@ -142,15 +151,12 @@ class BenchResult:
         ours = [r for r in self.rows if r.candidate.kind == "netshrink"]
         for label, large in (("batch 1", False), (self.large_label, True)):
             pick = partial(Measured.latency, large=large)
-            fastest = min(peers, key=pick)
-            floor = (fastest.score - ACCURACY_TOLERANCE if self.metric == "accuracy" else COSINE_FLOOR)
-            eligible = [r for r in ours if r.score >= floor - 1e-9]
-            if not eligible:
+            fastest, floor, best = self.judged(large)
+            if best is None:
                 best = max(ours, key=lambda r: r.score) if ours else None
                 lines.append(f"- {label}: no netshrink model reaches {self._score(floor)} "
                              + (f"(best: {best.candidate.name}, {self._score(best.score)})" if best else "(none given)"))
                 continue
-            best = min(eligible, key=pick)
             ratio, dense_ratio = pick(fastest) / pick(best), pick(dense) / pick(best)
             text = (f"- {label}: {best.candidate.name} ({1e3 * pick(best):.3f} ms, {self._score(best.score)}) is "
                     f"{ratio:.2f}x the speed of the fastest peer, {fastest.candidate.name} ({1e3 * pick(fastest):.3f} ms, "
@@ -540,10 +546,11 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
         rows.append(Measured(candidate, s, lg, _score(outputs, work, reference_outputs)))
     mark_pareto(rows)
     result = BenchResult(rows, work.metric, threads, work.large_label, work.large_batch, notes)
-    if profile:
-        for kind in ("netshrink", "peer"):
+    if profile:  # the models the large-batch bar compares: netshrink's judged one (else its fastest), the fastest peer
+        peer, _, judged = result.judged(True)
+        for kind, chosen in (("netshrink", judged), ("peer", peer)):
             timed = [r for r in rows if r.candidate.kind == kind and r.candidate.onnx is not None]
-            if timed:
-                fastest = min(timed, key=lambda r: r.latency(True))
-                result.profiles[fastest.candidate.name] = operator_profile(fastest.candidate.onnx, work.large, threads)
+            chosen = chosen if any(chosen is r for r in timed) else min(timed, key=lambda r: r.latency(True)) if timed else None
+            if chosen is not None:
+                result.profiles[chosen.candidate.name] = operator_profile(chosen.candidate.onnx, work.large, threads)
     return result

@@ -38,6 +38,12 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
     assert result.metric == "accuracy" and result.large_label == "batch 64"
     assert all(r.small.median > 0 and r.large.median > 0 and r.small.spread >= 0 for r in result.rows)
     assert result.profiles and all(abs(sum(share for _, _, share in ops) - 1) < 1e-6 for ops in result.profiles.values())
+    peer, _, judged = result.judged(True)  # the profiles are of the models the large-batch bar compares
+    ours = [r for r in result.rows if r.candidate.kind == "netshrink"]
+    onnx_peers = [r for r in result.rows if r.candidate.kind == "peer" and r.candidate.onnx is not None]
+    assert (peer if peer.candidate.onnx is not None else min(onnx_peers, key=lambda r: r.latency(True))
+            ).candidate.name in result.profiles  # a PyTorch peer has no ONNX graph to profile
+    assert (judged or min(ours, key=lambda r: r.latency(True))).candidate.name in result.profiles
     text = result.markdown()
     assert "netshrink half (ONNX Runtime int8)" in text and "Bars:" in text
     png = result.plot(tmp_path / "pareto.png")
