@@ -550,7 +550,8 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
         peer, _, judged = result.judged(True)
         for kind, chosen in (("netshrink", judged), ("peer", peer)):
             timed = [r for r in rows if r.candidate.kind == kind and r.candidate.onnx is not None]
-            chosen = chosen if any(chosen is r for r in timed) else min(timed, key=lambda r: r.latency(True)) if timed else None
+            if chosen is None or chosen.candidate.onnx is None:  # none judged, or a PyTorch model: no graph
+                chosen = min(timed, key=lambda r: r.latency(True)) if timed else None
             if chosen is not None:
                 result.profiles[chosen.candidate.name] = operator_profile(chosen.candidate.onnx, work.large, threads)
     return result

@@ -158,12 +158,13 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
         return solve(table, allowed, cost_of=cost)
 
     floor = dense + sum(min(c.latency for c in choices) - dense for choices in table.values())
-    if plan(max_latency) is not None and max_latency < fastest:
+    feasible = plan(max_latency) is not None
+    if feasible and max_latency < fastest:
         # Below every model measured, the additive prediction extrapolates: savings that overlap can
         # add up to more than the dense time (a negative prediction). Time the smallest model itself.
         smallest = shrunk(model, {group: min(keeps) for group in table}, example)
         floor = ort_latencies([smallest], example, threads, calibration=calibration)[0].median
-    if plan(max_latency) is None or max_latency < floor:
+    if not feasible or max_latency < floor:
         raise NetshrinkError(f"max_latency={1e3 * max_latency:.3f} ms cannot be met by removing units: the dense model "
                              f"takes {1e3 * dense:.3f} ms and the fewest units of every group about "
                              f"{1e3 * floor:.3f} ms (batch {batch}, {threads} threads, {runtime}); allow more, or "

@@ -91,6 +91,27 @@ def _keep_top(score: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.sort(torch.topk(score, _keep_count(len(score), fraction)).indices).values
 
 
+def _unit_columns(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """The rows/columns that units ``kept`` own when each owns ``size`` consecutive ones (a head's
+    dimensions; 1 for a neuron)."""
+    return (kept[:, None] * size + torch.arange(size)).flatten()
+
+
+def _remove_units(inputs: list[nn.Linear], output: nn.Linear, kept: torch.Tensor, size: int,
+                  attention: nn.Module | None = None) -> None:
+    """Keep only units ``kept`` of a block: their rows of the ``inputs`` projections and their
+    columns of ``output``; an attention module's head count and size follow."""
+    rows = _unit_columns(kept, size)
+    for layer in inputs:
+        shrink_layer(layer, 0, rows)
+    shrink_layer(output, 1, rows)
+    if attention is not None:
+        for attribute, value in (("num_attention_heads", len(kept)), ("n_heads", len(kept)),
+                                 ("all_head_size", len(rows))):
+            if isinstance(getattr(attention, attribute, None), int):
+                setattr(attention, attribute, value)
+
+
 def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: int,
                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Which ``keep`` of the input groups (``group`` consecutive columns each) of ``weight``
@@ -120,7 +141,7 @@ def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: 
         inverse -= inverse[:, columns] @ correction @ inverse[columns, :]
         alive[g] = False
     kept = alive.nonzero().flatten()
-    columns = (kept[:, None] * group + torch.arange(group)).flatten()
+    columns = _unit_columns(kept, group)
     refit = torch.linalg.solve(h[columns][:, columns], (w @ h[:, columns]).T).T
     change = w.clone()
     change[:, columns] -= refit
@@ -179,30 +200,17 @@ class RemoveHeads(Method):
             score = score + output.weight.detach().abs().reshape(output.out_features, heads, size).sum((0, 2))
             kept = _keep_top(score, float(per_layer(self.heads, name, "heads")))
             if len(kept) < heads:
-                plans.append(("heads", module, qkv, output, size, kept))
+                plans.append((qkv, output, kept, size, module))
                 report.changed.append((name, f"kept {len(kept)} of {heads} heads"))
         for name, first, second in ffn_blocks(model):
             score = first.weight.detach().abs().sum(1) + second.weight.detach().abs().sum(0)
             kept = _keep_top(score, float(per_layer(self.neurons, name, "neurons")))
             if len(kept) < len(score):
-                plans.append(("ffn", first, second, kept))
+                plans.append(([first], second, kept, 1, None))
                 report.changed.append((name, f"kept {len(kept)} of {len(score)} feed-forward neurons"))
         with preserved(model), torch.no_grad():
-            for plan in plans:
-                if plan[0] == "heads":
-                    _, module, qkv, output, size, kept = plan
-                    rows = (kept[:, None] * size + torch.arange(size)).flatten()
-                    for layer in qkv:
-                        shrink_layer(layer, 0, rows)
-                    shrink_layer(output, 1, rows)
-                    for attribute, value in (("num_attention_heads", len(kept)), ("n_heads", len(kept)),
-                                             ("all_head_size", len(rows))):
-                        if isinstance(getattr(module, attribute, None), int):
-                            setattr(module, attribute, value)
-                else:
-                    _, first, second, kept = plan
-                    shrink_layer(first, 0, kept)
-                    shrink_layer(second, 1, kept)
+            for inputs, output, kept, size, attention in plans:
+                _remove_units(inputs, output, kept, size, attention)
         return report
 
     def _run_on_data(self, model: nn.Module, calibration) -> Report:
@@ -214,30 +222,21 @@ class RemoveHeads(Method):
             heads = qkv[0].out_features // size
             keep = _keep_count(heads, float(per_layer(self.heads, name, "heads")))
             if keep < heads:
-                blocks[names[id(output)]] = ("heads", name, module, qkv, size, keep)
+                blocks[names[id(output)]] = (name, "heads", qkv, size, module, keep)
         for name, first, second in ffn_blocks(model):
             keep = _keep_count(first.out_features, float(per_layer(self.neurons, name, "neurons")))
             if keep < first.out_features:
-                blocks[names[id(second)]] = ("ffn", name, first, None, 1, keep)
+                blocks[names[id(second)]] = (name, "feed-forward neurons", [first], 1, None, keep)
         outputs = {n: model.get_submodule(n) for n in blocks}
         with torch.no_grad():
             for output_name, stats in each_layer(model, outputs, calibration, frozenset({"hessian"}),
                                                  samples=self.samples, batch_size=self.batch_size, desc=self.name):
-                kind, name, owner, qkv, size, keep = blocks[output_name]
+                name, unit, inputs, size, attention, keep = blocks[output_name]
                 output = outputs[output_name]
                 units = output.in_features // size
                 kept, weight, error = surgeon_keep(output.weight, stats.hessian, size, keep)
-                rows = (kept[:, None] * size + torch.arange(size)).flatten()
-                for layer in (qkv if kind == "heads" else [owner]):
-                    shrink_layer(layer, 0, rows)
-                shrink_layer(output, 1, rows)
+                _remove_units(inputs, output, kept, size, attention)
                 output.weight = nn.Parameter(weight)
-                if kind == "heads":
-                    for attribute, value in (("num_attention_heads", keep), ("n_heads", keep),
-                                             ("all_head_size", len(rows))):
-                        if isinstance(getattr(owner, attribute, None), int):
-                            setattr(owner, attribute, value)
-                unit = "heads" if kind == "heads" else "feed-forward neurons"
                 report.changed.append((name, f"kept {len(kept)} of {units} {unit} (data-aware: output error "
                                              f"{100 * error:.2f}% of its energy)"))
         return report
