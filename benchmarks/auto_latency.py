@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 
 import netshrink
 from netshrink.latency import UnitChoice, example_batch, ort_latencies, unit_steps
+from netshrink.machine import describe
 from netshrink.methods.structured import unit_groups
 from auto_pareto import plot_fronts, resmobile_arguments, resmobile_on_fashion  # benchmarks/auto_pareto.py
 from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
@@ -125,7 +126,7 @@ def main() -> None:
     text = "\n".join([
         "# netshrink auto under a latency budget against uniform structured pruning: resmobile on Fashion-MNIST", "",
         command_line(__file__),
-        f"Machine: 2 CPU threads, torch {torch.__version__}, AVX2 without VNNI. Dense resmobile trained "
+        f"Machine: 2 CPU threads, torch {torch.__version__}, {describe()}. Dense resmobile trained "
         f"{args.dense_epochs:g} epochs on {len(fit_data):,} images; auto scores on {args.validation:,} held-out training "
         f"images; accuracies are on the 10,000 test images. Every run (uniform or auto) removes units and then "
         f"fine-tunes {args.epochs:g} epochs with distillation through the same recipe. Groups of units: "

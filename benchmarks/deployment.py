@@ -164,9 +164,8 @@ def main() -> None:
         args.cache.mkdir(parents=True, exist_ok=True)
     lines = ["# Deployment speed: netshrink against the fastest peers at the same accuracy", "",
              command_line(__file__),
-             f"torch {torch.__version__}, {args.threads} threads for every runtime, on this project's machine kind "
-             "(AVX2 without VNNI). Latency medians over interleaved rounds; speeds are ratios measured in the same "
-             "run. Bars: netshrink's fastest model within 0.3 points of the fastest peer's accuracy (cosine >= 0.99 "
+             f"torch {torch.__version__}, {args.threads} threads for every runtime (the machine is named under each "
+             "table). Latency medians over interleaved rounds; speeds are ratios measured in the same run. Bars: netshrink's fastest model within 0.3 points of the fastest peer's accuracy (cosine >= 0.99 "
              "for MiniLM) at least 1.5x the speed of that peer, and at least 2x dense PyTorch, at batch 1 and at the "
              "large batch.", ""]
     for name in args.models:

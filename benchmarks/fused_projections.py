@@ -23,6 +23,7 @@ import numpy as np
 
 import netshrink
 from netshrink.bench import _interleaved, ort_session
+from netshrink.machine import describe
 from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +58,7 @@ def main() -> None:
         names = list(paths)
         lines = ["# int8 transformer projections: one kernel with the bias inside, or QDQ (all-MiniLM-L6-v2)", "",
                  command_line(__file__),
-                 f"ONNX Runtime, {args.threads} threads, on this project's machine kind (AVX2 without VNNI), 128-token "
+                 f"ONNX Runtime, {args.threads} threads, on {describe()}; 128-token "
                  "sequences. Medians over interleaved rounds (ratios within one run); spread = how far the rounds' "
                  "medians differ.", "",
                  "| candidate | batch 1 median (ms) | spread | batch 32 median (ms) | spread | speed vs quantize_dynamic, "

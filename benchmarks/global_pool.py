@@ -27,6 +27,7 @@ import torch
 import netshrink
 from netshrink import onnx_export
 from netshrink.bench import _interleaved, _Reader, ort_session
+from netshrink.machine import describe
 from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,7 +70,7 @@ def main() -> None:
                   seed=0, progress=False)
     half, _ = netshrink.remove_units(dense, keep=0.5, multiple_of=8, example_input=images[:2])
     lines = ["# The global average pool of an int8 CNN on ONNX Runtime", "", command_line(__file__),
-             f"ONNX Runtime, {args.threads} threads, on this project's machine kind (AVX2 without VNNI). Medians over "
+             f"ONNX Runtime, {args.threads} threads, on {describe()}. Medians over "
              "interleaved rounds (ratios within one run); spread = how far the rounds' medians differ. Every variant "
              "is the same network with the same calibration (512 training images).", ""]
     for title, model in (("resmobile, full width", dense), ("resmobile, half of each channel group removed", half)):

@@ -30,6 +30,7 @@ import numpy as np
 
 import netshrink
 from netshrink.bench import _interleaved, ort_session
+from netshrink.machine import describe
 from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,7 +92,7 @@ def main() -> None:
             timings[batch] = _interleaved([lambda s=s, f=feeds[batch]: s.run(None, f) for s in sessions], repeats)
             print(f"timed batch {batch}", flush=True)
         lines = ["# Stored shapes and ONNX Runtime's transformer fusions (all-MiniLM-L6-v2)", "", command_line(__file__),
-                 f"ONNX Runtime, {args.threads} threads, on this project's machine kind (AVX2 without VNNI), 128-token "
+                 f"ONNX Runtime, {args.threads} threads, on {describe()}; 128-token "
                  "sequences. Medians over interleaved rounds (ratios within one run); spread = how far the rounds' "
                  "medians differ. Kernels: what ONNX Runtime's optimizer leaves (residual LayerNorms fused into "
                  "SkipLayerNormalization; 12 residual LayerNorms + 1 after the embeddings).", "",

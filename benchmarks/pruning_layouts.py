@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import netshrink
+from netshrink.machine import describe
 from netshrink.methods.structured import unit_groups
 from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 from deployment import CNNS, cached, trained  # the dense model deployment.py fine-tunes from
@@ -80,7 +81,7 @@ def main() -> None:
               "batch 1 ms", "vs quantize_static b1", "batch 256 ms", "vs quantize_static b256"]
     lines = ["# Structured-pruning layouts of resmobile: latency on ONNX Runtime, untrained", "",
              command_line(__file__),
-             f"torch {torch.__version__}, {args.threads} threads, on this project's machine kind (AVX2 without VNNI). "
+             f"torch {torch.__version__}, {args.threads} threads, on {describe()}. "
              f"Medians over interleaved rounds in one run; ONNX Runtime quantize_static of the dense model "
              f"(9.70M MACs): {1e3 * peer.latency(False):.3f} ms at batch 1, {1e3 * peer.latency(True):.2f} ms at "
              f"batch 256. Groups: {', '.join(GROUPS)} (block1b.conv also sets shortcut.conv and project.conv: the "

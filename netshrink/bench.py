@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import NetshrinkError
+from .machine import describe, int8_sums_saturate
 from .methods.activations import detach_all
 from .methods.base import bake
 
@@ -98,6 +99,7 @@ class BenchResult:
     large_batch: int
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    machine: str = ""  # netshrink.machine.describe() of the machine that measured
 
     @property
     def warnings(self) -> list[str]:
@@ -174,6 +176,7 @@ class BenchResult:
         from .report import markdown
 
         parts = [markdown(self.columns(), self.table()), "",
+                 f"Machine: {self.machine}." if self.machine else "",
                  f"{self.threads} threads for every runtime. Rows sorted by {self.large_label} latency; Pareto: "
                  "no other candidate is both faster and at least as accurate at that batch size.", ""]
         parts += [f"- note: {n}" for n in self.notes] + [f"- **warning**: {w}" for w in self.warnings]
@@ -476,14 +479,16 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module] | None = None,
               calibration=None, threads: int = 2, repeats: int = 200, large_repeats: int = 30,
-              large_batch: int | None = None, sequence: int = 128, profile: bool = False,
+              large_batch: int | None = None, sequence: int = 128, profile: bool = False, vnni: bool | None = None,
               workdir: str | Path | None = None, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
     """Measure ``reference`` (the dense model: PyTorch fp32 and every peer are made from it) and
     each model in ``compressed`` (name -> netshrink model; by default the reference itself) on
     ``data``: an image data set (accuracy with labels) or a list of token dict batches (cosine
     to the reference when unlabeled). ``calibration`` feeds the static quantizers (default: the
     data). ``profile=True`` adds ONNX Runtime's per-operator profile of the fastest netshrink and
-    peer graphs at the large batch.
+    peer graphs at the large batch. netshrink's int8 graphs keep 8-bit weights at the full int8
+    range where this machine's int8 kernels add exactly (``vnni=None``: measured, see
+    :mod:`netshrink.machine`), else at 7 bits; ``vnni=True``/``False`` decides it instead.
 
     >>> import netshrink
     >>> data = netshrink.load_dataset("digits", "test")
@@ -501,6 +506,8 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
                         ("sequence", sequence)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise NetshrinkError(f"{what} must be a positive integer. Received: {what}={value!r}")
+    if vnni is not None and not isinstance(vnni, bool):
+        raise NetshrinkError(f"vnni must be True, False or None (measured on this machine). Received: vnni={vnni!r}")
     if large_batch is not None and (not isinstance(large_batch, int) or isinstance(large_batch, bool) or large_batch < 2):
         raise NetshrinkError(f"large_batch must be an integer >= 2. Received: large_batch={large_batch!r}")
     models = dict(compressed) if compressed is not None else {"": reference}
@@ -510,7 +517,9 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export)
+        full_range = not int8_sums_saturate() if vnni is None else vnni
+        return _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress,
+                        partial(export, vnni=full_range))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -535,6 +544,7 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
         candidates += [_ort_candidate(f"{label} (ONNX Runtime int8)", "netshrink", int8_path, threads),
                        _ort_candidate(f"{label} (ONNX Runtime fp32)", "netshrink", fp32_path, threads)]
         notes += [f"{label} int8 export: {n}" for n in report.notes]
+    notes.insert(0, f"netshrink's int8 graphs: {report.target}")
     progress(f"timing {len(candidates)} candidates at batch 1 and {work.large_label}, in interleaved rounds")
     small = _interleaved([lambda c=c: c.run(work.small) for c in candidates], repeats)
     large = _interleaved([lambda c=c: c.run(work.large) for c in candidates], large_repeats)
@@ -545,7 +555,7 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
         outputs = reference_outputs if candidate is candidates[0] else [candidate.run(f) for f, _ in work.evaluation]
         rows.append(Measured(candidate, s, lg, _score(outputs, work, reference_outputs)))
     mark_pareto(rows)
-    result = BenchResult(rows, work.metric, threads, work.large_label, work.large_batch, notes)
+    result = BenchResult(rows, work.metric, threads, work.large_label, work.large_batch, notes, machine=describe())
     if profile:  # the models the large-batch bar compares: netshrink's judged one (else its fastest), the fastest peer
         peer, _, judged = result.judged(True)
         for kind, chosen in (("netshrink", judged), ("peer", peer)):

@@ -8,7 +8,7 @@ Examples::
     netshrink compress dense.nsk --data mnist --recipe deep-compression -o small.nsk
     netshrink compress dense.nsk --data mnist --prune 0.1 --weight-bits 4 --finetune 2 -o small.nsk
     netshrink summary small.nsk
-    netshrink export small.nsk --int8 -o small.onnx   # int8 QDQ for ONNX Runtime, any x86-64 CPU
+    netshrink export small.nsk --int8 -o small.onnx   # int8 for ONNX Runtime, any x86-64 CPU
     netshrink bench dense.nsk small.nsk --data mnist --plot p.png   # speed and accuracy vs the peers
     netshrink auto dense.nsk --data mnist --max-drop 0.5 -o auto.nsk # per-layer settings chosen for you
     netshrink report auto.nsk -o report.html                         # one page of plots to look at
@@ -124,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("-o", "--output", type=Path, required=True)
 
-    export = sub.add_parser("export", help="export a saved model to ONNX (fp32 or int8 QDQ)")
+    export = sub.add_parser("export", help="export a saved model to ONNX (fp32 or int8)")
     export.add_argument("path", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True)
-    export.add_argument("--int8", action="store_true", help="int8 weights per channel + uint8 activations (QDQ)")
+    export.add_argument("--int8", action="store_true", help="int8 weights per channel + uint8 activations: QDQ operators, "
+                        "and a transformer's projections as one fused ONNX Runtime kernel (see --portable)")
     export.add_argument("--vnni", action="store_true",
                         help="with --int8: full-range int8 weights, only for CPUs with VNNI (or ARM); the default "
-                             "7-bit weights are correct on every x86-64 CPU")
+                             "7-bit weights are correct on every x86-64 CPU (netshrink bench prints which kind it runs on)")
     export.add_argument("--portable", action="store_true",
                         help="with --int8: standard ONNX operators only. By default a transformer's int8 projections "
                              "use ONNX Runtime's MatMulIntegerToFloat kernel with the bias inside (faster; ONNX "
@@ -463,7 +464,7 @@ def cmd_export(args) -> int:
     model = artifact.load(args.path)
     report = export(model, args.output, int8=args.int8, vnni=args.vnni, portable=args.portable,
                     calibration=load_dataset(args.data, "train") if args.int8 else None)
-    _print_rows(f"exported {args.output} ({'int8 QDQ, ' + report.target if args.int8 else 'fp32'})",
+    _print_rows(f"exported {args.output} ({'int8, ' + report.target if args.int8 else 'fp32'})",
                 ["layer", "exported as"], [list(row) for row in report.layers])
     for note in report.notes:
         _print(f"note: {note}")
@@ -496,6 +497,7 @@ def cmd_bench(args) -> int:
                        sequence=args.sequence, profile=args.profile, progress=lambda step: _print(f"  {step}"))
     _print_rows(f"{args.path.name} and {len(compressed)} netshrink model(s), {args.threads} threads",
                 result.columns(), result.table())
+    _print(f"machine: {result.machine}")
     for line in [*(f"note: {n}" for n in result.notes), *(f"warning: {w}" for w in result.warnings),
                  *result.verdict()]:
         _print(line)

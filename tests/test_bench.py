@@ -1,6 +1,7 @@
 """netshrink.benchmark and `netshrink bench`: every candidate scored against a dense reference,
 Pareto fronts, the noise warning, the verdict, the plot, the CLI. No timing thresholds: only what
 the measurements must satisfy whatever the machine's speed."""
+import copy
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import torch
 
 import netshrink
 from netshrink.bench import Candidate, Measured, Timing, BenchResult, mark_pareto
+from netshrink.machine import describe, int8_sums_saturate
+from netshrink.onnx_export import saturating_layers
 
 pytest.importorskip("onnxruntime")
 
@@ -46,6 +49,7 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
     assert (judged or min(ours, key=lambda r: r.latency(True))).candidate.name in result.profiles
     text = result.markdown()
     assert "netshrink half (ONNX Runtime int8)" in text and "Bars:" in text
+    assert f"Machine: {describe()}" in text  # the CPU and its int8 kernel kind, read off this machine
     png = result.plot(tmp_path / "pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Called twice: the reference is untouched and the thread count restored.
@@ -54,6 +58,21 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
     assert torch.get_num_threads() == threads
     assert {r.candidate.name for r in again.rows} >= {"netshrink (ONNX Runtime int8)", "PyTorch fp32"}
     assert next(r.score for r in again.rows if r.candidate.name == "PyTorch fp32") == scores["PyTorch fp32"]
+
+
+def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(trained, digits, tmp_path):
+    """vnni=None measures the machine: an 8-bit model's int8 graph keeps codes that would saturate
+    a pre-VNNI kernel only if this machine's kernels are exact; vnni=False always narrows them."""
+    import onnx
+
+    model = copy.deepcopy(trained)
+    netshrink.quantize(model, weight_bits=8, activation_bits=8, calibration=digits[0])
+    for vnni, full in ((None, not int8_sums_saturate()), (False, False)):
+        result = netshrink.benchmark(trained, digits[1], compressed={"w8": model}, repeats=2, large_repeats=2,
+                                     large_batch=16, vnni=vnni, workdir=tmp_path / str(vnni))
+        graph = onnx.load(str(tmp_path / str(vnni) / "netshrink_0_int8.onnx"))
+        assert bool(saturating_layers(graph)) == full
+        assert ("full range" in result.notes[0]) == full
 
 
 def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
@@ -103,7 +122,8 @@ def test_noise_warning_only_when_rounds_disagree():
 
 
 def test_bad_settings_are_one_error_before_any_work(trained, digits):
-    for kwargs in ({"threads": 0}, {"repeats": 1.5}, {"large_batch": 1}, {"compressed": {"x": "not a model"}}):
+    for kwargs in ({"threads": 0}, {"repeats": 1.5}, {"large_batch": 1}, {"compressed": {"x": "not a model"}},
+                   {"vnni": "yes"}):
         with pytest.raises(netshrink.NetshrinkError):
             netshrink.benchmark(trained, digits[1], **kwargs)
     with pytest.raises(netshrink.NetshrinkError, match="dict batches"):
@@ -121,6 +141,8 @@ def test_cli_bench_with_a_compressed_model(tmp_path, trained):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "b.md").read_text()
+    printed = " ".join(result.stdout.split())  # the console may wrap the machine line
+    assert "machine: " in printed and ("exact 32-bit sums" in printed) != int8_sums_saturate()
     assert "netshrink small (ONNX Runtime int8)" in table and "quantize_static" in table and "Pareto" in table
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     for bad, message in (([str(dense)], "reference already"), (["--plot", str(tmp_path)], "folder")):
