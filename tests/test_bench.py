@@ -72,7 +72,7 @@ def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(
                                      large_batch=16, vnni=vnni, workdir=tmp_path / str(vnni))
         graph = onnx.load(str(tmp_path / str(vnni) / "netshrink_0_int8.onnx"))
         assert bool(saturating_layers(graph)) == full
-        assert ("full range" in result.notes[0]) == full
+        assert ("full int8 range" in result.notes[0]) == full
 
 
 def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
