@@ -282,23 +282,40 @@ def preserved(model: nn.Module, *, values: bool = False) -> Iterator[None]:
     the contents of its tensors too (for work that trains in place). Methods attach transforms and
     replace tensors rather than writing into them, so the structure alone restores them, without
     copying any weight."""
-    saved = []
-    for module in model.modules():
-        state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-        saved.append((module, module.__class__, state))
+    saved = _structure(model)
     live = model.state_dict(keep_vars=True) if values else {}
     tensors = {k: v.detach().clone() for k, v in live.items()}
     try:
         yield
     except BaseException:
-        for module, cls, state in saved:
-            module.__class__ = cls
-            module.__dict__.clear()
-            module.__dict__.update(state)
+        _put_back(saved)
         with torch.no_grad():
             for key, tensor in tensors.items():
                 live[key].data.copy_(tensor)
         raise
+
+
+@contextlib.contextmanager
+def trial(model: nn.Module) -> Iterator[None]:
+    """Put ``model``'s structure back as it was when the block ends, however it ends: for trying a
+    change that replaces layers' tensors (not writes into them) and measuring it."""
+    saved = _structure(model)
+    try:
+        yield
+    finally:
+        _put_back(saved)
+
+
+def _structure(model: nn.Module) -> list:
+    return [(module, module.__class__, {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+            for module in model.modules()]
+
+
+def _put_back(saved: list) -> None:
+    for module, cls, state in saved:
+        module.__class__ = cls
+        module.__dict__.clear()
+        module.__dict__.update(state)
 
 
 def replace_weight(layer: nn.Module, value: torch.Tensor) -> None:
