@@ -139,10 +139,6 @@ def minilm_section(args) -> list[str]:
         full = copy.deepcopy(dense)
         netshrink.quantize(full, weight_bits=8, activation_bits=8, calibration=calibration)
         compressed["W8A8 (int8 kernels with VNNI or AMX)"] = full
-    if not int8_sums_saturate():  # this machine adds int8 products exactly (VNNI or AMX): full-range weights too
-        full = copy.deepcopy(dense)
-        netshrink.quantize(full, weight_bits=8, activation_bits=8, calibration=calibration)
-        compressed["W8A8 (int8 kernels with VNNI or AMX)"] = full
     started = time.perf_counter()
     for label, (heads, neurons) in MINILM_LAYOUTS.items():
         model = copy.deepcopy(dense)
