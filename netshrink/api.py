@@ -110,12 +110,16 @@ def share(model: nn.Module, bits: int | Mapping[str, int] = 5, *, init: str = "l
 
 
 def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
-                 neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 1024) -> Report:
+                 neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 1024,
+                 allocation: str = "uniform") -> Report:
     """Physically remove attention heads and feed-forward neurons of a transformer (BERT family),
     keeping the fraction ``heads`` / ``neurons`` of each block, in place (see
     :mod:`netshrink.methods.heads`). Without data, by weight magnitude: distil afterwards,
     ``fit(model, data, teacher=dense)``. With ``calibration`` (``samples`` examples of it, token
     batches as the model takes them), the units whose loss the rest can best make up for go, and
     each block's output projection is refit to reproduce the dense block: far closer to the dense
-    model before any training."""
-    return apply(model, RemoveHeads(heads=heads, neurons=neurons, samples=samples), calibration=calibration)
+    model before any training. ``allocation="global"`` (with data) keeps the same numbers of heads
+    and neurons in all but spreads them over the blocks by each block's measured damage at the
+    model's output, instead of the same fraction everywhere."""
+    return apply(model, RemoveHeads(heads=heads, neurons=neurons, samples=samples, allocation=allocation),
+                 calibration=calibration)

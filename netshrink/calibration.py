@@ -208,15 +208,7 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
     """Yield ``(name, statistics)`` for each of ``layers`` in execution order. The caller changes the
     layer before asking for the next one, and later layers see its changed outputs. Layers the
     calibration data never reaches are not yielded."""
-    unknown = set(needs) - set(NEEDS)
-    if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}")
-    for name, layer in layers.items():
-        width = im2col_inputs(layer)
-        if "hessian" in needs and width is not None and width > MAX_HESSIAN_INPUTS:
-            raise NetshrinkError(f"layer {name!r} has {width} inputs: its input Hessian would need "
-                                 f"{width * width * 4 / 2**30:.1f} GiB (limit: {MAX_HESSIAN_INPUTS} inputs); "
-                                 "leave it out with ignore=[...]")
+    _check_needs(layers, needs)
     kept = take(data, samples, batch_size)
     groups, repeated = execution_order(model, layers, kept[0])
     progress = Progress(len(groups), desc, unit="layer group")
@@ -252,3 +244,40 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
             progress.update(done + 1, f"~{left:.0f}s left")
     finally:
         progress.close()
+
+
+def dense_statistics(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs: frozenset, *,
+                     samples: int, batch_size: int, input_budget: int = 1 << 28) -> dict[str, LayerInputs]:
+    """Every one of ``layers``' statistics, as the model is now, from one pass over the data: what
+    :func:`each_layer` yields when nothing changes between layers, without a pass per layer."""
+    _check_needs(layers, needs)
+    stats = {name: LayerInputs() for name in layers}
+    batch: list[Inputs] = []
+
+    def collector(name):
+        def hook(module, args):
+            stats[name].add(module, real_positions(args[0], batch[0]), needs, input_budget)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(collector(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad(), eval_mode(model), parametrize.cached():
+            for inputs in take(data, samples, batch_size):
+                batch[:] = [inputs]
+                _run(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s.finish() for name, s in stats.items()}
+
+
+def _check_needs(layers: dict[str, nn.Module], needs: frozenset) -> None:
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    for name, layer in layers.items():
+        width = im2col_inputs(layer)
+        if "hessian" in needs and width is not None and width > MAX_HESSIAN_INPUTS:
+            raise NetshrinkError(f"layer {name!r} has {width} inputs: its input Hessian would need "
+                                 f"{width * width * 4 / 2**30:.1f} GiB (limit: {MAX_HESSIAN_INPUTS} inputs); "
+                                 "leave it out with ignore=[...]")

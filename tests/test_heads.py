@@ -174,3 +174,67 @@ def test_data_aware_removal_refuses_bad_data_without_change(make_tiny_bert):
         netshrink.remove_heads(model, heads=0.5, calibration=padded_batches(1, 0), samples=0)
     assert model.encoder.layer[0].attention.self.query.out_features == 32
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_spread_picks_the_least_total_damage_within_the_budget():
+    import itertools
+
+    from netshrink.methods.heads import spread
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        options = []
+        for units in (4, 6, 8):
+            counts = sorted({int(c) for c in torch.randint(1, units, (3,), generator=g)} | {units})
+            options.append({c: float(torch.rand(1, generator=g)) * (units - c) for c in counts})
+        budget = int(torch.randint(sum(min(o) for o in options), 19, (1,), generator=g))
+        best = min((sum(o[c] for o, c in zip(options, pick)), -sum(pick), pick)
+                   for pick in itertools.product(*[list(o) for o in options]) if sum(pick) <= budget)
+        chosen = spread(options, budget)
+        assert sum(chosen) <= budget
+        assert sum(o[c] for o, c in zip(options, chosen)) == pytest.approx(best[0])
+    with pytest.raises(netshrink.NetshrinkError, match="budget"):
+        spread([{2: 0.0, 4: 0.0}], 1)
+
+
+def test_global_allocation_keeps_the_totals_and_moves_units_to_where_they_matter(make_tiny_bert):
+    """Layer 0's feed-forward block barely reaches the output (its projection scaled down) and
+    layer 1's dominates: the global allocation takes more neurons from layer 0, keeps the total the
+    uniform fractions give, ends closer to the dense model, and is exactly the uniform removal
+    with those counts (the trials leave nothing behind)."""
+    dense = make_tiny_bert()
+    with torch.no_grad():
+        dense.encoder.layer[0].output.dense.weight.mul_(0.05)
+        dense.encoder.layer[1].output.dense.weight.mul_(3.0)
+    calibration, held_out = padded_batches(8, 0), padded_batches(4, 1)
+    runs = []
+    for _ in range(2):  # twice: nothing may leak between runs
+        model = copy.deepcopy(dense)
+        report = netshrink.remove_heads(model, heads=0.5, neurons=0.5, calibration=calibration, allocation="global")
+        runs.append(model)
+    neurons = [layer.intermediate.dense.out_features for layer in runs[0].encoder.layer]
+    heads = [layer.attention.self.num_attention_heads for layer in runs[0].encoder.layer]
+    assert sum(neurons) == 64 and sum(heads) == 4 and neurons[0] < 32 < neurons[1]
+    assert "allocated globally" in dict(report.changed)["encoder.layer.0"]
+    with torch.no_grad():
+        assert torch.equal(runs[0](**held_out[0]).last_hidden_state, runs[1](**held_out[0]).last_hidden_state)
+    uniform = copy.deepcopy(dense)
+    netshrink.remove_heads(uniform, heads=0.5, neurons=0.5, calibration=calibration)
+    assert squared_error(runs[0], dense, held_out) < squared_error(uniform, dense, held_out)
+    same_counts = copy.deepcopy(dense)
+    netshrink.remove_heads(same_counts, calibration=calibration,
+                           heads={f"encoder.layer.{i}.attention.self": h / 4 for i, h in enumerate(heads)},
+                           neurons={f"encoder.layer.{i}": n / 64 for i, n in enumerate(neurons)})
+    with torch.no_grad():
+        assert torch.allclose(same_counts(**held_out[0]).last_hidden_state, runs[0](**held_out[0]).last_hidden_state,
+                              atol=1e-5)
+
+
+def test_global_allocation_refuses_what_it_cannot_do_without_change(make_tiny_bert):
+    model = make_tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, message in (({}, "calibration"), ({"calibration": padded_batches(2, 0), "heads": {"*": 0.5}}, "maps"),
+                            ({"calibration": padded_batches(2, 0), "allocation": "best"}, "allocation must be")):
+        with pytest.raises(netshrink.NetshrinkError, match=message):
+            netshrink.remove_heads(model, **{"allocation": "global", **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -37,13 +37,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import each_layer
+from ..calibration import dense_statistics, each_layer, real_positions, take
 from ..errors import NetshrinkError
-from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer
+from ..train import call, eval_mode, output_tensor
+from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
 FFN_NAMES = (("intermediate.dense", "output.dense"), ("ffn.lin1", "ffn.lin2"))
+ALLOCATIONS = ("uniform", "global")
+ALLOCATION_LEVELS = 16  # unit counts tried per block for a global allocation (every count for up to 16 units)
+SCORING_SAMPLES = 256  # calibration examples a global allocation measures each trial on
 
 
 def _child(module: nn.Module, dotted: str):
@@ -83,6 +87,12 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
     return found
 
 
+def _levels(units: int) -> list[int]:
+    """The unit counts a global allocation tries for a block of ``units``, ascending, ending with all."""
+    steps = min(units, ALLOCATION_LEVELS)
+    return sorted({max(1, round(units * i / steps)) for i in range(1, steps + 1)})
+
+
 def _keep_count(total: int, fraction: float) -> int:
     return max(1, int(round(fraction * total)))
 
@@ -112,22 +122,24 @@ def _remove_units(inputs: list[nn.Linear], output: nn.Linear, kept: torch.Tensor
                 setattr(attention, attribute, value)
 
 
-def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: int,
-                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Which ``keep`` of the input groups (``group`` consecutive columns each) of ``weight``
-    ``[out, in]`` to keep, removing the others one at a time by the structured Optimal Brain
-    Surgeon under the input second moments ``hessian`` ``[in, in]``. Returns (kept group indices,
-    sorted; the least-squares weight on their columns ``[out, keep * group]``; the output error
-    left, as a fraction of the output's energy ``tr(W H W^T)``)."""
-    w = weight.detach().double()
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     h = hessian.double().clone()
     diagonal = h.diagonal()
     diagonal[diagonal == 0] = 1.0  # inputs that never varied: any value serves, and H stays invertible
-    h += torch.eye(len(h), dtype=h.dtype) * damp * float(diagonal.mean())
-    inverse = torch.linalg.inv(h)
+    return h + torch.eye(len(h), dtype=h.dtype) * damp * float(diagonal.mean())
+
+
+def surgeon_order(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: int,
+                  damp: float = 0.01) -> list[int]:
+    """The input groups (``group`` consecutive columns each) of ``weight`` ``[out, in]`` in the
+    order the structured Optimal Brain Surgeon removes them under the input second moments
+    ``hessian`` ``[in, in]``, until ``keep`` are left: each time the group whose loss the others
+    can best make up for. The order is nested: its first ``k`` are what removing ``k`` takes."""
+    w = weight.detach().double()
+    inverse = torch.linalg.inv(_damped(hessian, damp))
     groups = w.shape[1] // group
     alive = torch.ones(groups, dtype=torch.bool)
-    work = w.clone()
+    work, removed = w.clone(), []
     for _ in range(groups - keep):
         blocks = inverse.view(groups, group, groups, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1).clone()
         blocks[~alive] = torch.eye(group, dtype=blocks.dtype)  # removed groups' blocks are zero now
@@ -140,13 +152,56 @@ def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: 
         work -= work[:, columns] @ correction @ inverse[columns, :]
         inverse -= inverse[:, columns] @ correction @ inverse[columns, :]
         alive[g] = False
-    kept = alive.nonzero().flatten()
+        removed.append(g)
+    return removed
+
+
+def refit(weight: torch.Tensor, hessian: torch.Tensor, group: int, kept: torch.Tensor,
+          damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """The least-squares weight on the columns of groups ``kept`` (``[out, len(kept) * group]``)
+    and the output error it leaves, as a fraction of the output's energy ``tr(W H W^T)``."""
+    w, h = weight.detach().double(), _damped(hessian, damp)
     columns = _unit_columns(kept, group)
-    refit = torch.linalg.solve(h[columns][:, columns], (w @ h[:, columns]).T).T
+    fitted = torch.linalg.solve(h[columns][:, columns], (w @ h[:, columns]).T).T
     change = w.clone()
-    change[:, columns] -= refit
+    change[:, columns] -= fitted
     energy = float(((w @ h) * w).sum())
-    return kept, refit.to(weight.dtype), float(((change @ h) * change).sum()) / max(energy, 1e-30)
+    return fitted.to(weight.dtype), float(((change @ h) * change).sum()) / max(energy, 1e-30)
+
+
+def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: int,
+                 damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Which ``keep`` input groups of ``weight`` to keep (:func:`surgeon_order`) and their
+    :func:`refit`: (kept group indices, sorted; the refit weight; the output error left)."""
+    removed = set(surgeon_order(weight, hessian, group, keep, damp))
+    kept = torch.tensor([g for g in range(weight.shape[1] // group) if g not in removed], dtype=torch.long)
+    return (kept, *refit(weight, hessian, group, kept, damp))
+
+
+def spread(options: list[dict[int, float]], budget: int) -> list[int]:
+    """One unit count per block, from each block's ``{count: damage}``, totalling at most
+    ``budget`` with the least total damage (the largest total among equals): a knapsack solved
+    exactly by dynamic programming over totals, since blocks have few counts to choose from."""
+    best: dict[int, float] = {0: 0.0}
+    choices: list[dict[int, tuple[int, int]]] = []  # per block: total -> (previous total, count)
+    for levels in options:
+        reached: dict[int, float] = {}
+        back: dict[int, tuple[int, int]] = {}
+        for total, damage in best.items():
+            for count, cost in levels.items():
+                t = total + count
+                if t <= budget and (t not in reached or damage + cost < reached[t]):
+                    reached[t], back[t] = damage + cost, (total, count)
+        if not reached:
+            raise NetshrinkError(f"no choice of unit counts fits a budget of {budget} units")
+        best = reached
+        choices.append(back)
+    total = min(best, key=lambda t: (best[t], -t))
+    counts = []
+    for back in reversed(choices):
+        total, count = back[total]
+        counts.append(count)
+    return counts[::-1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +216,7 @@ class RemoveHeads(Method):
     neurons: float | dict = 0.7
     samples: int = 1024  # calibration examples, when data is given: more keep helping (transformer_pruning.md)
     batch_size: int = 32
+    allocation: str = "uniform"  # or "global": the same totals, spread over blocks by measured damage (needs data)
 
     def check(self) -> None:
         super().check()
@@ -168,6 +224,12 @@ class RemoveHeads(Method):
         check_range("neurons", self.neurons, 0.0, 1.0, low_open=True)
         check_range("samples", self.samples, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
+        if self.allocation not in ALLOCATIONS:
+            raise NetshrinkError(f"allocation must be one of {', '.join(ALLOCATIONS)}. Received: "
+                                 f"allocation={self.allocation!r}")
+        if self.allocation == "global" and any(isinstance(v, dict) for v in (self.heads, self.neurons)):
+            raise NetshrinkError("allocation='global' spreads one model-wide fraction of heads and one of neurons: "
+                                 "give heads and neurons as numbers, not per-block maps")
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         if not isinstance(model, nn.Module):
@@ -190,6 +252,8 @@ class RemoveHeads(Method):
 
     def run(self, model: nn.Module, calibration=None, **_: Any) -> Report:
         self.select(model)
+        if calibration is None and self.allocation == "global":
+            raise NetshrinkError("allocation='global' measures each block's damage on data: pass calibration=...")
         if calibration is not None:
             return self._run_on_data(model, calibration)
         report = Report(self.name)
@@ -216,18 +280,19 @@ class RemoveHeads(Method):
     def _run_on_data(self, model: nn.Module, calibration) -> Report:
         """Data-aware removal (see the module docstring), block after block in execution order."""
         report = Report(self.name)
-        blocks: dict[str, tuple] = {}  # output projection's module name -> how to shrink its block
+        blocks: dict[str, list] = {}  # output projection's module name -> how to shrink its block
         names = {id(m): n for n, m in model.named_modules()}
         for name, module, qkv, output, size in attention_blocks(model):
             heads = qkv[0].out_features // size
             keep = _keep_count(heads, float(per_layer(self.heads, name, "heads")))
-            if keep < heads:
-                blocks[names[id(output)]] = (name, "heads", qkv, size, module, keep)
+            blocks[names[id(output)]] = [name, "heads", qkv, size, module, keep]
         for name, first, second in ffn_blocks(model):
             keep = _keep_count(first.out_features, float(per_layer(self.neurons, name, "neurons")))
-            if keep < first.out_features:
-                blocks[names[id(second)]] = (name, "feed-forward neurons", [first], 1, None, keep)
+            blocks[names[id(second)]] = [name, "feed-forward neurons", [first], 1, None, keep]
         outputs = {n: model.get_submodule(n) for n in blocks}
+        if self.allocation == "global":
+            self._spread_budgets(model, blocks, outputs, calibration, report)
+        outputs = {n: layer for n, layer in outputs.items() if blocks[n][-1] < layer.in_features // blocks[n][3]}
         with torch.no_grad():
             for output_name, stats in each_layer(model, outputs, calibration, frozenset({"hessian"}),
                                                  samples=self.samples, batch_size=self.batch_size, desc=self.name):
@@ -237,6 +302,49 @@ class RemoveHeads(Method):
                 kept, weight, error = surgeon_keep(output.weight, stats.hessian, size, keep)
                 _remove_units(inputs, output, kept, size, attention)
                 output.weight = nn.Parameter(weight)
-                report.changed.append((name, f"kept {len(kept)} of {units} {unit} (data-aware: output error "
-                                             f"{100 * error:.2f}% of its energy)"))
+                report.changed.append((name, f"kept {len(kept)} of {units} {unit} (data-aware"
+                                             f"{', allocated globally' if self.allocation == 'global' else ''}: "
+                                             f"output error {100 * error:.2f}% of its energy)"))
         return report
+
+    def _spread_budgets(self, model: nn.Module, blocks: dict[str, list], outputs: dict[str, nn.Linear], calibration,
+                        report: Report) -> None:
+        """Global allocation: keep as many heads, and as many neurons, in all as the uniform
+        fractions would, spread where they matter. Each block is tried alone at up to
+        ``ALLOCATION_LEVELS`` unit counts (its Optimal Brain Surgeon removal and refit, on the dense
+        model's inputs; the rest of the model dense), and the damage of each is measured at the
+        model's output on calibration data (squared error over real tokens, relative to the
+        output's energy). Damages are added across blocks, as for small changes, and
+        :func:`spread` picks the counts with the least total."""
+        hessians = dense_statistics(model, outputs, calibration, frozenset({"hessian"}), samples=self.samples,
+                                    batch_size=self.batch_size)
+        scoring = take(calibration, min(self.samples, SCORING_SAMPLES), self.batch_size)
+        with torch.no_grad(), eval_mode(model):
+            reference = [real_positions(output_tensor(call(model, b)), b) for b in scoring]
+            energy = sum(float(r.square().sum()) for r in reference)
+
+            def damage() -> float:
+                return sum(float((real_positions(output_tensor(call(model, b)), b) - r).square().sum())
+                           for b, r in zip(scoring, reference)) / max(energy, 1e-30)
+
+            options: dict[str, dict[int, float]] = {}
+            for output_name, (name, unit, inputs, size, attention, uniform) in blocks.items():
+                output, units = outputs[output_name], outputs[output_name].in_features // size
+                counts = sorted({*_levels(units), uniform})  # the uniform choice always fits the budget
+                removed = surgeon_order(output.weight, hessians[output_name].hessian, size, counts[0])
+                options[output_name] = {units: 0.0}
+                for count in counts[:-1]:
+                    gone = set(removed[:units - count])
+                    kept = torch.tensor([g for g in range(units) if g not in gone], dtype=torch.long)
+                    weight, _ = refit(output.weight, hessians[output_name].hessian, size, kept)
+                    with trial(model):
+                        _remove_units(inputs, output, kept, size, attention)
+                        output.weight = nn.Parameter(weight)
+                        options[output_name][count] = damage()
+        for unit in ("heads", "feed-forward neurons"):
+            chosen = [n for n in blocks if blocks[n][1] == unit]
+            budget = sum(blocks[n][-1] for n in chosen)
+            for n, count in zip(chosen, spread([options[n] for n in chosen], budget)):
+                blocks[n][-1] = count
+                if count == outputs[n].in_features // blocks[n][3]:
+                    report.skipped.append((blocks[n][0], f"the global allocation keeps all its {count} {unit}"))
