@@ -18,7 +18,7 @@ activations, alone and after removing heads and feed-forward neurons with calibr
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
 images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights).
 Accuracy is test accuracy; for MiniLM the mean cosine of sentence embeddings to the fp32 model's on
-300 held-out sentences. Writes benchmarks/results/deployment.md and a Pareto plot per model.
+300 held-out sentences. Writes benchmarks/results/deployment.md (or --output) and a Pareto plot per model.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the accuracy each compressed model keeps against its dense model.
 
 The Python block under "From Python" is written to a file and run as it stands; the lines of the
 bash block under "Command line" are run one by one (``netshrink demo`` and ``netshrink bench``
-are left out: their results live in docs/demo.md and benchmarks/results/deployment.md).
+are left out: their results live in docs/demo.md and benchmarks/results/deployment-*.md).
 Writes benchmarks/results/readme_examples.md.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ def test_every_public_name_resolves_and_no_submodule_shadows_a_function():
     for name in netshrink.__all__:
         assert getattr(netshrink, name) is not None, name
     for module in ("api", "artifact", "onnx_export", "methods", "recipe", "report", "train", "data", "models",
-                   "files", "fuzz", "catalog", "bench", "cli"):
+                   "files", "fuzz", "catalog", "bench", "machine", "cli"):
         importlib.import_module(f"netshrink.{module}")
     for name in ("export", "prune", "quantize", "load", "save", "summary", "fit"):
         assert callable(getattr(netshrink, name)), name

@@ -260,8 +260,8 @@ class RemoveUnits(Method):
 
     ``multiple_of``: each kept count is rounded to the nearest multiple of it (at least one
     multiple, never more than the layer has). Integer and vectorised kernels run channel counts in
-    blocks (ONNX Runtime's int8 convolutions on AVX2: 8), so 34 channels can be slower than 48:
-    measured in ``benchmarks/results/deployment.md``.
+    blocks (ONNX Runtime's int8 convolutions on AVX2: 8), so 34 channels can be slower than 48;
+    benchmarks/deployment.py rounds its CNN's counts to multiples of 8 for that reason.
     """
 
     name: ClassVar[str] = "structured"
