@@ -351,8 +351,9 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
             _quantize_output(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
         risky = saturating_layers(graph_model)
         if risky:
-            report.notes.append(f"weights {', '.join(risky)} use the full int8 range: CPUs without VNNI "
-                                "saturate on them (export without vnni=True for those)")
+            named = ", ".join(risky[:3]) + (f" and {len(risky) - 3} more" if len(risky) > 3 else "")
+            report.notes.append(f"weights {named} use the full int8 range: CPUs without VNNI saturate on them "
+                                "(export without vnni=True for those)")
     else:
         report.layers = [(n, "fp32") for n in layers]
     onnx.checker.check_model(graph_model)

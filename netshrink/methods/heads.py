@@ -39,7 +39,7 @@ from torch import nn
 
 from ..calibration import dense_statistics, each_layer, real_positions, take
 from ..errors import NetshrinkError
-from ..train import call, eval_mode, output_tensor
+from ..train import Progress, call, eval_mode, output_tensor
 from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
@@ -319,28 +319,34 @@ class RemoveHeads(Method):
         hessians = dense_statistics(model, outputs, calibration, frozenset({"hessian"}), samples=self.samples,
                                     batch_size=self.batch_size)
         scoring = take(calibration, min(self.samples, SCORING_SAMPLES), self.batch_size)
-        with torch.no_grad(), eval_mode(model):
-            reference = [real_positions(output_tensor(call(model, b)), b) for b in scoring]
-            energy = sum(float(r.square().sum()) for r in reference)
+        options: dict[str, dict[int, float]] = {}
+        progress = Progress(len(blocks), f"{self.name}: measuring each block's damage", unit="block")
+        try:
+            with torch.no_grad(), eval_mode(model):
+                reference = [real_positions(output_tensor(call(model, b)), b) for b in scoring]
+                energy = sum(float(r.square().sum()) for r in reference)
 
-            def damage() -> float:
-                return sum(float((real_positions(output_tensor(call(model, b)), b) - r).square().sum())
-                           for b, r in zip(scoring, reference)) / max(energy, 1e-30)
+                def damage() -> float:
+                    return sum(float((real_positions(output_tensor(call(model, b)), b) - r).square().sum())
+                               for b, r in zip(scoring, reference)) / max(energy, 1e-30)
 
-            options: dict[str, dict[int, float]] = {}
-            for output_name, (name, unit, inputs, size, attention, uniform) in blocks.items():
-                output, units = outputs[output_name], outputs[output_name].in_features // size
-                counts = sorted({*_levels(units), uniform})  # the uniform choice always fits the budget
-                removed = surgeon_order(output.weight, hessians[output_name].hessian, size, counts[0])
-                options[output_name] = {units: 0.0}
-                for count in counts[:-1]:
-                    gone = set(removed[:units - count])
-                    kept = torch.tensor([g for g in range(units) if g not in gone], dtype=torch.long)
-                    weight, _ = refit(output.weight, hessians[output_name].hessian, size, kept)
-                    with trial(model):
-                        _remove_units(inputs, output, kept, size, attention)
-                        output.weight = nn.Parameter(weight)
-                        options[output_name][count] = damage()
+                for done, (output_name, (name, _, inputs, size, attention, uniform)) in enumerate(blocks.items()):
+                    output, hessian = outputs[output_name], hessians[output_name].hessian
+                    units = output.in_features // size
+                    counts = sorted({*_levels(units), uniform})  # the uniform choice always fits the budget
+                    removed = surgeon_order(output.weight, hessian, size, counts[0])
+                    options[output_name] = {units: 0.0}
+                    for count in counts[:-1]:
+                        gone = set(removed[:units - count])
+                        kept = torch.tensor([g for g in range(units) if g not in gone], dtype=torch.long)
+                        weight, _ = refit(output.weight, hessian, size, kept)
+                        with trial(model):
+                            _remove_units(inputs, output, kept, size, attention)
+                            output.weight = nn.Parameter(weight)
+                            options[output_name][count] = damage()
+                    progress.update(done + 1, f"{name}: {len(counts)} counts tried")
+        finally:
+            progress.close()
         for unit in ("heads", "feed-forward neurons"):
             chosen = [n for n in blocks if blocks[n][1] == unit]
             budget = sum(blocks[n][-1] for n in chosen)
