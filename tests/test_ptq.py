@@ -282,6 +282,26 @@ def test_padded_positions_are_not_calibration_data(make_tiny_bert):
     assert stats.count == int(mask.sum())
 
 
+def test_one_pass_statistics_equal_the_layer_by_layer_ones_of_an_unchanged_model(make_tiny_bert):
+    """dense_statistics is each_layer without a pass per layer: the same Hessians (real tokens only)
+    when nothing changes between layers."""
+    from netshrink.calibration import dense_statistics, each_layer
+
+    model = make_tiny_bert()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(8, 12, dtype=torch.long)
+    mask[:4, 6:] = 0
+    data = [{"input_ids": torch.randint(1, 120, (8, 12), generator=g), "attention_mask": mask} for _ in range(3)]
+    layers = {n: model.get_submodule(n) for n in ("encoder.layer.0.output.dense", "encoder.layer.1.attention.output.dense",
+                                                  "encoder.layer.1.intermediate.dense")}
+    once = dense_statistics(model, layers, data, frozenset({"hessian"}), samples=20, batch_size=8)
+    stepwise = dict(each_layer(model, layers, data, frozenset({"hessian"}), samples=20, batch_size=8))
+    assert set(once) == set(stepwise) == set(layers)
+    for name in layers:
+        assert once[name].count == stepwise[name].count == int(mask.sum()) * 2 + int(mask[:4].sum())
+        assert torch.allclose(once[name].hessian, stepwise[name].hessian, atol=1e-6)
+
+
 def test_summary_reads_bits_off_grouped_grids(trained, digits):
     netshrink.quantize(trained, weight_bits=3, method="gptq", group_size=16, calibration=(digits[0].tensors[0][:64],))
     assert {row["bits"] for row in netshrink.summary(trained).rows} == {3}
