@@ -13,7 +13,7 @@ own methods and file:
    are context coded, so only the coder knows what a mask costs.
 3. **Solve.** Per-layer damages add up (the usual first-order assumption); one choice per layer
    with the least total damage under a byte budget is a multiple-choice knapsack, solved exactly
-   by dynamic programming over bytes (:func:`solve`). A layer's bias grid (8 bits down to 4) is
+   by dynamic programming over bytes (:func:`netshrink.knapsack.solve`). A layer's bias grid (8 bits down to 4) is
    a choice too, measured the same way; its bytes and damage add to those of the weight's choice.
 4. **Run and verify.** The chosen policy becomes a recipe (gradual pruning, fine-tuning with
    distillation, zeroing the weights of units no layer reads any more, sharing, fine-tuning,
@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from operator import attrgetter
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +39,7 @@ import yaml
 from torch import nn
 
 from .errors import NetshrinkError
+from .knapsack import solve
 from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distinct_weights, select_layers, transforms
 from .methods.bias import QuantizeBiases, grid_bias
 from .methods.prune import RANKINGS, keep_largest
@@ -54,7 +52,6 @@ from .train import (Data, Forward, _check_number, _in_memory, batches, check_dat
 KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
 BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
 BIAS_BITS = (8, 6, 5, 4)  # the grids a layer's bias may end on (each choice measured, as weights are)
-SOLVER_UNITS = 8192  # byte buckets of the dynamic program: exact when the budget is smaller
 # A policy whose summed damage (validation loss increase before any fine-tuning) is this small is
 # as good as dense: the accuracy search never needs to try a bigger one.
 SAFE_DAMAGE = 0.01
@@ -135,40 +132,6 @@ class AutoResult:
                 "latency": self.latency, "dense_latency": self.dense_latency,
                 "policy": {n: asdict(c) for n, c in self.policy.items()},
                 "sensitivity": {n: [asdict(c) for c in choices] for n, choices in self.sensitivity.items()}}
-
-
-def solve(options: dict[str, list], budget: int, units: int = SOLVER_UNITS,
-          cost_of: Callable[[Any], int] = attrgetter("bytes")) -> dict | None:
-    """One choice per layer with the least total damage whose costs (default: bytes; any
-    non-negative integer) add up to at most ``budget`` (None if no combination fits).
-    Multiple-choice knapsack by dynamic programming over cost in ``ceil(budget / units)``-sized
-    buckets; each choice's cost is rounded up to whole buckets, so the answer always fits, and it
-    is exact when ``budget <= units``.
-
-    Written here because the problem is a few lines of numpy; an ILP solver would be a heavy
-    dependency for a table of at most a few thousand entries."""
-    if budget < 0:
-        return None
-    step = max(1, math.ceil(budget / units))
-    size = budget // step + 1
-    best = np.zeros(size)  # least damage within <= b buckets, over the layers so far
-    picks = []
-    for name, choices in options.items():
-        costs = [-(-cost_of(c) // step) for c in choices]
-        table = np.full((len(choices), size), np.inf)
-        for j, (cost, choice) in enumerate(zip(costs, choices)):
-            if cost < size:
-                table[j, cost:] = best[:size - cost] + choice.damage
-        picks.append(table.argmin(0))
-        best = table.min(0)
-    if not np.isfinite(best[-1]):
-        return None
-    policy, left = {}, size - 1
-    for (name, choices), pick in zip(reversed(list(options.items())), reversed(picks)):
-        choice = choices[int(pick[left])]
-        policy[name] = choice
-        left -= -(-cost_of(choice) // step)
-    return dict(reversed(list(policy.items())))
 
 
 def _safe_budget(table: dict[str, list[Choice]], floor: int) -> int:

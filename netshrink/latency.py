@@ -15,7 +15,7 @@ byte budget's (``autotune``), with latency for bytes:
    compute channels in blocks, so removing units can cost nothing, or even slow a layer down.
 3. **Solve.** A policy's latency is predicted as the dense latency plus each group's change
    (additive, as damages are); the least damage under the budget is the same multiple-choice
-   knapsack as for bytes (:func:`netshrink.autotune.solve`).
+   knapsack as for bytes (:func:`netshrink.knapsack.solve`).
 4. **Run and verify.** The policy runs as a recipe (remove units, then fine-tune with
    distillation from the dense model); the result is exported and timed on ONNX Runtime again
    beside the dense model. Over budget, the overshoot comes off the next solve's target.
@@ -132,7 +132,8 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
            targets: tuple, ignore: tuple, on_trial=None, sensitivity=None):
     """``auto``'s search under ``max_latency`` seconds per batch of ``batch`` (see the module doc)."""
     from .artifact import to_bytes
-    from .autotune import AutoResult, solve
+    from .autotune import AutoResult
+    from .knapsack import solve
     from .methods.structured import unit_groups
     from .recipe import Recipe
 

@@ -16,7 +16,8 @@ import yaml
 
 import netshrink
 from netshrink.artifact import to_bytes
-from netshrink.autotune import Choice, solve
+from netshrink.autotune import Choice
+from netshrink.knapsack import solve
 from netshrink.html_report import tensor_bytes
 
 FAST = dict(epochs=1, progress=False, keeps=(1.0, 0.3, 0.1, 0.03), bits=(None, 6, 4, 2))

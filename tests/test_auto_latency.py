@@ -101,7 +101,7 @@ def test_the_solver_meets_a_latency_budget_against_brute_force():
     """Latency choices through the same knapsack, checked against every combination."""
     import itertools
 
-    from netshrink.autotune import solve
+    from netshrink.knapsack import solve
 
     rng = np.random.default_rng(0)
     table = {f"g{i}": [UnitChoice(k, int(64 * k), float(rng.uniform(1, 2) * k), float(rng.uniform(0, 1) * (1 - k)))

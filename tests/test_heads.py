@@ -176,27 +176,6 @@ def test_data_aware_removal_refuses_bad_data_without_change(make_tiny_bert):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_spread_picks_the_least_total_damage_within_the_budget():
-    import itertools
-
-    from netshrink.methods.heads import spread
-
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        options = []
-        for units in (4, 6, 8):
-            counts = sorted({int(c) for c in torch.randint(1, units, (3,), generator=g)} | {units})
-            options.append({c: float(torch.rand(1, generator=g)) * (units - c) for c in counts})
-        budget = int(torch.randint(sum(min(o) for o in options), 19, (1,), generator=g))
-        best = min((sum(o[c] for o, c in zip(options, pick)), -sum(pick), pick)
-                   for pick in itertools.product(*[list(o) for o in options]) if sum(pick) <= budget)
-        chosen = spread(options, budget)
-        assert sum(chosen) <= budget
-        assert sum(o[c] for o, c in zip(options, chosen)) == pytest.approx(best[0])
-    with pytest.raises(netshrink.NetshrinkError, match="budget"):
-        spread([{2: 0.0, 4: 0.0}], 1)
-
-
 def test_global_allocation_keeps_the_totals_and_moves_units_to_where_they_matter(make_tiny_bert):
     """Layer 0's feed-forward block barely reaches the output (its projection scaled down) and
     layer 1's dominates: the global allocation takes more neurons from layer 0, keeps the total the

@@ -27,11 +27,18 @@ well as the kept units allow (``H`` damped by 1% of its mean diagonal, which als
 refit gently towards the old weights). The Optimal Brain Surgeon step is written here because no
 maintained library applies it to whole heads of Hugging Face modules.
 
+By default every block keeps the same fraction. ``allocation="global"`` keeps the same totals but
+spreads them by measured damage: each block is tried alone at several counts on the dense model,
+the error each trial leaves at the model's output is measured on calibration data, and the counts
+with the least total error are chosen (a multiple-choice knapsack, :mod:`netshrink.knapsack`);
+the removal itself then runs as above with those counts.
+
 A model without either block is refused before anything changes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -39,6 +46,7 @@ from torch import nn
 
 from ..calibration import dense_statistics, each_layer, real_positions, take
 from ..errors import NetshrinkError
+from ..knapsack import solve
 from ..train import Progress, call, eval_mode, output_tensor
 from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
 
@@ -178,38 +186,22 @@ def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: 
     return (kept, *refit(weight, hessian, group, kept, damp))
 
 
-def spread(options: list[dict[int, float]], budget: int) -> list[int]:
-    """One unit count per block, from each block's ``{count: damage}``, totalling at most
-    ``budget`` with the least total damage (the largest total among equals): a knapsack solved
-    exactly by dynamic programming over totals, since blocks have few counts to choose from."""
-    best: dict[int, float] = {0: 0.0}
-    choices: list[dict[int, tuple[int, int]]] = []  # per block: total -> (previous total, count)
-    for levels in options:
-        reached: dict[int, float] = {}
-        back: dict[int, tuple[int, int]] = {}
-        for total, damage in best.items():
-            for count, cost in levels.items():
-                t = total + count
-                if t <= budget and (t not in reached or damage + cost < reached[t]):
-                    reached[t], back[t] = damage + cost, (total, count)
-        if not reached:
-            raise NetshrinkError(f"no choice of unit counts fits a budget of {budget} units")
-        best = reached
-        choices.append(back)
-    total = min(best, key=lambda t: (best[t], -t))
-    counts = []
-    for back in reversed(choices):
-        total, count = back[total]
-        counts.append(count)
-    return counts[::-1]
+@dataclass(frozen=True)
+class UnitCount:
+    """One count a block may keep and the damage measured with it (a knapsack choice)."""
+
+    units: int
+    damage: float
 
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveHeads(Method):
     """Remove attention heads and feed-forward neurons of a transformer: keep the fraction
     ``heads`` of each attention block's heads and ``neurons`` of each feed-forward block's
-    neurons (1.0 keeps all), ranked by weight magnitude. Per-block maps use the block's module name
-    (e.g. ``{"encoder.layer.0.attention.self": 1.0, "*": 0.7}``)."""
+    neurons (1.0 keeps all), ranked by weight magnitude, or with calibration data by the structured
+    Optimal Brain Surgeon. Per-block maps use the block's module name (e.g.
+    ``{"encoder.layer.0.attention.self": 1.0, "*": 0.7}``); ``allocation="global"`` (with data)
+    spreads one model-wide fraction over the blocks instead."""
 
     name: ClassVar[str] = "heads"
     heads: float | dict = 0.7
@@ -315,11 +307,11 @@ class RemoveHeads(Method):
         model's inputs; the rest of the model dense), and the damage of each is measured at the
         model's output on calibration data (squared error over real tokens, relative to the
         output's energy). Damages are added across blocks, as for small changes, and
-        :func:`spread` picks the counts with the least total."""
+        :func:`netshrink.knapsack.solve` picks the counts with the least total."""
         hessians = dense_statistics(model, outputs, calibration, frozenset({"hessian"}), samples=self.samples,
                                     batch_size=self.batch_size)
         scoring = take(calibration, min(self.samples, SCORING_SAMPLES), self.batch_size)
-        options: dict[str, dict[int, float]] = {}
+        options: dict[str, list[UnitCount]] = {}
         progress = Progress(len(blocks), f"{self.name}: measuring each block's damage", unit="block")
         try:
             with torch.no_grad(), eval_mode(model):
@@ -335,7 +327,7 @@ class RemoveHeads(Method):
                     units = output.in_features // size
                     counts = sorted({*_levels(units), uniform})  # the uniform choice always fits the budget
                     removed = surgeon_order(output.weight, hessian, size, counts[0])
-                    options[output_name] = {units: 0.0}
+                    options[output_name] = [UnitCount(units, 0.0)]
                     for count in counts[:-1]:
                         gone = set(removed[:units - count])
                         kept = torch.tensor([g for g in range(units) if g not in gone], dtype=torch.long)
@@ -343,14 +335,18 @@ class RemoveHeads(Method):
                         with trial(model):
                             _remove_units(inputs, output, kept, size, attention)
                             output.weight = nn.Parameter(weight)
-                            options[output_name][count] = damage()
+                            options[output_name].append(UnitCount(count, damage()))
                     progress.update(done + 1, f"{name}: {len(counts)} counts tried")
         finally:
             progress.close()
         for unit in ("heads", "feed-forward neurons"):
             chosen = [n for n in blocks if blocks[n][1] == unit]
             budget = sum(blocks[n][-1] for n in chosen)
-            for n, count in zip(chosen, spread([options[n] for n in chosen], budget)):
-                blocks[n][-1] = count
+            # Exact (one bucket per unit: a few thousand units per model) and never None, since the
+            # uniform counts are among the choices.
+            policy = solve({n: options[n] for n in chosen}, budget, units=max(budget, 1),
+                           cost_of=attrgetter("units")) if chosen else {}
+            for n, choice in policy.items():
+                count = blocks[n][-1] = choice.units
                 if count == outputs[n].in_features // blocks[n][3]:
                     report.skipped.append((blocks[n][0], f"the global allocation keeps all its {count} {unit}"))
