@@ -77,13 +77,18 @@ def main() -> None:
                            seed=args.seed).sensitivity
     dense_s = next(c.latency for c in next(iter(table.values())) if c.keep >= 1)
     fastest_s = dense_s + sum(min(c.latency for c in choices) - dense_s for choices in table.values())
-    searches = []
+    searches, refusals = [], []
     for fraction in BUDGETS:
         budget = dense_s - fraction * (dense_s - fastest_s)
-        found = netshrink.auto(dense, fit_data, validation=validation, max_latency=budget, latency_batch=args.batch,
-                               runtime=args.runtime, threads=2, trials=args.trials, epochs=args.epochs, lr=LR,
-                               augment=args.augment, seed=args.seed, sensitivity=table, progress=False)
         name = f"auto {1e3 * budget:.1f} ms"
+        try:
+            found = netshrink.auto(dense, fit_data, validation=validation, max_latency=budget, latency_batch=args.batch,
+                                   runtime=args.runtime, threads=2, trials=args.trials, epochs=args.epochs, lr=LR,
+                                   augment=args.augment, seed=args.seed, sensitivity=table, progress=False)
+        except netshrink.NetshrinkError as refused:  # a budget below the smallest model, timed whole: said, not hidden
+            refusals.append(f"- {name}: refused by auto: {refused}")
+            print(refusals[-1], flush=True)
+            continue
         models[name] = found.model
         searches.append((name, fraction, found))
         print(f"{name}: {1e3 * found.latency:.3f} ms ({'met' if found.met else 'missed'}), test "
@@ -141,7 +146,7 @@ def main() -> None:
         *dominance, "",
         "**Auto's searches** (budget and trial latencies as measured during each search, beside the dense model):", "",
         "| search | budget ms | met | trials | predicted ms | measured ms | validation accuracy | policy |",
-        "|---|---|---|---|---|---|---|---|", *search_rows, "",
+        "|---|---|---|---|---|---|---|---|", *search_rows, "", *refusals, *([""] if refusals else []),
         f"![accuracy vs latency]({picture.name})", ""])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
