@@ -13,8 +13,8 @@ convolutions following) at keep fractions or per-group layouts, each fine-tuned 
 model, then 7-bit weights (exact int8, correct on CPUs with or without VNNI) and 8-bit activations
 calibrated on training data, run by ONNX Runtime as int8 and fp32. MiniLM: 7-bit weights and 8-bit
 activations, alone and after removing heads and feed-forward neurons with calibration data
-(``remove_heads(..., calibration=..., allocation="global")``, no retraining); on a machine whose int8 kernels add exactly
-(VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
+(``remove_heads(..., calibration=..., allocation="global")``, no retraining); on a machine whose
+int8 kernels add exactly (VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
 images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights).
 Accuracy is test accuracy; for MiniLM the mean cosine of sentence embeddings to the fp32 model's on
@@ -48,9 +48,10 @@ warnings.filterwarnings("ignore")
 # untrained (a third of block1, whose 3x3 convolution feeds the widest one), with more channels than keep 0.5.
 RESMOBILE_LAYOUT = {"stem.conv": 0.67, "block1.conv": 0.34, "block1b.conv": 0.67, "expand.conv": 0.67,
                     "separable_pw.conv": 1.0}
-# all-MiniLM-L6-v2: the fraction of heads and of feed-forward neurons kept in every layer, removed by
-# netshrink.remove_heads with calibration data (the units the others best make up for go, and each output
-# projection is refit by least squares), no retraining; then 7-bit weights and 8-bit activations.
+# all-MiniLM-L6-v2: the fraction of heads and of feed-forward neurons kept in all, spread over the layers by
+# each layer's measured damage, removed by netshrink.remove_heads with calibration data (the units the others
+# best make up for go, and each output projection is refit by least squares), no retraining; then 7-bit
+# weights and 8-bit activations.
 MINILM_LAYOUTS = {"heads 0.75, neurons 0.75": (0.75, 0.75), "heads 0.5, neurons 0.5": (0.5, 0.5)}
 CNNS = {"lenet-5": ("mnist", 6, {"keep 0.5": 0.5, "keep 0.3": 0.3}, (3, 1e-3), 1, 0),
         "resmobile": ("fashion-mnist", 8, {"keep 0.5": 0.5, "keep 16/16/32/96/96 channels": RESMOBILE_LAYOUT},
@@ -174,7 +175,8 @@ def main() -> None:
     lines = ["# Deployment speed: netshrink against the fastest peers at the same accuracy", "",
              command_line(__file__),
              f"torch {torch.__version__}, {args.threads} threads for every runtime (the machine is named under each "
-             "table). Latency medians over interleaved rounds; speeds are ratios measured in the same run. Bars: netshrink's fastest model within 0.3 points of the fastest peer's accuracy (cosine >= 0.99 "
+             "table). Latency medians over interleaved rounds; speeds are ratios measured in the same run. Bars: "
+             "netshrink's fastest model within 0.3 points of the fastest peer's accuracy (cosine >= 0.99 "
              "for MiniLM) at least 1.5x the speed of that peer, and at least 2x dense PyTorch, at batch 1 and at the "
              "large batch.", ""]
     for name in args.models:

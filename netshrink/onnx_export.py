@@ -277,7 +277,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     evaluation; the report lists them. ``integer_outputs=False`` keeps exactly netshrink's computation.
 
     ``portable=True`` writes standard ONNX operators only. By default an int8 transformer's
-    projections use ONNX Runtime's MatMulIntegerToFloat kernel with the bias inside (1.08-1.13x as
+    projections use ONNX Runtime's MatMulIntegerToFloat kernel with the bias inside (1.09-1.14x as
     fast on all-MiniLM-L6-v2), which other runtimes do not have.
     """
     import onnx
@@ -608,7 +608,7 @@ def _integer_matmul_with_bias(graph_model, report, helper) -> None:
     Add of the bias) becomes ONNX Runtime's MatMulIntegerToFloat with the bias inside: the same
     values in one kernel. From the QDQ form ONNX Runtime fuses the kernel without the bias and then
     adds it in a separate pass over the output; its own fusion that would take the bias only matches
-    opset-13 graphs. all-MiniLM-L6-v2 runs 1.08x faster at batch 1 and 1.13x at batch 32 with the
+    opset-13 graphs. all-MiniLM-L6-v2 runs 1.09x faster at batch 1 and 1.14x at batch 32 with the
     same outputs (benchmarks/results/fused_projections.md). The node
     is in the com.microsoft domain, so the file then needs ONNX Runtime."""
     graph = graph_model.graph

@@ -181,9 +181,14 @@ def surgeon_keep(weight: torch.Tensor, hessian: torch.Tensor, group: int, keep: 
                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Which ``keep`` input groups of ``weight`` to keep (:func:`surgeon_order`) and their
     :func:`refit`: (kept group indices, sorted; the refit weight; the output error left)."""
-    removed = set(surgeon_order(weight, hessian, group, keep, damp))
-    kept = torch.tensor([g for g in range(weight.shape[1] // group) if g not in removed], dtype=torch.long)
+    kept = _left(weight.shape[1] // group, surgeon_order(weight, hessian, group, keep, damp))
     return (kept, *refit(weight, hessian, group, kept, damp))
+
+
+def _left(groups: int, removed: list[int]) -> torch.Tensor:
+    """The group indices of ``range(groups)`` not in ``removed``, sorted."""
+    gone = set(removed)
+    return torch.tensor([g for g in range(groups) if g not in gone], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -329,8 +334,7 @@ class RemoveHeads(Method):
                     removed = surgeon_order(output.weight, hessian, size, counts[0])
                     options[output_name] = [UnitCount(units, 0.0)]
                     for count in counts[:-1]:
-                        gone = set(removed[:units - count])
-                        kept = torch.tensor([g for g in range(units) if g not in gone], dtype=torch.long)
+                        kept = _left(units, removed[:units - count])  # the removal order is nested
                         weight, _ = refit(output.weight, hessian, size, kept)
                         with trial(model):
                             _remove_units(inputs, output, kept, size, attention)
