@@ -11,6 +11,12 @@ Candidates:
   are exact on every x86-64 CPU; 8-bit weights keep the full int8 range where this machine's int8
   kernels add exactly (VNNI or AMX, measured by :mod:`netshrink.machine`).
 
+With OpenVINO installed (``pip install openvino``), a second runtime joins: the dense model as
+OpenVINO runs it (a peer: what a user gets from that runtime alone) and each netshrink model's
+standard-ONNX int8 graph (``export(..., portable=True)``) and fp32 graph on it. OpenVINO runs float
+operations at its default precision for the CPU (bf16 where the CPU has AMX or AVX512-BF16), so
+those rows are named with the precision and scored like every other.
+
 The report names the machine: its CPU, int8 instruction sets and int8 kernel kind.
 
 Every candidate is scored on the same data: classification accuracy when the data has labels,
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import itertools
 import json
 import tempfile
@@ -59,6 +66,7 @@ class Candidate:
     run: Callable[[dict], np.ndarray]  # the output tensor for a feed (numpy arrays by input name)
     bytes: int
     onnx: Path | None = None  # the graph ONNX Runtime runs, for its operator profile
+    runtime: str = "PyTorch"
 
 
 @dataclass
@@ -172,6 +180,11 @@ class BenchResult:
                 match = min(accurate, key=pick)
                 text += (f"; against the fastest peer that also reaches {self._score(floor)}, {match.candidate.name} "
                          f"({1e3 * pick(match):.3f} ms): {pick(match) / pick(best):.2f}x")
+            runtimes = sorted({r.candidate.runtime for r in peers})
+            if len(runtimes) > 1:  # which runtime the speed comes from: the fastest peer of each, side by side
+                each = [min((r for r in peers if r.candidate.runtime == rt), key=pick) for rt in runtimes]
+                text += "; against each runtime's fastest peer: " + ", ".join(
+                    f"{r.candidate.runtime} {pick(r) / pick(best):.2f}x ({r.candidate.name})" for r in each)
             lines.append(text + ".")
         return lines
 
@@ -407,7 +420,42 @@ def _ort_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
     def outputs(feed: dict) -> np.ndarray:
         return session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
 
-    return Candidate(name, kind, outputs, path.stat().st_size, path)
+    return Candidate(name, kind, outputs, path.stat().st_size, path, "ONNX Runtime")
+
+
+def _openvino_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
+    """``path`` compiled by OpenVINO for this CPU; ``{precision}`` in the name becomes the precision
+    OpenVINO chose for float operations (its default for the CPU, as a user would get it)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    wanted = {name for port in compiled.inputs for name in port.get_names()}
+
+    def outputs(feed: dict) -> np.ndarray:
+        return request.infer({k: v for k, v in feed.items() if k in wanted}, share_outputs=False)[0]
+
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return Candidate(name.replace("{precision}", precision), kind, outputs, path.stat().st_size, None, "OpenVINO")
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def _runtimes(runtimes) -> tuple[str, ...]:
+    """The runtimes to measure: ONNX Runtime always; OpenVINO when asked for, or by default when installed."""
+    installed = importlib.util.find_spec("openvino") is not None
+    if runtimes is None:
+        return RUNTIMES if installed else RUNTIMES[:1]
+    chosen = (runtimes,) if isinstance(runtimes, str) else tuple(runtimes) if isinstance(runtimes, (list, tuple)) else None
+    if not chosen or any(r not in RUNTIMES for r in chosen):
+        raise NetshrinkError(f"runtimes must name some of {', '.join(RUNTIMES)}. Received: runtimes={runtimes!r}")
+    if "onnxruntime" not in chosen:
+        raise NetshrinkError("runtimes must include onnxruntime: the peers are made with it")
+    if "openvino" in chosen and not installed:
+        raise NetshrinkError("runtimes names openvino, which is not installed: pip install openvino")
+    return tuple(r for r in RUNTIMES if r in chosen)
 
 
 class _Reader:
@@ -421,10 +469,12 @@ class _Reader:
 
 
 def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads: int,
-           notes: list[str], progress) -> list[Candidate]:
+           notes: list[str], progress, runtimes: tuple[str, ...]) -> list[Candidate]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     peers = [_ort_candidate("ONNX Runtime fp32", "peer", fp32, threads)]
+    if "openvino" in runtimes:
+        peers.append(_openvino_candidate("OpenVINO dense ({precision})", "peer", fp32, threads))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         progress("peers: ONNX Runtime quantize_dynamic and quantize_static")
@@ -483,7 +533,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module] | None = None,
               calibration=None, threads: int = 2, repeats: int = 200, large_repeats: int = 30,
               large_batch: int | None = None, sequence: int = 128, profile: bool = False, vnni: bool | None = None,
-              workdir: str | Path | None = None, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+              runtimes=None, workdir: str | Path | None = None, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
     """Measure ``reference`` (the dense model: PyTorch fp32 and every peer are made from it) and
     each model in ``compressed`` (name -> netshrink model; by default the reference itself) on
     ``data``: an image data set (accuracy with labels) or a list of token dict batches (cosine
@@ -492,6 +542,8 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     peer graphs at the large batch. netshrink's int8 graphs keep 8-bit weights at the full int8
     range where this machine's int8 kernels add exactly (``vnni=None``: measured, see
     :mod:`netshrink.machine`), else at 7 bits; ``vnni=True``/``False`` decides it instead.
+    ``runtimes`` names the runtimes to measure (``"onnxruntime"``, ``"openvino"``; default: every
+    one installed).
 
     >>> import netshrink
     >>> data = netshrink.load_dataset("digits", "test")
@@ -513,6 +565,7 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
         raise NetshrinkError(f"vnni must be True, False or None (measured on this machine). Received: vnni={vnni!r}")
     if large_batch is not None and (not isinstance(large_batch, int) or isinstance(large_batch, bool) or large_batch < 2):
         raise NetshrinkError(f"large_batch must be an integer >= 2. Received: large_batch={large_batch!r}")
+    runtimes = _runtimes(runtimes)
     models = dict(compressed) if compressed is not None else {"": reference}
     if not models or not all(isinstance(m, nn.Module) for m in models.values()):
         raise NetshrinkError("compressed must map names to models")
@@ -522,12 +575,13 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     try:
         full_range = not int8_sums_saturate() if vnni is None else vnni
         return _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export,
-                        full_range)
+                        full_range, runtimes)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export, full_range):
+def _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export, full_range,
+             runtimes):
     folder = Path(workdir or tempfile.mkdtemp(prefix="netshrink-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     notes = ["netshrink's int8 graphs: " + ("8-bit weights keep the full int8 range (this machine's int8 kernels add "
@@ -538,7 +592,7 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     fp32 = folder / "fp32.onnx"
     export(dense, fp32, example_inputs=work.example)
     candidates = [_torch_candidate("PyTorch fp32", "dense", dense, folder)]
-    candidates += _peers(dense, work, fp32, folder, threads, notes, progress)
+    candidates += _peers(dense, work, fp32, folder, threads, notes, progress, runtimes)
     calibration = [_model_inputs(feed) for feed in work.calibration]
     for i, (name, model) in enumerate(models.items()):
         label = f"netshrink{' ' + name if name else ''}"  # e.g. "netshrink keep 0.5 (ONNX Runtime int8)"
@@ -550,6 +604,13 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
         candidates += [_ort_candidate(f"{label} (ONNX Runtime int8)", "netshrink", int8_path, threads),
                        _ort_candidate(f"{label} (ONNX Runtime fp32)", "netshrink", fp32_path, threads)]
         notes += [f"{label} int8 export: {n}" for n in report.notes]
+        if "openvino" in runtimes:  # OpenVINO reads standard ONNX only: the QDQ form of the same int8 model
+            portable = folder / f"netshrink_{i}_int8_portable.onnx"
+            export(model, portable, int8=True, calibration=calibration, example_inputs=work.example,
+                   vnni=full_range, portable=True)
+            candidates += [_openvino_candidate(f"{label} (OpenVINO int8, rest {{precision}})", "netshrink", portable,
+                                               threads),
+                           _openvino_candidate(f"{label} (OpenVINO {{precision}})", "netshrink", fp32_path, threads)]
     progress(f"timing {len(candidates)} candidates at batch 1 and {work.large_label}, in interleaved rounds")
     small = _interleaved([lambda c=c: c.run(work.small) for c in candidates], repeats)
     large = _interleaved([lambda c=c: c.run(work.large) for c in candidates], large_repeats)

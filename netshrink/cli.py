@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="latency and accuracy of netshrink models against the peers, with a Pareto table and plot",
         description="Time and score the dense model (PyTorch), the peers made from it (ONNX Runtime fp32, "
-                    "quantize_dynamic, quantize_static, torch.ao, torchao) and every netshrink model (int8 and fp32 "
-                    "in ONNX Runtime) in one interleaved run, at batch 1 and a large batch. The first file is the "
+                    "quantize_dynamic, quantize_static, torch.ao, torchao; OpenVINO when installed) and every netshrink "
+                    "model (int8 and fp32 in each runtime) in one interleaved run, at batch 1 and a large batch. The first file is the "
                     "dense reference; list compressed files after it. Image models are scored by test accuracy on "
                     "--data; transformer encoders by the cosine of their pooled outputs to the reference's, on "
                     "seeded random token sequences. Example: netshrink bench dense.nsk pruned.nsk --data mnist "
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--large-batch", type=POSITIVE_INT,
                        help="the large batch (default: 256 images, or 32 sequences of --sequence tokens)")
     bench.add_argument("--sequence", type=POSITIVE_INT, default=128, help="tokens per sequence (default: 128)")
+    bench.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"], metavar="RUNTIME",
+                       help="runtimes to measure: onnxruntime, openvino (default: every one installed; OpenVINO "
+                            "adds its own dense model as a peer and runs each model's standard-ONNX int8 graph)")
     bench.add_argument("--profile", action="store_true",
                        help="add ONNX Runtime's per-operator profile of the fastest netshrink and peer graphs")
     bench.add_argument("--plot", type=Path, metavar="PNG", help="draw accuracy vs latency (the Pareto fronts) here")
@@ -494,7 +497,8 @@ def cmd_bench(args) -> int:
         data, calibration = _image_data(args.data or "mnist", reference, compressed)
     result = benchmark(reference, data, compressed=compressed, calibration=calibration, threads=args.threads,
                        repeats=args.repeats, large_repeats=args.large_repeats, large_batch=args.large_batch,
-                       sequence=args.sequence, profile=args.profile, progress=lambda step: _print(f"  {step}"))
+                       sequence=args.sequence, profile=args.profile, runtimes=args.runtimes,
+                       progress=lambda step: _print(f"  {step}"))
     _print_rows(f"{args.path.name} and {len(compressed)} netshrink model(s), {args.threads} threads",
                 result.columns(), result.table())
     _print(f"machine: {result.machine}")

