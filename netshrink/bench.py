@@ -65,7 +65,7 @@ class Candidate:
     kind: str  # "dense" (the reference in PyTorch), "peer", or "netshrink"
     run: Callable[[dict], np.ndarray]  # the output tensor for a feed (numpy arrays by input name)
     bytes: int
-    onnx: Path | None = None  # the graph ONNX Runtime runs, for its operator profile
+    onnx: Path | None = None  # the graph the runtime runs, for its operator profile
     runtime: str = "PyTorch"
 
 
@@ -197,8 +197,10 @@ class BenchResult:
                  "no other candidate is both faster and at least as accurate at that batch size.", ""]
         parts += [f"- note: {n}" for n in self.notes] + [f"- **warning**: {w}" for w in self.warnings]
         parts += ["", "Bars:", *self.verdict()]
+        runtime = {r.candidate.name: r.candidate.runtime for r in self.rows}
         for name, ops in self.profiles.items():
-            parts += ["", f"Where the time goes, {name} ({self.large_label}, ONNX Runtime profile):", "",
+            parts += ["", f"Where the time goes, {name} ({self.large_label}, {runtime.get(name, 'ONNX Runtime')} "
+                      "profile):", "",
                       markdown(["operator", "ms per run", "share"],
                                [[op, f"{ms:.2f}", f"{100 * share:.0f}%"] for op, ms, share in ops])]
         return "\n".join(parts)
@@ -428,8 +430,7 @@ def _openvino_candidate(name: str, kind: str, path: Path, threads: int) -> Candi
     OpenVINO chose for float operations (its default for the CPU, as a user would get it)."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+    compiled = _openvino_compile(path, threads)
     request = compiled.create_infer_request()
     wanted = {name for port in compiled.inputs for name in port.get_names()}
 
@@ -437,7 +438,32 @@ def _openvino_candidate(name: str, kind: str, path: Path, threads: int) -> Candi
         return request.infer({k: v for k, v in feed.items() if k in wanted}, share_outputs=False)[0]
 
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-    return Candidate(name.replace("{precision}", precision), kind, outputs, path.stat().st_size, None, "OpenVINO")
+    return Candidate(name.replace("{precision}", precision), kind, outputs, path.stat().st_size, path, "OpenVINO")
+
+
+def _openvino_compile(path: Path, threads: int, profile: bool = False):
+    import openvino as ov
+
+    return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                      "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile})
+
+
+def openvino_profile(path: Path, feed: dict, threads: int, runs: int = 10) -> list[tuple[str, float, float]]:
+    """(layer type as OpenVINO executes it, ms per run, share of layer time) from OpenVINO's own
+    performance counters, largest first: :func:`operator_profile` for OpenVINO."""
+    compiled = _openvino_compile(path, threads, profile=True)
+    request = compiled.create_infer_request()
+    wanted = {name for port in compiled.inputs for name in port.get_names()}
+    feed = {k: v for k, v in feed.items() if k in wanted}
+    for _ in range(5):  # warm-up, as for ONNX Runtime's profile
+        request.infer(feed)
+    totals: dict[str, float] = defaultdict(float)
+    for _ in range(runs):
+        request.infer(feed)
+        for layer in request.get_profiling_info():  # the counters of the last inference
+            totals[f"{layer.node_type} ({layer.exec_type})"] += layer.real_time.total_seconds() * 1e3 / runs
+    whole = sum(totals.values()) or 1.0
+    return sorted(((op, ms, ms / whole) for op, ms in totals.items() if ms > 0), key=lambda t: -t[1])
 
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -538,8 +564,8 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     each model in ``compressed`` (name -> netshrink model; by default the reference itself) on
     ``data``: an image data set (accuracy with labels) or a list of token dict batches (cosine
     to the reference when unlabeled). ``calibration`` feeds the static quantizers (default: the
-    data). ``profile=True`` adds ONNX Runtime's per-operator profile of the fastest netshrink and
-    peer graphs at the large batch. netshrink's int8 graphs keep 8-bit weights at the full int8
+    data). ``profile=True`` adds the runtime's own per-operator profile of the netshrink and peer
+    graphs the large-batch bar compares. netshrink's int8 graphs keep 8-bit weights at the full int8
     range where this machine's int8 kernels add exactly (``vnni=None``: measured, see
     :mod:`netshrink.machine`), else at 7 bits; ``vnni=True``/``False`` decides it instead.
     ``runtimes`` names the runtimes to measure (``"onnxruntime"``, ``"openvino"``; default: every
@@ -629,5 +655,6 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
             if chosen is None or chosen.candidate.onnx is None:  # none judged, or a PyTorch model: no graph
                 chosen = min(timed, key=lambda r: r.latency(True)) if timed else None
             if chosen is not None:
-                result.profiles[chosen.candidate.name] = operator_profile(chosen.candidate.onnx, work.large, threads)
+                profiler = openvino_profile if chosen.candidate.runtime == "OpenVINO" else operator_profile
+                result.profiles[chosen.candidate.name] = profiler(chosen.candidate.onnx, work.large, threads)
     return result

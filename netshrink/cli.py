@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runtimes to measure: onnxruntime, openvino (default: every one installed; OpenVINO "
                             "adds its own dense model as a peer and runs each model's standard-ONNX int8 graph)")
     bench.add_argument("--profile", action="store_true",
-                       help="add ONNX Runtime's per-operator profile of the fastest netshrink and peer graphs")
+                       help="add the runtime's own per-operator profile of the netshrink and peer graphs the large-batch bar "
+                            "compares (ONNX Runtime's profiler, OpenVINO's performance counters)")
     bench.add_argument("--plot", type=Path, metavar="PNG", help="draw accuracy vs latency (the Pareto fronts) here")
     bench.add_argument("--markdown", type=Path, help="also write the tables as markdown to this file")
 
