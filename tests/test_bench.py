@@ -178,6 +178,22 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
         assert abs(accuracy[name] - accuracy["PyTorch fp32"]) <= 2.0
 
 
+def test_each_runtime_profiles_its_own_graph(trained, digits, tmp_path):
+    """ONNX Runtime's profiler and OpenVINO's performance counters: the same graph, its operators
+    with their share of the time, largest first."""
+    from netshrink.bench import openvino_profile, operator_profile
+
+    path = tmp_path / "m.onnx"
+    netshrink.export(trained, path, example_inputs=torch.zeros(1, 1, 8, 8))
+    feed = {"input": np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)}
+    profilers = [operator_profile] + ([openvino_profile] if importlib.util.find_spec("openvino") else [])
+    for profiler in profilers:
+        ops = profiler(path, feed, 1, runs=3)
+        assert ops and abs(sum(share for _, _, share in ops) - 1) < 1e-6
+        assert all(ms > 0 for _, ms, _ in ops) and [ms for _, ms, _ in ops] == sorted((ms for _, ms, _ in ops), reverse=True)
+        assert any("MatMul" in op or "Gemm" in op or "FullyConnected" in op for op, _, _ in ops)
+
+
 def test_noise_warning_only_when_rounds_disagree():
     quiet = [_row("a", "dense", 1, 1, 1.0), _row("b", "peer", 1, 1, 1.0)]
     assert BenchResult(quiet, "cosine", 2, "batch 32", 32).warnings == []
