@@ -450,10 +450,19 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
         qparams = [f"{tag}_scale", f"{tag}_zero"]
         graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), qparams[0]),
                                   numpy_helper.from_array(np.array(zero_point, np.uint8), qparams[1])])
+        source, smoothed = node.input[0], quantizer.smooth is not None
+        if smoothed:
+            # SmoothQuant: the weight's input columns were multiplied by the factors, so the layer
+            # reads its input divided by them, on a tensor of its own (other readers get it as it is).
+            graph.initializer.append(numpy_helper.from_array((1 / quantizer.smooth).numpy().astype(np.float32),
+                                                             f"{tag}{SMOOTHING}"))
+            before.setdefault(id(node), []).append(
+                helper.make_node("Mul", [source, f"{tag}{SMOOTHING}"], [f"{tag}_smoothed"]))
+            source = f"{tag}_smoothed"
         before.setdefault(id(node), []).extend([
-            helper.make_node("QuantizeLinear", [node.input[0], *qparams], [f"{tag}_q"]),
+            helper.make_node("QuantizeLinear", [source, *qparams], [f"{tag}_q"]),
             helper.make_node("DequantizeLinear", [f"{tag}_q", *qparams], [f"{tag}_dq"])])
-        upstream = _commuting_source(node.input[0], producer, consumers)
+        upstream = None if smoothed else _commuting_source(node.input[0], producer, consumers)
         if upstream is not None and id(upstream) not in after:
             # The producer now writes a raw tensor; the pair re-creates the original name, so every
             # consumer downstream reads the quantized values without being rewired.
@@ -464,8 +473,8 @@ def _insert_qdq(graph_model, modules, layers, weights, ranges, report, helper, n
                 helper.make_node("DequantizeLinear", [f"{tag}.producer_q", *qparams], [out])]
         node.input[0], node.input[1] = f"{tag}_dq", weight_input
         if layer not in seen:
-            report.layers.append((layer, f"int8: weights {weights[layer][2]}; inputs uint8 scale {scale:.4g}, "
-                                         f"zero {zero_point}"))
+            report.layers.append((layer, f"int8: weights {weights[layer][2]}; inputs{' smoothed,' * smoothed} uint8 "
+                                         f"scale {scale:.4g}, zero {zero_point}"))
         seen.add(layer)
     nodes = []
     for node in graph.node:
@@ -530,6 +539,13 @@ def _commuting_source(tensor: str, producer: dict, consumers: dict):
 
 
 INTEGER_OPS = ("Add", "Relu", "MaxPool")  # ONNX Runtime runs these on uint8 when every input is quantized
+SMOOTHING = "_unsmooth"  # the name ending of a SmoothQuant layer's 1/factors, which its input is multiplied by
+
+
+def _quantized_next(reader) -> bool:
+    """Does ``reader`` quantize the tensor it reads: a QuantizeLinear, or a SmoothQuant layer's
+    division in front of its own (quantizing the tensor before it too would round twice)?"""
+    return reader.op_type == "QuantizeLinear" or (reader.op_type == "Mul" and reader.input[1].endswith(SMOOTHING))
 
 
 def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signature, calibration, report,
@@ -551,7 +567,7 @@ def _quantize_between_kernels(graph_model, float_graph: bytes, signature: _Signa
     for node in graph.node:
         out = node.output[0] if node.output else None
         readers = consumers.get(out, [])
-        if out in outputs or not readers or all(c.op_type == "QuantizeLinear" for c in readers):
+        if out in outputs or not readers or all(_quantized_next(c) for c in readers):
             continue  # a graph output, unused, or already followed by its quantizer
         integer_kernel = node.op_type in ("Conv", "Gemm") and all(i in dequantized for i in node.input[:2])
         integer_op = node.op_type in INTEGER_OPS and all(i in dequantized for i in node.input if i)

@@ -324,3 +324,33 @@ def test_residual_cnn_runs_as_integer_kernels_end_to_end(tmp_path, digits):
     report = export(model, tmp_path / "nodata.onnx", int8=True)
     assert any("stay float (pass calibration data" in note for note in report.notes)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_smoothquant_models_export_as_they_compute(tmp_path, trained, digits, make_tiny_bert):
+    """SmoothQuant moves a factor per input channel from the activations into the weight: the
+    exported layer must divide its input by it, on a tensor only it reads (a transformer's Q/K/V
+    share an input, each with its own factors; an MLP's hidden ReLU output is not rounded twice)."""
+    import onnxruntime as ort
+
+    bert = make_tiny_bert()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 120, (8, 12), generator=g),
+                "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(4)]
+    batches[0]["attention_mask"][::2, 7:] = 0
+    netshrink.quantize(bert, weight_bits=8, activation_bits=8, calibration=batches, smooth=0.5)
+    feed = {k: v.numpy() for k, v in batches[0].items()}
+    with torch.no_grad():
+        ours = bert(**batches[0]).last_hidden_state.numpy()
+    for portable in (False, True):
+        path = tmp_path / f"bert{portable}.onnx"
+        report = export(bert, path, int8=True, example_inputs=batches[0], vnni=True, portable=portable)
+        assert sum("smoothed" in how for _, how in report.layers) == 12
+        theirs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(ours).max()  # without the division: 0.1 off
+    train, test = digits
+    netshrink.quantize(trained, weight_bits=8, activation_bits=8, calibration=train, smooth=0.5)
+    export(trained, tmp_path / "mlp.onnx", int8=True, calibration=train)
+    mine = trained(test.tensors[0]).detach().numpy()
+    onnx_out = run_onnx(tmp_path / "mlp.onnx", test.tensors[0])
+    assert np.abs(mine - onnx_out).max() <= 0.02 * (mine.max() - mine.min())
+    assert (mine.argmax(1) == onnx_out.argmax(1)).mean() >= 0.99
