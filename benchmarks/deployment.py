@@ -13,7 +13,7 @@ convolutions following) at keep fractions or per-group layouts, each fine-tuned 
 model, then 7-bit weights (exact int8, correct on CPUs with or without VNNI) and 8-bit activations
 calibrated on training data, run by ONNX Runtime as int8 and fp32, and by OpenVINO (when installed) as
 the standard-ONNX int8 graph and as fp32 at OpenVINO's default float precision for the CPU. MiniLM: 7-bit weights and 8-bit
-activations, alone and after removing heads and feed-forward neurons with calibration data
+activations, alone, with SmoothQuant and GPTQ, and after removing heads and feed-forward neurons with calibration data
 (``remove_heads(..., calibration=..., allocation="global")``, no retraining); on a machine whose
 int8 kernels add exactly (VNNI or AMX), 8-bit weights too. The peers are made from the dense model as
 their documentation shows (ONNX Runtime quantize_dynamic / quantize_static with the same calibration
@@ -138,10 +138,18 @@ def minilm_section(args) -> list[str]:
     int8 = copy.deepcopy(dense)
     netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
     compressed = {"W7A8": int8}
-    if not int8_sums_saturate():  # this machine adds int8 products exactly (VNNI or AMX): full-range weights too
+    full_range = not int8_sums_saturate()  # this machine adds int8 products exactly (VNNI or AMX)
+    if full_range:
         full = copy.deepcopy(dense)
         netshrink.quantize(full, weight_bits=8, activation_bits=8, calibration=calibration)
         compressed["W8A8 (int8 kernels with VNNI or AMX)"] = full
+    # Post-training quantization with data: SmoothQuant (alpha chosen per layer) moves activation outliers
+    # into the weights, then GPTQ rounds the weights against the calibration inputs.
+    for bits in (7, 8) if full_range else (7,):
+        model = copy.deepcopy(dense)
+        netshrink.quantize(model, weight_bits=bits, activation_bits=8, smooth="auto", method="gptq",
+                           calibration=calibration)
+        compressed[f"W{bits}A8 SmoothQuant + GPTQ"] = model
     started = time.perf_counter()
     for label, (heads, neurons) in MINILM_LAYOUTS.items():
         model = copy.deepcopy(dense)

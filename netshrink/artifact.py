@@ -747,7 +747,7 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
         model = model_from_spec(manifest["model"])
     with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
         remove_transforms(model, keep_values=False)
-        detach_all(model)
+        detach_all(model, fold_smoothing=False)  # the stored weights replace these below
         modules = dict(model.named_modules())
         for layer, bits in quantized.items():
             smooth = state.get(f"{layer}.input_quantizer.smooth")

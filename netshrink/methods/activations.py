@@ -71,13 +71,20 @@ def attach(layer: nn.Module, quantizer: ActivationQuantizer) -> None:
     layer.input_quantizer = quantizer
 
 
-def detach_all(model: nn.Module) -> None:
-    """Remove every input quantizer (and its hook) from ``model``."""
+def detach_all(model: nn.Module, fold_smoothing: bool = True) -> None:
+    """Remove every input quantizer (and its hook) from ``model``. A SmoothQuant quantizer divided
+    its layer's input by factors that the weight's input columns carry; with ``fold_smoothing`` they
+    are divided back out of the weight, so the float model computes what the layer did (without
+    it, the layer would read its input undivided against the multiplied weight)."""
     for module in model.modules():
         if hasattr(module, "input_quantizer"):
             for key, hook in list(module._forward_pre_hooks.items()):
                 if hook is _quantize_input:
                     del module._forward_pre_hooks[key]
+            smooth = getattr(module.input_quantizer, "smooth", None)
+            if fold_smoothing and smooth is not None:
+                weight = module.weight
+                weight.data = weight.data / smooth.reshape(1, -1, *[1] * (weight.dim() - 2)).to(weight.dtype)
             del module.input_quantizer
 
 
