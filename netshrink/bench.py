@@ -31,6 +31,7 @@ size, and :meth:`BenchResult.plot` draws it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -596,7 +597,8 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     range where this machine's int8 kernels add exactly (``vnni=None``: measured, see
     :mod:`netshrink.machine`), else at 7 bits; ``vnni=True``/``False`` decides it instead.
     ``runtimes`` names the runtimes to measure (``"onnxruntime"``, ``"openvino"``; default: every
-    one installed).
+    one installed). ``workdir`` keeps every exported graph (default: a temporary folder, removed
+    when the measurement ends).
 
     >>> import netshrink
     >>> data = netshrink.load_dataset("digits", "test")
@@ -627,15 +629,19 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     torch.set_num_threads(threads)
     try:
         full_range = not int8_sums_saturate() if vnni is None else vnni
-        return _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export,
-                        full_range, runtimes)
+        # The exported graphs are written under ``workdir`` and kept there; by default under a
+        # temporary folder removed afterwards (a MiniLM run writes about 1 GB of graphs).
+        with (contextlib.nullcontext(workdir) if workdir is not None
+              else tempfile.TemporaryDirectory(prefix="netshrink-bench-")) as folder:
+            return _measure(reference, models, work, threads, repeats, large_repeats, profile, folder, progress,
+                            export, full_range, runtimes)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _measure(reference, models, work, threads, repeats, large_repeats, profile, workdir, progress, export, full_range,
              runtimes):
-    folder = Path(workdir or tempfile.mkdtemp(prefix="netshrink-bench-"))
+    folder = Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     notes = ["netshrink's int8 graphs: " + ("8-bit weights keep the full int8 range (this machine's int8 kernels add "
                                             "exactly)" if full_range else "weights of at most 7 bits, exact on every "

@@ -53,9 +53,11 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
     assert f"Machine: {describe()}" in text  # the CPU and its int8 kernel kind, read off this machine
     png = result.plot(tmp_path / "pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Called twice: the reference is untouched and the thread count restored.
+    # Called twice: the reference is untouched and the thread count restored; without a workdir the
+    # exported graphs are removed afterwards.
     threads = torch.get_num_threads()
     again = netshrink.benchmark(trained, test, repeats=2, large_repeats=2, large_batch=32, threads=1)
+    assert not any(r.candidate.onnx.exists() for r in again.rows if r.candidate.onnx is not None)
     assert torch.get_num_threads() == threads
     assert {r.candidate.name for r in again.rows} >= {"netshrink (ONNX Runtime int8)", "PyTorch fp32"}
     assert next(r.score for r in again.rows if r.candidate.name == "PyTorch fp32") == scores["PyTorch fp32"]
@@ -126,7 +128,7 @@ def test_verdict_names_each_runtimes_fastest_peer():
     assert "each runtime" not in BenchResult(one_runtime, "cosine", 2, "batch 32", 32).verdict()[1]
 
 
-def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, trained, digits):
+def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, trained, digits, tmp_path):
     """With OpenVINO, the dense model joins the peers and each netshrink model runs as its
     standard-ONNX int8 graph and its fp32 graph, scored on the same data as ONNX Runtime's."""
     pytest.importorskip("openvino")
@@ -141,7 +143,8 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
     real = feed["attention_mask"][..., None].astype(bool)
     for _ in range(2):  # twice: nothing carried over between runs
         result = netshrink.benchmark(dense, data, compressed={"half": pruned}, repeats=2, large_repeats=2,
-                                     large_batch=4, sequence=16, runtimes=["onnxruntime", "openvino"])
+                                     large_batch=4, sequence=16, runtimes=["onnxruntime", "openvino"],
+                                     workdir=tmp_path / "graphs")
         rows = {r.candidate.name: r for r in result.rows}
         (ov_dense,) = [n for n in rows if n.startswith("OpenVINO dense (")]
         (ov_int8,) = [n for n in rows if n.startswith("netshrink half (OpenVINO int8, rest ")]
