@@ -62,6 +62,39 @@ def sentences(count: int = 300) -> tuple[list[str], list[str]]:
     return evaluation, [s for s in found if s not in chosen]
 
 
+def docstring_pool(exclude: list[str]) -> list[str]:
+    """A large unlabeled pool for distillation: the sentences of every docstring in Python's
+    standard library and the installed packages (files parsed, never imported), in a fixed
+    shuffled order, without any of ``exclude`` (the evaluation sentences). About 220,000 with
+    this project's packages; two minutes to read."""
+    import ast
+    import random
+    import sysconfig
+
+    held, seen, found = set(exclude), set(), []
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    for file in sorted(f for root in roots for f in root.rglob("*.py")):
+        try:
+            tree = ast.parse(file.read_text(errors="ignore"))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for s in re.split(r"(?<=[.!?])\s+", " ".join((ast.get_docstring(node) or "").split())):
+                    if 40 <= len(s) <= 200 and s[0].isupper() and ">>>" not in s and s not in seen and s not in held:
+                        seen.add(s)
+                        found.append(s)
+    random.Random(0).shuffle(found)
+    return found
+
+
+def sentence_embedding(model, inputs):
+    """The model's sentence embedding as a differentiable tensor (a forward for netshrink.fit)."""
+    hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"][..., None].to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
 def tokenize(tokenizer, texts: list[str], size: int = 32) -> list[dict]:
     """Batches of ``size`` sentences as the model takes them (padded to the longest in a batch)."""
     tokens = [dict(tokenizer(texts[i:i + size], padding=True, truncation=True, return_tensors="pt"))
@@ -216,11 +249,6 @@ def main() -> None:
     # Structured: 30% of the attention heads and feed-forward neurons removed, then a short
     # distillation on unlabeled sentences (none of the evaluation ones) towards the fp32 model's
     # sentence embeddings.
-    def sentence_embedding(model, inputs):
-        hidden = model(**inputs).last_hidden_state
-        mask = inputs["attention_mask"][..., None].to(hidden.dtype)
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-
     model = copy.deepcopy(dense)
     started = time.perf_counter()
     report = netshrink.remove_heads(model, heads=0.7, neurons=0.7)

@@ -26,12 +26,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import netshrink
 from netshrink.report import markdown, parameter_count
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
-from minilm import agreement, embed, sentences, tokenize, torch_runner  # benchmarks/minilm.py
+from minilm import agreement, embed, sentence_embedding, sentences, tokenize, torch_runner  # benchmarks/minilm.py
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -39,13 +38,6 @@ LAYOUTS = [(1.0, 0.75), (0.75, 0.75), (1.0, 0.5), (0.5, 0.5), (0.5, 0.33)]
 GLOBAL = ((1.0, 0.75), (0.75, 0.75), (0.5, 0.5))  # also removed with allocation="global"
 DISTILLED = (0.5, 0.5)  # also the layout removed with more and fewer calibration sentences
 CALIBRATION_SIZES = (256, 1024, None)  # None: the whole training pool
-
-
-def sentence_embedding(model, inputs):
-    """What the sentence model outputs: the mean over real tokens, at unit length."""
-    hidden = model(**inputs).last_hidden_state
-    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
 def encoder_macs(model, tokens: int = 128) -> int:

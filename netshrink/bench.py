@@ -501,8 +501,12 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
 
     peers = [_ort_candidate("ONNX Runtime fp32", "peer", fp32, threads)]
     if "openvino" in runtimes:
-        peers.append(_openvino_candidate("OpenVINO dense ({precision})", "peer", fp32, threads))
-        peers += _nncf_peer(work, fp32, folder, threads, notes, progress)
+        try:
+            peers.append(_openvino_candidate("OpenVINO dense ({precision})", "peer", fp32, threads))
+        except RuntimeError as exc:  # a graph OpenVINO cannot compile: no OpenVINO rows, the run goes on
+            notes.append(f"OpenVINO left out: it cannot compile the dense model: {str(exc).splitlines()[0][:120]}")
+        else:
+            peers += _nncf_peer(work, fp32, folder, threads, notes, progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         progress("peers: ONNX Runtime quantize_dynamic and quantize_static")
@@ -652,6 +656,8 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
     export(dense, fp32, example_inputs=work.example)
     candidates = [_torch_candidate("PyTorch fp32", "dense", dense, folder)]
     candidates += _peers(dense, work, fp32, folder, threads, notes, progress, runtimes)
+    if not any(c.runtime == "OpenVINO" for c in candidates):  # not asked for, or it cannot run the dense model
+        runtimes = tuple(r for r in runtimes if r != "openvino")
     calibration = [_model_inputs(feed) for feed in work.calibration]
     for i, (name, model) in enumerate(models.items()):
         label = f"netshrink{' ' + name if name else ''}"  # e.g. "netshrink keep 0.5 (ONNX Runtime int8)"

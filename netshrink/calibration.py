@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import NetshrinkError
-from .train import Data, Inputs, Progress, batches, call, eval_mode
+from .train import Data, Inputs, Progress, batches, call, eval_mode, output_tensor
 
 NEEDS = ("hessian", "mean", "sumsq", "inputs")
 MAX_HESSIAN_INPUTS = 16384  # a 1 GiB float32 matrix; wider layers are refused, not swapped to death
@@ -127,6 +127,26 @@ def real_positions(x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
     if torch.is_tensor(mask) and mask.dim() == 2 and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.bool()]
     return x
+
+
+class OutputDamage:
+    """What a change to ``model`` costs at its output: calling the instance measures the squared
+    error of the model's output on ``scoring`` batches against the output the model gave when
+    the instance was made, over real tokens only, relative to that output's energy (0: unchanged,
+    1: as large as the output itself). Data-aware structured methods try a change, measure it, and
+    undo it."""
+
+    def __init__(self, model: nn.Module, scoring: list[Inputs]) -> None:
+        self.model, self.scoring = model, scoring
+        self.reference = self._outputs()
+        self.energy = max(sum(float(r.square().sum()) for r in self.reference), 1e-30)
+
+    def _outputs(self) -> list[torch.Tensor]:
+        with torch.no_grad(), eval_mode(self.model):
+            return [real_positions(output_tensor(call(self.model, b)), b) for b in self.scoring]
+
+    def __call__(self) -> float:
+        return sum(float((now - then).square().sum()) for now, then in zip(self._outputs(), self.reference)) / self.energy
 
 
 def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:

@@ -181,6 +181,23 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
         assert abs(accuracy[name] - accuracy["PyTorch fp32"]) <= 2.0
 
 
+def test_a_dense_model_openvino_cannot_compile_leaves_out_only_openvino(trained, digits, monkeypatch):
+    """OpenVINO refusing the dense graph costs its rows, with a note, not the run."""
+    pytest.importorskip("openvino")
+    import netshrink.bench
+
+    def refuse(path, threads, profile=False):
+        raise RuntimeError("Exception from src/inference: unsupported operation\nmore detail")
+
+    monkeypatch.setattr(netshrink.bench, "_openvino_request", refuse)
+    result = netshrink.benchmark(trained, digits[1], repeats=2, large_repeats=2, large_batch=16,
+                                 runtimes=("onnxruntime", "openvino"))
+    assert {r.candidate.runtime for r in result.rows} == {"PyTorch", "ONNX Runtime"}
+    assert "netshrink (ONNX Runtime int8)" in {r.candidate.name for r in result.rows}
+    (note,) = [n for n in result.notes if "OpenVINO" in n]
+    assert note == "OpenVINO left out: it cannot compile the dense model: Exception from src/inference: unsupported operation"
+
+
 def test_each_runtime_profiles_its_own_graph(trained, digits, tmp_path):
     """ONNX Runtime's profiler and OpenVINO's performance counters: the same graph, its operators
     with their share of the time, largest first."""

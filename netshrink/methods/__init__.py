@@ -6,6 +6,7 @@ from .adaround import AdaRound
 from .base import Method, Report, apply, bake
 from .bias import QuantizeBiases
 from .clip import Clip, ClipWeights
+from .depth import RemoveLayers
 from .gptq import GPTQ
 from .grid import FixedGrid
 from .heads import RemoveHeads
@@ -19,12 +20,12 @@ from .wanda import Wanda
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits, RemoveHeads,
-    GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases, PruneUnused)}
+    RemoveLayers, GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases, PruneUnused)}
 
 # Weight transforms a file can record and rebuild on load: record()["kind"] -> class.
 TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-step": LearnedStepQuantize,
               "codebook": Codebook, "fixed-grid": FixedGrid}
 
 __all__ = ["REGISTRY", "TRANSFORMS", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
-           "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads", "GPTQ", "AdaRound",
+           "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads", "RemoveLayers", "GPTQ", "AdaRound",
            "SparseGPT", "Wanda", "QuantizeBiases", "PruneUnused"]

@@ -44,10 +44,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import dense_statistics, each_layer, real_positions, take
+from ..calibration import OutputDamage, dense_statistics, each_layer, take
 from ..errors import NetshrinkError
 from ..knapsack import solve
-from ..train import Progress, call, eval_mode, output_tensor
+from ..train import Progress
 from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
@@ -319,14 +319,8 @@ class RemoveHeads(Method):
         options: dict[str, list[UnitCount]] = {}
         progress = Progress(len(blocks), f"{self.name}: measuring each block's damage", unit="block")
         try:
-            with torch.no_grad(), eval_mode(model):
-                reference = [real_positions(output_tensor(call(model, b)), b) for b in scoring]
-                energy = sum(float(r.square().sum()) for r in reference)
-
-                def damage() -> float:
-                    return sum(float((real_positions(output_tensor(call(model, b)), b) - r).square().sum())
-                               for b, r in zip(scoring, reference)) / max(energy, 1e-30)
-
+            damage = OutputDamage(model, scoring)
+            with torch.no_grad():
                 for done, (output_name, (name, _, inputs, size, attention, uniform)) in enumerate(blocks.items()):
                     output, hessian = outputs[output_name], hessians[output_name].hessian
                     units = output.in_features // size
