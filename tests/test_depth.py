@@ -149,3 +149,17 @@ def test_a_failure_midway_restores_blocks_and_config():
     with pytest.raises(Exception):
         netshrink.remove_layers(model, keep=2, calibration=bad)  # token ids beyond the vocabulary
     assert model.config.num_hidden_layers == len(model.encoder.layer) == 4
+
+
+def test_recipe_step_removes_blocks_then_quantizes():
+    """`layers` is a recipe step like any other: the recipe's data are the calibration batches."""
+    dense, data = _bert(), _tokens()
+    model = copy.deepcopy(dense)
+    recipe = netshrink.Recipe.from_yaml("steps:\n  - layers: {keep: 3}\n  - quantize: {bits: 8}\n")
+    rows = recipe.run(model, data)
+    assert [row["step"] for row in rows] == [1, 2] and len(model.encoder.layer) == 3
+    reference = copy.deepcopy(dense)
+    netshrink.remove_layers(reference, keep=3, calibration=data)
+    netshrink.quantize(reference, weight_bits=8)
+    for batch in data:
+        assert torch.allclose(_output(model, batch), _output(reference, batch), atol=1e-6)
