@@ -138,15 +138,17 @@ class OutputDamage:
 
     def __init__(self, model: nn.Module, scoring: list[Inputs]) -> None:
         self.model, self.scoring = model, scoring
-        self.reference = self._outputs()
+        self.reference = self._outputs(model)
         self.energy = max(sum(float(r.square().sum()) for r in self.reference), 1e-30)
 
-    def _outputs(self) -> list[torch.Tensor]:
-        with torch.no_grad(), eval_mode(self.model):
-            return [real_positions(output_tensor(call(self.model, b)), b) for b in self.scoring]
+    def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        with torch.no_grad(), eval_mode(model):
+            return [real_positions(output_tensor(call(model, b)), b) for b in self.scoring]
 
-    def __call__(self) -> float:
-        return sum(float((now - then).square().sum()) for now, then in zip(self._outputs(), self.reference)) / self.energy
+    def __call__(self, model: nn.Module | None = None) -> float:
+        """The damage of the model as it is now (or of ``model``, another model taking the same inputs)."""
+        outputs = self._outputs(self.model if model is None else model)
+        return sum(float((now - then).square().sum()) for now, then in zip(outputs, self.reference)) / self.energy
 
 
 def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
