@@ -125,14 +125,19 @@ def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
                  calibration=calibration)
 
 
-def remove_layers(model: nn.Module, keep: int | float = 0.67, *, calibration=None, samples: int = 256) -> Report:
+def remove_layers(model: nn.Module, keep: int | float = 0.67, *, calibration=None, samples: int = 256,
+                  forward=None) -> Report:
     """Physically remove whole blocks of a Hugging Face transformer, keeping ``keep`` of them (a
     count, or a fraction of the blocks), in place (see :mod:`netshrink.methods.depth`). Blocks go
     one at a time, each the one whose removal leaves the least error at the model's output on
-    ``samples`` examples of ``calibration`` (token batches as the model takes them). The model's
+    ``samples`` examples of ``calibration`` (token batches as the model takes them); with
+    ``forward(model, inputs) -> tensor``, the error of what it returns (e.g. the pooled sentence
+    embedding a sentence model is used for) instead of the last hidden states. The model's
     config follows, so the shallower model saves, loads and exports as it is. Fewer blocks cut
     the time per token at every batch size, batch 1 included, where removing heads and neurons
     helps less; they also cost more accuracy: distil afterwards,
     ``fit(model, data, teacher=dense)``."""
-    return apply(model, RemoveLayers(keep=keep, samples=samples), calibration=calibration)
+    if forward is not None and not callable(forward):
+        raise NetshrinkError(f"forward must be a function (model, inputs) -> tensor. Received: {forward!r}")
+    return apply(model, RemoveLayers(keep=keep, samples=samples), calibration=calibration, forward=forward)
 

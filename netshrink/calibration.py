@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import NetshrinkError
-from .train import Data, Inputs, Progress, batches, call, eval_mode, output_tensor
+from .train import Data, Forward, Inputs, Progress, batches, call, default_forward, eval_mode
 
 NEEDS = ("hessian", "mean", "sumsq", "inputs")
 MAX_HESSIAN_INPUTS = 16384  # a 1 GiB float32 matrix; wider layers are refused, not swapped to death
@@ -131,19 +131,19 @@ def real_positions(x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
 
 class OutputDamage:
     """What a change to ``model`` costs at its output: calling the instance measures the squared
-    error of the model's output on ``scoring`` batches against the output the model gave when
-    the instance was made, over real tokens only, relative to that output's energy (0: unchanged,
-    1: as large as the output itself). Data-aware structured methods try a change, measure it, and
-    undo it."""
+    error of the model's output (or of ``forward(model, inputs)``, what the user keeps of it) on
+    ``scoring`` batches against the output the model gave when the instance was made, over real
+    tokens only, relative to that output's energy (0: unchanged, 1: as large as the output
+    itself). Data-aware structured methods try a change, measure it, and undo it."""
 
-    def __init__(self, model: nn.Module, scoring: list[Inputs]) -> None:
-        self.model, self.scoring = model, scoring
+    def __init__(self, model: nn.Module, scoring: list[Inputs], forward: Forward | None = None) -> None:
+        self.model, self.scoring, self.forward = model, scoring, forward or default_forward
         self.reference = self._outputs(model)
         self.energy = max(sum(float(r.square().sum()) for r in self.reference), 1e-30)
 
     def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
         with torch.no_grad(), eval_mode(model):
-            return [real_positions(output_tensor(call(model, b)), b) for b in self.scoring]
+            return [real_positions(self.forward(model, b), b) for b in self.scoring]
 
     def __call__(self, model: nn.Module | None = None) -> float:
         """The damage of the model as it is now (or of ``model``, another model taking the same inputs)."""

@@ -163,3 +163,39 @@ def test_recipe_step_removes_blocks_then_quantizes():
     netshrink.quantize(reference, weight_bits=8)
     for batch in data:
         assert torch.allclose(_output(model, batch), _output(reference, batch), atol=1e-6)
+
+
+def _pooled(model, inputs):
+    hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"][..., None].to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_forward_chooses_by_what_the_user_keeps_of_the_output():
+    dense, data = _bert(layers=5, seed=3), _tokens()
+    model = copy.deepcopy(dense)
+    report = netshrink.remove_layers(model, keep=3, calibration=data, forward=_pooled)
+    removed = [int(name.rsplit(".", 1)[1]) for name, _ in report.changed]
+
+    def pooled_damage(kept_out):
+        other = _without(dense, kept_out)
+        with torch.no_grad():
+            return sum(float((_pooled(other, b) - _pooled(dense, b)).square().sum()) for b in data)
+
+    first = min(range(5), key=lambda i: pooled_damage({i}))
+    second = min((i for i in range(5) if i != first), key=lambda i: pooled_damage({first, i}))
+    assert removed == [first, second]
+    # An output no block changes (the embeddings alone): every removal costs nothing, so the first
+    # block tried goes, not the near-identity block 2 that the last hidden states single out.
+    flat = _bert()
+    with torch.no_grad():
+        for linear in (flat.encoder.layer[2].attention.output.dense, flat.encoder.layer[2].output.dense):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    by_default, by_embeddings = copy.deepcopy(flat), copy.deepcopy(flat)
+    assert [n for n, _ in netshrink.remove_layers(by_default, keep=3, calibration=data).changed] == ["encoder.layer.2"]
+    report = netshrink.remove_layers(by_embeddings, keep=3, calibration=data,
+                                     forward=lambda m, x: m.embeddings(input_ids=x["input_ids"]))
+    assert [name for name, _ in report.changed] == ["encoder.layer.0"]
+    with pytest.raises(netshrink.NetshrinkError, match="forward must be a function"):
+        netshrink.remove_layers(copy.deepcopy(dense), keep=3, calibration=data, forward="pooled")

@@ -13,7 +13,8 @@ Which blocks go is measured, not guessed: a block whose output is close to its i
 residual stream passes through it almost unchanged) costs little to skip, but how little only
 the model's output tells. Blocks are removed one at a time, each time the one whose removal
 leaves the least error at the model's output on calibration data (squared error over real
-tokens, relative to the output's energy, :class:`netshrink.calibration.OutputDamage`), measured
+tokens, relative to the output's energy, :class:`netshrink.calibration.OutputDamage`; or of what
+``forward(model, inputs)`` returns, such as a sentence model's pooled embedding), measured
 together with the blocks already removed; that is greedy, n + (n-1) + ... trials instead of every
 subset. Nothing refits the blocks that stay, so a removed block costs more than the same work
 removed as heads and neurons: distil afterwards, ``fit(model, data, teacher=dense)``, on as much
@@ -117,7 +118,7 @@ class RemoveLayers(Method):
     def _select(self, model: nn.Module):
         return self.select(model), []
 
-    def run(self, model: nn.Module, calibration=None, **_: Any) -> Report:
+    def run(self, model: nn.Module, calibration=None, forward=None, **_: Any) -> Report:
         self.select(model)
         if calibration is None:
             raise NetshrinkError("remove_layers measures which blocks the model misses least: pass calibration=... "
@@ -126,7 +127,7 @@ class RemoveLayers(Method):
         labels = {id(block): f"{name}.{i}" for i, block in enumerate(blocks)}
         kept, drop = list(blocks), len(blocks) - self.kept_count(len(blocks))
         report = Report(self.name)
-        damage = OutputDamage(model, take(calibration, self.samples, self.batch_size))
+        damage = OutputDamage(model, take(calibration, self.samples, self.batch_size), forward)
         progress = Progress(sum(len(blocks) - i for i in range(drop)), f"{self.name}: trying each block's removal",
                             unit="trial")
         tried = 0
