@@ -33,6 +33,7 @@ from ..calibration import OutputDamage, take
 from ..errors import NetshrinkError
 from ..train import Progress
 from .base import Method, Report, check_range, trial
+from .heads import keep_count
 
 SCORING_SAMPLES = 256  # calibration examples each trial is measured on (the batch is run once per trial)
 
@@ -105,7 +106,7 @@ class RemoveLayers(Method):
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
 
     def kept_count(self, blocks: int) -> int:
-        return self.keep if isinstance(self.keep, int) else max(1, round(self.keep * blocks))
+        return self.keep if isinstance(self.keep, int) else keep_count(blocks, self.keep)
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         if not isinstance(model, nn.Module):

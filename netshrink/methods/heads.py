@@ -101,12 +101,13 @@ def _levels(units: int) -> list[int]:
     return sorted({max(1, round(units * i / steps)) for i in range(1, steps + 1)})
 
 
-def _keep_count(total: int, fraction: float) -> int:
+def keep_count(total: int, fraction: float) -> int:
+    """How many of ``total`` units a kept ``fraction`` leaves: the nearest count, at least one."""
     return max(1, int(round(fraction * total)))
 
 
 def _keep_top(score: torch.Tensor, fraction: float) -> torch.Tensor:
-    return torch.sort(torch.topk(score, _keep_count(len(score), fraction)).indices).values
+    return torch.sort(torch.topk(score, keep_count(len(score), fraction)).indices).values
 
 
 def _unit_columns(kept: torch.Tensor, size: int) -> torch.Tensor:
@@ -281,10 +282,10 @@ class RemoveHeads(Method):
         names = {id(m): n for n, m in model.named_modules()}
         for name, module, qkv, output, size in attention_blocks(model):
             heads = qkv[0].out_features // size
-            keep = _keep_count(heads, float(per_layer(self.heads, name, "heads")))
+            keep = keep_count(heads, float(per_layer(self.heads, name, "heads")))
             blocks[names[id(output)]] = [name, "heads", qkv, size, module, keep]
         for name, first, second in ffn_blocks(model):
-            keep = _keep_count(first.out_features, float(per_layer(self.neurons, name, "neurons")))
+            keep = keep_count(first.out_features, float(per_layer(self.neurons, name, "neurons")))
             blocks[names[id(second)]] = [name, "feed-forward neurons", [first], 1, None, keep]
         outputs = {n: model.get_submodule(n) for n in blocks}
         if self.allocation == "global":
