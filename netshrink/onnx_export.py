@@ -62,6 +62,7 @@ class ExportReport:
     target: str = "fp32"
     layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, how it was exported)
     notes: list[str] = field(default_factory=list)
+    full_range: list[str] = field(default_factory=list)  # int8 weights a CPU without VNNI saturates on
 
 
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:
@@ -349,7 +350,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
             graph_model.graph.initializer.remove(initializer)
         if int8_logits:
             _quantize_output(graph_model, float_graph, signature, calibration, report, helper, numpy_helper)
-        risky = saturating_layers(graph_model)
+        risky = report.full_range = saturating_layers(graph_model)
         if risky:
             named = ", ".join(risky[:3]) + (f" and {len(risky) - 3} more" if len(risky) > 3 else "")
             report.notes.append(f"weights {named} use the full int8 range: CPUs without VNNI saturate on them "

@@ -65,7 +65,8 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
 
 def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(trained, digits, tmp_path):
     """vnni=None measures the machine: an 8-bit model's int8 graph keeps codes that would saturate
-    a pre-VNNI kernel only if this machine's kernels are exact; vnni=False always narrows them."""
+    a pre-VNNI kernel only if this machine's kernels are exact; vnni=False always narrows them; the note
+    speaks of 8-bit weights only where a graph holds them."""
     import onnx
 
     model = copy.deepcopy(trained)
@@ -76,6 +77,11 @@ def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(
         graph = onnx.load(str(tmp_path / str(vnni) / "netshrink_0_int8.onnx"))
         assert bool(saturating_layers(graph)) == full
         assert ("full int8 range" in result.notes[0]) == full
+    seven = copy.deepcopy(trained)  # 7-bit weights: exact everywhere, whatever vnni says
+    netshrink.quantize(seven, weight_bits=7, activation_bits=8, calibration=digits[0])
+    result = netshrink.benchmark(trained, digits[1], compressed={"w7": seven}, repeats=2, large_repeats=2,
+                                 large_batch=16, vnni=True, runtimes=["onnxruntime"])
+    assert "at most 7 bits" in result.notes[0] and not any("full int8 range" in n for n in result.notes)
 
 
 def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
