@@ -212,7 +212,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         on_step: StepCallback | None = None, lr_decay: bool = True, augment: int = 0,
         progress: bool = True, desc: str = "train", forward: Forward | None = None,
         loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
-        penalty: Callable[[], torch.Tensor] | None = None) -> dict:
+        penalty: Callable[[], torch.Tensor] | None = None, validation: Data | None = None,
+        checks: int = 10) -> dict:
     """Train ``model`` in place with Adam; returns ``{"steps", "seconds", "loss"}``.
 
     ``epochs`` may be fractional. Batches may be labeled or not, and inputs a tensor, a tuple or a
@@ -224,6 +225,13 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     such as variational dropout's KL term). ``lr_decay`` anneals the learning rate to zero along a cosine.
     ``augment`` > 0 shifts training images by up to that many pixels. Seeded: the same seed gives
     the same weights. On any failure the model is restored as it was.
+
+    ``validation`` (held-out batches, in the form of ``data``) guards against training that makes
+    the model worse: the objective (the distillation loss with a teacher, else the task loss; no
+    ``penalty``) is measured on it before training and at ``checks`` evenly spaced steps, and the
+    model ends with the weights that scored best, the starting ones included. Distilling a
+    lightly pruned model on text unlike the user's can lower its fidelity; this returns it as it
+    was instead. The result adds ``"validation"``: ``[(step, loss), ...]``, and ``"kept_step"``.
     """
     from .methods.base import preserved
 
@@ -244,8 +252,13 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         if function is not None and not callable(function):
             raise NetshrinkError(f"{what} must be a function. Received: {function!r}")
     check_data(data, "training data")
+    if validation is not None:
+        check_data(validation, "validation data")
+        _check_number("checks", checks, positive=True, integer=True)
     forward = forward or default_forward
     check_model_fits(model, data, forward)
+    if validation is not None:
+        check_model_fits(model, validation, forward)
     distill = distill or (Distill() if teacher is not None else None)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -261,8 +274,9 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     with preserved(model, values=True), eval_mode(model), \
             (eval_mode(teacher) if teacher is not None else contextlib.nullcontext()):
         model.train()
+        objective = None if validation is None else _Objective(validation, batch_size, forward, teacher, distill, loss)
         return _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
-                      augment, progress, desc, forward, loss, penalty)
+                      augment, progress, desc, forward, loss, penalty, objective, checks)
 
 
 def _check_number(what: str, value, *, positive: bool = False, integer: bool = False) -> None:
@@ -273,14 +287,57 @@ def _check_number(what: str, value, *, positive: bool = False, integer: bool = F
         raise NetshrinkError(f"{what} must be {kind} {'> 0' if positive else '>= 0'}. Received: {what}={value!r}")
 
 
+class _Objective:
+    """The training objective on held-out batches (mean per example, no penalty), for ``fit``'s
+    ``validation``. The teacher is frozen, so its outputs are computed once."""
+
+    def __init__(self, data: Data, batch_size: int, forward: Forward, teacher, distill, loss_function) -> None:
+        self.batches = list(batches(data, batch_size, checked=True))
+        if not self.batches:
+            raise NetshrinkError("the validation data yielded no batches")
+        if teacher is None and loss_function is None and any(y is None for _, y in self.batches):
+            raise NetshrinkError("validation data without labels needs a teacher (distillation) or a loss function")
+        self.forward, self.distill, self.loss_function = forward, distill, loss_function
+        self.targets = None
+        if teacher is not None:
+            with torch.no_grad():
+                self.targets = [forward(teacher, x) for x, _ in self.batches]
+
+    def __call__(self, model: nn.Module) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad(), eval_mode(model):
+            for i, (x, y) in enumerate(self.batches):
+                output = self.forward(model, x)
+                if self.targets is not None:
+                    value = self.distill.loss(output, self.targets[i], y)
+                elif self.loss_function is not None:
+                    value = self.loss_function(output, y)
+                else:
+                    value = F.cross_entropy(output, y)
+                size = len(_tensors_in(x)[0])
+                total, count = total + float(value) * size, count + size
+        return total / count
+
+
 def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay, augment,
-           progress, desc, forward, loss_function, penalty) -> dict:
+           progress, desc, forward, loss_function, penalty, objective=None, checks=10) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
                  if lr_decay and total else None)
     step, started, running = 0, time.perf_counter(), float("nan")
     bar = Progress(total, desc, enabled=progress)
+    history, best, kept_step = [], None, 0
+    check_at = {round(total * i / checks) for i in range(1, checks + 1)} if total else set()
+
+    def check() -> None:
+        nonlocal best, kept_step
+        history.append((step, objective(model)))
+        if best is None or history[-1][1] < best[0]:  # keep a copy of the best weights seen
+            best, kept_step = (history[-1][1], copy.deepcopy(model.state_dict())), step
+
+    if objective is not None:
+        check()
     while total is None or step < total:
         for x, y in batches(data, batch_size, shuffle=True, generator=generator, checked=True):
             if total is not None and step >= total:
@@ -314,13 +371,21 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
                                      "learning rate; the model was left as it was before training")
             running = loss.item() if running != running else 0.95 * running + 0.05 * loss.item()
             step += 1
-            bar.update(step, f"loss {running:.4f}")
+            if objective is not None and step in check_at:
+                check()
+            bar.update(step, f"loss {running:.4f}" + (f", held out {history[-1][1]:.4f}" if history else ""))
         if total is None:
             break
     bar.close()
     if step == 0:
         raise NetshrinkError("the training data yielded no batches")
-    return {"steps": step, "seconds": time.perf_counter() - started, "loss": running}
+    result = {"steps": step, "seconds": time.perf_counter() - started, "loss": running}
+    if objective is not None:
+        if history[-1][0] != step:  # data of unknown length: the end is a check too
+            check()
+        model.load_state_dict(best[1])
+        result.update(validation=history, kept_step=kept_step)
+    return result
 
 
 class Progress:
