@@ -287,8 +287,21 @@ def _check_number(what: str, value, *, positive: bool = False, integer: bool = F
         raise NetshrinkError(f"{what} must be {kind} {'> 0' if positive else '>= 0'}. Received: {what}={value!r}")
 
 
+def _objective(output: torch.Tensor, teacher_output: torch.Tensor | None, labels: torch.Tensor | None,
+               distill: Distill | None, loss_function) -> torch.Tensor:
+    """What ``fit`` minimises on one batch, without the penalty: the distillation loss when there
+    is a teacher's output, else ``loss_function``, else cross-entropy on the labels."""
+    if teacher_output is not None:
+        return distill.loss(output, teacher_output, labels)
+    if loss_function is not None:
+        return loss_function(output, labels)
+    if labels is None:
+        raise NetshrinkError("unlabeled data: pass a teacher (distillation) or a loss function")
+    return F.cross_entropy(output, labels)
+
+
 class _Objective:
-    """The training objective on held-out batches (mean per example, no penalty), for ``fit``'s
+    """:func:`_objective` on held-out batches (mean per example), for ``fit``'s
     ``validation``. The teacher is frozen, so its outputs are computed once."""
 
     def __init__(self, data: Data, batch_size: int, forward: Forward, teacher, distill, loss_function) -> None:
@@ -307,13 +320,8 @@ class _Objective:
         total, count = 0.0, 0
         with torch.no_grad(), eval_mode(model):
             for i, (x, y) in enumerate(self.batches):
-                output = self.forward(model, x)
-                if self.targets is not None:
-                    value = self.distill.loss(output, self.targets[i], y)
-                elif self.loss_function is not None:
-                    value = self.loss_function(output, y)
-                else:
-                    value = F.cross_entropy(output, y)
+                target = self.targets[i] if self.targets is not None else None
+                value = _objective(self.forward(model, x), target, y, self.distill, self.loss_function)
                 size = len(_tensors_in(x)[0])
                 total, count = total + float(value) * size, count + size
         return total / count
@@ -348,17 +356,11 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
                 if not (torch.is_tensor(x) and x.dim() == 4):
                     raise NetshrinkError(f"augment shifts images: it needs [N, C, H, W] inputs. Received: augment={augment}")
                 x = random_shift(x, augment, generator)
-            output = forward(model, x)
+            output, teacher_output = forward(model, x), None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_output = forward(teacher, x)
-                loss = distill.loss(output, teacher_output, y)
-            elif loss_function is not None:
-                loss = loss_function(output, y)
-            elif y is None:
-                raise NetshrinkError("unlabeled data: pass a teacher (distillation) or a loss function")
-            else:
-                loss = F.cross_entropy(output, y)
+            loss = _objective(output, teacher_output, y, distill, loss_function)
             if penalty is not None:
                 loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
