@@ -37,7 +37,7 @@ import netshrink
 from netshrink.artifact import stored_arrays
 from netshrink.codec import weights
 from netshrink.report import markdown
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results" / "codec.md"
 
@@ -181,9 +181,7 @@ def main() -> None:
              "values (NNCodec's quantizer aims at a small mean error, netshrink's at the bound). \"At NNCodec's RMS "
              "error\": the same, with a bound (found in four tries) whose RMS change is at most NNCodec's.", "",
              markdown(columns, rows), ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.output, lines)
 
 
 if __name__ == "__main__":

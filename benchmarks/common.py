@@ -1,8 +1,15 @@
-"""What every benchmark's committed result starts with."""
+"""What every benchmark's committed result starts with, and how it is written."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+
+def write_results(path: Path, lines: list[str]) -> None:
+    """Write a benchmark's markdown result to ``path`` (its folder made if missing) and show it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def command_line(script: str) -> str:

@@ -20,7 +20,7 @@ import netshrink
 from netshrink.codec import weights as codec
 from netshrink.artifact import stored_arrays
 from netshrink.report import markdown, nominal_bits
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 # Beyond the paper: sparser layers and narrower codebooks, same schedule shape, as a sweep.
 def _further(keep: dict, bits, gradual_epochs: int, finetune_epochs: int) -> list:
@@ -140,9 +140,7 @@ def main() -> None:
                   markdown(["step", "what", "test error after", "seconds"],
                            [[s["step"], s["what"], f"{100 * (1 - s['accuracy']):.2f}%", f"{s['seconds']:.0f}"]
                             for s in r["steps"]]), ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.output, lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 import netshrink
 from netshrink.report import markdown
-from common import command_line  # benchmarks/common.py
+from common import command_line, write_results  # benchmarks/common.py
 from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,9 +94,7 @@ def main() -> None:
                       rows), "",
              "Held-out loss: fit's own record (`result[\"validation\"]`), except in the row not validated, where the "
              "benchmark computes the same objective on the final model.", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distill_validation.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS / "distill_validation.md", lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import netshrink
 from netshrink.bench import _interleaved, ort_session
 from netshrink.machine import describe
-from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -74,8 +74,7 @@ def main() -> None:
                   *operator_table(dict(list(paths.items())[:2]), feeds[32], args.threads, limit=12),
                   "", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
                   "went.", ""]
-    (RESULTS / "fused_projections.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS / "fused_projections.md", lines)
 
 
 if __name__ == "__main__":

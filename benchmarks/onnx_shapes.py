@@ -31,7 +31,7 @@ import numpy as np
 import netshrink
 from netshrink.bench import _interleaved, ort_session
 from netshrink.machine import describe
-from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")
@@ -121,8 +121,7 @@ def main() -> None:
                   *operator_table(profiled, feeds[32], args.threads, limit=12)]
         lines += ["", "Wall-clock differences smaller than the spread are noise; the profile shows where the time "
                   "went.", ""]
-    (RESULTS / "onnx_shapes.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS / "onnx_shapes.md", lines)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from netshrink.methods import QuantizeActivations, QuantizeWeights, apply
 from netshrink.methods.structured import remove_units
 from netshrink.report import markdown
 from netshrink.train import batches, frozen_copy
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 DENSE_EPOCHS = {"lenet-300-100": 20, "lenet-5": 10}
 WIDTHS = [("8-bit", {"bits": 8}), ("4-bit", {"bits": 4}), ("4-bit, learned step (LSQ)", {"bits": 4, "learned_step": True}),
@@ -145,9 +145,7 @@ def main() -> None:
     lines += ["## Cost of a fine-tuning step with compression in place", "",
               "Median over 190 steps (batch 128, forward + backward + Adam), same run.", "",
               markdown(["model", "transforms", "ms per step", "vs plain"], step_rows), ""]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.output, lines)
 
 
 if __name__ == "__main__":

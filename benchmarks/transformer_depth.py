@@ -29,7 +29,7 @@ import torch
 import netshrink
 from netshrink.calibration import OutputDamage
 from netshrink.report import markdown, parameter_count
-from common import command_line  # benchmarks/common.py
+from common import command_line, write_results  # benchmarks/common.py
 from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 
 RESULTS = Path(__file__).parent / "results"
@@ -102,9 +102,7 @@ def main() -> None:
              f"Distilled rows: one epoch over {len(pool):,} "
              "unlabeled sentences from the docstrings of the installed packages (none of the evaluation ones), "
              "learning rate 5e-4, squared error of the pooled unit embeddings; seconds of training.", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "transformer_depth.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS / "transformer_depth.md", lines)
 
 
 if __name__ == "__main__":

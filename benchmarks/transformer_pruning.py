@@ -29,7 +29,7 @@ import torch
 
 import netshrink
 from netshrink.report import markdown, parameter_count
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 from minilm import removal_setup, sentence_embedding, tokenize  # benchmarks/minilm.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -107,9 +107,7 @@ def main() -> None:
              "data (the table above uses 512).", "",
              f"Distilled rows: {args.distill_epochs:g} epochs over the {len(pool_texts)} training-pool sentences "
              "(learning rate 1e-4, squared error of the pooled unit embeddings), from either start.", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "transformer_pruning.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS / "transformer_pruning.md", lines)
 
 
 if __name__ == "__main__":
