@@ -50,6 +50,7 @@ from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
 from .methods.grid import expand, last_fixed_grid
+from .methods.heads import sync_attention
 from .methods.prune import Mask
 from .methods.base import (COMPRESSIBLE, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
@@ -753,6 +754,7 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
             smooth = state.get(f"{layer}.input_quantizer.smooth")
             attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
         _fit_shapes(model, state)
+        sync_attention(model)
         _assign(model, state)
         if restore and manifest.get("transforms"):
             restore_transforms(model, manifest["transforms"], transform_state)

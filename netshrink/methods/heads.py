@@ -3,14 +3,22 @@ so the model becomes a smaller dense transformer that does less work per token o
 
 torch.fx cannot trace Hugging Face models, so the couplings are read off the module structure:
 
-* an **attention block** has Linear ``query``/``key``/``value`` layers (``q_lin``/``k_lin``/``v_lin``
-  in DistilBERT) and a head size (``attention_head_size`` / ``dim_per_head``); its output
-  projection is the ``output.dense`` of the module that holds it (``out_lin`` in DistilBERT).
-  Removing head h removes rows [h*d, (h+1)*d) of query, key and value and those columns of the
-  output projection. Attention reshapes with ``view(..., -1, head_size)``, so nothing else changes.
-* a **feed-forward block** is ``intermediate.dense`` followed by ``output.dense`` in the same layer
-  (``ffn.lin1``/``ffn.lin2`` in DistilBERT): removing neuron j removes row j of the first and
-  column j of the second.
+* an **attention block** has Linear query/key/value projections (``query``/``key``/``value`` in
+  BERT, ``q_lin``/``k_lin``/``v_lin`` in DistilBERT, ``q_proj``/``k_proj``/``v_proj`` in ViT, CLIP,
+  BART, Whisper, Llama and most recent models) and a head size (``attention_head_size`` /
+  ``dim_per_head`` / ``head_dim``); its output projection is the ``output.dense`` of the module
+  that holds it in BERT, else a sibling ``out_lin``/``o_proj``/``out_proj``. Removing head h
+  removes rows [h*d, (h+1)*d) of query, key and value and those columns of the output
+  projection. Attention reshapes with ``view(..., -1, head_size)``, so nothing else changes but
+  the module's head-count attributes, which are set to the new counts (and again when a file of
+  the smaller model is loaded into one built full size). With grouped-query attention (keys and
+  values with fewer heads than the queries, Llama/Mistral/Qwen) a unit is one key/value head
+  together with the query heads that read it, so the sharing stays as it was.
+* a **feed-forward block** is ``intermediate.dense`` followed by ``output.dense`` (BERT),
+  ``ffn.lin1``/``ffn.lin2`` (DistilBERT), ``fc1``/``fc2`` (ViT, CLIP, BART, Whisper, OPT) or a gated
+  ``gate_proj``/``up_proj`` pair followed by ``down_proj`` (Llama family), in a layer that also
+  holds an attention block: removing neuron j removes row j of the input projections and column
+  j of the output projection. GPT-2's fused ``c_attn`` (a ``Conv1D``, not a Linear) is not one.
 
 Without data, units are ranked by weight magnitude (L1 of everything the unit owns: its rows in
 the input projections and its columns in the output projection); distillation afterwards
@@ -50,12 +58,74 @@ from ..knapsack import solve
 from ..train import Progress
 from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
 
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
-FFN_NAMES = (("intermediate.dense", "output.dense"), ("ffn.lin1", "ffn.lin2"))
+OUTPUT_NAMES = ("out_lin", "o_proj", "out_proj")  # an output projection beside query/key/value
+HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads")  # what attention modules call their query heads
+# (input projections, output projection) of a feed-forward block, relative to the module holding it:
+# BERT's layer, DistilBERT's layer, ViT/CLIP's mlp and BART/Whisper/OPT's layer, Llama/Mistral/Qwen's gated mlp.
+FFN_NAMES = ((("intermediate.dense",), "output.dense"), (("ffn.lin1",), "ffn.lin2"), (("fc1",), "fc2"),
+             (("gate_proj", "up_proj"), "down_proj"))
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_LEVELS = 16  # unit counts tried per block for a global allocation (every count for up to 16 units)
 SCORING_SAMPLES = 256  # calibration examples a global allocation measures each trial on
+
+
+@dataclass(eq=False)
+class Block:
+    """A block of a transformer whose units (heads, or feed-forward neurons) can be removed.
+
+    Unit ``u`` owns rows ``[u*r, (u+1)*r)`` of each ``(layer, r)`` in ``inputs`` and columns
+    ``[u*size, (u+1)*size)`` of ``output``. A head is one unit with ``size`` its dimension; with
+    grouped-query attention a unit is one key/value head with the ``group`` query heads that read
+    it, so the model keeps the same sharing. A neuron is one unit of size 1."""
+
+    name: str
+    unit: str  # "heads" or "feed-forward neurons"
+    inputs: list[tuple[nn.Linear, int]]
+    output: nn.Linear
+    size: int
+    attention: nn.Module | None = None
+    group: int = 1  # query heads per unit (grouped-query attention)
+
+    @property
+    def units(self) -> int:
+        return self.output.in_features // self.size
+
+    def describe(self, kept: int) -> str:
+        if self.group == 1:
+            return f"kept {kept} of {self.units} {self.unit}"
+        return f"kept {kept * self.group} of {self.units * self.group} heads ({kept} of {self.units} key/value heads)"
+
+    def remove(self, kept: torch.Tensor) -> None:
+        """Keep only units ``kept``: their rows of the input projections and their columns of the
+        output projection; an attention module's head counts follow."""
+        for layer, rows in self.inputs:
+            shrink_layer(layer, 0, _unit_columns(kept, rows))
+        shrink_layer(self.output, 1, _unit_columns(kept, self.size))
+        if self.attention is not None:
+            sync_head_counts(self.attention, len(kept) * self.group, len(kept))
+
+
+def sync_head_counts(attention: nn.Module, heads: int, key_value_heads: int) -> None:
+    """Set an attention module's head-count attributes (those it has) to its current size."""
+    for attribute in HEAD_COUNT_NAMES:
+        if isinstance(getattr(attention, attribute, None), int):
+            setattr(attention, attribute, heads)
+    if isinstance(getattr(attention, "num_key_value_heads", None), int):
+        attention.num_key_value_heads = key_value_heads
+    if isinstance(getattr(attention, "all_head_size", None), int):
+        attention.all_head_size = heads * _head_size(attention)
+
+
+def sync_attention(model: nn.Module) -> None:
+    """Give every attention block's module the head counts its projections now have: a model
+    built full size and then given the smaller layers of a file (:func:`netshrink.load`) must
+    also be told how many heads it has where its forward reads the count (Whisper's keys)."""
+    for block in attention_blocks(model):
+        query, key = block.inputs[0][0], block.inputs[1][0]
+        sync_head_counts(block.attention, query.out_features // (block.size // block.group),
+                         key.out_features // (block.size // block.group))
 
 
 def _child(module: nn.Module, dotted: str):
@@ -65,33 +135,57 @@ def _child(module: nn.Module, dotted: str):
         return None
 
 
-def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear], nn.Linear, int]]:
-    """(name, attention module, [query, key, value], output projection, head size) per block."""
+def _head_size(module: nn.Module) -> int | None:
+    return next((getattr(module, a) for a in HEAD_SIZE_NAMES if isinstance(getattr(module, a, None), int)), None)
+
+
+def attention_blocks(model: nn.Module) -> list[Block]:
+    """Each attention block: Linear query/key/value projections with a head size, and an output
+    projection (the holder's ``output.dense`` in BERT, else a sibling ``out_lin``/``o_proj``/
+    ``out_proj``). Keys and values with fewer heads than the queries (grouped-query attention)
+    make units of one key/value head and its query heads."""
     found = []
     modules = dict(model.named_modules())
     for name, module in modules.items():
+        size = _head_size(module)
         for names in QKV_NAMES:
-            qkv = [getattr(module, n, None) for n in names]
-            size = next((getattr(module, a) for a in HEAD_SIZE_NAMES if isinstance(getattr(module, a, None), int)), None)
-            if not all(isinstance(m, nn.Linear) for m in qkv) or size is None:
+            query, key, value = (getattr(module, n, None) for n in names)
+            if size is None or not all(isinstance(m, nn.Linear) for m in (query, key, value)):
                 continue
             parent = modules.get(name.rpartition(".")[0]) if "." in name else model
             output = _child(parent, "output.dense") if parent is not module else None
-            output = output if isinstance(output, nn.Linear) else getattr(module, "out_lin", None)
-            if isinstance(output, nn.Linear) and output.in_features == qkv[0].out_features:
-                found.append((name, module, qkv, output, size))
+            if not isinstance(output, nn.Linear):
+                output = next((getattr(module, n) for n in OUTPUT_NAMES if isinstance(getattr(module, n, None), nn.Linear)),
+                              None)
+            kv_heads, remainder = divmod(key.out_features, size)
+            if (not isinstance(output, nn.Linear) or output.in_features != query.out_features or remainder
+                    or kv_heads == 0 or value.out_features != key.out_features or query.out_features % key.out_features):
+                continue
+            group = query.out_features // key.out_features
+            found.append(Block(name, "heads", [(query, group * size), (key, size), (value, size)], output, group * size,
+                               module, group))
     return found
 
 
-def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Linear, nn.Linear]]:
-    """(layer name, first Linear, second Linear) per feed-forward block."""
-    found = []
+def ffn_blocks(model: nn.Module, attention: list[Block]) -> list[Block]:
+    """Each feed-forward block: input projections (one, or a gate and an up projection) whose
+    outputs, neuron by neuron, are the output projection's inputs. Only in a layer that also
+    holds an attention block: names as plain as ``fc1``/``fc2`` elsewhere (an MLP, a CNN's
+    classifier) may have a computation between them that is not neuron by neuron."""
+    layers = {name.rpartition(".")[0] for name in (block.name for block in attention)}
+    found, seen = [], set()
     for name, module in model.named_modules():
-        for first_name, second_name in FFN_NAMES:
-            first, second = _child(module, first_name), _child(module, second_name)
-            if isinstance(first, nn.Linear) and isinstance(second, nn.Linear) and first.out_features == second.in_features \
-                    and first.out_features != first.in_features:
-                found.append((name, first, second))
+        holder = name.rpartition(".")[0]
+        if not any(layer == n or layer.startswith(f"{n}.") or not n for layer in layers for n in (name, holder)):
+            continue
+        for input_names, output_name in FFN_NAMES:
+            inputs = [_child(module, n) for n in input_names]
+            output = _child(module, output_name)
+            if (isinstance(output, nn.Linear) and id(output) not in seen
+                    and all(isinstance(m, nn.Linear) and m.out_features == output.in_features != m.in_features
+                            for m in inputs)):
+                seen.add(id(output))
+                found.append(Block(name, "feed-forward neurons", [(m, 1) for m in inputs], output, 1))
     return found
 
 
@@ -114,21 +208,6 @@ def _unit_columns(kept: torch.Tensor, size: int) -> torch.Tensor:
     """The rows/columns that units ``kept`` own when each owns ``size`` consecutive ones (a head's
     dimensions; 1 for a neuron)."""
     return (kept[:, None] * size + torch.arange(size)).flatten()
-
-
-def _remove_units(inputs: list[nn.Linear], output: nn.Linear, kept: torch.Tensor, size: int,
-                  attention: nn.Module | None = None) -> None:
-    """Keep only units ``kept`` of a block: their rows of the ``inputs`` projections and their
-    columns of ``output``; an attention module's head count and size follow."""
-    rows = _unit_columns(kept, size)
-    for layer in inputs:
-        shrink_layer(layer, 0, rows)
-    shrink_layer(output, 1, rows)
-    if attention is not None:
-        for attribute, value in (("num_attention_heads", len(kept)), ("n_heads", len(kept)),
-                                 ("all_head_size", len(rows))):
-            if isinstance(getattr(attention, attribute, None), int):
-                setattr(attention, attribute, value)
 
 
 def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -206,7 +285,7 @@ class RemoveHeads(Method):
     ``heads`` of each attention block's heads and ``neurons`` of each feed-forward block's
     neurons (1.0 keeps all), ranked by weight magnitude, or with calibration data by the structured
     Optimal Brain Surgeon. Per-block maps use the block's module name (e.g.
-    ``{"encoder.layer.0.attention.self": 1.0, "*": 0.7}``); ``allocation="global"`` (with data)
+    ``{"encoder.layer.0.attention.self": 1.0, "*": 0.7}``; the report names them); ``allocation="global"`` (with data)
     spreads one model-wide fraction over the blocks instead."""
 
     name: ClassVar[str] = "heads"
@@ -229,83 +308,79 @@ class RemoveHeads(Method):
             raise NetshrinkError("allocation='global' spreads one model-wide fraction of heads and one of neurons: "
                                  "give heads and neurons as numbers, not per-block maps")
 
-    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The model's attention and feed-forward blocks, checked: refused before any change
+        where there are none, or where the model already carries weight transforms."""
         if not isinstance(model, nn.Module):
             raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
-        blocks = {name: module for name, module, *_ in attention_blocks(model)}
-        blocks.update({name: module for name, module in model.named_modules()
-                       if name in {n for n, _, _ in ffn_blocks(model)}})
-        if not blocks:
+        attention = attention_blocks(model)
+        found = attention + ffn_blocks(model, attention)
+        if not found:
             raise NetshrinkError(f"{type(model).__name__} has no attention block (query/key/value Linear layers with a "
-                                 "head size) and no feed-forward block: use remove_units for other models")
+                                 "head size) and no feed-forward block (intermediate/output, fc1/fc2 or "
+                                 "gate/up/down Linear layers): use remove_units for other models")
         if any(hasattr(m, "parametrizations") for m in model.modules()):
             raise NetshrinkError("remove heads before other compression (the model has weight transforms): start "
                                  "from the dense model, or netshrink.bake it first")
-        check_map_keys("heads", self.heads, blocks)
-        check_map_keys("neurons", self.neurons, blocks)
-        return blocks
+        names = {block.name: block.attention or block.output for block in found}
+        check_map_keys("heads", self.heads, names)
+        check_map_keys("neurons", self.neurons, names)
+        return found
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+        return {block.name: modules[block.name] for block in self.blocks(model)}
 
     def _select(self, model: nn.Module):
         return self.select(model), []
 
+    def _fraction(self, block: Block) -> float:
+        return float(per_layer(self.heads if block.unit == "heads" else self.neurons, block.name, block.unit))
+
     def run(self, model: nn.Module, calibration=None, **_: Any) -> Report:
-        self.select(model)
+        blocks = self.blocks(model)
         if calibration is None and self.allocation == "global":
             raise NetshrinkError("allocation='global' measures each block's damage on data: pass calibration=...")
         if calibration is not None:
-            return self._run_on_data(model, calibration)
+            return self._run_on_data(model, blocks, calibration)
         report = Report(self.name)
         plans = []
-        for name, module, qkv, output, size in attention_blocks(model):
-            heads = qkv[0].out_features // size
-            score = sum(layer.weight.detach().abs().reshape(heads, -1).sum(1) for layer in qkv)
-            score = score + output.weight.detach().abs().reshape(output.out_features, heads, size).sum((0, 2))
-            kept = _keep_top(score, float(per_layer(self.heads, name, "heads")))
-            if len(kept) < heads:
-                plans.append((qkv, output, kept, size, module))
-                report.changed.append((name, f"kept {len(kept)} of {heads} heads"))
-        for name, first, second in ffn_blocks(model):
-            score = first.weight.detach().abs().sum(1) + second.weight.detach().abs().sum(0)
-            kept = _keep_top(score, float(per_layer(self.neurons, name, "neurons")))
-            if len(kept) < len(score):
-                plans.append(([first], second, kept, 1, None))
-                report.changed.append((name, f"kept {len(kept)} of {len(score)} feed-forward neurons"))
+        for block in blocks:
+            # L1 of everything a unit owns: its rows of the input projections, its columns of the output
+            score = sum(layer.weight.detach().abs().reshape(block.units, -1).sum(1) for layer, _ in block.inputs)
+            score = score + block.output.weight.detach().abs().reshape(-1, block.units, block.size).sum((0, 2))
+            kept = _keep_top(score, self._fraction(block))
+            if len(kept) < block.units:
+                plans.append((block, kept))
+                report.changed.append((block.name, block.describe(len(kept))))
         with preserved(model), torch.no_grad():
-            for inputs, output, kept, size, attention in plans:
-                _remove_units(inputs, output, kept, size, attention)
+            for block, kept in plans:
+                block.remove(kept)
         return report
 
-    def _run_on_data(self, model: nn.Module, calibration) -> Report:
+    def _run_on_data(self, model: nn.Module, blocks: list[Block], calibration) -> Report:
         """Data-aware removal (see the module docstring), block after block in execution order."""
         report = Report(self.name)
-        blocks: dict[str, list] = {}  # output projection's module name -> how to shrink its block
         names = {id(m): n for n, m in model.named_modules()}
-        for name, module, qkv, output, size in attention_blocks(model):
-            heads = qkv[0].out_features // size
-            keep = keep_count(heads, float(per_layer(self.heads, name, "heads")))
-            blocks[names[id(output)]] = [name, "heads", qkv, size, module, keep]
-        for name, first, second in ffn_blocks(model):
-            keep = keep_count(first.out_features, float(per_layer(self.neurons, name, "neurons")))
-            blocks[names[id(second)]] = [name, "feed-forward neurons", [first], 1, None, keep]
-        outputs = {n: model.get_submodule(n) for n in blocks}
+        by_output = {names[id(block.output)]: block for block in blocks}  # output projection's name -> its block
+        keep = {block: keep_count(block.units, self._fraction(block)) for block in blocks}
         if self.allocation == "global":
-            self._spread_budgets(model, blocks, outputs, calibration, report)
-        outputs = {n: layer for n, layer in outputs.items() if blocks[n][-1] < layer.in_features // blocks[n][3]}
+            self._spread_budgets(model, by_output, keep, calibration, report)
+        outputs = {n: block.output for n, block in by_output.items() if keep[block] < block.units}
         with torch.no_grad():
             for output_name, stats in each_layer(model, outputs, calibration, frozenset({"hessian"}),
                                                  samples=self.samples, batch_size=self.batch_size, desc=self.name):
-                name, unit, inputs, size, attention, keep = blocks[output_name]
-                output = outputs[output_name]
-                units = output.in_features // size
-                kept, weight, error = surgeon_keep(output.weight, stats.hessian, size, keep)
-                _remove_units(inputs, output, kept, size, attention)
-                output.weight = nn.Parameter(weight)
-                report.changed.append((name, f"kept {len(kept)} of {units} {unit} (data-aware"
-                                             f"{', allocated globally' if self.allocation == 'global' else ''}: "
-                                             f"output error {100 * error:.2f}% of its energy)"))
+                block = by_output[output_name]
+                kept, weight, error = surgeon_keep(block.output.weight, stats.hessian, block.size, keep[block])
+                described = block.describe(len(kept))
+                block.remove(kept)
+                block.output.weight = nn.Parameter(weight)
+                report.changed.append((block.name, f"{described} (data-aware"
+                                                   f"{', allocated globally' if self.allocation == 'global' else ''}: "
+                                                   f"output error {100 * error:.2f}% of its energy)"))
         return report
 
-    def _spread_budgets(self, model: nn.Module, blocks: dict[str, list], outputs: dict[str, nn.Linear], calibration,
+    def _spread_budgets(self, model: nn.Module, by_output: dict[str, Block], keep: dict[Block, int], calibration,
                         report: Report) -> None:
         """Global allocation: keep as many heads, and as many neurons, in all as the uniform
         fractions would, spread where they matter. Each block is tried alone at up to
@@ -313,39 +388,39 @@ class RemoveHeads(Method):
         model's inputs; the rest of the model dense), and the damage of each is measured at the
         model's output on calibration data (squared error over real tokens, relative to the
         output's energy). Damages are added across blocks, as for small changes, and
-        :func:`netshrink.knapsack.solve` picks the counts with the least total."""
+        :func:`netshrink.knapsack.solve` picks the counts with the least total; ``keep`` is updated."""
+        outputs = {n: block.output for n, block in by_output.items()}
         hessians = dense_statistics(model, outputs, calibration, frozenset({"hessian"}), samples=self.samples,
                                     batch_size=self.batch_size)
         scoring = take(calibration, min(self.samples, SCORING_SAMPLES), self.batch_size)
-        options: dict[str, list[UnitCount]] = {}
-        progress = Progress(len(blocks), f"{self.name}: measuring each block's damage", unit="block")
+        options: dict[Block, list[UnitCount]] = {}
+        progress = Progress(len(by_output), f"{self.name}: measuring each block's damage", unit="block")
         try:
             damage = OutputDamage(model, scoring)
             with torch.no_grad():
-                for done, (output_name, (name, _, inputs, size, attention, uniform)) in enumerate(blocks.items()):
-                    output, hessian = outputs[output_name], hessians[output_name].hessian
-                    units = output.in_features // size
-                    counts = sorted({*_levels(units), uniform})  # the uniform choice always fits the budget
-                    removed = surgeon_order(output.weight, hessian, size, counts[0])
-                    options[output_name] = [UnitCount(units, 0.0)]
+                for done, (output_name, block) in enumerate(by_output.items()):
+                    output, hessian, units = block.output, hessians[output_name].hessian, block.units
+                    counts = sorted({*_levels(units), keep[block]})  # the uniform choice always fits the budget
+                    removed = surgeon_order(output.weight, hessian, block.size, counts[0])
+                    options[block] = [UnitCount(units, 0.0)]
                     for count in counts[:-1]:
                         kept = _left(units, removed[:units - count])  # the removal order is nested
-                        weight, _ = refit(output.weight, hessian, size, kept)
+                        weight, _ = refit(output.weight, hessian, block.size, kept)
                         with trial(model):
-                            _remove_units(inputs, output, kept, size, attention)
+                            block.remove(kept)
                             output.weight = nn.Parameter(weight)
-                            options[output_name].append(UnitCount(count, damage()))
-                    progress.update(done + 1, f"{name}: {len(counts)} counts tried")
+                            options[block].append(UnitCount(count, damage()))
+                    progress.update(done + 1, f"{block.name}: {len(counts)} counts tried")
         finally:
             progress.close()
         for unit in ("heads", "feed-forward neurons"):
-            chosen = [n for n in blocks if blocks[n][1] == unit]
-            budget = sum(blocks[n][-1] for n in chosen)
+            chosen = [block for block in options if block.unit == unit]
+            budget = sum(keep[block] for block in chosen)
             # Exact (one bucket per unit: a few thousand units per model) and never None, since the
             # uniform counts are among the choices.
-            policy = solve({n: options[n] for n in chosen}, budget, units=max(budget, 1),
+            policy = solve({block: options[block] for block in chosen}, budget, units=max(budget, 1),
                            cost_of=attrgetter("units")) if chosen else {}
-            for n, choice in policy.items():
-                count = blocks[n][-1] = choice.units
-                if count == outputs[n].in_features // blocks[n][3]:
-                    report.skipped.append((blocks[n][0], f"the global allocation keeps all its {count} {unit}"))
+            for block, choice in policy.items():
+                keep[block] = choice.units
+                if choice.units == block.units:
+                    report.skipped.append((block.name, f"the global allocation keeps all its {block.units * block.group} {unit}"))
