@@ -49,6 +49,7 @@ from .errors import NetshrinkError
 from .files import atomic_write
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
+from .methods.conv1d import LinearFromConv1D, as_linear, is_conv1d
 from .methods.grid import expand, last_fixed_grid
 from .methods.heads import sync_attention
 from .methods.prune import Mask
@@ -285,8 +286,10 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
         table.append([name, list(array.shape), payloads.tell() - start] + ([extras] if extras else []))
         give_back.after(array.nbytes)
     manifest = {"model": spec_of(model), "tensors": table}
+    converted = [name for name, module in model.named_modules() if isinstance(module, LinearFromConv1D)]
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
-                                                   ("transforms", records), ("info", info)) if value})
+                                                   ("transforms", records), ("info", info),
+                                                   ("linear_from_conv1d", converted)) if value})
     with payloads:
         return write_file(out, json.dumps(manifest, separators=(",", ":")), payloads)
 
@@ -567,6 +570,9 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
         raise _corrupt(source, "bad recipe or info")
     if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
         raise _corrupt(source, "bad model spec")
+    converted = manifest.get("linear_from_conv1d", [])
+    if not (isinstance(converted, list) and all(isinstance(name, str) and name for name in converted)):
+        raise _corrupt(source, "bad list of Conv1D layers stored as Linear")
 
 
 def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np.ndarray]]:
@@ -743,10 +749,14 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
         data.check_unchanged()
     transform_state = _split_transform_state(state)
     _values_from_codes(manifest, state, transform_state, source)
-    _check_fits(model, state, quantized, source)
+    converted = manifest.get("linear_from_conv1d", [])
+    with preserved(model):  # a model that does not fit keeps its Conv1D layers
+        _linear_as_stored(model, converted, source)
+        _check_fits(model, state, quantized, source)
     if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
         model = model_from_spec(manifest["model"])
     with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
+        _linear_as_stored(model, converted, source)
         remove_transforms(model, keep_values=False)
         detach_all(model, fold_smoothing=False)  # the stored weights replace these below
         modules = dict(model.named_modules())
@@ -761,6 +771,17 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
     model.eval()
     model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model
+
+
+def _linear_as_stored(model: nn.Module, names: list[str], source: str) -> None:
+    """Turn the model's transformers Conv1D layers that the file stores as Linear layers
+    (``names``) into that form, so their weights' layout is the file's."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if not (is_conv1d(modules.get(name)) or isinstance(modules.get(name), LinearFromConv1D)):
+            raise NetshrinkError(f"{source} does not fit this model: it stores {name!r} as a transformers Conv1D "
+                                 f"layer, and the model has {type(modules.get(name)).__name__ if name in modules else 'no such layer'}")
+    as_linear(model, names)
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

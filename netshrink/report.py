@@ -15,6 +15,7 @@ from torch import nn
 from .methods.activations import input_quantizer
 from .methods.grid import FixedGrid, expand, last_fixed_grid
 from .methods.base import COMPRESSIBLE, transforms, weight_of, weight_source
+from .methods.conv1d import is_conv1d
 
 
 @dataclass
@@ -92,7 +93,7 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
     result.parameters = parameter_count(model)
     sources = set()
     for name, layer in model.named_modules():
-        if not isinstance(layer, COMPRESSIBLE) or id(weight_source(layer)) in sources:
+        if not (isinstance(layer, COMPRESSIBLE) or is_conv1d(layer)) or id(weight_source(layer)) in sources:
             continue  # tied layers share one weight: counted once
         sources.add(id(weight_source(layer)))
         w = weight_of(layer)

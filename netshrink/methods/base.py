@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import NetshrinkError
+from .conv1d import as_linear
 
 LINEAR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers that compute on float activations
 COMPRESSIBLE = (*LINEAR_CONV, nn.Embedding, nn.EmbeddingBag)  # layers whose weights the methods compress
@@ -168,11 +169,13 @@ class Report:
     method: str
     changed: list[tuple[str, str]] = field(default_factory=list)  # (layer, detail)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, reason)
+    notes: list[str] = field(default_factory=list)  # what else the call did to the model
 
     def __str__(self) -> str:
         lines = [f"{self.method}: {len(self.changed)} layer(s) changed"]
         lines += [f"  {layer}: {detail}" for layer, detail in self.changed]
         lines += [f"  skipped {layer}: {reason}" for layer, reason in self.skipped]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -263,16 +266,23 @@ def apply(model: nn.Module, method: Method, **context: Any) -> Report:
 
 def apply_all(model: nn.Module, methods: list[Method], **context: Any) -> list[Report]:
     """Apply several methods in order, as one change: every setting and every layer selection is
-    checked first, and if any step fails the model is restored exactly as it was."""
+    checked first, and if any step fails the model is restored exactly as it was. transformers'
+    ``Conv1D`` layers (GPT-2) are compressed as the Linear layers they are (:mod:`.conv1d`)."""
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     for method in methods:
         if not isinstance(method, Method):
             raise NetshrinkError(f"expected a method config such as Prune(keep=0.1). Received: {method!r}")
         method.check()
-        method.select(model)
-    with preserved(model):
-        return [method.run(model, **context) for method in methods]
+    with preserved(model):  # selections are checked on the Linear form; a refusal puts Conv1D back
+        converted = as_linear(model)
+        for method in methods:
+            method.select(model)
+        reports = [method.run(model, **context) for method in methods]
+    if converted and reports:
+        reports[0].notes.append(f"{len(converted)} transformers Conv1D layers ({converted[0]}, ...) are now "
+                                "nn.Linear layers with the weight transposed: the same outputs, compressible")
+    return reports
 
 
 @contextlib.contextmanager
