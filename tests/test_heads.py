@@ -246,8 +246,18 @@ def _whisper():
     return transformers.WhisperModel(config).eval()
 
 
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=120, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2Model(config).eval()
+
+
 # model, its inputs, and the output projections of its blocks (columns: heads' dimensions or neurons)
 MODERN = {
+    "gpt2": (_gpt2, lambda: {"input_ids": torch.randint(1, 120, (2, 9), generator=torch.Generator().manual_seed(1))},
+             [f"h.{i}.{p}" for i in range(2) for p in ("attn.c_proj", "mlp.c_proj")]),
     "llama-gqa": (_llama, lambda: {"input_ids": torch.randint(1, 120, (2, 9), generator=torch.Generator().manual_seed(1))},
                   [f"layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")]),
     "vit": (_vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))},
@@ -262,8 +272,8 @@ MODERN = {
 @pytest.mark.parametrize("name", MODERN)
 def test_heads_and_neurons_of_q_proj_models_match_the_silenced_dense_model(tmp_path, name):
     """Attention written q_proj/k_proj/v_proj with o_proj/out_proj (Llama with grouped-query
-    attention, ViT, Whisper's self- and cross-attention) and fc1/fc2 or gated gate/up/down
-    feed-forward blocks: the smaller model computes what the dense one does with the removed
+    attention, ViT, Whisper's self- and cross-attention), GPT-2's fused c_attn, and fc1/fc2,
+    c_fc/c_proj or gated gate/up/down feed-forward blocks: the smaller model computes what the dense one does with the removed
     units' output columns zeroed, and a file of it loads into a model built from the config."""
     make, inputs, outputs = MODERN[name]
     dense = make()
@@ -274,6 +284,7 @@ def test_heads_and_neurons_of_q_proj_models_match_the_silenced_dense_model(tmp_p
     with torch.no_grad():
         for output in outputs:
             full, small = reference.get_submodule(output).weight, model.get_submodule(output).weight
+            full = full.t() if name == "gpt2" else full  # transformers' Conv1D stores [in, out]
             assert small.shape[1] == full.shape[1] // 2
             kept = [j for j in range(full.shape[1]) if any(torch.equal(full[:, j], small[:, k]) for k in range(small.shape[1]))]
             if name == "llama-gqa" and "o_proj" in output:  # whole groups: a key/value head with its 4 query heads
@@ -308,3 +319,20 @@ def test_plain_fc1_fc2_layers_outside_a_transformer_are_not_feed_forward_blocks(
     with pytest.raises(netshrink.NetshrinkError, match="no attention block"):
         netshrink.remove_heads(mlp, neurons=0.5)
     assert mlp.fc1.out_features == 16
+
+
+def test_heads_of_a_model_with_one_position_bias_for_all_layers_are_refused_without_change():
+    """MPNet adds one relative position bias, computed once, to every layer's heads: a layer with
+    fewer heads would no longer match it. Its feed-forward neurons can still go."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MPNetModel(transformers.MPNetConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4, intermediate_size=64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(netshrink.NetshrinkError, match="MPNet.*heads=1.0"):
+        netshrink.remove_heads(model, heads=0.5, neurons=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = netshrink.remove_heads(model, heads=1.0, neurons=0.5)
+    assert dict(report.changed)["encoder.layer.0"] == "kept 32 of 64 feed-forward neurons"
+    with torch.no_grad():
+        model(**batch())

@@ -13,12 +13,17 @@ torch.fx cannot trace Hugging Face models, so the couplings are read off the mod
   the module's head-count attributes, which are set to the new counts (and again when a file of
   the smaller model is loaded into one built full size). With grouped-query attention (keys and
   values with fewer heads than the queries, Llama/Mistral/Qwen) a unit is one key/value head
-  together with the query heads that read it, so the sharing stays as it was.
+  together with the query heads that read it, so the sharing stays as it was. GPT-2's fused
+  ``c_attn`` (query, key and value in one projection, split in three) with ``c_proj`` is one too:
+  head h owns its rows in each third. T5 and MPNet add one relative position bias, computed once
+  for all layers, to every layer's heads: removing heads in one layer would misalign it, so their
+  attention is not taken (their feed-forward blocks are).
 * a **feed-forward block** is ``intermediate.dense`` followed by ``output.dense`` (BERT),
   ``ffn.lin1``/``ffn.lin2`` (DistilBERT), ``fc1``/``fc2`` (ViT, CLIP, BART, Whisper, OPT) or a gated
-  ``gate_proj``/``up_proj`` pair followed by ``down_proj`` (Llama family), in a layer that also
-  holds an attention block: removing neuron j removes row j of the input projections and column
-  j of the output projection. GPT-2's fused ``c_attn`` (a ``Conv1D``, not a Linear) is not one.
+  ``gate_proj``/``up_proj`` pair followed by ``down_proj`` (Llama family) or ``c_fc``/``c_proj``
+  (GPT-2), the plainer names only in a layer that also holds an attention block: removing neuron j
+  removes row j of the input projections and column j of the output projection. (GPT-2's layers
+  are transformers ``Conv1D``, which netshrink turns into Linear layers first: :mod:`.conv1d`.)
 
 Without data, units are ranked by weight magnitude (L1 of everything the unit owns: its rows in
 the input projections and its columns in the output projection); distillation afterwards
@@ -56,33 +61,53 @@ from ..calibration import OutputDamage, dense_statistics, each_layer, take
 from ..errors import NetshrinkError
 from ..knapsack import solve
 from ..train import Progress
-from .base import Method, Report, check_map_keys, check_range, per_layer, preserved, shrink_layer, trial
+from .base import Method, Report, check_map_keys, check_range, each_value, per_layer, preserved, shrink_layer, trial
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
 OUTPUT_NAMES = ("out_lin", "o_proj", "out_proj")  # an output projection beside query/key/value
 HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads")  # what attention modules call their query heads
+FUSED_NAMES = ("c_attn", "c_proj")  # GPT-2: one projection for query, key and value, and the output projection
 # (input projections, output projection) of a feed-forward block, relative to the module holding it:
-# BERT's layer, DistilBERT's layer, ViT/CLIP's mlp and BART/Whisper/OPT's layer, Llama/Mistral/Qwen's gated mlp.
-FFN_NAMES = ((("intermediate.dense",), "output.dense"), (("ffn.lin1",), "ffn.lin2"), (("fc1",), "fc2"),
-             (("gate_proj", "up_proj"), "down_proj"))
+# BERT's layer and DistilBERT's, whose names say what they are; then names as plain as fc1/fc2, taken
+# only in a layer with an attention block: ViT/CLIP's mlp and BART/Whisper/OPT's layer, Llama/Mistral/
+# Qwen's gated mlp, GPT-2's mlp.
+FFN_NAMES = ((("intermediate.dense",), "output.dense"), (("ffn.lin1",), "ffn.lin2"))
+PLAIN_FFN_NAMES = ((("fc1",), "fc2"), (("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"))
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_LEVELS = 16  # unit counts tried per block for a global allocation (every count for up to 16 units)
 SCORING_SAMPLES = 256  # calibration examples a global allocation measures each trial on
 
 
 @dataclass(eq=False)
-class Block:
-    """A block of a transformer whose units (heads, or feed-forward neurons) can be removed.
+class Projection:
+    """An input projection of a block: unit ``u`` owns rows ``[u*rows, (u+1)*rows)`` of each of its
+    ``segments`` equal parts (3 for GPT-2's fused query/key/value projection, else 1)."""
 
-    Unit ``u`` owns rows ``[u*r, (u+1)*r)`` of each ``(layer, r)`` in ``inputs`` and columns
-    ``[u*size, (u+1)*size)`` of ``output``. A head is one unit with ``size`` its dimension; with
-    grouped-query attention a unit is one key/value head with the ``group`` query heads that read
-    it, so the model keeps the same sharing. A neuron is one unit of size 1."""
+    layer: nn.Linear
+    rows: int
+    segments: int = 1
+
+    def rows_of(self, kept: torch.Tensor, units: int) -> torch.Tensor:
+        part = units * self.rows
+        return torch.cat([segment * part + _unit_columns(kept, self.rows) for segment in range(self.segments)])
+
+    def score(self, units: int) -> torch.Tensor:
+        """L1 of each unit's rows."""
+        return self.layer.weight.detach().abs().reshape(self.segments, units, -1).sum((0, 2))
+
+
+@dataclass(eq=False)
+class Block:
+    """A block of a transformer whose units (heads, or feed-forward neurons) can be removed: unit
+    ``u`` owns its rows of each input :class:`Projection` and columns ``[u*size, (u+1)*size)`` of
+    ``output``. A head is one unit with ``size`` its dimension; with grouped-query attention a unit
+    is one key/value head with the ``group`` query heads that read it, so the model keeps the same
+    sharing. A neuron is one unit of size 1."""
 
     name: str
     unit: str  # "heads" or "feed-forward neurons"
-    inputs: list[tuple[nn.Linear, int]]
+    inputs: list[Projection]
     output: nn.Linear
     size: int
     attention: nn.Module | None = None
@@ -97,14 +122,21 @@ class Block:
             return f"kept {kept} of {self.units} {self.unit}"
         return f"kept {kept * self.group} of {self.units * self.group} heads ({kept} of {self.units} key/value heads)"
 
+    def head_counts(self) -> tuple[int, int]:
+        """(query heads, key/value heads) as the projections are now."""
+        head = self.size // self.group
+        query, key = self.inputs[0], self.inputs[-1]
+        return (query.layer.out_features // query.segments // head, key.layer.out_features // key.segments // head)
+
     def remove(self, kept: torch.Tensor) -> None:
         """Keep only units ``kept``: their rows of the input projections and their columns of the
         output projection; an attention module's head counts follow."""
-        for layer, rows in self.inputs:
-            shrink_layer(layer, 0, _unit_columns(kept, rows))
+        units = self.units
+        for projection in self.inputs:
+            shrink_layer(projection.layer, 0, projection.rows_of(kept, units))
         shrink_layer(self.output, 1, _unit_columns(kept, self.size))
         if self.attention is not None:
-            sync_head_counts(self.attention, len(kept) * self.group, len(kept))
+            sync_head_counts(self.attention, *self.head_counts())
 
 
 def sync_head_counts(attention: nn.Module, heads: int, key_value_heads: int) -> None:
@@ -114,8 +146,9 @@ def sync_head_counts(attention: nn.Module, heads: int, key_value_heads: int) -> 
             setattr(attention, attribute, heads)
     if isinstance(getattr(attention, "num_key_value_heads", None), int):
         attention.num_key_value_heads = key_value_heads
-    if isinstance(getattr(attention, "all_head_size", None), int):
-        attention.all_head_size = heads * _head_size(attention)
+    for attribute in ("all_head_size", "split_size"):  # BERT's inner width; where GPT-2 splits its fused projection
+        if isinstance(getattr(attention, attribute, None), int):
+            setattr(attention, attribute, heads * _head_size(attention))
 
 
 def sync_attention(model: nn.Module) -> None:
@@ -123,9 +156,7 @@ def sync_attention(model: nn.Module) -> None:
     built full size and then given the smaller layers of a file (:func:`netshrink.load`) must
     also be told how many heads it has where its forward reads the count (Whisper's keys)."""
     for block in attention_blocks(model):
-        query, key = block.inputs[0][0], block.inputs[1][0]
-        sync_head_counts(block.attention, query.out_features // (block.size // block.group),
-                         key.out_features // (block.size // block.group))
+        sync_head_counts(block.attention, *block.head_counts())
 
 
 def _child(module: nn.Module, dotted: str):
@@ -162,30 +193,33 @@ def attention_blocks(model: nn.Module) -> list[Block]:
                     or kv_heads == 0 or value.out_features != key.out_features or query.out_features % key.out_features):
                 continue
             group = query.out_features // key.out_features
-            found.append(Block(name, "heads", [(query, group * size), (key, size), (value, size)], output, group * size,
-                               module, group))
+            found.append(Block(name, "heads", [Projection(query, group * size), Projection(key, size),
+                                               Projection(value, size)], output, group * size, module, group))
+        fused, output = (getattr(module, n, None) for n in FUSED_NAMES)
+        if (size is not None and isinstance(fused, nn.Linear) and isinstance(output, nn.Linear)
+                and fused.out_features == 3 * output.in_features and output.in_features % size == 0):
+            found.append(Block(name, "heads", [Projection(fused, size, segments=3)], output, size, module))
     return found
 
 
 def ffn_blocks(model: nn.Module, attention: list[Block]) -> list[Block]:
     """Each feed-forward block: input projections (one, or a gate and an up projection) whose
-    outputs, neuron by neuron, are the output projection's inputs. Only in a layer that also
-    holds an attention block: names as plain as ``fc1``/``fc2`` elsewhere (an MLP, a CNN's
-    classifier) may have a computation between them that is not neuron by neuron."""
+    outputs, neuron by neuron, are the output projection's inputs. Plain names (``fc1``/``fc2``
+    ...) count only in a layer that also holds an attention block: elsewhere (an MLP, a CNN's
+    classifier) there may be a computation between them that is not neuron by neuron."""
     layers = {name.rpartition(".")[0] for name in (block.name for block in attention)}
     found, seen = [], set()
     for name, module in model.named_modules():
         holder = name.rpartition(".")[0]
-        if not any(layer == n or layer.startswith(f"{n}.") or not n for layer in layers for n in (name, holder)):
-            continue
-        for input_names, output_name in FFN_NAMES:
+        in_layer = any(layer == n or layer.startswith(f"{n}.") or not n for layer in layers for n in (name, holder))
+        for input_names, output_name in FFN_NAMES + (PLAIN_FFN_NAMES if in_layer else ()):
             inputs = [_child(module, n) for n in input_names]
             output = _child(module, output_name)
             if (isinstance(output, nn.Linear) and id(output) not in seen
                     and all(isinstance(m, nn.Linear) and m.out_features == output.in_features != m.in_features
                             for m in inputs)):
                 seen.add(id(output))
-                found.append(Block(name, "feed-forward neurons", [(m, 1) for m in inputs], output, 1))
+                found.append(Block(name, "feed-forward neurons", [Projection(m, 1) for m in inputs], output, 1))
     return found
 
 
@@ -315,10 +349,14 @@ class RemoveHeads(Method):
             raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
         attention = attention_blocks(model)
         found = attention + ffn_blocks(model, attention)
-        if not found:
-            raise NetshrinkError(f"{type(model).__name__} has no attention block (query/key/value Linear layers with a "
-                                 "head size) and no feed-forward block (intermediate/output, fc1/fc2 or "
-                                 "gate/up/down Linear layers): use remove_units for other models")
+        if not attention and (not found or any(fraction < 1 for fraction in each_value(self.heads))):
+            raise NetshrinkError(
+                f"{type(model).__name__} has no attention block netshrink can remove heads from (query/key/value "
+                "Linear layers or GPT-2's fused c_attn, with a head size; T5 and MPNet, which add one position bias "
+                "to every layer's heads, are not supported)" + (
+                    ": pass heads=1.0 to remove its feed-forward neurons only" if found else
+                    " and no feed-forward block (intermediate/output, fc1/fc2 or gate/up/down Linear layers): "
+                    "use remove_units for other models"))
         if any(hasattr(m, "parametrizations") for m in model.modules()):
             raise NetshrinkError("remove heads before other compression (the model has weight transforms): start "
                                  "from the dense model, or netshrink.bake it first")
@@ -347,7 +385,7 @@ class RemoveHeads(Method):
         plans = []
         for block in blocks:
             # L1 of everything a unit owns: its rows of the input projections, its columns of the output
-            score = sum(layer.weight.detach().abs().reshape(block.units, -1).sum(1) for layer, _ in block.inputs)
+            score = sum(projection.score(block.units) for projection in block.inputs)
             score = score + block.output.weight.detach().abs().reshape(-1, block.units, block.size).sum((0, 2))
             kept = _keep_top(score, self._fraction(block))
             if len(kept) < block.units:
