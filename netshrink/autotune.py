@@ -39,9 +39,10 @@ import yaml
 from torch import nn
 
 from .errors import NetshrinkError
-from .knapsack import solve
+from .knapsack import SOLVER_UNITS, solve
 from .methods.base import COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distinct_weights, select_layers, transforms
 from .methods.bias import QuantizeBiases, grid_bias
+from .methods.conv1d import as_linear
 from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
 from .latency import UNIT_KEEPS
@@ -496,6 +497,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                       on_trial=on_trial, sensitivity=sensitivity)
 
     work = copy.deepcopy(model)  # sensitivity swaps weights in place: never in the caller's model
+    as_linear(work)  # transformers' Conv1D layers measured as the Linear layers the trials make them
     work_layers = {n: work.get_submodule(n) for n in layers}
     biased = {n: m for n, m in work_layers.items() if isinstance(m, LINEAR_CONV) and m.bias is not None} if grids else {}
     if biased:  # as every trial will end: weight damages measured with biases on the finest grid offered
@@ -550,6 +552,15 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             on_trial(trial)
         return runs[-1]
 
+    def judge(planned: dict, outcome: tuple, passed: dict, best: dict | None) -> dict | None:
+        """Record a run under an accuracy budget, mark whether it passed; the better of it and ``best``."""
+        found = record(planned, outcome)
+        drop = found["trial"]["drop"] = 100 * (dense_accuracy - found["trial"]["accuracy"])
+        passed[_key(planned["policy"])] = drop <= max_drop
+        if drop <= max_drop and (best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]):
+            return found
+        return best
+
     runs: list[dict] = []  # every trial run, in order
     best = None
     floor = sum(min(c.bytes for c in choices) for choices in options.values())
@@ -600,15 +611,17 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
                         continue
                     key = _key(p["policy"])
                     if key not in passed:
-                        found = record(p, outcomes[key])
-                        drop = 100 * (dense_accuracy - found["trial"]["accuracy"])
-                        found["trial"]["drop"] = drop
-                        passed[key] = drop <= max_drop
-                        if passed[key] and (best is None or found["trial"]["file_bytes"] < best["trial"]["file_bytes"]):
-                            best = found
+                        best = judge(p, outcomes[key], passed, best)
                     (passing if passed[key] else failing).append(target)
                 high = min([high, *passing])
                 low = max([low, *(t for t in failing if t < high)])
+            if not passed:
+                # Nothing between the smallest policy and the safe budget to search: the safe budget's
+                # policy is still run and judged, never returned untried. The solver rounds each
+                # layer's bytes up to whole buckets, so a budget at the exact sum may fit no policy:
+                # one bucket per layer more always does.
+                p = plan(high) or plan(high + len(options) * math.ceil(high / SOLVER_UNITS))
+                best = judge(p, runner.run([p["steps"]])[0], passed, best)
     met = best is not None
     if best is None:  # report the last run honestly (over the budget); a later unsolvable target ran nothing
         best = runs[-1] if runs else None

@@ -117,6 +117,16 @@ def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits
     assert len(set(policies)) == len(policies)  # a policy is never run twice
 
 
+def test_a_search_with_nothing_between_its_smallest_and_its_safe_policy_still_runs_it(trained, digits):
+    """Offered only dense layers, the smallest policy is also the one predicted safe: with nothing
+    to search between them, that policy is run and judged (it used to end with "auto found no
+    policy to run")."""
+    found = netshrink.auto(trained, digits[0], max_drop=1.0, trials=3,
+                           bias_bits=None, **{**FAST, "keeps": (1.0,), "bits": (None,)})
+    assert found.met and len(found.trials) == 1 and found.trials[0]["drop"] <= 1.0
+    assert found.file_bytes == found.trials[0]["file_bytes"]
+
+
 def test_rounds_of_trials_on_ray_find_what_they_find_in_this_process(trained, digits):
     """A local Ray cluster runs each round's two trials as tasks: every trial, and the model found,
     are the same as in this process."""

@@ -107,3 +107,22 @@ def test_refused_calls_and_mismatched_files_leave_conv1d_layers_as_they_were(tmp
     with pytest.raises(netshrink.NetshrinkError, match="h.1.mlp.c_fc"):
         netshrink.load(tmp_path / "gpt2.nsk", model=fresh)
     assert isinstance(fresh.h[0].attn.c_attn, Conv1D)
+
+
+def test_auto_chooses_settings_for_conv1d_layers_and_its_model_round_trips(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=120, n_positions=32, n_embd=32, n_layer=2, n_head=4, num_labels=2,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2ForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(12):
+        ids = torch.randint(1, 120, (16, 8), generator=g)
+        data.append({"input_ids": ids, "labels": (ids[:, 0] > 60).long()})
+    found = netshrink.auto(model, data[:10], validation=data[10:], max_drop=50.0, epochs=0.5, trials=1, progress=False)
+    assert "transformer.h.1.mlp.c_fc" in found.policy
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)  # auto works on copies
+    found.save(tmp_path / "auto.nsk")
+    loaded = netshrink.load(tmp_path / "auto.nsk")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=data[10]["input_ids"]).logits, found.model(input_ids=data[10]["input_ids"]).logits)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import NetshrinkError
-from .conv1d import as_linear
+from .conv1d import as_linear, is_conv1d
 
 LINEAR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers that compute on float activations
 COMPRESSIBLE = (*LINEAR_CONV, nn.Embedding, nn.EmbeddingBag)  # layers whose weights the methods compress
@@ -72,7 +72,9 @@ def select_layers(model: nn.Module, targets: tuple[str, ...] = (), ignore: tuple
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     targets, ignore = check_patterns("targets", targets), check_patterns("ignore", ignore)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    # transformers' Conv1D is a Linear layer to the user (its name is a valid target); every method
+    # works on it once as_linear has made it one
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds) or nn.Linear in kinds and is_conv1d(m)}
     what = _kind_names(kinds)
     for pattern in (*targets, *ignore):
         if not any(_matches(name, pattern) for name in layers):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import NetshrinkError
 from .base import Method, check_choice, check_range, distinct_weights, per_layer, weight_of
+from .conv1d import as_linear
 
 RANKINGS = ("magnitude", "variational")
 
@@ -222,6 +223,7 @@ def pruning_schedule(model: nn.Module, method: Prune, *, every: int = 50,
         return
     from .variational import variational_noise
 
+    as_linear(model)  # the noise goes on the layers the pruning steps will see (transformers' Conv1D as Linear)
     layers = distinct_weights(method.select(model))
     with variational_noise(layers, method.strength) as noise:
         yield gradual(model, method, every=every, end=end, scores=noise.scores), noise.penalty
