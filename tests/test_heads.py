@@ -321,18 +321,49 @@ def test_plain_fc1_fc2_layers_outside_a_transformer_are_not_feed_forward_blocks(
     assert mlp.fc1.out_features == 16
 
 
-def test_heads_of_a_model_with_one_position_bias_for_all_layers_are_refused_without_change():
-    """MPNet adds one relative position bias, computed once, to every layer's heads: a layer with
-    fewer heads would no longer match it. Its feed-forward neurons can still go."""
+def _mpnet():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.MPNetModel(transformers.MPNetConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
-                                                             num_attention_heads=4, intermediate_size=64)).eval()
+    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                                            num_attention_heads=4, intermediate_size=64)).eval()
+
+
+def _t5(feed_forward: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   feed_forward_proj=feed_forward, dropout_rate=0.0)
+    return transformers.T5EncoderModel(config).eval()
+
+
+# a model whose one relative position bias, computed once, is added to every layer's heads, and
+# the output projections of its feed-forward blocks
+ONE_POSITION_BIAS = {
+    "mpnet": (_mpnet, ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]),
+    "t5": (lambda: _t5("relu"), [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]),
+    "t5-gated": (lambda: _t5("gated-gelu"), [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]),
+}
+
+
+@pytest.mark.parametrize("name", ONE_POSITION_BIAS)
+def test_heads_of_a_model_with_one_position_bias_for_all_layers_are_refused_without_change(name):
+    """MPNet and T5 add one relative position bias, computed once, to every layer's heads: a layer
+    with fewer heads would no longer match it. Their feed-forward neurons can still go, and the
+    smaller model computes what the dense one does with those neurons' output columns zeroed."""
+    make, outputs = ONE_POSITION_BIAS[name]
+    dense = make()
+    model = copy.deepcopy(dense)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(netshrink.NetshrinkError, match="MPNet.*heads=1.0"):
+    with pytest.raises(netshrink.NetshrinkError, match="T5 and MPNet.*heads=1.0"):
         netshrink.remove_heads(model, heads=0.5, neurons=0.5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     report = netshrink.remove_heads(model, heads=1.0, neurons=0.5)
-    assert dict(report.changed)["encoder.layer.0"] == "kept 32 of 64 feed-forward neurons"
+    assert [detail for _, detail in report.changed] == ["kept 32 of 64 feed-forward neurons"] * 2
+    reference = copy.deepcopy(dense)
+    inputs = {"input_ids": batch()["input_ids"]}
     with torch.no_grad():
-        model(**batch())
+        for output in outputs:
+            full, small = reference.get_submodule(output).weight, model.get_submodule(output).weight
+            kept = [j for j in range(64) if any(torch.equal(full[:, j], small[:, k]) for k in range(32))]
+            full[:, [j for j in range(64) if j not in kept]] = 0
+        assert torch.allclose(model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state, atol=1e-5)

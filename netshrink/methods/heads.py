@@ -21,7 +21,8 @@ torch.fx cannot trace Hugging Face models, so the couplings are read off the mod
 * a **feed-forward block** is ``intermediate.dense`` followed by ``output.dense`` (BERT),
   ``ffn.lin1``/``ffn.lin2`` (DistilBERT), ``fc1``/``fc2`` (ViT, CLIP, BART, Whisper, OPT) or a gated
   ``gate_proj``/``up_proj`` pair followed by ``down_proj`` (Llama family) or ``c_fc``/``c_proj``
-  (GPT-2), the plainer names only in a layer that also holds an attention block: removing neuron j
+  (GPT-2), or T5's ``wi`` (or gated ``wi_0``/``wi_1``) and ``wo``, the plainer names only in a layer
+  that also holds an attention block: removing neuron j
   removes row j of the input projections and column j of the output projection. (GPT-2's layers
   are transformers ``Conv1D``, which netshrink turns into Linear layers first: :mod:`.conv1d`.)
 
@@ -69,10 +70,11 @@ OUTPUT_NAMES = ("out_lin", "o_proj", "out_proj")  # an output projection beside 
 HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads")  # what attention modules call their query heads
 FUSED_NAMES = ("c_attn", "c_proj")  # GPT-2: one projection for query, key and value, and the output projection
 # (input projections, output projection) of a feed-forward block, relative to the module holding it:
-# BERT's layer and DistilBERT's, whose names say what they are; then names as plain as fc1/fc2, taken
-# only in a layer with an attention block: ViT/CLIP's mlp and BART/Whisper/OPT's layer, Llama/Mistral/
-# Qwen's gated mlp, GPT-2's mlp.
-FFN_NAMES = ((("intermediate.dense",), "output.dense"), (("ffn.lin1",), "ffn.lin2"))
+# BERT's layer, DistilBERT's and T5's DenseReluDense (plain or gated), whose names say what they are;
+# then names as plain as fc1/fc2, taken only in a layer with an attention block: ViT/CLIP's mlp and
+# BART/Whisper/OPT's layer, Llama/Mistral/Qwen's gated mlp, GPT-2's mlp.
+FFN_NAMES = ((("intermediate.dense",), "output.dense"), (("ffn.lin1",), "ffn.lin2"), (("wi",), "wo"),
+             (("wi_0", "wi_1"), "wo"))
 PLAIN_FFN_NAMES = ((("fc1",), "fc2"), (("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj"))
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_LEVELS = 16  # unit counts tried per block for a global allocation (every count for up to 16 units)
