@@ -113,7 +113,7 @@ def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
                  neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 1024,
                  allocation: str = "uniform") -> Report:
     """Physically remove attention heads and feed-forward neurons of a transformer (BERT,
-    DistilBERT, GPT-2; q_proj/k_proj/v_proj models such as ViT, CLIP, BART, Whisper and Llama,
+    DistilBERT, MPNet, GPT-2; q_proj/k_proj/v_proj models such as ViT, CLIP, BART, Whisper and Llama,
     grouped-query attention included), keeping the fraction ``heads`` / ``neurons`` of each block, in place (see
     :mod:`netshrink.methods.heads`). Without data, by weight magnitude: distil afterwards,
     ``fit(model, data, teacher=dense)``. With ``calibration`` (``samples`` examples of it, token

@@ -51,7 +51,7 @@ from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
 from .methods.conv1d import LinearFromConv1D, as_linear, is_conv1d
 from .methods.grid import expand, last_fixed_grid
-from .methods.heads import sync_attention
+from .methods.heads import restore_bias_heads, sync_attention
 from .methods.prune import Mask
 from .methods.base import (COMPRESSIBLE, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
@@ -751,12 +751,12 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
     _values_from_codes(manifest, state, transform_state, source)
     converted = manifest.get("linear_from_conv1d", [])
     with preserved(model):  # a model that does not fit keeps its Conv1D layers
-        _linear_as_stored(model, converted, source)
+        _as_stored(model, converted, state, source)
         _check_fits(model, state, quantized, source)
     if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
         model = model_from_spec(manifest["model"])
     with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
-        _linear_as_stored(model, converted, source)
+        _as_stored(model, converted, state, source)
         remove_transforms(model, keep_values=False)
         detach_all(model, fold_smoothing=False)  # the stored weights replace these below
         modules = dict(model.named_modules())
@@ -773,15 +773,17 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
     return model
 
 
-def _linear_as_stored(model: nn.Module, names: list[str], source: str) -> None:
-    """Turn the model's transformers Conv1D layers that the file stores as Linear layers
-    (``names``) into that form, so their weights' layout is the file's."""
+def _as_stored(model: nn.Module, names: list[str], state: dict[str, torch.Tensor], source: str) -> None:
+    """Give a model built as its class builds it the form the file's tensors were saved from: its
+    transformers Conv1D layers that the file stores as Linear layers (``names``) turned into that
+    form, and the kept-head buffers of attention that keeps a slice of a shared position bias."""
     modules = dict(model.named_modules())
     for name in names:
         if not (is_conv1d(modules.get(name)) or isinstance(modules.get(name), LinearFromConv1D)):
             raise NetshrinkError(f"{source} does not fit this model: it stores {name!r} as a transformers Conv1D "
                                  f"layer, and the model has {type(modules.get(name)).__name__ if name in modules else 'no such layer'}")
     as_linear(model, names)
+    restore_bias_heads(model, state, source)
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -254,8 +254,17 @@ def _gpt2():
     return transformers.GPT2Model(config).eval()
 
 
+def _mpnet():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                                                            num_attention_heads=4, intermediate_size=64)).eval()
+
+
 # model, its inputs, and the output projections of its blocks (columns: heads' dimensions or neurons)
 MODERN = {
+    "mpnet": (_mpnet, lambda: {"input_ids": batch()["input_ids"], "attention_mask": batch()["attention_mask"]},
+              [f"encoder.layer.{i}.{p}" for i in range(2) for p in ("attention.attn.o", "output.dense")]),
     "gpt2": (_gpt2, lambda: {"input_ids": torch.randint(1, 120, (2, 9), generator=torch.Generator().manual_seed(1))},
              [f"h.{i}.{p}" for i in range(2) for p in ("attn.c_proj", "mlp.c_proj")]),
     "llama-gqa": (_llama, lambda: {"input_ids": torch.randint(1, 120, (2, 9), generator=torch.Generator().manual_seed(1))},
@@ -272,8 +281,8 @@ MODERN = {
 @pytest.mark.parametrize("name", MODERN)
 def test_heads_and_neurons_of_q_proj_models_match_the_silenced_dense_model(tmp_path, name):
     """Attention written q_proj/k_proj/v_proj with o_proj/out_proj (Llama with grouped-query
-    attention, ViT, Whisper's self- and cross-attention), GPT-2's fused c_attn, and fc1/fc2,
-    c_fc/c_proj or gated gate/up/down feed-forward blocks: the smaller model computes what the dense one does with the removed
+    attention, ViT, Whisper's self- and cross-attention), GPT-2's fused c_attn, MPNet's q/k/v/o
+    with its shared position bias, and fc1/fc2, c_fc/c_proj or gated gate/up/down feed-forward blocks: the smaller model computes what the dense one does with the removed
     units' output columns zeroed, and a file of it loads into a model built from the config."""
     make, inputs, outputs = MODERN[name]
     dense = make()
@@ -321,13 +330,6 @@ def test_plain_fc1_fc2_layers_outside_a_transformer_are_not_feed_forward_blocks(
     assert mlp.fc1.out_features == 16
 
 
-def _mpnet():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    return transformers.MPNetModel(transformers.MPNetConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2,
-                                                            num_attention_heads=4, intermediate_size=64)).eval()
-
-
 def _t5(feed_forward: str):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -336,25 +338,24 @@ def _t5(feed_forward: str):
     return transformers.T5EncoderModel(config).eval()
 
 
-# a model whose one relative position bias, computed once, is added to every layer's heads, and
-# the output projections of its feed-forward blocks
-ONE_POSITION_BIAS = {
-    "mpnet": (_mpnet, ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]),
+# T5 (plain and gated feed-forward) and the output projections of its feed-forward blocks
+T5 = {
     "t5": (lambda: _t5("relu"), [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]),
     "t5-gated": (lambda: _t5("gated-gelu"), [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]),
 }
 
 
-@pytest.mark.parametrize("name", ONE_POSITION_BIAS)
-def test_heads_of_a_model_with_one_position_bias_for_all_layers_are_refused_without_change(name):
-    """MPNet and T5 add one relative position bias, computed once, to every layer's heads: a layer
-    with fewer heads would no longer match it. Their feed-forward neurons can still go, and the
-    smaller model computes what the dense one does with those neurons' output columns zeroed."""
-    make, outputs = ONE_POSITION_BIAS[name]
+@pytest.mark.parametrize("name", T5)
+def test_t5_heads_are_refused_without_change_and_its_neurons_removed(name):
+    """T5's first layer makes the relative position bias every layer adds to its heads, inside its
+    attention, where a layer with fewer heads could not be given its slice: its heads are refused.
+    Its feed-forward neurons can still go, and the smaller model computes what the dense one does
+    with those neurons' output columns zeroed."""
+    make, outputs = T5[name]
     dense = make()
     model = copy.deepcopy(dense)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(netshrink.NetshrinkError, match="T5 and MPNet.*heads=1.0"):
+    with pytest.raises(netshrink.NetshrinkError, match="T5.*heads=1.0"):
         netshrink.remove_heads(model, heads=0.5, neurons=0.5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     report = netshrink.remove_heads(model, heads=1.0, neurons=0.5)
@@ -367,3 +368,23 @@ def test_heads_of_a_model_with_one_position_bias_for_all_layers_are_refused_with
             kept = [j for j in range(64) if any(torch.equal(full[:, j], small[:, k]) for k in range(32))]
             full[:, [j for j in range(64) if j not in kept]] = 0
         assert torch.allclose(model(**inputs).last_hidden_state, reference(**inputs).last_hidden_state, atol=1e-5)
+
+
+def test_mpnet_heads_read_their_own_slice_of_the_shared_position_bias(tmp_path):
+    """Each MPNet layer that lost heads adds to its scores only its kept heads' slice of the one
+    position bias: another slice gives another output (so the slice is what the layer reads), the
+    right one the dense model's with the removed heads silenced, checked in the test above."""
+    model = _mpnet()
+    netshrink.remove_heads(model, heads=0.5, neurons=1.0)
+    attention = model.encoder.layer[0].attention.attn
+    kept = attention.position_bias_heads.clone()
+    assert len(kept) == 2 and attention.all_head_size == 16
+    with torch.no_grad():
+        right = model(**batch()).last_hidden_state
+        attention.position_bias_heads = kept.flip(0)
+        assert not torch.allclose(model(**batch()).last_hidden_state, right, atol=1e-4)
+    for bad in (torch.tensor([0, 9]), torch.tensor([1, 1]), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0])):
+        attention.position_bias_heads = bad  # a file that would index the wrong heads, or none, when run
+        netshrink.save(model, tmp_path / "bad.nsk")
+        with pytest.raises(netshrink.NetshrinkError, match="position_bias_heads is not a list of distinct heads"):
+            netshrink.load(tmp_path / "bad.nsk")

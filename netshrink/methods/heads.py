@@ -15,9 +15,11 @@ torch.fx cannot trace Hugging Face models, so the couplings are read off the mod
   values with fewer heads than the queries, Llama/Mistral/Qwen) a unit is one key/value head
   together with the query heads that read it, so the sharing stays as it was. GPT-2's fused
   ``c_attn`` (query, key and value in one projection, split in three) with ``c_proj`` is one too:
-  head h owns its rows in each third. T5 and MPNet add one relative position bias, computed once
-  for all layers, to every layer's heads: removing heads in one layer would misalign it, so their
-  attention is not taken (their feed-forward blocks are).
+  head h owns its rows in each third. MPNet (``q``/``k``/``v``/``o``) hands every layer one relative
+  position bias computed once: a layer that lost heads keeps a buffer of the heads it kept, and a
+  forward pre-hook gives it only their slice of the bias. T5 makes that bias inside its first
+  layer's attention, where no hook can reach it, so its attention is not taken (its feed-forward
+  blocks are).
 * a **feed-forward block** is ``intermediate.dense`` followed by ``output.dense`` (BERT),
   ``ffn.lin1``/``ffn.lin2`` (DistilBERT), ``fc1``/``fc2`` (ViT, CLIP, BART, Whisper, OPT) or a gated
   ``gate_proj``/``up_proj`` pair followed by ``down_proj`` (Llama family) or ``c_fc``/``c_proj``
@@ -51,6 +53,7 @@ A model without either block is refused before anything changes.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, ClassVar
@@ -64,9 +67,10 @@ from ..knapsack import solve
 from ..train import Progress
 from .base import Method, Report, check_map_keys, check_range, each_value, per_layer, preserved, shrink_layer, trial
 
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
-OUTPUT_NAMES = ("out_lin", "o_proj", "out_proj")  # an output projection beside query/key/value
+OUTPUT_NAMES = ("out_lin", "o_proj", "out_proj", "o")  # an output projection beside query/key/value
+BIAS_HEADS = "position_bias_heads"  # buffer: the heads of a position bias shared by all layers that one keeps
 HEAD_COUNT_NAMES = ("num_attention_heads", "n_heads", "num_heads")  # what attention modules call their query heads
 FUSED_NAMES = ("c_attn", "c_proj")  # GPT-2: one projection for query, key and value, and the output projection
 # (input projections, output projection) of a feed-forward block, relative to the module holding it:
@@ -139,6 +143,55 @@ class Block:
         shrink_layer(self.output, 1, _unit_columns(kept, self.size))
         if self.attention is not None:
             sync_head_counts(self.attention, *self.head_counts())
+            if "position_bias" in inspect.signature(type(self.attention).forward).parameters:
+                keep_bias_heads(self.attention, kept)
+
+
+def keep_bias_heads(attention: nn.Module, kept: torch.Tensor) -> None:
+    """An attention module that is handed one position bias for all layers (MPNet) keeps only its
+    heads' slice of it: the kept indices are a buffer (saved with the model) that a forward
+    pre-hook selects with. A later removal indexes into the heads already kept."""
+    current = getattr(attention, BIAS_HEADS, None)
+    if current is None:
+        attention.register_buffer(BIAS_HEADS, kept.clone())
+        attention.register_forward_pre_hook(_slice_position_bias, with_kwargs=True)
+    else:
+        setattr(attention, BIAS_HEADS, current[kept])
+
+
+def _slice_position_bias(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the position bias argument ([batch, heads, queries, keys]) cut to the
+    module's kept heads, whether it came by position or by name."""
+    heads = getattr(module, BIAS_HEADS)
+    index = list(inspect.signature(type(module).forward).parameters).index("position_bias") - 1  # less self
+    if len(args) > index and args[index] is not None:
+        args = (*args[:index], args[index].index_select(1, heads), *args[index + 1:])
+    elif kwargs.get("position_bias") is not None:
+        kwargs = {**kwargs, "position_bias": kwargs["position_bias"].index_select(1, heads)}
+    return args, kwargs
+
+
+def restore_bias_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Give a model built full size the slices of the shared position bias that ``state`` (a
+    file's tensors) keeps, so its kept-head buffers and their hooks are there to take them. Each
+    must be distinct head indices of the bias, as many as the layer's query projection has heads:
+    anything else would fail, or index the wrong heads, only when the model runs."""
+    modules = dict(model.named_modules())
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        attention = modules.get(owner)  # a key naming no module is reported by the fit check
+        if name != BIAS_HEADS or attention is None or hasattr(attention, BIAS_HEADS) \
+                or "position_bias" not in inspect.signature(type(attention).forward).parameters:
+            continue
+        query = next((state.get(f"{owner}.{names[0]}.weight") for names in QKV_NAMES
+                      if f"{owner}.{names[0]}.weight" in state), None)
+        heads, size = getattr(attention, "num_attention_heads", None), _head_size(attention)
+        if not (tensor.dtype == torch.int64 and tensor.dim() == 1 and isinstance(heads, int) and size
+                and query is not None and len(tensor) * size == query.shape[0]
+                and len(set(tensor.tolist())) == len(tensor) and all(0 <= h < heads for h in tensor.tolist())):
+            raise NetshrinkError(f"{source}: {key} is not a list of distinct heads of this model's position bias, "
+                                 "one per head its query projection keeps")
+        keep_bias_heads(attention, torch.zeros(tensor.shape, dtype=tensor.dtype))
 
 
 def sync_head_counts(attention: nn.Module, heads: int, key_value_heads: int) -> None:
@@ -354,8 +407,8 @@ class RemoveHeads(Method):
         if not attention and (not found or any(fraction < 1 for fraction in each_value(self.heads))):
             raise NetshrinkError(
                 f"{type(model).__name__} has no attention block netshrink can remove heads from (query/key/value "
-                "Linear layers or GPT-2's fused c_attn, with a head size; T5 and MPNet, which add one position bias "
-                "to every layer's heads, are not supported)" + (
+                "Linear layers or GPT-2's fused c_attn, with a head size; T5, whose first layer makes the position "
+                "bias every layer adds to its heads, is not supported)" + (
                     ": pass heads=1.0 to remove its feed-forward neurons only" if found else
                     " and no feed-forward block (intermediate/output, fc1/fc2 or gate/up/down Linear layers): "
                     "use remove_units for other models"))
