@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -143,8 +144,15 @@ class Block:
         shrink_layer(self.output, 1, _unit_columns(kept, self.size))
         if self.attention is not None:
             sync_head_counts(self.attention, *self.head_counts())
-            if "position_bias" in inspect.signature(type(self.attention).forward).parameters:
+            if _bias_argument(self.attention) is not None:
                 keep_bias_heads(self.attention, kept)
+
+
+def _bias_argument(attention: nn.Module) -> int | None:
+    """Where an attention module's forward takes a position bias handed to every layer (MPNet):
+    its position among the arguments after ``self``, or None if it takes none."""
+    names = list(inspect.signature(type(attention).forward).parameters)
+    return names.index("position_bias") - 1 if "position_bias" in names else None
 
 
 def keep_bias_heads(attention: nn.Module, kept: torch.Tensor) -> None:
@@ -154,16 +162,17 @@ def keep_bias_heads(attention: nn.Module, kept: torch.Tensor) -> None:
     current = getattr(attention, BIAS_HEADS, None)
     if current is None:
         attention.register_buffer(BIAS_HEADS, kept.clone())
-        attention.register_forward_pre_hook(_slice_position_bias, with_kwargs=True)
+        # where the bias comes is read once here, not on every forward
+        attention.register_forward_pre_hook(partial(_slice_position_bias, index=_bias_argument(attention)),
+                                            with_kwargs=True)
     else:
         setattr(attention, BIAS_HEADS, current[kept])
 
 
-def _slice_position_bias(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: the position bias argument ([batch, heads, queries, keys]) cut to the
-    module's kept heads, whether it came by position or by name."""
+def _slice_position_bias(module: nn.Module, args: tuple, kwargs: dict, *, index: int):
+    """Forward pre-hook: the position bias argument ([batch, heads, queries, keys], argument
+    ``index`` after ``self``) cut to the module's kept heads, whether it came by position or by name."""
     heads = getattr(module, BIAS_HEADS)
-    index = list(inspect.signature(type(module).forward).parameters).index("position_bias") - 1  # less self
     if len(args) > index and args[index] is not None:
         args = (*args[:index], args[index].index_select(1, heads), *args[index + 1:])
     elif kwargs.get("position_bias") is not None:
@@ -181,7 +190,7 @@ def restore_bias_heads(model: nn.Module, state: dict[str, torch.Tensor], source:
         owner, _, name = key.rpartition(".")
         attention = modules.get(owner)  # a key naming no module is reported by the fit check
         if name != BIAS_HEADS or attention is None or hasattr(attention, BIAS_HEADS) \
-                or "position_bias" not in inspect.signature(type(attention).forward).parameters:
+                or _bias_argument(attention) is None:
             continue
         query = next((state.get(f"{owner}.{names[0]}.weight") for names in QKV_NAMES
                       if f"{owner}.{names[0]}.weight" in state), None)
