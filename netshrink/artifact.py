@@ -750,24 +750,27 @@ def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: 
     transform_state = _split_transform_state(state)
     _values_from_codes(manifest, state, transform_state, source)
     converted = manifest.get("linear_from_conv1d", [])
-    with preserved(model):  # a model that does not fit keeps its Conv1D layers
-        _as_stored(model, converted, state, source)
-        _check_fits(model, state, quantized, source)
-    if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
-        model = model_from_spec(manifest["model"])
-    with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
-        _as_stored(model, converted, state, source)
-        remove_transforms(model, keep_values=False)
-        detach_all(model, fold_smoothing=False)  # the stored weights replace these below
-        modules = dict(model.named_modules())
-        for layer, bits in quantized.items():
-            smooth = state.get(f"{layer}.input_quantizer.smooth")
-            attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
-        _fit_shapes(model, state)
-        sync_attention(model)
-        _assign(model, state)
-        if restore and manifest.get("transforms"):
-            restore_transforms(model, manifest["transforms"], transform_state)
+    checked = model
+    # Everything below restores the structure on failure, the file's form (Conv1D layers as
+    # Linear, kept-head buffers) included: a model handed in that the file does not fit is left as it was.
+    with preserved(checked):
+        _as_stored(checked, converted, state, source)
+        _check_fits(checked, state, quantized, source)
+        if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
+            model = model_from_spec(manifest["model"])
+            _as_stored(model, converted, state, source)
+        with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
+            remove_transforms(model, keep_values=False)
+            detach_all(model, fold_smoothing=False)  # the stored weights replace these below
+            modules = dict(model.named_modules())
+            for layer, bits in quantized.items():
+                smooth = state.get(f"{layer}.input_quantizer.smooth")
+                attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
+            _fit_shapes(model, state)
+            sync_attention(model)
+            _assign(model, state)
+            if restore and manifest.get("transforms"):
+                restore_transforms(model, manifest["transforms"], transform_state)
     model.eval()
     model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model

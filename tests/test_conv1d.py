@@ -109,6 +109,20 @@ def test_refused_calls_and_mismatched_files_leave_conv1d_layers_as_they_were(tmp
     assert isinstance(fresh.h[0].attn.c_attn, Conv1D)
 
 
+def test_a_load_failing_after_its_checks_leaves_conv1d_layers_as_they_were(tmp_path, monkeypatch):
+    compressed = tiny_gpt2()
+    netshrink.prune(compressed, keep=0.5)
+    netshrink.save(compressed, tmp_path / "gpt2.nsk")
+    def failing(*_):  # a failure after the file was found to fit: the model handed in is still put back
+        raise netshrink.NetshrinkError("simulated failure while taking the stored weights")
+
+    monkeypatch.setattr("netshrink.artifact._assign", failing)
+    fresh = tiny_gpt2()
+    with pytest.raises(netshrink.NetshrinkError, match="simulated"):
+        netshrink.load(tmp_path / "gpt2.nsk", model=fresh)
+    assert isinstance(fresh.h[0].attn.c_attn, Conv1D) and fresh.h[0].attn.c_attn.weight.shape == (32, 96)
+
+
 def test_auto_chooses_settings_for_conv1d_layers_and_its_model_round_trips(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=120, n_positions=32, n_embd=32, n_layer=2, n_head=4, num_labels=2,
