@@ -46,14 +46,14 @@ from .codec import weights as codec
 from .codec.grids import round_within
 from .codec.streams import Reader, write_varint
 from .errors import NetshrinkError
-from .files import atomic_write
+from .files import atomic_write, open_regular
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
 from .methods.conv1d import LinearFromConv1D, as_linear, is_conv1d
 from .methods.grid import expand, last_fixed_grid
-from .methods.heads import restore_bias_heads, sync_attention
+from .methods.heads import check_bias_heads, restore_bias_heads, sync_attention
 from .methods.prune import Mask
-from .methods.base import (COMPRESSIBLE, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
+from .methods.base import (COMPRESSIBLE, LINEAR_CONV, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
 
@@ -218,6 +218,7 @@ def to_bytes(model: nn.Module, *, recipe: list | None = None, info: dict | None 
              max_error: float | None = None) -> bytes:
     """The bytes :func:`save` writes for ``model`` (see :func:`write_model`)."""
     check_max_error(max_error)
+    check_notes(recipe, info)
     buffer = io.BytesIO()
     write_model(buffer, model, recipe=recipe, info=info, max_error=max_error)
     return buffer.getvalue()
@@ -260,11 +261,14 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     seen: dict[tuple, str] = {}
     give_back = _GiveBack()
     parameters = _roundable(model) if max_error else set()
+    nonfinite: list[str] = []
     for name, array in itertools.chain(stored_items(model), transform_arrays.items()):
         extras: dict[str, Any] = {}
         if name in grids:
             extras["grid"], grid = grids[name]
             array = grid_codes(array, grid)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # loading refuses inf/NaN anywhere else
+            nonfinite.append(name)
         if array.dtype == np.float32 and name in parameters:  # never a grid's codes: those layers have transforms
             array, parts = _within(array, max_error)
         elif array.dtype == np.float32:
@@ -289,7 +293,7 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     converted = [name for name, module in model.named_modules() if isinstance(module, LinearFromConv1D)]
     manifest.update({key: value for key, value in (("recipe", recipe), ("activation_quantizers", quantizers),
                                                    ("transforms", records), ("info", info),
-                                                   ("linear_from_conv1d", converted)) if value})
+                                                   ("linear_from_conv1d", converted), ("nonfinite", nonfinite)) if value})
     with payloads:
         return write_file(out, json.dumps(manifest, separators=(",", ":")), payloads)
 
@@ -445,7 +449,23 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     check_max_error(max_error)
+    check_notes(recipe, info)
     return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+
+
+def check_notes(recipe: list | None, info: dict | None) -> None:
+    """What a file records beside the weights is JSON: ``recipe`` a list, ``info`` a dict, of
+    strings, finite numbers, booleans, None, lists and dicts (NaN is not JSON; loading refuses it)."""
+    for label, value, kind in (("recipe", recipe, list), ("info", info, dict)):
+        if value is None:
+            continue
+        if not isinstance(value, kind):
+            raise NetshrinkError(f"{label} must be a {kind.__name__} or None. Received: {label}={str(value)[:80]}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise NetshrinkError(f"{label} must hold only strings, finite numbers, booleans, None, lists and dicts "
+                                 f"({_first_line(exc)}). Received: {label}={str(value)[:80]}") from None
 
 
 def check_max_error(max_error) -> None:
@@ -537,9 +557,7 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
     total = 0
     for name, entry in tensors.items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
-                and isinstance(entry.get("sha", ""), str)):
+        if not (_is_shape(shape) and isinstance(entry.get("sha", ""), str)):
             raise _corrupt(source, f"bad entry for tensor {name!r}")
         if name in copies:
             original = tensors.get(entry["same_as"]) if isinstance(entry["same_as"], str) else None
@@ -573,26 +591,42 @@ def _check_manifest(manifest: Any, stored: dict[str, np.ndarray], source: str) -
     converted = manifest.get("linear_from_conv1d", [])
     if not (isinstance(converted, list) and all(isinstance(name, str) and name for name in converted)):
         raise _corrupt(source, "bad list of Conv1D layers stored as Linear")
+    nonfinite = manifest.get("nonfinite", [])
+    if not (isinstance(nonfinite, list) and all(isinstance(name, str) and name in tensors for name in nonfinite)):
+        raise _corrupt(source, "bad list of tensors saved with inf or NaN")
 
 
-def read_manifest(data: bytes, source: str = "file") -> tuple[dict, dict[str, np.ndarray]]:
+def _is_shape(shape: Any) -> bool:
+    """A list of at most ``MAX_DIMS`` non-negative ints (not bools), each below 2**40."""
+    return (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(type(d) is int and 0 <= d < 1 << 40 for d in shape))
+
+
+def read_manifest(data: bytes, source: str = "file", *, allow_unchecked: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """The checked manifest and the stored (still encoded) arrays of a file's bytes."""
     header = _header(data, source)
     metadata = header.get("__metadata__", {})
     if KEY not in metadata:
         raise NetshrinkError(f"{source} is a safetensors file but not a netshrink file")
-    if isinstance(metadata[KEY], str) and metadata[KEY].isdigit():
-        manifest, stored = _read_format3(data, header, source)
+    version = metadata[KEY]
+    if isinstance(version, str) and version.isdigit():  # formats 3-5: the version is all the field says
+        if not (version.isascii() and len(version) <= 4):
+            raise _corrupt(source, f"format version {version[:20]!r}")
+        manifest, stored = _read_format3(data, header, int(version), source)
     else:  # formats 1 and 2 (small files of the first versions) are read whole
-        manifest, stored = _read_format2(data[:] if isinstance(data, FileBytes) else data, metadata, source)
+        manifest, stored = _read_format2(data[:] if isinstance(data, FileBytes) else data, metadata, source,
+                                         allow_unchecked)
     _check_manifest(manifest, stored, source)
     return manifest, stored
 
 
-def _read_format2(data: bytes, metadata: dict, source: str) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_format2(data: bytes, metadata: dict, source: str, allow_unchecked: bool) -> tuple[dict, dict[str, np.ndarray]]:
     """Formats 1 and 2: the manifest in the metadata, one safetensors tensor per stored tensor."""
     if DIGEST_KEY in metadata:
         _verify_digest(data, metadata, source)
+    elif not allow_unchecked:
+        raise NetshrinkError(f"{source} is a format-1 file (netshrink 0.1), which has no checksum: an edit to it "
+                             "cannot be detected. If you trust it, load it with allow_unchecked=True and save it again")
     try:
         manifest = json.loads(metadata[KEY])
     except (ValueError, TypeError, RecursionError):
@@ -606,14 +640,13 @@ def _read_format2(data: bytes, metadata: dict, source: str) -> tuple[dict, dict[
     try:
         stored = st_load(bytes(data))
     except Exception as exc:  # safetensors raises several types for inconsistent headers
-        raise _corrupt(source, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'bad layout'}") from None
+        raise _corrupt(source, f"{type(exc).__name__}: {_first_line(exc)}") from None
     return manifest, stored
 
 
-def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_format3(data: bytes, header: dict, version: int, source: str) -> tuple[dict, dict[str, np.ndarray]]:
     """Format 3: one uint8 blob (see :func:`to_bytes`); returns the manifest with its tensor table
     as ``{name: entry}`` and each stored tensor's payload (float32: still encoded)."""
-    version = int(header["__metadata__"][KEY])
     if version not in READS:
         raise NetshrinkError(f"{source} has format version {version}; this netshrink reads "
                              f"{', '.join(map(str, READS))}")
@@ -660,8 +693,7 @@ def _read_format3(data: bytes, header: dict, source: str) -> tuple[dict, dict[st
         if not (isinstance(dtype, str) and len(dtype) == 3 and dtype[0] in "<|" and dtype[1] in "biuf" and dtype[2] in "1248"):
             raise _corrupt(source, f"bad dtype for tensor {name!r}")
         itemsize = np.dtype(dtype).itemsize
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) \
-                or length != itemsize * math.prod(shape):
+        if not _is_shape(shape) or length != itemsize * math.prod(shape):
             raise _corrupt(source, f"tensor {name!r} does not fill its shape")
         stored[name] = np.frombuffer(_bytes_at(data, start, offset), dtype=dtype).reshape(shape)
     if offset != len(data):
@@ -721,9 +753,11 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dic
         if tuple(tensor.shape) != tuple(current.shape):
             owner_name, _, attribute = key.rpartition(".")
             owner = modules.get(owner_name)
-            resizable = (isinstance(owner, (*COMPRESSIBLE, nn.modules.batchnorm._BatchNorm))
+            # Structured pruning only removes units: a stored layer may be narrower than the
+            # model's, never wider (so decoding it costs no more than the model holds).
+            resizable = (isinstance(owner, (*LINEAR_CONV, nn.modules.batchnorm._BatchNorm))
                          and (getattr(owner, "groups", 1) == 1 or is_depthwise(owner) and tensor.shape[1:] == current.shape[1:])
-                         and tensor.dim() == current.dim()
+                         and tensor.dim() == current.dim() and all(s <= c for s, c in zip(tensor.shape, current.shape))
                          and attribute in ("weight", "bias", "running_mean", "running_var"))
             if not resizable:
                 raise NetshrinkError(f"{source} does not fit this model: {key} is {list(tensor.shape)} in the file, "
@@ -731,49 +765,192 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], quantized: dic
 
 
 def from_bytes(data: bytes | FileBytes, model: nn.Module | None = None, source: str = "file", *,
-               restore: bool = True) -> nn.Module:
+               restore: bool = True, allow_unchecked: bool = False) -> nn.Module:
     """Rebuild a model from bytes written by :func:`to_bytes` (see :func:`load`)."""
     if model is not None and not isinstance(model, nn.Module):
         raise NetshrinkError(f"model must be a torch.nn.Module. Received: {type(model).__name__}")
-    manifest, stored = read_manifest(data, source)
+    try:
+        return _from_bytes(data, model, source, restore, allow_unchecked)
+    except MemoryError:  # its message may be empty: say what happened, in one line
+        raise NetshrinkError(f"{source}: not enough memory to load it") from None
+
+
+def _from_bytes(data: bytes | FileBytes, model: nn.Module | None, source: str, restore: bool,
+                allow_unchecked: bool) -> nn.Module:
+    manifest, stored = read_manifest(data, source, allow_unchecked=allow_unchecked)
     quantized = manifest.get("activation_quantizers", {})
+    placeholders = _placeholders(manifest, stored)
     rebuilt = model is None
     if rebuilt:
         if not manifest.get("model"):
             raise NetshrinkError(f"{source} holds a model netshrink cannot rebuild by itself; "
                                  "pass model=<an instance of the same architecture>")
-        with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
-            model = model_from_spec(manifest["model"])
-    state = _decode_all(manifest, stored, source)
-    if isinstance(data, FileBytes):
-        data.check_unchanged()
-    transform_state = _split_transform_state(state)
-    _values_from_codes(manifest, state, transform_state, source)
+        largest = max((d for entry in manifest["tensors"].values() for d in entry["shape"]), default=1)
+        with torch.device("meta"):  # shapes only: the stored tensors become its weights, nothing else is allocated
+            model = model_from_spec(manifest["model"], largest, len(manifest["tensors"]))
     converted = manifest.get("linear_from_conv1d", [])
-    checked = model
     # Everything below restores the structure on failure, the file's form (Conv1D layers as
     # Linear, kept-head buffers) included: a model handed in that the file does not fit is left as it was.
-    with preserved(checked):
-        _as_stored(checked, converted, state, source)
-        _check_fits(checked, state, quantized, source)
-        if rebuilt:  # shapes checked on the meta device; now build it for real (buffers initialised)
-            model = model_from_spec(manifest["model"])
-            _as_stored(model, converted, state, source)
-        with preserved(model):  # nothing below writes into the model's tensors: the structure restores it
-            remove_transforms(model, keep_values=False)
-            detach_all(model, fold_smoothing=False)  # the stored weights replace these below
-            modules = dict(model.named_modules())
-            for layer, bits in quantized.items():
-                smooth = state.get(f"{layer}.input_quantizer.smooth")
-                attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
-            _fit_shapes(model, state)
-            sync_attention(model)
-            _assign(model, state)
-            if restore and manifest.get("transforms"):
-                restore_transforms(model, manifest["transforms"], transform_state)
-    model.eval()
+    with preserved(model):
+        _as_stored(model, converted, placeholders, source)
+        _check_fits(model, {k: v for k, v in placeholders.items() if STATE_KEY not in k}, quantized, source)
+        if rebuilt:
+            _check_unstored_buffers(model, placeholders, source)
+        # Only now, every shape checked against the model that will hold it, are payloads decoded.
+        state = _decode_all(manifest, stored, source)
+        if isinstance(data, FileBytes):
+            data.check_unchanged()
+        transform_state = _split_transform_state(state)
+        _values_from_codes(manifest, state, transform_state, source)
+        check_bias_heads(model, state, source)
+        _check_finite(state, manifest.get("nonfinite", []), source)
+        remove_transforms(model, keep_values=False)
+        detach_all(model, fold_smoothing=False)  # the stored weights replace these below
+        modules = dict(model.named_modules())
+        for layer, bits in quantized.items():
+            smooth = state.get(f"{layer}.input_quantizer.smooth")
+            attach(modules[layer], ActivationQuantizer(int(bits), smooth=None if smooth is None else torch.ones_like(smooth)))
+        _fit_shapes(model, state)
+        sync_attention(model)
+        _assign(model, state)
+        if rebuilt:
+            _materialize_unstored(model, source)
+        if restore and manifest.get("transforms"):
+            restore_transforms(model, manifest["transforms"], transform_state)
+        model.eval()
+        _check_runs(model, manifest, source)
     model.netshrink_manifest = {k: manifest.get(k) for k in ("recipe", "info")}  # type: ignore[assignment]
     return model
+
+
+def _placeholders(manifest: dict, stored: dict) -> dict[str, torch.Tensor]:
+    """Each tensor the file stores as an empty tensor of its shape and dtype on the meta device:
+    what the model is checked against before any payload is decoded."""
+    out = {}
+    for name, entry in manifest["tensors"].items():
+        source = manifest["tensors"][entry["same_as"]] if "same_as" in entry else entry
+        original = entry.get("same_as", name)
+        dtype = torch.float32 if "enc" in source else torch.from_numpy(np.zeros(0, dtype=stored[original].dtype)).dtype
+        out[name] = torch.empty(entry["shape"], dtype=dtype, device="meta")
+    return out
+
+
+def _check_unstored_buffers(model: nn.Module, placeholders: dict[str, torch.Tensor], source: str) -> None:
+    """A rebuilt model's buffers that files do not store (a transformers model's position ids,
+    rotary frequencies) are computed when it is built: their size, which its config sets, may not
+    exceed what the file's tensors come to (or 16 MiB for a small model)."""
+    stored = set(model.state_dict())
+    unstored = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in stored)
+    allowed = max(1 << 24, sum(t.numel() * t.element_size() for t in placeholders.values()))
+    if unstored > allowed:
+        raise NetshrinkError(f"{source}: its model's config asks for {unstored / 2**20:.0f} MiB of computed buffers, "
+                             f"more than its {allowed / 2**20:.0f} MiB of stored tensors; the config was changed")
+
+
+def _materialize_unstored(model: nn.Module, source: str) -> None:
+    """Give a model built on the meta device the tensors files do not store. A transformers model
+    (version 5 and later) computes its non-persistent buffers in its own weight initialisation
+    (as its ``from_pretrained`` does after building on the meta device), which skips every tensor
+    marked as loaded; any other model must have had every tensor in the file."""
+    left = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left and hasattr(model, "initialize_weights") and hasattr(model, "named_non_persistent_buffers"):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if not tensor.is_meta:
+                tensor._is_hf_initialized = True
+        for name, buffer in list(model.named_non_persistent_buffers()):
+            if buffer.is_meta:
+                owner_name, _, attribute = name.rpartition(".")
+                owner = model.get_submodule(owner_name) if owner_name else model
+                owner.register_buffer(attribute, torch.empty_like(buffer, device="cpu"), persistent=False)
+        try:
+            model.initialize_weights()
+        except Exception as exc:  # noqa: BLE001 - the library's own complaint, in one line
+            raise NetshrinkError(f"{source}: its model cannot compute its buffers: {_first_line(exc)}") from None
+        left = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise NetshrinkError(f"{source} does not hold every tensor its model needs (e.g. {left[0]}); "
+                             "pass model=<an instance of the same architecture>")
+
+
+def _check_finite(state: dict[str, torch.Tensor], declared: list, source: str) -> None:
+    """Stored floats are finite, except in tensors the file says were saved with inf or NaN."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and name not in declared and not bool(torch.isfinite(tensor).all()):
+            raise NetshrinkError(f"{source}: tensor {name!r} holds inf or NaN, which it was not saved with")
+
+
+def _example_input(model: nn.Module, spec: Any):
+    """A tiny input the model takes, where the file says what its input is: a zoo model's image
+    (from its spec), a transformers model's own dummy inputs; None for a caller's model."""
+    if isinstance(spec, dict) and "in_shape" in spec:
+        return torch.rand((1, *spec["in_shape"]), generator=torch.Generator().manual_seed(0))
+    config = getattr(model, "config", None)
+    if isinstance(spec, dict) and "transformers" in spec and getattr(model, "main_input_name", None) == "input_ids" \
+            and not any(hasattr(config, part) for part in ("vision_config", "audio_config")):
+        try:  # token ids the smallest vocabulary holds (and the decoder's, for encoder-decoder models)
+            example = dict(model.dummy_inputs)
+        except Exception:  # noqa: BLE001 - a model class without dummy inputs: checked by structure only
+            return None
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in example:
+            example["decoder_input_ids"] = example["input_ids"]
+        return example
+    return None  # images, audio, several inputs, a caller's model: checked by structure only
+
+
+def _check_runs(model: nn.Module, manifest: dict, source: str) -> None:
+    """A loaded model must run: every layer's tensors agree with each other and with its sizes,
+    and where the file says what the input is, one forward pass on a tiny input gives finite
+    outputs (unless the file was saved with non-finite tensors)."""
+    for name, module in model.named_modules():
+        problem = _layer_problem(module)
+        if problem:
+            raise NetshrinkError(f"{source} loads a model that cannot run: {name or 'the model'} {problem}")
+    example = _example_input(model, manifest.get("model"))
+    if example is None:
+        return
+    try:
+        with torch.no_grad():
+            out = model(**example) if isinstance(example, dict) else model(example)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the file's
+        raise NetshrinkError(f"{source} loads a model that cannot run: {_first_line(exc)}") from None
+    if not manifest.get("nonfinite") and not all(bool(torch.isfinite(t).all()) for t in _tensors_in(out)):
+        raise NetshrinkError(f"{source} loads a model whose outputs are inf or NaN")
+
+
+def _layer_problem(module: nn.Module) -> str | None:
+    """What makes one layer's tensors disagree with each other, if anything."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(module, LINEAR_CONV) and torch.is_tensor(weight):
+        if weight.dim() < 2:
+            return f"has a weight of shape {list(weight.shape)}"
+        if torch.is_tensor(bias) and tuple(bias.shape) != (weight.shape[0],):
+            return f"has {list(bias.shape)} biases for {weight.shape[0]} outputs"
+    elif isinstance(module, nn.Embedding) and torch.is_tensor(weight) and weight.dim() != 2:
+        return f"has an embedding table of shape {list(weight.shape)}"
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        sizes = {t.shape for t in (weight, bias, module.running_mean, module.running_var) if torch.is_tensor(t)}
+        if len(sizes) > 1:
+            return "has statistics and scales of different sizes"
+    elif isinstance(module, nn.LayerNorm) and torch.is_tensor(weight):
+        if tuple(weight.shape) != tuple(module.normalized_shape) or torch.is_tensor(bias) and bias.shape != weight.shape:
+            return f"normalises {list(module.normalized_shape)} with scales of shape {list(weight.shape)}"
+    return None
+
+
+def _tensors_in(value) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _as_stored(model: nn.Module, names: list[str], state: dict[str, torch.Tensor], source: str) -> None:
@@ -839,7 +1016,8 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         sync_sizes(owner)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bool = True) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bool = True,
+         allow_unchecked: bool = False) -> nn.Module:
     """Load a netshrink file. Zoo models are rebuilt from the file; for any other architecture pass
     an instance as ``model`` and its weights are replaced. Weights are bit-identical to those saved.
 
@@ -847,12 +1025,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     saved (pruning masks, quantization grids, codebooks, clipping), so fine-tuning the loaded
     model keeps pruned weights at zero and weights on their grid; ``restore=False`` returns plain
     weights (what :func:`netshrink.bake` gives). A file that fails any check raises one
-    :class:`NetshrinkError` and ``model`` is left as it was.
+    :class:`NetshrinkError` and ``model`` is left as it was. Loading never reaches the network.
+
+    Files of format 1 (netshrink 0.1) carry no checksum: they load only with
+    ``allow_unchecked=True`` (for a file you trust); save them again to get a checked file.
     """
+    if not isinstance(allow_unchecked, bool):
+        raise NetshrinkError(f"allow_unchecked must be True or False. Received: allow_unchecked={allow_unchecked!r}")
     path = Path(path)
-    try:
-        file = open(path, "rb")
-    except (OSError, TypeError) as exc:
-        raise NetshrinkError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    with file:  # read a piece at a time: the file is never held whole in memory
-        return from_bytes(FileBytes(file, str(path)), model, source=str(path), restore=restore)
+    with open_regular(path) as file:  # read a piece at a time: the file is never held whole in memory
+        return from_bytes(FileBytes(file, str(path)), model, source=str(path), restore=restore,
+                          allow_unchecked=allow_unchecked)

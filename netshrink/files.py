@@ -1,4 +1,8 @@
-"""Writing files safely: every file netshrink writes goes through :func:`atomic_write`.
+"""Reading and writing files safely: every file netshrink reads from a user's path is opened by
+:func:`open_regular`, and every file it writes goes through :func:`atomic_write`.
+
+* Only regular files are read: a FIFO nobody writes to, a device or a folder would hang or never
+  end, so each is refused before a byte is read (opened without blocking, then checked).
 
 * The bytes go to a temporary file in the target's folder, are flushed to disk, then renamed over
   the target: a reader sees the old file or the new one, never half of one.
@@ -11,11 +15,30 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from .errors import NetshrinkError
+
+
+def open_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+    """``path`` opened for binary reading, or one NetshrinkError if it cannot be read or is not
+    a regular file. Opening does not block (a FIFO's open would wait for a writer)."""
+    try:
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, TypeError, ValueError) as exc:
+        raise NetshrinkError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise NetshrinkError(f"cannot read {what} {path}: not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(handle, True)
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
 
 
 def _umask() -> int:

@@ -8,8 +8,10 @@ checkpoints and compressed files store instead of pickled code.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -112,35 +114,102 @@ def spec_of(model: nn.Module) -> dict | None:
     return None
 
 
-def _transformers_model(spec: dict) -> nn.Module:
+# Config fields that name code or a repository to fetch it from: a file may not carry them.
+CODE_FIELDS = frozenset({"auto_map", "trust_remote_code", "quantization_config", "kernel_config", "use_kernels",
+                         "custom_pipelines", "adapter_config"})
+# The attention (and experts) implementations a rebuilt model may use: PyTorch's own. Any other
+# value (a Hub kernel repository such as "org/repo", flash attention) makes transformers fetch code.
+BUILT_IN_IMPLEMENTATIONS = (None, "eager", "sdpa")
+MAX_LABELS = 1 << 16
+def _counts_modules(key: str) -> bool:
+    """A config field that sets how many modules are built (layers, experts, blocks), each of
+    which stores at least one tensor; not an index or a limit (``max_window_layers``)."""
+    return any(word in key for word in ("layer", "expert", "block")) and not key.startswith(("max_", "first_", "last_")) \
+        and not key.endswith(("_index", "_idx", "_per_tok", "_size"))
+
+
+def check_config(config: dict, largest_dim: int, tensor_count: int, where: str = "config") -> None:
+    """Refuse, before anything is built, a recorded transformers config that names code or a
+    repository, or whose sizes cannot be those of the stored tensors: counts of modules (layers,
+    experts, blocks) beyond the number of stored tensors, label maps longer than the largest stored
+    dimension, numbers beyond what netshrink rebuilds. The sizes that shape weights are compared
+    with the stored tensors once the model exists on the meta device (``artifact``)."""
+    def refuse(what: str) -> NetshrinkError:
+        return NetshrinkError(f"bad model spec: {where}.{what}")
+
+    for key, value in config.items():
+        if not isinstance(key, str):
+            raise refuse(f"{key!r} is not a field name")
+        if key in CODE_FIELDS:
+            raise refuse(f"{key} names code to load; a netshrink file never rebuilds a model with it")
+        if key.endswith(("_implementation", "_implementation_internal")):
+            chosen = value.values() if isinstance(value, dict) else [value]
+            if not all(v in BUILT_IN_IMPLEMENTATIONS for v in chosen):
+                raise refuse(f"{key}={str(value)[:60]!r} is not one of PyTorch's own (eager, sdpa)")
+        if key in ("id2label", "label2id"):
+            if not isinstance(value, dict) or len(value) > min(MAX_LABELS, max(largest_dim, 1)):
+                raise refuse(f"{key} has {len(value) if isinstance(value, dict) else 'no'} labels; "
+                             f"the stored tensors have at most {largest_dim} rows")
+        elif isinstance(value, dict):
+            check_config(value, largest_dim, tensor_count, f"{where}.{key}")
+        elif isinstance(value, list):
+            if len(value) > MAX_LABELS:
+                raise refuse(f"{key} has {len(value)} entries")
+            for item in value:
+                if isinstance(item, dict):
+                    check_config(item, largest_dim, tensor_count, f"{where}.{key}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            limit = tensor_count if _counts_modules(key) else 1 << 24  # sizes: compared with the stored shapes
+            if not -1 <= value <= limit:
+                raise refuse(f"{key}={value} is beyond what netshrink rebuilds from this file ({limit})")
+
+
+@contextlib.contextmanager
+def _offline_hub() -> Iterator[None]:
+    """Hugging Face's offline mode for the length of a rebuild (so no code path inside it reaches
+    the network, whatever a config says), restored afterwards."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _transformers_model(spec: dict, largest_dim: int, tensor_count: int) -> nn.Module:
     """Rebuild a Hugging Face model from its recorded class and config: only classes of the
-    installed transformers library (never remote code), and only PreTrainedModel subclasses."""
+    installed transformers library (never remote code, never a Hub kernel, no network), and only
+    PreTrainedModel subclasses, with the config checked first (:func:`check_config`)."""
     try:
         import transformers
     except ImportError:
-        raise NetshrinkError(f"this file holds a transformers {spec.get('transformers')!r} model: pip install "
+        raise NetshrinkError(f"this file holds a transformers {str(spec.get('transformers'))[:80]!r} model: pip install "
                              "transformers, or pass model=<an instance>") from None
-    cls = getattr(transformers, str(spec.get("transformers")), None)
-    config = spec.get("config")
+    name, config = spec.get("transformers"), spec.get("config")
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and isinstance(config, dict)):
-        raise NetshrinkError(f"bad model spec: {str(spec.get('transformers'))[:80]!r} is not a transformers model class")
-    # Even on the meta device, building a model costs time per module: a recorded config may not
-    # ask for absurd sizes (the stored tensors are checked against the built shapes afterwards).
-    for key, value in config.items():
-        limit = 1024 if "layers" in key else 1 << 24
-        if isinstance(value, int) and not isinstance(value, bool) and not -1 <= value <= limit:
-            raise NetshrinkError(f"bad model spec: config {key}={value} is beyond what netshrink rebuilds ({limit})")
+        raise NetshrinkError(f"bad model spec: {str(name)[:80]!r} is not a transformers model class")
+    check_config(config, largest_dim, tensor_count)
+    config = {key: value for key, value in config.items() if key != "_name_or_path"}  # where it came from: not needed
     try:
-        return cls(cls.config_class.from_dict(config))
+        with _offline_hub():
+            return cls(cls.config_class.from_dict(config))
     except Exception as exc:  # noqa: BLE001 - the library's own complaint, in one line
-        raise NetshrinkError(f"cannot rebuild {cls.__name__} from the recorded config: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NetshrinkError(f"cannot rebuild {cls.__name__} from the recorded config: {first[:200]}") from None
 
 
-def model_from_spec(spec: dict) -> nn.Module:
+def model_from_spec(spec: dict, largest_dim: int = 1 << 24, tensor_count: int = 1 << 10) -> nn.Module:
     """Rebuild a model from the spec a file stores; every field is checked first (files are
-    input from strangers: a spec must not be able to ask for a huge model)."""
+    input from strangers: a spec must not be able to ask for a huge model). ``largest_dim`` and
+    ``tensor_count`` describe the file's stored tensors, which bound a transformers config's
+    label maps and module counts. Build on PyTorch's ``meta`` device to allocate nothing."""
     if isinstance(spec, dict) and set(spec) == {"transformers", "config"}:
-        return _transformers_model(spec)
+        return _transformers_model(spec, largest_dim, tensor_count)
     if not isinstance(spec, dict) or set(spec) != {"name", "in_shape", "classes"}:
         raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
     name, in_shape, classes = spec["name"], spec["in_shape"], spec["classes"]

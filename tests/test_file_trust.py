@@ -199,9 +199,20 @@ def test_fuzzed_files(trained, digits, tmp_path, kind):
     assert outcomes["error"] > 200
 
 
-def test_version_1_files_still_load():
+def test_version_1_files_load_only_when_the_user_vouches_for_them(tmp_path):
+    """Format 1 has no checksum: an edited file (here 8-bit activations made 4-bit) cannot be told
+    from a good one, so neither loads unless the user says they trust it."""
     expected = json.loads((FIXTURES / "v1-mlp-digits.json").read_text())
-    model = netshrink.load(FIXTURES / "v1-mlp-digits.nsk")
+    data = (FIXTURES / "v1-mlp-digits.nsk").read_bytes()
+    edited = tmp_path / "edited.nsk"
+    edited.write_bytes(data.replace(b'\\"fc1\\":8', b'\\"fc1\\":4', 1))
+    assert edited.read_bytes() != data
+    for path in (FIXTURES / "v1-mlp-digits.nsk", edited):
+        with pytest.raises(netshrink.NetshrinkError, match="no checksum.*allow_unchecked=True"):
+            netshrink.load(path)
+    with pytest.raises(netshrink.NetshrinkError, match="allow_unchecked must be True or False"):
+        netshrink.load(FIXTURES / "v1-mlp-digits.nsk", allow_unchecked="yes")
+    model = netshrink.load(FIXTURES / "v1-mlp-digits.nsk", allow_unchecked=True)
     x = netshrink.load_dataset("digits", "test").tensors[0][:32]
     out = model(x).detach()
     assert torch.allclose(out[0], torch.tensor(expected["first_row"]), atol=1e-5)

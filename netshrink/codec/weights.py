@@ -413,7 +413,9 @@ class Layout:
             most = MAX_LINES_PLAIN if not flags & (MAP | VALUE_CONTEXT) else MAX_LINES_LARGE if rows * width > LARGE else MAX_LINES
             group = max(1, -(-lines // most))
         self.group = group
-        if not 1 <= self.group <= max(lines, 1):
+        # The encoder never writes more than MAX_LINES lines; a stream that claims more (one
+        # decoder call per line) would cost time out of proportion to its bytes.
+        if not 1 <= self.group <= max(lines, 1) or -(-lines // self.group) > MAX_LINES:
             raise NetshrinkError("encoded tensor is corrupt (bad line length)")
         self.line_length = self.group * length
         self.size = rows * width

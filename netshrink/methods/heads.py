@@ -57,7 +57,7 @@ import inspect
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -182,25 +182,42 @@ def _slice_position_bias(module: nn.Module, args: tuple, kwargs: dict, *, index:
 
 def restore_bias_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Give a model built full size the slices of the shared position bias that ``state`` (a
-    file's tensors) keeps, so its kept-head buffers and their hooks are there to take them. Each
-    must be distinct head indices of the bias, as many as the layer's query projection has heads:
-    anything else would fail, or index the wrong heads, only when the model runs."""
+    file's tensors, or placeholders of their shapes on the meta device) keeps, so its kept-head
+    buffers and their hooks are there to take them. Each must be as many head indices as the
+    layer's query projection has heads (:func:`check_bias_heads` checks their values once they
+    are decoded): anything else would fail, or index the wrong heads, only when the model runs."""
+    for key, attention, tensor, query, heads, size in _bias_heads_in(model, state):
+        if hasattr(attention, BIAS_HEADS):
+            continue
+        if not (tensor.dtype == torch.int64 and tensor.dim() == 1 and isinstance(heads, int) and size
+                and query is not None and len(tensor) * size == query.shape[0] and len(tensor) <= heads):
+            raise _bad_bias_heads(source, key)
+        keep_bias_heads(attention, torch.zeros(tensor.shape, dtype=tensor.dtype))
+
+
+def check_bias_heads(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """The kept-head lists of ``state`` (decoded) are distinct heads of each layer's position bias."""
+    for key, _, tensor, _, heads, _ in _bias_heads_in(model, state):
+        values = tensor.tolist()
+        if len(set(values)) != len(values) or not all(0 <= h < heads for h in values):
+            raise _bad_bias_heads(source, key)
+
+
+def _bias_heads_in(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[tuple]:
     modules = dict(model.named_modules())
     for key, tensor in state.items():
         owner, _, name = key.rpartition(".")
         attention = modules.get(owner)  # a key naming no module is reported by the fit check
-        if name != BIAS_HEADS or attention is None or hasattr(attention, BIAS_HEADS) \
-                or _bias_argument(attention) is None:
+        if name != BIAS_HEADS or attention is None or _bias_argument(attention) is None:
             continue
         query = next((state.get(f"{owner}.{names[0]}.weight") for names in QKV_NAMES
                       if f"{owner}.{names[0]}.weight" in state), None)
-        heads, size = getattr(attention, "num_attention_heads", None), _head_size(attention)
-        if not (tensor.dtype == torch.int64 and tensor.dim() == 1 and isinstance(heads, int) and size
-                and query is not None and len(tensor) * size == query.shape[0]
-                and len(set(tensor.tolist())) == len(tensor) and all(0 <= h < heads for h in tensor.tolist())):
-            raise NetshrinkError(f"{source}: {key} is not a list of distinct heads of this model's position bias, "
-                                 "one per head its query projection keeps")
-        keep_bias_heads(attention, torch.zeros(tensor.shape, dtype=tensor.dtype))
+        yield key, attention, tensor, query, getattr(attention, "num_attention_heads", None), _head_size(attention)
+
+
+def _bad_bias_heads(source: str, key: str) -> NetshrinkError:
+    return NetshrinkError(f"{source}: {key} is not a list of distinct heads of this model's position bias, "
+                          "one per head its query projection keeps")
 
 
 def sync_head_counts(attention: nn.Module, heads: int, key_value_heads: int) -> None:
