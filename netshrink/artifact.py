@@ -45,7 +45,7 @@ from .codec import format2 as format2_codec
 from .codec import weights as codec
 from .codec.grids import round_within
 from .codec.streams import Reader, write_varint
-from .errors import NetshrinkError
+from .errors import NetshrinkError, first_line
 from .files import atomic_write, open_regular
 from .methods import TRANSFORMS
 from .methods.activations import ActivationQuantizer, attach, detach_all, input_quantizer
@@ -465,7 +465,7 @@ def check_notes(recipe: list | None, info: dict | None) -> None:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise NetshrinkError(f"{label} must hold only strings, finite numbers, booleans, None, lists and dicts "
-                                 f"({_first_line(exc)}). Received: {label}={str(value)[:80]}") from None
+                                 f"({first_line(exc)}). Received: {label}={str(value)[:80]}") from None
 
 
 def check_max_error(max_error) -> None:
@@ -640,7 +640,7 @@ def _read_format2(data: bytes, metadata: dict, source: str, allow_unchecked: boo
     try:
         stored = st_load(bytes(data))
     except Exception as exc:  # safetensors raises several types for inconsistent headers
-        raise _corrupt(source, f"{type(exc).__name__}: {_first_line(exc)}") from None
+        raise _corrupt(source, f"{type(exc).__name__}: {first_line(exc)}") from None
     return manifest, stored
 
 
@@ -865,7 +865,7 @@ def _materialize_unstored(model: nn.Module, source: str) -> None:
         try:
             model.initialize_weights()
         except Exception as exc:  # noqa: BLE001 - the library's own complaint, in one line
-            raise NetshrinkError(f"{source}: its model cannot compute its buffers: {_first_line(exc)}") from None
+            raise NetshrinkError(f"{source}: its model cannot compute its buffers: {first_line(exc)}") from None
         left = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:
         raise NetshrinkError(f"{source} does not hold every tensor its model needs (e.g. {left[0]}); "
@@ -912,7 +912,7 @@ def _check_runs(model: nn.Module, manifest: dict, source: str) -> None:
         with torch.no_grad():
             out = model(**example) if isinstance(example, dict) else model(example)
     except Exception as exc:  # noqa: BLE001 - any failure here is the file's
-        raise NetshrinkError(f"{source} loads a model that cannot run: {_first_line(exc)}") from None
+        raise NetshrinkError(f"{source} loads a model that cannot run: {first_line(exc)}") from None
     if not manifest.get("nonfinite") and not all(bool(torch.isfinite(t).all()) for t in _tensors_in(out)):
         raise NetshrinkError(f"{source} loads a model whose outputs are inf or NaN")
 
@@ -946,11 +946,6 @@ def _tensors_in(value) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors_in(item)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _as_stored(model: nn.Module, names: list[str], state: dict[str, torch.Tensor], source: str) -> None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import struct
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .errors import NetshrinkError
+from .files import open_regular
 
 from .catalog import DATASETS
 SPLITS = ("train", "test")
+MAX_IDX_VALUES = 1 << 31  # 2 GiB of bytes: over 40 times the largest IDX data set (MNIST's training images)
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -129,17 +133,21 @@ def _mnist_like(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (the format MNIST is published in), gzipped or not."""
-    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError("not an unsigned-byte IDX file")
-        shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        return array.reshape(shape)
-    except (OSError, ValueError, struct.error, EOFError) as exc:
+        with open_regular(path, "IDX file") as raw, (gzip.open(raw, "rb") if str(path).endswith(".gz") else raw) as f:
+            zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+            if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+                raise ValueError("not an unsigned-byte IDX file")
+            shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+            size = math.prod(shape)
+            if size > MAX_IDX_VALUES:
+                raise ValueError(f"its header declares {size:,} values, more than a data set netshrink reads")
+            # Read what the header declares and one byte more: a gzip bomb is never inflated past it.
+            data = f.read(size + 1)
+        if len(data) != size:
+            raise ValueError(f"its header declares {size:,} values and it holds {'more' if len(data) > size else len(data)}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as exc:
         raise NetshrinkError(f"cannot read IDX file {path}: {exc}") from None
 
 

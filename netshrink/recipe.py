@@ -26,13 +26,37 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .errors import NetshrinkError
+from .errors import NetshrinkError, first_line
+from .files import open_regular
 from .methods import REGISTRY
 from .methods.base import Method, apply, preserved
 from .methods.prune import Prune, pruning_schedule
 from .train import Data, Distill, _check_number, check_data, check_model_fits, evaluate, fit, frozen_copy
 
 STEP_KINDS = tuple(REGISTRY) + ("finetune",)
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 64
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases and with a bound on nesting. A recipe is a short list of
+    steps: it never needs an alias, and aliases of aliases (the "billion laughs") make a few lines
+    expand to billions of nodes; deep nesting would exhaust Python's stack."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D102 - yaml's own hook
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "recipes may not use aliases (*name)",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_RECIPE_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_RECIPE_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,9 +205,11 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, name: str = "custom") -> "Recipe":
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader without aliases
         except yaml.YAMLError as exc:
-            raise NetshrinkError(f"recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise NetshrinkError(f"recipe is not valid YAML: {first_line(exc)}") from None
+        except RecursionError:
+            raise NetshrinkError("recipe is not valid YAML: nested too deeply") from None
         if isinstance(data, dict):
             return cls.from_steps(data.get("steps"), data.get("name", name))
         return cls.from_steps(data, name)
@@ -195,10 +221,18 @@ class Recipe:
             text = resources.files("netshrink").joinpath(f"recipes/{name_or_path}.yaml").read_text()
             return cls.from_yaml(text, name_or_path)
         path = Path(name_or_path)
-        if not path.is_file():
+        if not path.exists():
             raise NetshrinkError(f"no recipe {name_or_path!r}: not a built-in ({', '.join(builtin_recipes())}) "
                                  "and no such file")
-        return cls.from_yaml(path.read_text(), path.stem)
+        with open_regular(path, "recipe") as file:
+            data = file.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise NetshrinkError(f"recipe {path} is over {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise NetshrinkError(f"recipe {path} is not UTF-8 text") from None
+        return cls.from_yaml(text, path.stem)
 
     def run(self, model: nn.Module, train: Data, test: Data | None = None, *, seed: int = 0,
             progress: bool = True, on_row=None) -> list[dict]:

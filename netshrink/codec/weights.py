@@ -274,6 +274,8 @@ def decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     raise one NetshrinkError (``constriction`` reports invalid data as an AssertionError)."""
     try:
         return _decode(data, shape)
+    except NetshrinkError:
+        raise
     except (ValueError, IndexError, OverflowError, AssertionError) as exc:
         raise NetshrinkError(f"encoded tensor is corrupt ({type(exc).__name__})") from None
 

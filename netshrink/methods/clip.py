@@ -11,6 +11,8 @@ from torch import nn
 from ..errors import NetshrinkError
 from .base import Method, check_range, per_layer, weight_of
 
+LARGEST = float(torch.finfo(torch.float32).max)  # a weight holds float32: a larger value would be inf
+
 
 class Clip(nn.Module):
     """Weight transform: |w| > threshold -> sign(w) * value (value defaults to the threshold).
@@ -33,9 +35,9 @@ class Clip(nn.Module):
 
     @classmethod
     def from_record(cls, record: dict, w: torch.Tensor) -> "Clip":
-        check_range("clip threshold", record.get("threshold"), 0.0, float("inf"))
+        check_range("clip threshold", record.get("threshold"), 0.0, LARGEST)
         if record.get("value") is not None:
-            check_range("clip value", record["value"], 0.0, float("inf"))
+            check_range("clip value", record["value"], 0.0, LARGEST)
         return cls(record["threshold"], record.get("value"))
 
     def extra_repr(self) -> str:
@@ -60,11 +62,11 @@ class ClipWeights(Method):
             raise NetshrinkError("clip needs exactly one of threshold or percentile. "
                                  f"Received: threshold={self.threshold}, percentile={self.percentile}")
         if self.threshold is not None:
-            check_range("threshold", self.threshold, 0.0, float("inf"))
+            check_range("threshold", self.threshold, 0.0, LARGEST)
         if self.percentile is not None:
             check_range("percentile", self.percentile, 0.0, 100.0, low_open=True)
         if self.value is not None:
-            check_range("value", self.value, 0.0, float("inf"))
+            check_range("value", self.value, 0.0, LARGEST)
 
     def prepare(self, layers: dict[str, nn.Module], **_: Any) -> list:
         plan = []
