@@ -794,6 +794,7 @@ def _from_bytes(data: bytes | FileBytes, model: nn.Module | None, source: str, r
     with preserved(model):
         _as_stored(model, converted, placeholders, source)
         _check_fits(model, {k: v for k, v in placeholders.items() if STATE_KEY not in k}, quantized, source)
+        _check_transform_tensors(placeholders, source)
         if rebuilt:
             _check_unstored_buffers(model, placeholders, source)
         # Only now, every shape checked against the model that will hold it, are payloads decoded.
@@ -833,6 +834,16 @@ def _placeholders(manifest: dict, stored: dict) -> dict[str, torch.Tensor]:
         dtype = torch.float32 if "enc" in source else torch.from_numpy(np.zeros(0, dtype=stored[original].dtype)).dtype
         out[name] = torch.empty(entry["shape"], dtype=dtype, device="meta")
     return out
+
+
+def _check_transform_tensors(placeholders: dict[str, torch.Tensor], source: str) -> None:
+    """A transform's own tensors (a grid's scales and zero points: one per row or group) hold no
+    more values than the weight they belong to."""
+    for key, tensor in placeholders.items():
+        if STATE_KEY in key:
+            weight = placeholders.get(f"{key.partition(STATE_KEY)[0]}.weight")
+            if weight is None or tensor.numel() > weight.numel():
+                raise NetshrinkError(f"{source}: transform tensor {key!r} is larger than its layer's weight")
 
 
 def _check_unstored_buffers(model: nn.Module, placeholders: dict[str, torch.Tensor], source: str) -> None:
@@ -915,6 +926,10 @@ def _check_runs(model: nn.Module, manifest: dict, source: str) -> None:
         raise NetshrinkError(f"{source} loads a model that cannot run: {first_line(exc)}") from None
     if not manifest.get("nonfinite") and not all(bool(torch.isfinite(t).all()) for t in _tensors_in(out)):
         raise NetshrinkError(f"{source} loads a model whose outputs are inf or NaN")
+    classes = manifest["model"].get("classes")
+    if classes is not None and (not torch.is_tensor(out) or out.shape[-1] != classes):
+        raise NetshrinkError(f"{source} loads a model with {out.shape[-1] if torch.is_tensor(out) else 'no'} outputs "
+                             f"where its spec says {classes} classes")
 
 
 def _layer_problem(module: nn.Module) -> str | None:

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 from .artifact import (BLOB, DIGEST_BYTES, DIGEST_KEY, _blob_offset, _digest_marker, _file_digest, _header, assemble,
                        blob_digest, manifest_section)
 
 KINDS = ("flip bit", "set byte", "insert bytes", "delete bytes", "truncate", "header length", "json edit",
-         "manifest edit")
+         "manifest edit", "forge")
+# What a forger writes into a manifest (kind "forge"): sizes that would cost time or memory,
+# shapes that are not shapes, fields that name code or a repository, label maps and version
+# fields no writer makes. Each is inserted where its pattern first matches.
+NUMBERS = ("0", "1", "-1", "2", "3", "16777216", "268435456", "1099511627775", "2147483648", "1e308", "true", "null")
+CODE_FIELDS = ('"attn_implementation":"org/repo",', '"_attn_implementation":"kernels-community/flash-attn",',
+               '"auto_map":{"AutoModel":"org/repo--m.M"},', '"trust_remote_code":true,',
+               '"quantization_config":{"quant_method":"gptq"},', '"experts_implementation":"org/repo",')
+SHAPES = ("[true]", "[" + ",".join(["1"] * 100) + "]", "[1.5]", '["2"]', "[]", "[-1]", "[268435456]", "[16777216,32]")
 
 
 def manifest_text(data: bytes) -> tuple[str, bytes] | None:
@@ -99,6 +108,17 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
                 i = rng.choice(digits)
                 replacement = rng.choice(("0", "9999999999", "-1", "2147483648", "1e308", "3"))
                 out = bytearray(_with_manifest(data, text[:i] + replacement + text[i + 1:], found[1]))
+    elif kind == "forge":
+        found = manifest_text(data)
+        if found is not None:
+            out = bytearray(_with_manifest(data, forge(found[0], rng), found[1]))
+    elif rng.random() < 0.25 and b'"netshrink":"' in data[8:header_end]:  # json edit of the format version
+        header = bytes(data[8:header_end])
+        at = header.index(b'"netshrink":"') + len(b'"netshrink":"')
+        end = header.index(b'"', at)
+        version = rng.choice(("\u00b2", "9" * 5000, "05", "-5", "5 ", "", "\u0665")).encode()
+        header = header[:at] + version + header[end:]
+        out = bytearray(len(header).to_bytes(8, "little") + header + data[header_end:])
     else:  # json edit: change one number in the header to an extreme
         header = bytes(out[8:header_end])
         digits = [i for i, c in enumerate(header) if chr(c).isdigit()]
@@ -107,6 +127,36 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
             replacement = rng.choice((b"0", b"9999999999", b"-1", b"2147483648", b"1e308", b"3"))
             out[i:i + 1] = replacement
     return kind, bytes(out)
+
+
+def forge(text: str, rng: random.Random) -> str:
+    """One forger's edit of a manifest's JSON text (see ``NUMBERS``, ``CODE_FIELDS``, ``SHAPES``)."""
+    edit = rng.choice(("number", "number", "shape", "shape", "code", "labels", "entry"))
+    if edit == "number":  # a whole number (a size, a count, a bit width, a payload length)
+        spans = [m.span() for m in re.finditer(r"(?<=[:\[,])-?\d+(?=[,\]}])", text)]
+        if spans:
+            start, end = rng.choice(spans)
+            return text[:start] + rng.choice(NUMBERS) + text[end:]
+    elif edit == "shape":  # a tensor entry's shape: ["name",[shape],length...]
+        spans = [m.span(1) for m in re.finditer(r'\["[^"]+",(\[[\d,]*\])', text)]
+        if spans:
+            start, end = rng.choice(spans)
+            dims = [int(d) for d in text[start + 1:end - 1].split(",") if d]
+            choices = list(SHAPES) + ([str([dims[0] * 2] + dims[1:]).replace(" ", ""),
+                                       str([max(0, dims[0] - 1)] + dims[1:]).replace(" ", ""),
+                                       str(dims[::-1]).replace(" ", "")] if dims else [])
+            return text[:start] + rng.choice(choices) + text[end:]
+    elif edit == "code" and '"config":{' in text:
+        at = text.index('"config":{') + len('"config":{')
+        return text[:at] + rng.choice(CODE_FIELDS) + text[at:]
+    elif edit == "labels" and '"id2label":{' in text:
+        at = text.index('"id2label":{') + len('"id2label":{')
+        return text[:at] + ",".join(f'"{i}":"L"' for i in range(1000, 1000 + rng.choice((100, 70000)))) + "," + text[at:]
+    elif edit == "entry":  # a field a writer never puts there
+        field = rng.choice(('"nonfinite":["nothing"],', '"nonfinite":[],', '"linear_from_conv1d":["fc1"],',
+                            '"activation_quantizers":{"":8},', '"transforms":{"":[{"kind":"mask"}]},'))
+        return "{" + field + text[1:]
+    return text
 
 
 def fingerprint(state: dict) -> str:

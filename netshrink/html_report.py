@@ -25,6 +25,8 @@ from torch import nn
 
 from .errors import NetshrinkError
 
+MAX_RECORD = 1 << 26  # an auto search record is JSON of a few hundred KiB; a larger one is cut, then fails to parse
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
@@ -223,25 +225,24 @@ def report_page(path: str | os.PathLike, output: str | os.PathLike, *, search: s
         raise NetshrinkError("the report draws with matplotlib: pip install 'netshrink[export]'") from None
     matplotlib.use("Agg")
     from .artifact import from_bytes, load
-    from .files import atomic_write, check_writable
+    from .files import atomic_write, check_writable, open_regular
     from .methods.base import baked_state_dict
 
     path = Path(path)
     output = check_writable(output, inputs=(path,))
     if (reference is None) != (data is None):
         raise NetshrinkError("the Pareto plots need both a dense reference model and data")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise NetshrinkError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with open_regular(path) as file:
+        raw = file.read()
     model = from_bytes(raw, source=str(path))
     default = path.with_name(path.stem + ".auto.json")
     search_path = Path(search) if search is not None else (default if default.is_file() else None)
     record = None
     if search_path is not None:
         try:
-            record = json.loads(search_path.read_text())
-        except (OSError, ValueError) as exc:
+            with open_regular(search_path, "search record") as file:
+                record = json.loads(file.read(MAX_RECORD + 1)[:MAX_RECORD])
+        except (OSError, ValueError, RecursionError) as exc:
             raise NetshrinkError(f"cannot read the search record {search_path}: {exc}") from None
         if not isinstance(record, dict):
             raise NetshrinkError(f"{search_path} is not a netshrink auto search record")
