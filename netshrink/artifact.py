@@ -8,13 +8,15 @@ and 4 are the same layout without tensors in bands, and format 3 without packed 
   codebooks, clips: so a loaded model keeps its compression through fine-tuning), and per tensor
   its name, shape and payload size; the format version is the safetensors metadata ``netshrink``.
 * Zoo models and Hugging Face transformers models (class name and config recorded; rebuilt only
-  from the installed library's own classes, never remote code) load without being passed in.
+  from the installed library's own classes, never remote code, never a Hub kernel, offline) load
+  without being passed in.
 * **A file cannot lie.** The SHA-256 covers every byte (header, manifest, payloads), so any change
-  is caught before anything is decoded. Behind the checksum (for files forged with a valid one)
-  every claimed size is bounded before it is allocated: the manifest by ``MAX_HEADER``, each
-  payload by the file, each stream's count by its tensor's size, the sum of the tensors by the
-  machine's memory; zoo models are built on PyTorch's ``meta`` device and checked against the
-  stored shapes before any weight is allocated.
+  is caught before anything is decoded. A checksum is no signature (a forger recomputes it), so
+  behind it every claim is checked before it costs anything: the manifest is bounded by
+  ``MAX_MANIFEST``, each payload by the file, each stream's work by what an encoder writes; models
+  are built on PyTorch's ``meta`` device only, and every stored tensor's shape is checked against
+  the module that will hold it (no wider than the model's) before its payload is decoded; the
+  model that loads must run (:func:`_check_runs`), with inf or NaN only where it was saved.
 * Loading reads the file twice, a piece at a time (the checksum, then each tensor's payload as it
   is decoded), so it holds the model and one tensor's work, never the file.
 * Loading never unpickles; only :class:`NetshrinkError` leaves :func:`load`; a failed load into a
@@ -60,7 +62,10 @@ from .models import model_from_spec, spec_of
 FORMAT, VERSION, READS = "netshrink", 5, (1, 2, 3, 4, 5)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
-MAX_HEADER = 1 << 28  # 256 MiB of JSON: far beyond any real manifest
+MAX_HEADER = 1 << 28  # 256 MiB: a safetensors header (formats 1-2) is read from the file, bounded by it too
+# A manifest inflates from a few bytes of deflate: its JSON is bounded far below what parsing could
+# cost (a model of 100,000 tensors records about 10 MiB), so a forged one cannot spend seconds or GiBs.
+MAX_MANIFEST = 1 << 25
 GIVE_BACK_EVERY = 1 << 25  # see _GiveBack
 HASH_CHUNK = 1 << 24  # bytes hashed (and, loading from a file, read) at a time
 SPOOL_MEMORY = 1 << 23  # payloads kept in memory while saving; beyond this they wait in a temporary file
@@ -413,7 +418,7 @@ def blob_digest(data) -> bytes:
 
 
 def manifest_section(data, source: str = "file") -> tuple[bytes, int]:
-    """A format-3 file's manifest (JSON bytes, at most ``MAX_HEADER``) and where its first payload
+    """A format-3 file's manifest (JSON bytes, at most ``MAX_MANIFEST``) and where its first payload
     starts."""
     start = _blob_offset(data) + DIGEST_BYTES
     try:
@@ -422,7 +427,7 @@ def manifest_section(data, source: str = "file") -> tuple[bytes, int]:
         start += reader.pos
         packed = bytes(_bytes_at(data, start, start + length))
         unpacker = zlib.decompressobj(-15, zdict=MANIFEST_WORDS)
-        text = unpacker.decompress(packed, MAX_HEADER)
+        text = unpacker.decompress(packed, MAX_MANIFEST)
         if len(packed) != length or unpacker.unconsumed_tail or not unpacker.eof:
             raise _corrupt(source, "manifest too large or cut short")
     except (zlib.error, NetshrinkError):
@@ -1040,8 +1045,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     Files of format 1 (netshrink 0.1) carry no checksum: they load only with
     ``allow_unchecked=True`` (for a file you trust); save them again to get a checked file.
     """
-    if not isinstance(allow_unchecked, bool):
-        raise NetshrinkError(f"allow_unchecked must be True or False. Received: allow_unchecked={allow_unchecked!r}")
+    for what, flag in (("restore", restore), ("allow_unchecked", allow_unchecked)):
+        if not isinstance(flag, bool):
+            raise NetshrinkError(f"{what} must be True or False. Received: {what}={flag!r}")
     path = Path(path)
     with open_regular(path) as file:  # read a piece at a time: the file is never held whole in memory
         return from_bytes(FileBytes(file, str(path)), model, source=str(path), restore=restore,

@@ -69,6 +69,8 @@ def _remove_orphans(path: Path) -> None:
 def check_writable(path: str | os.PathLike, *, inputs: tuple = ()) -> Path:
     """Raise unless ``path`` can be written as a file (checked before long work starts): not a
     folder, not one of ``inputs`` (an output never replaces the file it was made from)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise NetshrinkError(f"path must be a file path (a str or os.PathLike). Received: path={path!r}")
     path = Path(path)
     if path.is_dir():
         raise NetshrinkError(f"output {path} is a folder; give a file name")

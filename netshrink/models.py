@@ -65,6 +65,8 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), classes: int
         raise NetshrinkError(f"in_shape must be 1 to 3 positive integers, e.g. (1, 28, 28). Received: in_shape={in_shape!r}")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         raise NetshrinkError(f"classes must be a positive integer. Received: classes={classes!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise NetshrinkError(f"seed must be an integer >= 0 or None. Received: seed={seed!r}")
     in_shape = tuple(int(d) for d in in_shape)
     features = math.prod(in_shape)
     if name == "mlp":  # the founding text's model

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from .errors import NetshrinkError
 from .methods.activations import input_quantizer
 from .methods.grid import FixedGrid, expand, last_fixed_grid
 from .methods.base import COMPRESSIBLE, transforms, weight_of, weight_source
@@ -88,6 +89,11 @@ def summary(model: nn.Module, file_bytes: int | None = None) -> Summary:
     (101770, True)
     """
     from .artifact import to_bytes
+
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"model must be a torch.nn.Module. Received: {type(model).__name__}")
+    if file_bytes is not None and (type(file_bytes) is not int or file_bytes < 0):
+        raise NetshrinkError(f"file_bytes must be a byte count (an int >= 0) or None. Received: file_bytes={file_bytes!r}")
 
     result = Summary()
     result.parameters = parameter_count(model)

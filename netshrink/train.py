@@ -242,6 +242,8 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     _check_number("batch_size", batch_size, positive=True, integer=True)
     _check_number("augment", augment, integer=True)
     _check_number("seed", seed, integer=True)
+    if not isinstance(progress, bool):
+        raise NetshrinkError(f"progress must be True or False. Received: progress={progress!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise NetshrinkError(f"teacher must be a torch.nn.Module. Received: {type(teacher).__name__}")
     if distill is not None and not isinstance(distill, Distill):

@@ -1,6 +1,7 @@
 """Every invalid setting of every public function: one NetshrinkError line, and the model exactly
 as it was (weights, transforms, hooks, and every submodule's train/eval flag)."""
 import math
+import re
 
 import pytest
 import torch
@@ -162,6 +163,24 @@ CASES = {
     "load_dataset unknown": lambda m, d: netshrink.load_dataset("cifar"),
     "load_dataset split": lambda m, d: netshrink.load_dataset("digits", "val"),
 }
+# Settings whose error must name them (label: the name the one line carries).
+NAMED = {
+    "clip value beyond float32": ("value=1e+39", lambda m, d: C(m, threshold=0.1, value=1e39)),
+    "clip threshold beyond float32": ("threshold=1e+39", lambda m, d: C(m, threshold=1e39)),
+    "fit progress string": ("progress=", lambda m, d: netshrink.fit(m, d[0], progress="no")),
+    "save path int": ("path=123", lambda m, d: netshrink.save(m, 123)),
+    "save info not JSON": ("info=", lambda m, d: netshrink.save(m, d[3] / "m.nsk", info={"when": object()})),
+    "save info NaN": ("info=", lambda m, d: netshrink.save(m, d[3] / "m.nsk", info={"loss": nan})),
+    "save recipe not a list": ("recipe=", lambda m, d: netshrink.save(m, d[3] / "m.nsk", recipe="prune")),
+    "load restore string": ("restore=", lambda m, d: netshrink.load(d[3] / "m.nsk", restore="no")),
+    "load allow_unchecked string": ("allow_unchecked=", lambda m, d: netshrink.load(d[3] / "m.nsk", allow_unchecked=1)),
+    "export path int": ("path=123", lambda m, d: netshrink.export(m, 123)),
+    "summary not a model": ("model must be", lambda m, d: netshrink.summary("model")),
+    "summary file_bytes": ("file_bytes=", lambda m, d: netshrink.summary(m, file_bytes=-5)),
+    "bake not a model": ("model must be", lambda m, d: netshrink.bake("model")),
+    "build_model seed string": ("seed=", lambda m, d: netshrink.build_model("mlp", seed="0")),
+}
+CASES.update({label: call for label, (_, call) in NAMED.items()})
 
 
 @pytest.mark.parametrize("label", list(CASES))
@@ -173,6 +192,13 @@ def test_invalid_setting_is_one_line_and_changes_nothing(label, setup, tmp_path)
     assert "\n" not in str(info.value) and str(info.value)
     assert state(model) == before, label
     assert list(tmp_path.iterdir()) == []  # nothing written either
+
+
+@pytest.mark.parametrize("label", list(NAMED))
+def test_the_error_names_the_setting(label, setup, tmp_path):
+    model, train, test, nan_data = setup
+    with pytest.raises(netshrink.NetshrinkError, match=re.escape(NAMED[label][0])):
+        NAMED[label][1](model, (train, test, nan_data, tmp_path))
 
 
 def test_a_generic_pattern_beside_a_default_may_match_nothing_and_is_reported(trained):

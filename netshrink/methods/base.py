@@ -400,6 +400,8 @@ def bake(model: nn.Module) -> nn.Module:
 
     Activation quantizers stay: they are part of how the model computes.
     """
+    if not isinstance(model, nn.Module):
+        raise NetshrinkError(f"model must be a torch.nn.Module. Received: {type(model).__name__}")
     return remove_transforms(model, keep_values=True)
 
 
