@@ -194,6 +194,8 @@ def main() -> None:
     rows, totals = [], collections.Counter()
     other_types: collections.Counter = collections.Counter()
     slowest: list[tuple[float, str]] = []
+    findings: list[str] = []  # what each failure was, for the result's last section
+    loaded_kinds: collections.Counter = collections.Counter()
     started = time.perf_counter()
     seed_files = seeds(folder)
     meter = Meter()
@@ -223,6 +225,10 @@ def main() -> None:
                 ran, finite = runs(model, skeleton, None)
                 counts["cannot run"] += not ran
                 counts["inf/NaN out"] += not finite
+                loaded_kinds[kind] += resealed
+                if not (ran and finite) or not resealed:
+                    findings.append(f"{label}: {kind} ({'resealed' if resealed else 'raw'}): "
+                                    f"{'loaded silently' if not resealed else 'cannot run' if not ran else 'inf/NaN out'}")
                 if caller is not None:
                     caller = skeleton()  # the next mutation loads into a fresh model
             except netshrink.NetshrinkError as exc:
@@ -233,6 +239,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - counting exactly these is the point
                 counts["other exception"] += 1
                 other_types[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+                findings.append(f"{label}: {kind}: {type(exc).__name__}: {str(exc)[:80]}")
             counts["over memory"] += meter.peak > 2 * honest_peak + (64 << 20)
             counts["slow"] += meter.seconds > 2
             counts["network"] += meter.connections - connections
@@ -255,8 +262,14 @@ def main() -> None:
              "see the script's docstring for what each column means. Slowest loads: "
              + "; ".join(f"{seconds:.2f} s ({what})" for seconds, what in slowest[:3]) + ".", "",
              markdown(columns, rows), ""]
+    lines += ["Valid forgeries loaded, by mutation: resealed edits that leave a consistent file, mostly bits "
+              "changed inside stored weight values (a forger chooses the weights; no check can tell them from "
+              "the original's), and equivalent spellings (a version field \"05\", a field no reader uses):", "",
+              ", ".join(f"{kind}: {n}" for kind, n in loaded_kinds.most_common()), ""]
     if other_types:
         lines += ["Exceptions other than NetshrinkError:", ""] + [f"* {n} x {t}" for t, n in other_types.most_common()]
+    if findings:
+        lines += ["", "Every failure:", ""] + [f"* {finding}" for finding in findings[:50]]
     write_results(Path(__file__).parent / "results" / "fuzz_files.md", lines)
 
 

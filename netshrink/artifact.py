@@ -951,6 +951,8 @@ def _layer_problem(module: nn.Module) -> str | None:
         sizes = {t.shape for t in (weight, bias, module.running_mean, module.running_var) if torch.is_tensor(t)}
         if len(sizes) > 1:
             return "has statistics and scales of different sizes"
+        if torch.is_tensor(module.running_var) and bool((module.running_var < 0).any()):
+            return "has a negative running variance (its outputs would be NaN)"
     elif isinstance(module, nn.LayerNorm) and torch.is_tensor(weight):
         if tuple(weight.shape) != tuple(module.normalized_shape) or torch.is_tensor(bias) and bias.shape != weight.shape:
             return f"normalises {list(module.normalized_shape)} with scales of shape {list(weight.shape)}"

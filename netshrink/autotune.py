@@ -47,8 +47,8 @@ from .methods.prune import RANKINGS, keep_largest
 from .methods.share import kmeans_1d
 from .latency import UNIT_KEEPS
 from .sweep import Runner, check_address
-from .train import (Data, Forward, _check_number, _in_memory, batches, check_data, check_model_fits,
-                    default_forward, eval_mode)
+from .train import (Data, Forward, _check_number, batches, check_data, check_model_fits,
+                    default_forward, eval_mode, hold_out)
 
 KEEPS = (1.0, 0.5, 0.3, 0.2, 0.12, 0.08, 0.05, 0.035, 0.025, 0.018, 0.012)
 BITS = (None, 8, 6, 5, 4, 3, 2)  # None: values stay float32
@@ -350,21 +350,6 @@ def _run_trial(shared: tuple, steps: list[dict]) -> tuple[bytes, float, float | 
     return to_bytes(candidate, recipe=steps), loss, accuracy, candidate if here else None
 
 
-def _split(data: Data, share: float, seed: int) -> tuple[Data, Data]:
-    tensors = _in_memory(data)
-    if tensors is None:
-        raise NetshrinkError("auto splits a validation set off in-memory data only; for other data pass "
-                             "validation=<held-out batches>")
-    x, y = tensors
-    count = int(round(share * len(x)))
-    if count < 1 or count >= len(x):
-        raise NetshrinkError(f"validation share {share} of {len(x)} examples leaves no validation or no training data")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    held, kept = order[:count], order[count:]
-    pick = (lambda index: (x[index], y[index])) if y is not None else (lambda index: (x[index],))
-    return torch.utils.data.TensorDataset(*pick(kept)), torch.utils.data.TensorDataset(*pick(held))
-
-
 def _unreachable(max_bytes: int, smallest: int, overhead: int) -> NetshrinkError:
     return NetshrinkError(f"max_bytes={max_bytes:,} cannot be met: the smallest choices for every layer need about "
                           f"{smallest:,} B (with {overhead:,} B of biases, header and manifest)")
@@ -481,7 +466,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     layers = searched_layers(model, targets, ignore)
     check_data(data, "training data")
     if validation is None:
-        train, validation = _split(data, validation_share, seed)
+        train, validation = hold_out(data, validation_share, seed)
     else:
         check_data(validation, "validation data")
         train = data

@@ -51,6 +51,16 @@ def _number(kind, low: float, low_open: bool = False):
 POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT = _number(int, 1), _number(float, 0, low_open=True), _number(int, 0)
 
 
+def _validation(text: str):
+    """``--validation``: a share in (0, 1) or the word ``test``."""
+    if text == "test":
+        return text
+    share = _number(float, 0, low_open=True)(text)
+    if not share < 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1) or 'test', got {text}")
+    return share
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="mnist", choices=DATASETS,
                         help="data set (default: mnist; 'digits' is tiny and fast)")
@@ -78,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs (default: 10)")
     demo.add_argument("--markdown", type=Path, help="also write the table as markdown to this file")
 
-    train = sub.add_parser("train", help="train a zoo model and save it as a netshrink file")
+    train = sub.add_parser(
+        "train", help="train a zoo model and save it as a netshrink file",
+        description="Train a zoo model on a data set's training split, except a held-out part (--validation, "
+                    "drawn with --seed) that it never sees: the file records which part that was, and `netshrink "
+                    "auto` scores its choices on exactly that part. The test split is only evaluated.")
     train.add_argument("--model", default="lenet-300-100", choices=MODELS)
     _data_arguments(train)
     _training_arguments(train, epochs=10, lr=1e-3, what="training")
+    train.add_argument("--validation", type=_number(float, 0), default=0.1, metavar="SHARE",
+                       help="share of the training split held out, never trained on (default: 0.1; 0 trains on "
+                            "all of it, and `auto` then needs --validation test)")
     train.add_argument("-o", "--output", type=Path, required=True, help="where to write the model")
 
     evaluate = sub.add_parser("evaluate", help="test accuracy of a saved model")
@@ -199,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--epochs", type=POSITIVE, default=10, help="fine-tuning epochs per trial (default: 10)")
     auto.add_argument("--lr", type=POSITIVE, default=1e-3, help="fine-tuning learning rate (default: 1e-3)")
     auto.add_argument("--trials", type=POSITIVE_INT, default=5, help="policies run at most (default: 5)")
-    auto.add_argument("--validation", type=_number(float, 0, low_open=True), default=0.1, metavar="SHARE",
-                      help="share of the training data held out to score choices (default: 0.1)")
+    auto.add_argument("--validation", type=_validation, default=None, metavar="SHARE|test",
+                      help="the data choices are scored on: by default the part of the training split the model's "
+                           "file says `netshrink train` held out; SHARE holds out that share of the training split "
+                           "(for a model that never saw it); 'test' scores on the test split (then the test error "
+                           "is no independent check)")
     auto.add_argument("--augment", type=NON_NEGATIVE_INT, default=0, metavar="PIXELS",
                       help="shift training images by up to this many pixels while fine-tuning (default: 0)")
     auto.add_argument("--keeps", type=_number(float, 0, low_open=True), nargs="+", metavar="KEEP",
@@ -350,18 +370,25 @@ def cmd_train(args) -> int:
     from . import artifact
     from .data import load_dataset
     from .models import build_model
-    from .train import check_model_fits, evaluate, fit
+    from .train import check_model_fits, evaluate, fit, hold_out
 
     _outputs(args, args.output)
+    if not args.validation < 1:
+        raise NetshrinkError(f"--validation is a share of the training split in [0, 1). Received: {args.validation}")
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
+    held_out = {"share": args.validation, "seed": args.seed} if args.validation else None
+    fitted, validation = hold_out(train, **held_out) if held_out else (train, None)
     model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
     check_model_fits(model, train)
-    result = fit(model, train, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    result = fit(model, fitted, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                  augment=args.augment)
     accuracy = evaluate(model, test)
-    size = artifact.save(model, args.output, info={"data": args.data, "test_accuracy": accuracy})
-    _print_rows("trained", ["model", "data", "epochs", "seconds", "test accuracy", "file", "bytes"],
-                [[args.model, args.data, f"{args.epochs:g}", f"{result['seconds']:.1f}",
+    # What the model was trained on: `auto` scores on the held-out part, and refuses the data it saw.
+    info = {"data": args.data, "test_accuracy": accuracy, "held_out": held_out}
+    size = artifact.save(model, args.output, info=info)
+    validated = f"{100 * evaluate(model, validation):.2f}%" if validation is not None else "- (none held out)"
+    _print_rows("trained", ["model", "data", "epochs", "seconds", "held-out acc.", "test accuracy", "file", "bytes"],
+                [[args.model, args.data, f"{args.epochs:g}", f"{result['seconds']:.1f}", validated,
                   f"{100 * accuracy:.2f}%", str(args.output), f"{size:,}"]])
     return 0
 
@@ -548,6 +575,35 @@ def _beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
+def _validation_data(args, model, train, test) -> tuple:
+    """(training data for the trials, validation data, what the validation data are, in words).
+    A budget checked on examples the model was trained on says nothing: the model's file says what
+    `netshrink train` held out, and a model it says saw the whole training split is refused unless
+    the user names other data."""
+    from .train import hold_out
+
+    info = (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
+    held = info.get("held_out") if info.get("data") == args.data else None
+    if args.validation == "test":
+        return train, test, f"the {args.data} test split (--validation test: the test error is not an independent check)"
+    if args.validation is None and isinstance(held, dict):
+        share, seed = held.get("share"), held.get("seed")
+        if not (isinstance(share, float) and 0 < share < 1 and type(seed) is int):
+            raise NetshrinkError(f"{args.path} records a held-out part it cannot be: {held}")
+        rest, validation = hold_out(train, share, seed)
+        return rest, validation, (f"the {share:.0%} of the {args.data} training split that {args.path} was never "
+                                  f"trained on (drawn with seed {seed}, as its file records)")
+    if info.get("data") == args.data:
+        raise NetshrinkError(f"{args.path} was trained on {'all of ' if held is None else ''}the {args.data} training "
+                             "split, as its file records: a budget checked there is checked on examples it memorised. "
+                             "Train it with a held-out part (netshrink train holds out 10% by default) or pass "
+                             "--validation test")
+    share = args.validation or 0.1
+    rest, validation = hold_out(train, share, args.seed)
+    return rest, validation, (f"{share:.0%} of the {args.data} training split; {args.path} does not record what it "
+                              "was trained on: if it saw these examples, validation scores are optimistic")
+
+
 def cmd_auto(args) -> int:
     import json
 
@@ -559,11 +615,11 @@ def cmd_auto(args) -> int:
 
     policy_path, search_path = _beside(args.output, ".yaml"), _beside(args.output, ".auto.json")
     _outputs(args, args.output, policy_path, search_path)
-    if not args.validation < 1:
-        raise NetshrinkError(f"--validation is a share of the training data in (0, 1). Received: {args.validation}")
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     model = artifact.load(args.path, restore=False)
     check_model_fits(model, train)
+    train, validation, scored_on = _validation_data(args, model, train, test)
+    _print(f"validation: {scored_on}")
     dense_test = evaluate(model, test)
 
     def show(trial: dict) -> None:
@@ -578,20 +634,22 @@ def cmd_auto(args) -> int:
         choices["bias_bits"] = None if args.bias_bits == [0] else tuple(args.bias_bits)
     latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
                                                    "latency_batch": args.latency_batch, "runtime": args.runtime}
-    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation_share=args.validation,
+    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation=validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
                  ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
     test_accuracy = evaluate(found.model, test)
-    record = {**found.to_json(), "data": args.data, "dense_test_accuracy": dense_test, "test_accuracy": test_accuracy}
+    record = {**found.to_json(), "data": args.data, "validation": scored_on, "dense_test_accuracy": dense_test,
+              "test_accuracy": test_accuracy}
     atomic_write(search_path, json.dumps(record, indent=1).encode())
     dense_bytes = args.path.stat().st_size
     dense_row = ["dense", f"{100 * found.dense_accuracy:.2f}%" if found.dense_accuracy is not None else "-",
                  f"{100 * (1 - dense_test):.2f}%", f"{dense_bytes:,}", f"{found.dense_bytes / dense_bytes:.1f}x"]
     auto_row = ["auto", f"{100 * found.accuracy:.2f}%" if found.accuracy is not None else "-",
                 f"{100 * (1 - test_accuracy):.2f}%", f"{size:,}", f"{found.dense_bytes / size:.1f}x"]
-    columns = ["", "validation acc.", "test error", "file bytes", "vs fp32"]
+    columns = ["", "validation acc.", "test error" + (" (= validation)" if args.validation == "test" else ""),
+               "file bytes", "vs fp32"]
     if found.latency is None:
         weights = {n: m.weight.numel() for n, m in found.model.named_modules() if n in found.policy}
         _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],

@@ -88,6 +88,23 @@ def _in_memory(data: Data) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return None
 
 
+def hold_out(data: Data, share: float, seed: int) -> tuple[Data, Data]:
+    """(the rest, a held-out part): ``share`` of in-memory examples, drawn at random from ``seed``
+    (the same share and seed hold out the same examples, so a file can record which they were)."""
+    tensors = _in_memory(data)
+    if tensors is None:
+        raise NetshrinkError("a validation part is split off in-memory data only; for other data pass "
+                             "validation=<held-out batches>")
+    x, y = tensors
+    count = int(round(share * len(x)))
+    if count < 1 or count >= len(x):
+        raise NetshrinkError(f"validation share {share} of {len(x)} examples leaves no validation or no training data")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:]
+    pick = (lambda index: (x[index], y[index])) if y is not None else (lambda index: (x[index],))
+    return TensorDataset(*pick(kept)), TensorDataset(*pick(held))
+
+
 def _split(batch) -> tuple[Inputs, torch.Tensor | None]:
     """One batch from an iterable -> (inputs, labels or None): an (inputs, labels) pair, a dict
     (labels under 'labels' or 'label', if any), or bare inputs (a tensor)."""

@@ -19,6 +19,7 @@ from netshrink.artifact import to_bytes
 from netshrink.autotune import Choice
 from netshrink.knapsack import solve
 from netshrink.html_report import tensor_bytes
+from netshrink.train import hold_out
 
 FAST = dict(epochs=1, progress=False, keeps=(1.0, 0.3, 0.1, 0.03), bits=(None, 6, 4, 2))
 
@@ -304,3 +305,26 @@ def test_variational_ranking_predicts_the_bytes_of_layers_it_keeps_whole(trained
         assert [c.bytes for c in choices] == [coded_bytes(compressed_weight(dense, 1.0, c.bits)) for c in choices]
     trial = found.trials[0]
     assert abs(trial["file_bytes"] - trial["predicted_bytes"]) < 0.05 * trial["file_bytes"], trial
+
+
+def test_cli_auto_scores_on_the_part_train_held_out_and_refuses_what_the_model_saw(tmp_path):
+    """`netshrink train` holds out a part of the training split and records it; `auto` scores its
+    choices on exactly that part, and refuses a model whose file says it trained on all of it."""
+    trained = _cli("train", "--data", "digits", "--epochs", "3", "-o", "dense.nsk", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert netshrink.load(tmp_path / "dense.nsk").netshrink_manifest["info"]["held_out"] == {"share": 0.1, "seed": 0}
+    done = _cli("auto", "dense.nsk", "--data", "digits", "--max-drop", "2", "--epochs", "1", "--trials", "1",
+                "--keeps", "1", "0.3", "--bits", "0", "4", "-o", "auto.nsk", cwd=tmp_path)
+    assert done.returncode in (0, 1), done.stderr
+    assert "was never trained on" in done.stdout
+    record = json.loads((tmp_path / "auto.auto.json").read_text())
+    model = netshrink.load(tmp_path / "dense.nsk")
+    rest, held = hold_out(netshrink.load_dataset("digits", "train"), 0.1, 0)
+    assert record["dense_accuracy"] == pytest.approx(netshrink.evaluate(model, held), abs=1e-9)
+    assert netshrink.evaluate(model, held) < netshrink.evaluate(model, rest)  # unseen examples score lower here
+    everything = _cli("train", "--data", "digits", "--epochs", "1", "--validation", "0", "-o", "all.nsk", cwd=tmp_path)
+    assert everything.returncode == 0, everything.stderr
+    refused = _cli("auto", "all.nsk", "--data", "digits", "--max-drop", "2", "-o", "x.nsk", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "memorised" in refused.stderr and "--validation test" in refused.stderr
+    assert not (tmp_path / "x.nsk").exists()

@@ -216,6 +216,16 @@ def test_a_model_that_would_not_run_or_computes_inf_is_refused(tmp_path, trained
     _refused_quickly(tmp_path / "huge.nsk", "inf or NaN")
 
 
+def test_a_negative_running_variance_is_refused_even_for_a_callers_model(tmp_path):
+    """A caller's model has no input the file knows, so it is checked by its layers' own tensors."""
+    model = netshrink.build_model("resmobile", (1, 8, 8))
+    with torch.no_grad():
+        model.stem.bn.running_var[3] = -1.0
+    netshrink.save(model, tmp_path / "m.nsk")
+    _refused_quickly(tmp_path / "m.nsk", "negative running variance")
+    _refused_quickly(tmp_path / "m.nsk", "negative running variance", model=netshrink.build_model("resmobile", (1, 8, 8)))
+
+
 def test_inf_and_nan_load_only_where_they_were_saved(tmp_path, trained):
     with torch.no_grad():
         trained.fc3.bias[0] = float("-inf")  # on purpose: this class never wins
