@@ -19,6 +19,7 @@ would overwrite its input) is one line on stderr and exit status 2, found before
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -236,9 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--parallel", type=POSITIVE_INT, default=1, metavar="K",
                       help="with --max-drop, budgets tried at once in each round of the search (default: 1, a "
                            "bisection); worth raising with --ray")
-    auto.add_argument("--ray", metavar="ADDRESS",
-                      help="run each round's trials as Ray tasks on this cluster ('auto', 'ray://host:10001', or "
-                           "'local' to start one here); the same trials and result as without, sooner")
+    auto.add_argument("--ray", metavar="ADDRESS", nargs="?", const="auto",
+                      help="run each round's trials as Ray tasks on a cluster: --ray alone (or 'auto') for the cluster "
+                           "this machine belongs to (after `ray start --head`), HOST:PORT of a head node (its GCS port, "
+                           "6379 unless `ray start --port` chose another), ray://HOST:10001 (Ray Client, needs "
+                           "ray[client]), or 'local' to start one here. The same trials and result as without; sooner "
+                           "only when the cluster has more cores than this machine (on one 2-core machine, Ray took "
+                           "520-1,381 s where local runs took 352 s). Checked in seconds, before any long work")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
 
@@ -620,6 +625,13 @@ def cmd_auto(args) -> int:
     check_model_fits(model, train)
     train, validation, scored_on = _validation_data(args, model, train, test)
     _print(f"validation: {scored_on}")
+    if args.ray is not None:
+        from .sweep import check_address
+
+        cpus, here = check_address(args.ray), os.cpu_count() or 1
+        _print(f"Ray cluster at {args.ray}: {cpus:g} CPUs" + (
+            f", no more than this machine's {here}: its tasks add start-up and transfer time, so the search will "
+            "take longer than without --ray" if cpus <= here else ""))
     dense_test = evaluate(model, test)
 
     def show(trial: dict) -> None:

@@ -3,8 +3,10 @@ files, the policy rerunnable as a recipe, held-out models (a BatchNorm/residual/
 tiny BERT), bad input, and the CLI as a subprocess."""
 import copy
 import itertools
+import os
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from unittest import mock
@@ -101,9 +103,7 @@ def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
 
 def found_split(train):
     """The training part auto used: the same seeded split (validation_share 0.1, seed 0)."""
-    from netshrink.autotune import _split
-
-    return _split(train, 0.1, 0)[0]
+    return hold_out(train, 0.1, 0)[0]
 
 
 def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits):
@@ -328,3 +328,31 @@ def test_cli_auto_scores_on_the_part_train_held_out_and_refuses_what_the_model_s
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "memorised" in refused.stderr and "--validation test" in refused.stderr
     assert not (tmp_path / "x.nsk").exists()
+
+
+def test_cli_auto_on_ray_checks_the_cluster_first_and_runs_on_a_started_head(tmp_path, trained):
+    """`--ray HOST:PORT` where nothing listens is one line before any work; against a head started
+    with `ray start --head` the same search runs as Ray tasks (authentication off for this
+    test's own cluster, as RAY_AUTH_MODE says)."""
+    pytest.importorskip("ray")
+    netshrink.save(trained, tmp_path / "dense.nsk")
+    search = ["auto", "dense.nsk", "--data", "digits", "--max-drop", "3", "--epochs", "1", "--trials", "1",
+              "--keeps", "1", "0.3", "--bits", "0", "4"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    refused = _cli(*search, "--ray", f"127.0.0.1:{port}", "-o", "x.nsk", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "nothing answers" in refused.stderr and "sensitivity" not in refused.stdout + refused.stderr
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    started = subprocess.run([ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    try:
+        done = subprocess.run([sys.executable, "-m", "netshrink.cli", *search, "--ray", f"127.0.0.1:{port}",
+                               "-o", "ray.nsk"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    assert f"Ray cluster at 127.0.0.1:{port}: 2 CPUs" in done.stdout and (tmp_path / "ray.nsk").exists()
