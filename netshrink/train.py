@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import math
 import sys
 import time
@@ -31,20 +33,35 @@ LABEL_KEYS = ("labels", "label")
 
 def call(model: nn.Module, inputs: Inputs):
     """Run ``model`` on one batch's inputs: a tensor, a tuple or list (positional arguments), or a
-    dict (keyword arguments, e.g. a tokenizer's ``input_ids`` and ``attention_mask``)."""
+    dict (keyword arguments, e.g. a tokenizer's ``input_ids`` and ``attention_mask``; or the dict
+    itself, for a model whose forward takes one, as a ``SentenceTransformer``'s does)."""
     if isinstance(inputs, Mapping):
-        return model(**inputs)
+        return model(dict(inputs)) if takes_one_dict(type(model)) else model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
 
 
+@functools.lru_cache(maxsize=256)
+def takes_one_dict(kind: type) -> bool:
+    """Whether a module class's forward takes its inputs as one dict (``forward(self, features)``,
+    sentence-transformers' way) rather than as keyword arguments."""
+    try:
+        parameters = list(inspect.signature(kind.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    annotation = str(required[0].annotation) if len(required) == 1 else ""
+    return len(required) == 1 and ("dict" in annotation.lower() or required[0].name in ("input", "features"))
+
+
 def output_tensor(output) -> torch.Tensor:
-    """The tensor a model's output stands for: itself, ``.logits``, ``.last_hidden_state``, or the
-    first element of a tuple (Hugging Face models return such objects)."""
+    """The tensor a model's output stands for: itself, ``.sentence_embedding`` (sentence-transformers),
+    ``.logits``, ``.last_hidden_state``, or the first element of a tuple (Hugging Face models return
+    such objects)."""
     if torch.is_tensor(output):
         return output
-    for key in ("logits", "last_hidden_state"):
+    for key in ("sentence_embedding", "logits", "last_hidden_state"):
         value = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
         if torch.is_tensor(value):
             return value
