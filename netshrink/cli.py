@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser(
         "compress", help="compress a saved model with a recipe or quick options",
         description="Compress a model with a recipe (see `netshrink recipes`) or quick options, applied in "
-                    "this order: prune, clip, share, quantize weights, quantize activations, fine-tune "
-                    "(with distillation from the model as it was).")
+                    "this order: prune, clip, share, quantize weights and activations (activations first when "
+                    "--weight-method is data-aware, so it sees the inputs the layer will get; weights first when "
+                    "rounding), fine-tune (with distillation from the model as it was).")
     compress.add_argument("path", type=Path, nargs="?", help="model file (or give --model to train one first)")
     compress.add_argument("--model", choices=MODELS, help="train this zoo model first instead of loading one")
     _data_arguments(compress)
@@ -453,7 +454,7 @@ def cmd_compress(args) -> int:
     from .models import build_model
     from .recipe import Recipe
     from .report import summary
-    from .train import check_model_fits, evaluate, fit
+    from .train import check_model_fits, evaluate, fit, hold_out
 
     quick = _quick_recipe(args)
     if bool(args.recipe) == bool(quick):
@@ -465,9 +466,13 @@ def cmd_compress(args) -> int:
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     if args.path is not None:
         model = artifact.load(args.path)
+        held_out = _recorded_hold_out(model, args)
     else:
         model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
+        held_out = {"share": 0.1, "seed": args.seed}  # as `netshrink train` holds it out
     check_model_fits(model, train)
+    if held_out is not None:  # the part the model never saw stays unseen: `auto` may score on it later
+        train = hold_out(train, held_out["share"], held_out["seed"])[0]
     if args.model is not None:
         fit(model, train, epochs=args.epochs, lr=args.lr, seed=args.seed, augment=args.augment, desc="train dense")
     before = evaluate(model, test)
@@ -479,12 +484,13 @@ def cmd_compress(args) -> int:
     after = rows[-1]["accuracy"]
     if args.max_error:  # the file holds rounded parameters: its own accuracy is the one to report
         after = evaluate(artifact.from_bytes(artifact.to_bytes(model, max_error=args.max_error)), test)
-    size = artifact.save(model, args.output, recipe=recipe.raw, info={"data": args.data, "test_accuracy": after},
-                         max_error=args.max_error)
+    info = {"data": args.data, "test_accuracy": after, "held_out": held_out}
+    size = artifact.save(model, args.output, recipe=recipe.raw, info=info, max_error=args.max_error)
     _console().print(summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
-    _print_rows(f"result ({time.perf_counter() - started:.0f}s)", ["", "test error", "file bytes", "ratio"],
+    # The summary above compares with fp32 values (4 bytes a parameter); this, with the input's own file.
+    _print_rows(f"result ({time.perf_counter() - started:.0f}s)", ["", "test error", "file bytes", "vs the input file"],
                 [["before", f"{100 * (1 - before):.2f}%", f"{dense_bytes:,}", "1.0x"],
-                 ["after", f"{100 * (1 - after):.2f}%", f"{size:,}", f"{dense_bytes / size:.1f}x"]])
+                 ["after", f"{100 * (1 - after):.2f}%", f"{size:,}", f"{dense_bytes / size:.1f}x smaller"]])
     return 0
 
 
@@ -580,6 +586,19 @@ def _beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
+def _recorded_hold_out(model, args) -> dict | None:
+    """The part of ``args.data``'s training split the model's file says it never trained on
+    (``{"share", "seed"}``, as `netshrink train` holds it out), or None."""
+    info = (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
+    held = info.get("held_out") if info.get("data") == args.data else None
+    if held is None:
+        return None
+    if not (isinstance(held, dict) and isinstance(held.get("share"), float) and 0 < held["share"] < 1
+            and type(held.get("seed")) is int):
+        raise NetshrinkError(f"{args.path} records a held-out part it cannot be: {str(held)[:80]}")
+    return held
+
+
 def _validation_data(args, model, train, test) -> tuple:
     """(training data for the trials, validation data, what the validation data are, in words).
     A budget checked on examples the model was trained on says nothing: the model's file says what
@@ -588,13 +607,11 @@ def _validation_data(args, model, train, test) -> tuple:
     from .train import hold_out
 
     info = (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
-    held = info.get("held_out") if info.get("data") == args.data else None
+    held = _recorded_hold_out(model, args)
     if args.validation == "test":
         return train, test, f"the {args.data} test split (--validation test: the test error is not an independent check)"
-    if args.validation is None and isinstance(held, dict):
-        share, seed = held.get("share"), held.get("seed")
-        if not (isinstance(share, float) and 0 < share < 1 and type(seed) is int):
-            raise NetshrinkError(f"{args.path} records a held-out part it cannot be: {held}")
+    if args.validation is None and held is not None:
+        share, seed = held["share"], held["seed"]
         rest, validation = hold_out(train, share, seed)
         return rest, validation, (f"the {share:.0%} of the {args.data} training split that {args.path} was never "
                                   f"trained on (drawn with seed {seed}, as its file records)")

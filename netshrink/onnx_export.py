@@ -49,7 +49,7 @@ from torch import nn
 from .errors import NetshrinkError
 from .files import atomic_write, check_writable
 from .methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
-from .methods.base import LINEAR_CONV, apply, bake
+from .methods.base import LINEAR_CONV, apply, bake, text_table
 
 SAFE_PAIR_SUM = 128  # 255 * (a + b) <= 32767 for |a| + |b| <= 128: no 16-bit saturation
 SAFE_CODE, VNNI_CODE = 63, 127  # largest weight code: 7-bit (any x86-64 CPU) or full int8 (VNNI)
@@ -63,6 +63,13 @@ class ExportReport:
     layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, how it was exported)
     notes: list[str] = field(default_factory=list)
     full_range: list[str] = field(default_factory=list)  # int8 weights a CPU without VNNI saturates on
+
+    def __str__(self) -> str:
+        lines = [f"exported {self.path} ({self.target}{', int8' if self.int8 else ''}): {len(self.layers)} layer(s)"]
+        lines += text_table(("layer", "how"), self.layers) if self.layers else []
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
+
+    __repr__ = __str__  # what a notebook or a REPL shows: the table, not the fields
 
 
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:

@@ -128,6 +128,7 @@ def test_a_search_with_nothing_between_its_smallest_and_its_safe_policy_still_ru
     assert found.file_bytes == found.trials[0]["file_bytes"]
 
 
+@pytest.mark.slow
 def test_rounds_of_trials_on_ray_find_what_they_find_in_this_process(trained, digits):
     """A local Ray cluster runs each round's two trials as tasks: every trial, and the model found,
     are the same as in this process."""
@@ -231,6 +232,7 @@ def _cli(*args, cwd):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_auto_then_report_rendered_in_a_browser(tmp_path, trained):
     netshrink.save(trained, tmp_path / "dense.nsk")
     grid = ["--keeps", "1", "0.3", "0.1", "--bits", "0", "4", "2"]
@@ -307,6 +309,7 @@ def test_variational_ranking_predicts_the_bytes_of_layers_it_keeps_whole(trained
     assert abs(trial["file_bytes"] - trial["predicted_bytes"]) < 0.05 * trial["file_bytes"], trial
 
 
+@pytest.mark.slow
 def test_cli_auto_scores_on_the_part_train_held_out_and_refuses_what_the_model_saw(tmp_path):
     """`netshrink train` holds out a part of the training split and records it; `auto` scores its
     choices on exactly that part, and refuses a model whose file says it trained on all of it."""
@@ -330,6 +333,7 @@ def test_cli_auto_scores_on_the_part_train_held_out_and_refuses_what_the_model_s
     assert not (tmp_path / "x.nsk").exists()
 
 
+@pytest.mark.slow
 def test_cli_auto_on_ray_checks_the_cluster_first_and_runs_on_a_started_head(tmp_path, trained):
     """`--ray HOST:PORT` where nothing listens is one line before any work; against a head started
     with `ray start --head` the same search runs as Ray tasks (authentication off for this

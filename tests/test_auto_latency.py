@@ -136,6 +136,7 @@ def test_a_budget_below_the_smallest_model_is_refused_when_savings_overlap(resmo
     assert f"about {1e3 * floor:.3f} ms" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_auto_max_latency_on_onnx_runtime(resmobile, digits):
     """Real timings; a budget so generous that noise cannot break it: the dense model is kept."""
     found = netshrink.auto(resmobile, digits[0], max_latency=10.0, latency_batch=8, trials=1, keeps=(1.0, 0.5), **FAST)
@@ -179,6 +180,7 @@ def test_auto_max_latency_refuses_models_it_cannot_shrink(digits, make_tiny_bert
         netshrink.auto(bert, batches, validation=batches[:3], max_latency=1.0, **FAST)
 
 
+@pytest.mark.slow
 def test_cli_auto_max_latency(tmp_path, resmobile):
     netshrink.save(resmobile, tmp_path / "dense.nsk")
 

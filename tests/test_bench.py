@@ -24,6 +24,7 @@ def _row(name, kind, small_ms, large_ms, score, spread=0.05, runtime="PyTorch"):
                     score)
 
 
+@pytest.mark.slow
 def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_path):
     train, test = digits
     pruned, _ = netshrink.remove_units(trained, keep=0.5)
@@ -63,6 +64,7 @@ def test_image_model_every_candidate_scored_like_evaluate(trained, digits, tmp_p
     assert next(r.score for r in again.rows if r.candidate.name == "PyTorch fp32") == scores["PyTorch fp32"]
 
 
+@pytest.mark.slow
 def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(trained, digits, tmp_path):
     """vnni=None measures the machine: an 8-bit model's int8 graph keeps codes that would saturate
     a pre-VNNI kernel only if this machine's kernels are exact; vnni=False always narrows them; the note
@@ -84,6 +86,7 @@ def test_8_bit_weights_keep_the_full_range_only_where_this_machine_adds_exactly(
     assert "at most 7 bits" in result.notes[0] and not any("full int8 range" in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
     dense = make_tiny_bert()
     g = torch.Generator().manual_seed(3)
@@ -134,6 +137,7 @@ def test_verdict_names_each_runtimes_fastest_peer():
     assert "each runtime" not in BenchResult(one_runtime, "cosine", 2, "batch 32", 32).verdict()[1]
 
 
+@pytest.mark.slow
 def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, trained, digits, tmp_path):
     """With OpenVINO, the dense model joins the peers and each netshrink model runs as its
     standard-ONNX int8 graph and its fp32 graph, scored on the same data as ONNX Runtime's."""
@@ -187,6 +191,7 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
         assert abs(accuracy[name] - accuracy["PyTorch fp32"]) <= 2.0
 
 
+@pytest.mark.slow
 def test_a_dense_model_openvino_cannot_compile_leaves_out_only_openvino(trained, digits, monkeypatch):
     """OpenVINO refusing the dense graph costs its rows, with a note, not the run."""
     pytest.importorskip("openvino")
@@ -238,6 +243,7 @@ def test_bad_settings_are_one_error_before_any_work(trained, digits):
         netshrink.benchmark(trained, [torch.zeros(2, 1, 8, 8)])
 
 
+@pytest.mark.slow
 def test_cli_bench_with_a_compressed_model(tmp_path, trained):
     dense, small = tmp_path / "dense.nsk", tmp_path / "small.nsk"
     netshrink.save(trained, dense)
@@ -259,6 +265,7 @@ def test_cli_bench_with_a_compressed_model(tmp_path, trained):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_bench_of_a_transformer_file(tmp_path, make_tiny_bert):
     path = tmp_path / "bert.nsk"
     netshrink.save(make_tiny_bert(), path)

@@ -57,6 +57,7 @@ def test_a_model_on_the_wrong_data_fails_before_work(model_file, tmp_path):
     assert not (tmp_path / "out.nsk").exists()
 
 
+@pytest.mark.slow
 def test_outputs_are_checked_first_and_never_replace_inputs(model_file, tmp_path):
     before = model_file.read_bytes()
     user_error(run("compress", model_file, "--data", "digits", "--prune", "0.5", "-o", model_file, cwd=tmp_path),
@@ -124,6 +125,7 @@ def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
 
 
+@pytest.mark.slow
 def test_post_training_methods_from_the_command_line(model_file, tmp_path):
     result = run("compress", model_file, "--data", "digits", "--weight-bits", "3", "--weight-method", "gptq",
                  "--activation-bits", "8", "-o", "gptq.nsk", cwd=tmp_path)

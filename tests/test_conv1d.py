@@ -123,6 +123,7 @@ def test_a_load_failing_after_its_checks_leaves_conv1d_layers_as_they_were(tmp_p
     assert isinstance(fresh.h[0].attn.c_attn, Conv1D) and fresh.h[0].attn.c_attn.weight.shape == (32, 96)
 
 
+@pytest.mark.slow
 def test_auto_chooses_settings_for_conv1d_layers_and_its_model_round_trips(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=120, n_positions=32, n_embd=32, n_layer=2, n_head=4, num_labels=2,

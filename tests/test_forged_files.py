@@ -69,6 +69,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_no_network_request_whatever_the_recorded_config_names(tmp_path):
     """A stand-in Hub on this machine (HF_ENDPOINT) counts requests. transformers itself asks it
     about a kernel repository named as the attention implementation; loading files whose configs

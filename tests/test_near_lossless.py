@@ -88,6 +88,7 @@ def test_bad_bounds_are_refused_before_a_file_is_written(trained, tmp_path, boun
     assert not (tmp_path / "m.nsk").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_the_files_accuracy(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "netshrink.cli", *args], capture_output=True, text=True,

@@ -88,6 +88,7 @@ def test_cli_unknown_model_and_data(tmp_path):
         assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_export_and_bench_on_digits(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     dense = tmp_path / "dense.nsk"

@@ -174,11 +174,36 @@ class Report:
     notes: list[str] = field(default_factory=list)  # what else the call did to the model
 
     def __str__(self) -> str:
-        lines = [f"{self.method}: {len(self.changed)} layer(s) changed"]
-        lines += [f"  {layer}: {detail}" for layer, detail in self.changed]
-        lines += [f"  skipped {layer}: {reason}" for layer, reason in self.skipped]
-        lines += [f"  note: {note}" for note in self.notes]
-        return "\n".join(lines)
+        rows = [(layer, "changed", detail) for layer, detail in self.changed]
+        rows += [(layer, "skipped", reason) for layer, reason in self.skipped]
+        lines = [f"{self.method}: {len(self.changed)} layer(s) changed, {len(self.skipped)} skipped"]
+        lines += text_table(("layer", "", "what"), rows) if rows else []
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
+
+    __repr__ = __str__  # what a notebook or a REPL shows: the table, not the fields
+
+
+class Reports(list):
+    """The reports of a call that applied several methods, shown one table after another."""
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(report) for report in self)
+
+    __repr__ = __str__
+
+
+def text_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], width: int = 110) -> list[str]:
+    """Rows as aligned plain-text lines under ``headers``; the last column wraps at ``width``."""
+    import textwrap
+
+    sizes = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    room = max(30, width - sum(sizes) - 2 * len(sizes))
+    lines = []
+    for row in [headers, *rows]:
+        lead = "  ".join(str(cell).ljust(size) for cell, size in zip(row, sizes))
+        wrapped = textwrap.wrap(str(row[-1]), room) or [""]
+        lines += [f"  {lead}  {wrapped[0]}".rstrip()] + [f"  {' ' * len(lead)}  {rest}" for rest in wrapped[1:]]
+    return lines
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,7 +291,7 @@ def apply(model: nn.Module, method: Method, **context: Any) -> Report:
     return apply_all(model, [method], **context)[0]
 
 
-def apply_all(model: nn.Module, methods: list[Method], **context: Any) -> list[Report]:
+def apply_all(model: nn.Module, methods: list[Method], **context: Any) -> Reports:
     """Apply several methods in order, as one change: every setting and every layer selection is
     checked first, and if any step fails the model is restored exactly as it was. transformers'
     ``Conv1D`` layers (GPT-2) are compressed as the Linear layers they are (:mod:`.conv1d`)."""
@@ -284,7 +309,7 @@ def apply_all(model: nn.Module, methods: list[Method], **context: Any) -> list[R
     if converted and reports:
         reports[0].notes.append(f"{len(converted)} transformers Conv1D layers ({converted[0]}, ...) are now "
                                 "nn.Linear layers with the weight transposed: the same outputs, compressible")
-    return reports
+    return Reports(reports)
 
 
 @contextlib.contextmanager
