@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation", type=_number(float, 0), default=0.1, metavar="SHARE",
                        help="share of the training split held out, never trained on (default: 0.1; 0 trains on "
                             "all of it, and `auto` then needs --validation test)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT.partial, the model as it was after its last whole epoch (written "
+                            "after every epoch and kept when training is interrupted); Adam's moments and the "
+                            "learning-rate schedule start afresh for the epochs left")
     train.add_argument("-o", "--output", type=Path, required=True, help="where to write the model")
 
     evaluate = sub.add_parser("evaluate", help="test accuracy of a saved model")
@@ -381,22 +385,57 @@ def cmd_train(args) -> int:
     _outputs(args, args.output)
     if not args.validation < 1:
         raise NetshrinkError(f"--validation is a share of the training split in [0, 1). Received: {args.validation}")
+    partial = args.output.with_name(args.output.name + ".partial")
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     held_out = {"share": args.validation, "seed": args.seed} if args.validation else None
     fitted, validation = hold_out(train, **held_out) if held_out else (train, None)
-    model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
+    model, done = build_model(args.model, tuple(train.tensors[0].shape[1:])), 0
+    if args.resume:
+        model, done = _resumed(partial, args)
     check_model_fits(model, train)
-    result = fit(model, fitted, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                 augment=args.augment)
+    per_epoch = -(-len(fitted) // args.batch_size)
+    info = {"data": args.data, "held_out": held_out, "model": args.model}
+
+    def checkpoint(step: int, total: int) -> None:  # before each step: after a whole epoch, keep the model
+        if step and step % per_epoch == 0:
+            artifact.save(model, partial, info={**info, "epochs_done": done + step // per_epoch, "seed": args.seed})
+
+    try:
+        result = fit(model, fitted, epochs=args.epochs - done, lr=args.lr, batch_size=args.batch_size,
+                     seed=args.seed + done, augment=args.augment, on_step=checkpoint)
+    except KeyboardInterrupt:
+        if partial.exists():
+            sys.stderr.write(f"the model after its last whole epoch is in {partial}: run the same command with "
+                             "--resume to continue\n")
+        raise
     accuracy = evaluate(model, test)
     # What the model was trained on: `auto` scores on the held-out part, and refuses the data it saw.
-    info = {"data": args.data, "test_accuracy": accuracy, "held_out": held_out}
-    size = artifact.save(model, args.output, info=info)
+    size = artifact.save(model, args.output, info={"data": args.data, "test_accuracy": accuracy, "held_out": held_out})
+    partial.unlink(missing_ok=True)
     validated = f"{100 * evaluate(model, validation):.2f}%" if validation is not None else "- (none held out)"
     _print_rows("trained", ["model", "data", "epochs", "seconds", "held-out acc.", "test accuracy", "file", "bytes"],
                 [[args.model, args.data, f"{args.epochs:g}", f"{result['seconds']:.1f}", validated,
                   f"{100 * accuracy:.2f}%", str(args.output), f"{size:,}"]])
     return 0
+
+
+def _resumed(partial: Path, args) -> tuple:
+    """(the model in ``partial``, its whole epochs done), after checking it is this run's."""
+    from . import artifact
+
+    if not partial.exists():
+        raise NetshrinkError(f"--resume continues from {partial}, which does not exist: nothing to resume")
+    model = artifact.load(partial, restore=False)
+    info = model.netshrink_manifest.get("info") or {}
+    wanted = {"data": args.data, "model": args.model, "seed": args.seed,
+              "held_out": {"share": args.validation, "seed": args.seed} if args.validation else None}
+    if any(info.get(key) != value for key, value in wanted.items()):
+        raise NetshrinkError(f"{partial} is not this run's ({', '.join(f'{k}={info.get(k)!r}' for k in wanted)}); "
+                             "resume with the same --model, --data, --seed and --validation, or delete it")
+    done = info.get("epochs_done")
+    if not (type(done) is int and 0 < done < args.epochs):
+        raise NetshrinkError(f"{partial} records {done!r} epochs done, not fewer than --epochs {args.epochs:g}")
+    return model, done
 
 
 def cmd_evaluate(args) -> int:

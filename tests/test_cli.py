@@ -108,9 +108,39 @@ def test_ctrl_c_is_one_line(tmp_path):
             break
     # 130, or death by SIGINT (which a shell also reports as 130): Python re-raises an interrupt
     # that landed inside an import once the interpreter exits. Never SIGABRT, never a traceback.
-    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err and err.strip() == "interrupted", \
+    lines = err.strip().splitlines()
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err and lines[-1] == "interrupted", \
         (process.returncode, err[-500:])
+    assert all("--resume" in line for line in lines[:-1])  # a checkpoint, if an epoch had ended
     assert not output.exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_keeps_its_last_epoch_and_resumes(tmp_path):
+    """Ctrl-C in `train` keeps the model after its last whole epoch (OUTPUT.partial); --resume
+    continues from it, only for the same run, and the finished file replaces it."""
+    command = [sys.executable, "-m", "netshrink.cli", "train", "--data", "digits", "--seed", "3", "-o", "m.nsk"]
+    process = subprocess.Popen(command + ["--epochs", "100000"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
+    partial = tmp_path / "m.nsk.partial"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode in (130, -signal.SIGINT), err[-500:]
+    assert "--resume" in err and "Traceback" not in err and not (tmp_path / "m.nsk").exists()
+    done = netshrink.load(partial).netshrink_manifest["info"]["epochs_done"]
+    assert done >= 1
+    other_seed = subprocess.run([*command[:-4], "--seed", "4", "-o", "m.nsk", "--epochs", str(done + 2), "--resume"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert other_seed.returncode == 2 and "not this run's" in other_seed.stderr, other_seed.stderr
+    resumed = subprocess.run(command + ["--epochs", str(done + 2), "--resume"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "m.nsk").exists() and not partial.exists()
+    assert netshrink.load(tmp_path / "m.nsk").netshrink_manifest["info"]["held_out"] == {"share": 0.1, "seed": 3}
 
 
 def test_ctrl_c_during_an_import_waits_for_the_import(tmp_path):

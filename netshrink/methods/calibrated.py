@@ -82,6 +82,8 @@ class Calibrated(Method):
         if is_depthwise_2d(layer) and self.solves_depthwise():
             return None
         if im2col_inputs(layer) is None and self.needs & {"hessian", "mean", "sumsq"}:
+            if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+                return "an embedding table: its rows are looked up, not multiplied by an input to calibrate on"
             return "grouped/depthwise or 3-D convolution: no single input matrix to calibrate"
         return None
 
