@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import itertools
 import json
+import logging
 import tempfile
 import time
 import warnings
@@ -246,6 +247,22 @@ class BenchResult:
         atomic_write(path, buffer.getvalue())
         return path
 
+
+
+@contextlib.contextmanager
+def _quiet_root_log(prefix: str):
+    """Drop the root logger's records that start with ``prefix`` for the block: ONNX Runtime's
+    quantizers advise, through ``logging.warning``, a pre-processing step the peer is measured without
+    (its defaults, as a user calls it); the advice is not the user's to act on here."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 def _interleaved(runs: list[Callable[[], object]], repeats: int, rounds: int = 10) -> list[Timing]:
     """Timing per run, measured in ``rounds`` alternating rounds so that drift on a shared machine
@@ -507,7 +524,7 @@ def _peers(dense: nn.Module, work: _Workload, fp32: Path, folder: Path, threads:
             notes.append(f"OpenVINO left out: it cannot compile the dense model: {str(exc).splitlines()[0][:120]}")
         else:
             peers += _nncf_peer(work, fp32, folder, threads, notes, progress)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_root_log("Please consider"):
         warnings.simplefilter("ignore")
         progress("peers: ONNX Runtime quantize_dynamic and quantize_static")
         quantize_dynamic(str(fp32), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8, per_channel=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from . import __version__
@@ -582,7 +583,7 @@ def cmd_bench(args) -> int:
     _print(f"machine: {result.machine}")
     for line in [*(f"note: {n}" for n in result.notes), *(f"warning: {w}" for w in result.warnings),
                  *result.verdict()]:
-        _print(line)
+        _print(textwrap.fill(line, 110, subsequent_indent="  "))  # a note of several sentences: lines a person reads
     for name, ops in result.profiles.items():
         _print_rows(f"where the time goes: {name}", ["operator", "ms per run", "share"],
                     [[op, f"{ms:.2f}", f"{100 * share:.0f}%"] for op, ms, share in ops[:10]])
