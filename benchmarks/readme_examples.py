@@ -7,7 +7,8 @@ The Python block under "From Python" is written to a file and run as it stands; 
 bash block under "Command line" are run one by one (``netshrink demo`` and ``netshrink bench``
 are left out: their results live in docs/demo.md and benchmarks/results/deployment-*.md), each
 with the time it took. `auto` exits 1 when its budget is not met (a latency budget depends on the
-machine): that is reported, not a failure. Writes benchmarks/results/readme_examples.md.
+machine) and 2 when it refuses a budget it can show is out of reach here: both are reported, not a
+failure. Writes benchmarks/results/readme_examples.md.
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def main() -> None:
         result = subprocess.run([netshrink_command, *shlex.split(command)[1:]], cwd=folder, capture_output=True,
                                 text=True, env={"COLUMNS": "200", "PATH": str(Path(sys.executable).parent)})
         seconds = time.perf_counter() - started
-        log.append(f"$ {command}  # exit {result.returncode}, {seconds:.0f} s"
-                   + (" (budget not met on this machine)" if result.returncode == 1 and " auto " in f" {command} " else ""))
-        if result.returncode and not (result.returncode == 1 and command.startswith("netshrink auto")):
+        searched = command.startswith("netshrink auto")
+        why = {1: " (budget not met on this machine)",
+               2: f" (refused on this machine: {result.stderr.strip()[:300]})"}.get(result.returncode, "") if searched else ""
+        log.append(f"$ {command}  # exit {result.returncode}, {seconds:.0f} s{why}")
+        if result.returncode and not searched:
             raise SystemExit(f"`{command}` failed:\n{result.stderr}")
         if command.startswith("netshrink evaluate dense.nsk"):
             dense_cli = accuracy(result.stdout, "dense.nsk")
