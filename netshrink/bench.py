@@ -38,6 +38,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -224,12 +225,13 @@ class BenchResult:
         figure, axes = plt.subplots(1, 2, figsize=(12, 5))
         styles = {"dense": ("black", "D"), "peer": ("tab:gray", "o"), "netshrink": ("tab:blue", "s")}
         for axis, large, label in ((axes[0], False, "batch 1"), (axes[1], True, self.large_label)):
-            for r in self.rows:
+            points = [(1e3 * r.latency(large), r.score) for r in self.rows]
+            for r, (latency, score), lift in zip(self.rows, points, _label_lifts(points)):
                 color, marker = styles[r.candidate.kind]
-                latency = 1e3 * r.latency(large)
-                axis.scatter(latency, r.score, c=color, marker=marker, s=40, zorder=3)
-                axis.annotate(r.candidate.name, (latency, r.score), fontsize=7, xytext=(4, 3),
-                              textcoords="offset points")
+                axis.scatter(latency, score, c=color, marker=marker, s=40, zorder=3)
+                axis.annotate(r.candidate.name, (latency, score), fontsize=7, xytext=(4, 3 - lift),
+                              textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
+                              if lift else None)
             front = sorted((1e3 * r.latency(large), r.score) for r in self.rows if r.pareto[large])
             if front:
                 axis.step(*zip(*front), where="post", color="tab:blue", alpha=0.4, zorder=2)
@@ -238,15 +240,32 @@ class BenchResult:
             axis.set_ylabel(self.score_name)
             axis.grid(alpha=0.3)
         handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", label=k) for k, (c, m) in styles.items()]
-        axes[1].legend(handles=handles, loc="lower right")
+        figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)  # below: covers no point
         figure.suptitle(title or f"{self.score_name} vs latency, {self.threads} threads")
-        figure.tight_layout()
+        figure.tight_layout(rect=(0, 0.05, 1, 1))
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=110)
         plt.close(figure)
         atomic_write(path, buffer.getvalue())
         return path
 
+
+
+def _label_lifts(points: list[tuple[float, float]], step: float = 9.0) -> list[float]:
+    """How far (in points) to move each point's label down so that labels of points close together
+    on a log-latency axis do not print over each other: each label goes below the ones already
+    placed within a tenth of a decade and 3% of the score range of it."""
+    scores = [s for _, s in points]
+    span = (max(scores) - min(scores)) or 1.0
+    placed: list[tuple[float, float, float]] = []
+    lifts = []
+    for latency, score in points:
+        x = math.log10(max(latency, 1e-9))
+        near = [lift for px, ps, lift in placed if abs(px - x) < 0.1 and abs(ps - score) < 0.03 * span]
+        lift = 0.0 if not near else max(near) + step
+        placed.append((x, score, lift))
+        lifts.append(lift)
+    return lifts
 
 
 @contextlib.contextmanager
