@@ -344,10 +344,9 @@ def _caused_by_ctrl_c(exc: BaseException) -> bool:
 
 
 def _console():
-    from rich.console import Console
+    from .report import console
 
-    # markup=False: names from files and recipes are printed as text, never interpreted as markup.
-    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+    return console()
 
 
 def _print(text: str) -> None:

@@ -12,7 +12,7 @@ from .files import atomic_write
 from .data import load_dataset
 from .methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, apply
 from .models import build_model
-from .report import make_table, markdown, summary
+from .report import console as report_console, make_table, markdown, summary
 from .train import evaluate, fit
 
 COLUMNS = ["method", "settings", "params", "non-zero", "bits/w", "file bytes", "accuracy", "change"]
@@ -41,9 +41,7 @@ def _variants(train):
 
 def run_demo(data: str = "mnist", epochs: float = 10, markdown_path: Path | None = None,
              console: Console | None = None) -> list[list]:
-    from .cli import _console
-
-    console = console or _console()
+    console = console or report_console()
     train, test = load_dataset(data, "train"), load_dataset(data, "test")
     in_shape = tuple(train.tensors[0].shape[1:])
     dense = build_model("mlp", in_shape)

@@ -132,7 +132,7 @@ def search(model: nn.Module, train: Data, scorer, *, max_latency: float, batch: 
            targets: tuple, ignore: tuple, on_trial=None, sensitivity=None):
     """``auto``'s search under ``max_latency`` seconds per batch of ``batch`` (see the module doc)."""
     from .artifact import to_bytes
-    from .autotune import AutoResult
+    from .found import AutoResult
     from .knapsack import solve
     from .methods.structured import unit_groups
     from .recipe import Recipe

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,12 @@ class Summary:
     def __str__(self) -> str:
         return render(self.table())
 
+
+
+def console() -> Console:
+    """Where commands print: plain text (names from files and recipes are never read as rich markup),
+    160 columns when the output is not a terminal (a log keeps whole table rows)."""
+    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
 
 def nominal_bits(w: torch.Tensor, fixed: FixedGrid | None = None) -> int:
     """Bits one stored value needs: log2 of the codebook size when the tensor has at most 256
