@@ -1,7 +1,7 @@
 """The README's Python example and command-line quickstart, run verbatim on a fresh folder, with
 the accuracy each compressed model keeps against its dense model.
 
-    python benchmarks/readme_examples.py            # about 30 minutes on 2 cores (auto's searches are most of it)
+    python benchmarks/readme_examples.py            # about 6 minutes on 2 cores (auto's searches are half of it)
 
 The Python block under "From Python" is written to a file and run as it stands; the lines of the
 bash block under "Command line" are run one by one (``netshrink demo`` and ``netshrink bench``
