@@ -1,16 +1,16 @@
 """Hostile files: load tens of thousands of mutated netshrink files and count what happens.
 
-    python benchmarks/fuzz_files.py                 # 13,000 files (about 10 minutes on 2 cores)
-    python benchmarks/fuzz_files.py --files 1300    # quicker
+    python benchmarks/fuzz_files.py                 # 15,000 files (about 3 minutes on 2 cores)
+    python benchmarks/fuzz_files.py --files 1500    # quicker
 
-Seeds: thirteen valid files of different kinds: zoo models (a pruned + shared MLP with 8-bit
+Seeds: fifteen valid files of different kinds: zoo models (a pruned + shared MLP with 8-bit
 activations, a 4-bit LeNet-5, a dense LeNet-300-100, a structured-pruned LeNet-300-100, a GPTQ
 3-bit LeNet-300-100 with grids per group of 16 inputs, a pruned resmobile with BatchNorm, residual
 adds and depthwise convolutions, a LeNet-300-100 whose 1.2M-value first layer is coded in bands, a
 near-lossless LeNet-300-100), a user CNN with BatchNorm loaded into a caller's model, and Hugging
 Face models rebuilt from their recorded configs (an 8-bit BERT classifier, a head-pruned BERT, a
 head-pruned MPNet keeping slices of its shared position bias, a 4-bit GPT-2 whose Conv1D layers
-are stored as Linear). Each mutated file is either ``raw`` damage (bit flips, byte edits,
+are stored as Linear), and two files earlier versions wrote (formats 2 and 4). Each mutated file is either ``raw`` damage (bit flips, byte edits,
 insertions, deletions, truncation, header-length, JSON-number and version-field edits, manifest
 edits) or the same damage ``resealed`` with a recomputed checksum, as a forger would; one kind of
 mutation, ``forge``, writes what a forger would into the manifest (huge sizes and counts, shapes
@@ -121,6 +121,9 @@ def seeds(folder: Path) -> list[tuple[str, Path, object, object]]:
         path = folder / f"seed{i}.nsk"
         netshrink.save(model, path, **options)
         out.append((label, path, skeleton))
+    fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures"  # files earlier netshrink versions wrote
+    out += [(f"format-{v} LeNet-300-100 (netshrink {release}, checksummed)", fixtures / f"v{v}-lenet-digits.nsk", None)
+            for v, release in ((2, "0.2-0.3"), (4, "0.6"))]
     return out
 
 
@@ -186,7 +189,7 @@ def runs(model, skeleton, manifest) -> tuple[bool, bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", type=int, default=13_000, help="mutated files in all (default 13,000)")
+    parser.add_argument("--files", type=int, default=15_000, help="mutated files in all (default 15,000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
