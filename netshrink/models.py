@@ -20,6 +20,8 @@ from .errors import NetshrinkError
 
 from .catalog import MODELS
 
+MAX_SPEC_INPUT = 1 << 16  # values in a zoo model's input that loading rebuilds it for (a 256x256 image)
+
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(OrderedDict([("conv", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)),
@@ -216,8 +218,12 @@ def model_from_spec(spec: dict, largest_dim: int = 1 << 24, tensor_count: int = 
         raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
     name, in_shape, classes = spec["name"], spec["in_shape"], spec["classes"]
     ok_shape = (isinstance(in_shape, list) and 1 <= len(in_shape) <= 3
-                and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 4096 for d in in_shape)
-                and math.prod(in_shape) <= 1 << 22)
+                and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 4096 for d in in_shape))
     if name not in MODELS or not ok_shape or not (isinstance(classes, int) and 1 <= classes <= 100_000):
         raise NetshrinkError(f"bad model spec {str(spec)[:200]}")
+    # A loaded zoo model runs once on an input of this shape (artifact._check_runs), and a
+    # convolutional one has no weight that fixes its image size: the size is bounded instead.
+    if math.prod(in_shape) > MAX_SPEC_INPUT:
+        raise NetshrinkError(f"a zoo model's recorded input {in_shape} has more than {MAX_SPEC_INPUT:,} values, more than "
+                             "netshrink rebuilds by itself: pass model=<an instance of the same architecture>")
     return build_model(name, tuple(in_shape), classes)

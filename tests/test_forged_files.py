@@ -155,7 +155,10 @@ def test_a_tensor_that_cannot_fit_its_layer_is_refused_before_its_payload_is_dec
 def test_a_zoo_spec_that_asks_for_huge_inputs_allocates_nothing(tmp_path, trained):
     netshrink.save(trained, tmp_path / "m.nsk")
     data = (tmp_path / "m.nsk").read_bytes()
-    _refused_quickly(_forge(data, '"in_shape":[1,8,8]', '"in_shape":[1,2048,2048]', tmp_path / "f.nsk"), "cannot run")
+    _refused_quickly(_forge(data, '"in_shape":[1,8,8]', '"in_shape":[1,2048,2048]', tmp_path / "f.nsk"),
+                     "rebuilds by itself")
+    # Within the bound, a spec that disagrees with the stored first layer fails its forward pass.
+    _refused_quickly(_forge(data, '"in_shape":[1,8,8]', '"in_shape":[1,16,16]', tmp_path / "f.nsk"), "cannot run")
 
 
 def test_decoding_work_is_bounded_by_what_an_encoder_writes():
