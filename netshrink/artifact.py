@@ -55,7 +55,7 @@ from .methods.conv1d import LinearFromConv1D, as_linear, is_conv1d
 from .methods.grid import expand, last_fixed_grid
 from .methods.heads import check_bias_heads, restore_bias_heads, sync_attention
 from .methods.prune import Mask
-from .methods.base import (COMPRESSIBLE, LINEAR_CONV, baked_items, baked_name, baked_state_dict, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
+from .methods.base import (COMPRESSIBLE, LINEAR_CONV, baked_items, baked_name, baked_state_dict, check_flag, is_depthwise, preserved, remove_transforms, restore_transforms, sync_sizes,
                            transforms)
 from .models import model_from_spec, spec_of
 
@@ -1047,9 +1047,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, restore: bo
     Files of format 1 (netshrink 0.1) carry no checksum: they load only with
     ``allow_unchecked=True`` (for a file you trust); save them again to get a checked file.
     """
-    for what, flag in (("restore", restore), ("allow_unchecked", allow_unchecked)):
-        if not isinstance(flag, bool):
-            raise NetshrinkError(f"{what} must be True or False. Received: {what}={flag!r}")
+    check_flag("restore", restore)
+    check_flag("allow_unchecked", allow_unchecked)
     path = Path(path)
     with open_regular(path) as file:  # read a piece at a time: the file is never held whole in memory
         return from_bytes(FileBytes(file, str(path)), model, source=str(path), restore=restore,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import NetshrinkError
+from .errors import NetshrinkError, first_line
 from .train import Data, Forward, Inputs, Progress, batches, call, default_forward, eval_mode
 
 NEEDS = ("hessian", "mean", "sumsq", "inputs")
@@ -188,8 +188,7 @@ def _run(model: nn.Module, inputs: Inputs) -> None:
     except _Reached:
         pass
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NetshrinkError(f"the model does not run on the calibration data: {first}") from None
+        raise NetshrinkError(f"the model does not run on the calibration data: {first_line(exc, None)}") from None
 
 
 def execution_order(model: nn.Module, layers: dict[str, nn.Module], first: Inputs) -> tuple[list[list[str]], bool]:

@@ -51,6 +51,7 @@ def _number(kind, low: float, low_open: bool = False):
 
 
 POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT = _number(int, 1), _number(float, 0, low_open=True), _number(int, 0)
+HELD_OUT = 0.1  # the share of a training split `train` (and `compress --model`) never trains on
 
 
 def _validation(text: str):
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="lenet-300-100", choices=MODELS)
     _data_arguments(train)
     _training_arguments(train, epochs=10, lr=1e-3, what="training")
-    train.add_argument("--validation", type=_number(float, 0), default=0.1, metavar="SHARE",
+    train.add_argument("--validation", type=_number(float, 0), default=HELD_OUT, metavar="SHARE",
                        help="share of the training split held out, never trained on (default: 0.1; 0 trains on "
                             "all of it, and `auto` then needs --validation test)")
     train.add_argument("--resume", action="store_true",
@@ -391,7 +392,7 @@ def cmd_train(args) -> int:
     fitted, validation = hold_out(train, **held_out) if held_out else (train, None)
     model, done = build_model(args.model, tuple(train.tensors[0].shape[1:])), 0
     if args.resume:
-        model, done = _resumed(partial, args)
+        model, done = _resumed(partial, args, held_out)
     check_model_fits(model, train)
     per_epoch = -(-len(fitted) // args.batch_size)
     info = {"data": args.data, "held_out": held_out, "model": args.model}
@@ -419,16 +420,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _resumed(partial: Path, args) -> tuple:
+def _resumed(partial: Path, args, held_out: dict | None) -> tuple:
     """(the model in ``partial``, its whole epochs done), after checking it is this run's."""
     from . import artifact
 
     if not partial.exists():
         raise NetshrinkError(f"--resume continues from {partial}, which does not exist: nothing to resume")
     model = artifact.load(partial, restore=False)
-    info = model.netshrink_manifest.get("info") or {}
-    wanted = {"data": args.data, "model": args.model, "seed": args.seed,
-              "held_out": {"share": args.validation, "seed": args.seed} if args.validation else None}
+    info = _record(model)
+    wanted = {"data": args.data, "model": args.model, "seed": args.seed, "held_out": held_out}
     if any(info.get(key) != value for key, value in wanted.items()):
         raise NetshrinkError(f"{partial} is not this run's ({', '.join(f'{k}={info.get(k)!r}' for k in wanted)}); "
                              "resume with the same --model, --data, --seed and --validation, or delete it")
@@ -508,7 +508,7 @@ def cmd_compress(args) -> int:
         held_out = _recorded_hold_out(model, args)
     else:
         model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
-        held_out = {"share": 0.1, "seed": args.seed}  # as `netshrink train` holds it out
+        held_out = {"share": HELD_OUT, "seed": args.seed}  # as `netshrink train` holds it out
     check_model_fits(model, train)
     if held_out is not None:  # the part the model never saw stays unseen: `auto` may score on it later
         train = hold_out(train, held_out["share"], held_out["seed"])[0]
@@ -625,10 +625,15 @@ def _beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
+def _record(model) -> dict:
+    """What a loaded model's file says of how it was made (``save(info=...)``)."""
+    return (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
+
+
 def _recorded_hold_out(model, args) -> dict | None:
     """The part of ``args.data``'s training split the model's file says it never trained on
     (``{"share", "seed"}``, as `netshrink train` holds it out), or None."""
-    info = (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
+    info = _record(model)
     held = info.get("held_out") if info.get("data") == args.data else None
     if held is None:
         return None
@@ -645,7 +650,6 @@ def _validation_data(args, model, train, test) -> tuple:
     the user names other data."""
     from .train import hold_out
 
-    info = (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
     held = _recorded_hold_out(model, args)
     if args.validation == "test":
         return train, test, f"the {args.data} test split (--validation test: the test error is not an independent check)"
@@ -654,12 +658,12 @@ def _validation_data(args, model, train, test) -> tuple:
         rest, validation = hold_out(train, share, seed)
         return rest, validation, (f"the {share:.0%} of the {args.data} training split that {args.path} was never "
                                   f"trained on (drawn with seed {seed}, as its file records)")
-    if info.get("data") == args.data:
+    if _record(model).get("data") == args.data:
         raise NetshrinkError(f"{args.path} was trained on {'all of ' if held is None else ''}the {args.data} training "
                              "split, as its file records: a budget checked there is checked on examples it memorised. "
                              "Train it with a held-out part (netshrink train holds out 10% by default) or pass "
                              "--validation test")
-    share = args.validation or 0.1
+    share = args.validation or HELD_OUT
     rest, validation = hold_out(train, share, args.seed)
     return rest, validation, (f"{share:.0%} of the {args.data} training split; {args.path} does not record what it "
                               "was trained on: if it saw these examples, validation scores are optimistic")

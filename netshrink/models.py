@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import NetshrinkError
+from .errors import NetshrinkError, first_line
 
 from .catalog import MODELS
 
@@ -124,7 +124,9 @@ CODE_FIELDS = frozenset({"auto_map", "trust_remote_code", "quantization_config",
 # The attention (and experts) implementations a rebuilt model may use: PyTorch's own. Any other
 # value (a Hub kernel repository such as "org/repo", flash attention) makes transformers fetch code.
 BUILT_IN_IMPLEMENTATIONS = (None, "eager", "sdpa")
-MAX_LABELS = 1 << 16
+MAX_ENTRIES = 1 << 16  # labels in a label map, items in a list: far beyond any real config
+
+
 def _counts_modules(key: str) -> bool:
     """A config field that sets how many modules are built (layers, experts, blocks), each of
     which stores at least one tensor; not an index or a limit (``max_window_layers``)."""
@@ -151,13 +153,13 @@ def check_config(config: dict, largest_dim: int, tensor_count: int, where: str =
             if not all(v in BUILT_IN_IMPLEMENTATIONS for v in chosen):
                 raise refuse(f"{key}={str(value)[:60]!r} is not one of PyTorch's own (eager, sdpa)")
         if key in ("id2label", "label2id"):
-            if not isinstance(value, dict) or len(value) > min(MAX_LABELS, max(largest_dim, 1)):
+            if not isinstance(value, dict) or len(value) > min(MAX_ENTRIES, max(largest_dim, 1)):
                 raise refuse(f"{key} has {len(value) if isinstance(value, dict) else 'no'} labels; "
                              f"the stored tensors have at most {largest_dim} rows")
         elif isinstance(value, dict):
             check_config(value, largest_dim, tensor_count, f"{where}.{key}")
         elif isinstance(value, list):
-            if len(value) > MAX_LABELS:
+            if len(value) > MAX_ENTRIES:
                 raise refuse(f"{key} has {len(value)} entries")
             for item in value:
                 if isinstance(item, dict):
@@ -203,8 +205,7 @@ def _transformers_model(spec: dict, largest_dim: int, tensor_count: int) -> nn.M
         with _offline_hub():
             return cls(cls.config_class.from_dict(config))
     except Exception as exc:  # noqa: BLE001 - the library's own complaint, in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NetshrinkError(f"cannot rebuild {cls.__name__} from the recorded config: {first[:200]}") from None
+        raise NetshrinkError(f"cannot rebuild {cls.__name__} from the recorded config: {first_line(exc)}") from None
 
 
 def model_from_spec(spec: dict, largest_dim: int = 1 << 24, tensor_count: int = 1 << 10) -> nn.Module:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NetshrinkError
+from .errors import NetshrinkError, first_line
 
 
 def _with_threads(function: Callable, threads: int, shared, job):
@@ -60,8 +60,8 @@ def _ray(address: str) -> Iterator[object]:
             ray.init(address=None if address == "local" else address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NetshrinkError(f"cannot reach the Ray cluster at {address!r}: {message}{_token_hint(address)}") from None
+            raise NetshrinkError(f"cannot reach the Ray cluster at {address!r}: {first_line(exc, None)}"
+                                 f"{_token_hint(address)}") from None
     try:
         yield ray
     finally:
@@ -86,9 +86,7 @@ def check_address(address: str | None, threads: int | None = None) -> float | No
     address; for ``"local"``, this machine's, the cluster being started when the search is)."""
     if address is None:
         return None
-    if not isinstance(address, str) or not address.strip():
-        raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local', 'host:6379' or "
-                             f"'ray://host:10001'. Received: address={address!r}")
+    _check_address_value(address)
     _import_ray(address)
     if address == "local":
         return float(os.cpu_count() or 1)
@@ -102,6 +100,12 @@ def check_address(address: str | None, threads: int | None = None) -> float | No
                                  "machines, host:port of its head, or ray://host:10001)") from None
     with _ray(address) as ray:
         return _fits_threads(ray, threads or torch.get_num_threads())
+
+
+def _check_address_value(address) -> None:
+    if not isinstance(address, str) or not address.strip():
+        raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local', 'host:6379' or "
+                             f"'ray://host:10001'. Received: address={address!r}")
 
 
 def _fits_threads(ray, threads: int) -> float:
@@ -121,8 +125,8 @@ class Runner:
     Entering it as a context manager connects, for the rest of the search."""
 
     def __init__(self, function: Callable, shared, address: str | None = None) -> None:
-        if address is not None and (not isinstance(address, str) or not address.strip()):
-            check_address(address)  # the one message for a value that is no address
+        if address is not None:
+            _check_address_value(address)
         self.function, self.shared, self.address = function, shared, address
         self.threads = torch.get_num_threads()
         self._stack = contextlib.ExitStack()

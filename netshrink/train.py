@@ -267,7 +267,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     lightly pruned model on text unlike the user's can lower its fidelity; this returns it as it
     was instead. The result adds ``"validation"``: ``[(step, loss), ...]``, and ``"kept_step"``.
     """
-    from .methods.base import preserved
+    from .methods.base import check_flag, preserved
 
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
@@ -276,8 +276,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     _check_number("batch_size", batch_size, positive=True, integer=True)
     _check_number("augment", augment, integer=True)
     _check_number("seed", seed, integer=True)
-    if not isinstance(progress, bool):
-        raise NetshrinkError(f"progress must be True or False. Received: progress={progress!r}")
+    check_flag("progress", progress)
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise NetshrinkError(f"teacher must be a torch.nn.Module. Received: {type(teacher).__name__}")
     if distill is not None and not isinstance(distill, Distill):

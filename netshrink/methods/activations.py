@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..calibration import real_positions
-from ..errors import NetshrinkError
+from ..errors import NetshrinkError, first_line
 from ..train import Data, batches, call, eval_mode
 from .base import (LINEAR_CONV, Method, check_choice, check_range, per_layer, replace_weight, tied_weights,
                    transforms, weight_of, weight_source)
@@ -231,8 +231,7 @@ class QuantizeActivations(Method):
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if isinstance(exc, NetshrinkError):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NetshrinkError(f"the model does not run on the calibration data: {first}") from None
+            raise NetshrinkError(f"the model does not run on the calibration data: {first_line(exc, None)}") from None
         finally:
             for handle in handles:
                 handle.remove()
