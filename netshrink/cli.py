@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "this machine belongs to (after `ray start --head`), HOST:PORT of a head node (its GCS port, "
                            "6379 unless `ray start --port` chose another), ray://HOST:10001 (Ray Client, needs "
                            "ray[client]), or 'local' to start one here. The same trials and result as without; sooner "
-                           "only when the cluster has more cores than this machine (on one 2-core machine, Ray took "
-                           "520-1,381 s where local runs took 352 s). Checked in seconds, before any long work")
+                           "only when the cluster has more cores than this machine (its tasks add start-up and "
+                           "transfer time to the same work). Checked in seconds, before any long work")
     auto.add_argument("--seed", type=int, default=0)
     auto.add_argument("-o", "--output", type=Path, required=True, help="where to write the compressed model")
 
