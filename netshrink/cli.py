@@ -515,7 +515,8 @@ def cmd_compress(args) -> int:
     if args.model is not None:
         fit(model, train, epochs=args.epochs, lr=args.lr, seed=args.seed, augment=args.augment, desc="train dense")
     before = evaluate(model, test)
-    dense_bytes = len(artifact.to_bytes(model))
+    # The input file's own size (a model trained here first: the bytes it would have as a file).
+    dense_bytes = args.path.stat().st_size if args.path is not None else len(artifact.to_bytes(model))
     started = time.perf_counter()
     rows = recipe.run(model, train, test, seed=args.seed,
                       on_row=lambda r: _print(f"  step {r['step']}: {r['what']}  "
