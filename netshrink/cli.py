@@ -25,7 +25,7 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .catalog import DATASETS, MODELS
+from .catalog import DATASETS, MODELS, PRUNERS, QUANTIZERS
 from .errors import NetshrinkError
 
 
@@ -127,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--weight-bits", type=int, metavar="B", help="quantize weights to B bits (1-8)")
     compress.add_argument("--activation-bits", type=int, metavar="B", help="quantize activations to B bits (2-8)")
     compress.add_argument("--share-bits", type=int, metavar="B", help="share weights via 2^B k-means centroids")
-    compress.add_argument("--prune-method", choices=("magnitude", "sparsegpt", "wanda"), default="magnitude",
+    compress.add_argument("--prune-method", choices=PRUNERS, default="magnitude",
                           help="how --prune chooses weights: by magnitude, or from calibration data without "
-                               "retraining (wanda; sparsegpt also updates the kept weights). Default: magnitude")
-    compress.add_argument("--weight-method", choices=("round", "gptq", "adaround"), default="round",
+                               "retraining (wanda; sparsegpt also updates the kept weights; '+blocks' then tunes "
+                               "each block's kept weights so its output matches the dense model's). Default: magnitude")
+    compress.add_argument("--weight-method", choices=QUANTIZERS, default="round",
                           help="how --weight-bits rounds: to nearest, or from calibration data without retraining "
-                               "(gptq; adaround learns each weight's rounding: slower, best for CNNs at 2-4 bits). "
+                               "(gptq; gptq+blocks then tunes each block's rounding and scales against the dense "
+                               "model; adaround learns each weight's rounding: slower, best for CNNs at 2-4 bits). "
                                "Data-aware methods run after --activation-bits so they see quantized inputs. "
                                "Default: round")
     compress.add_argument("--group-size", type=POSITIVE_INT, metavar="G",
@@ -452,10 +454,12 @@ def cmd_evaluate(args) -> int:
 
 
 def _quick_recipe(args) -> list[dict]:
+    from .api import refined
+
     steps: list[dict] = []
     if args.prune is not None:
-        method = "prune" if args.prune_method == "magnitude" else args.prune_method
-        steps.append({method: {"keep": args.prune}})
+        method = args.prune_method.partition("+")[0]
+        steps.append({"prune" if method == "magnitude" else method: {"keep": args.prune, **refined(args.prune_method)}})
     elif args.prune_method != "magnitude":
         raise NetshrinkError("--prune-method needs --prune KEEP")
     if args.clip_percentile is not None:
@@ -466,13 +470,13 @@ def _quick_recipe(args) -> list[dict]:
     if args.activation_bits is not None and data_aware:
         steps.append({"activations": {"bits": args.activation_bits}})
     if args.weight_bits is not None:
-        method = {"round": "quantize"}.get(args.weight_method, args.weight_method)
-        settings = {"bits": args.weight_bits}
+        method = {"round": "quantize"}.get(args.weight_method, args.weight_method.partition("+")[0])
+        settings = {"bits": args.weight_bits, **refined(args.weight_method)}
         if args.group_size is not None:
             if args.weight_method == "adaround":
                 raise NetshrinkError("--group-size works with --weight-method round or gptq (adaround is per channel)")
             settings["group_size"] = args.group_size
-        elif args.weight_method == "gptq":
+        elif method == "gptq":
             settings["group_size"] = None  # per channel unless asked: the zoo's layers are narrow
         steps.append({method: settings})
     elif data_aware or args.group_size is not None:

@@ -7,6 +7,7 @@ A subclass says which input statistics it ``needs`` and implements ``solve``.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,10 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d
+from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d, take
 from ..errors import NetshrinkError
 from .base import (LINEAR_CONV, Method, Report, check_flag, check_range, tied_weights, transforms, weight_of,
                    weight_source)
+from .blocks import reconstruct
 from .grid import FixedGrid
 from .quantize import FakeQuantize, LearnedStepQuantize
 from .share import Codebook
@@ -40,20 +42,25 @@ def keep_mask(layer: nn.Module) -> torch.Tensor | None:
 @dataclass(frozen=True, kw_only=True)
 class Calibrated(Method):
     """Base of the data-aware methods. ``samples``: calibration examples used (a few hundred is
-    typical); ``batch_size``: examples per forward pass; ``bias_correction``: afterwards, shift each
-    layer's bias so that its outputs keep their calibration mean."""
+    typical; more, and more varied, carry better to data of another kind); ``batch_size``: examples
+    per forward pass; ``bias_correction``: afterwards, shift each layer's bias so that its outputs
+    keep their calibration mean; ``block_steps``: afterwards, tune each block (a transformer layer,
+    a CNN stage) for this many batches so that its output matches the dense model's
+    (:mod:`netshrink.methods.blocks`; 0: no block reconstruction, 200 is typical)."""
 
     layer_kinds: ClassVar[tuple] = LINEAR_CONV
     needs: ClassVar[frozenset] = frozenset({"hessian"})
-    samples: int = 256
+    samples: int = 1024
     batch_size: int = 32
     bias_correction: bool = False
+    block_steps: int = 0
 
     def check(self) -> None:
         super().check()
         check_range("samples", self.samples, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
         check_flag("bias_correction", self.bias_correction)
+        check_range("block_steps", self.block_steps, 0, 1e6, integer=True)
 
     def quantizes(self) -> bool:
         """Whether this method puts weights on a grid (then a layer already on one is refused)."""
@@ -101,6 +108,7 @@ class Calibrated(Method):
             raise NetshrinkError(f"{self.name} learns from data: pass calibration=<a few hundred examples; "
                                  "labels are not needed>")
         layers, unmatched = self._select(model)
+        reference = copy.deepcopy(model) if self.block_steps else None  # the dense model the blocks reproduce
         report = self.new_report(unmatched)
         tied = tied_weights(model)
         chosen = {}
@@ -130,6 +138,15 @@ class Calibrated(Method):
             report.changed.append((name, f"{detail} ({time.perf_counter() - started:.1f}s)"))
             reached.add(name)
         report.skipped += [(n, "the calibration data never reached it") for n in chosen if n not in reached]
+        if reference is not None:
+            started = time.perf_counter()
+            kept = take(calibration, self.samples, self.batch_size)
+            own = {n: m for n, m in layers.items() if id(weight_source(m)) not in tied}  # a shared weight has two targets
+            done = reconstruct(model, reference, own, kept, steps=self.block_steps,
+                               desc=f"{self.name} blocks")
+            report.changed += [(f"{name} (block)", detail) for name, detail in done]
+            report.notes.append(f"block reconstruction: {len(done)} blocks, {self.block_steps} batches each, "
+                                f"{time.perf_counter() - started:.0f}s")
         return report
 
     @staticmethod

@@ -1,0 +1,350 @@
+"""Block reconstruction: after a layer-wise solver (GPTQ, SparseGPT, Wanda, AdaRound) has
+compressed every layer alone, tune each *block* of the model so that its output on calibration
+data matches the uncompressed model's.
+
+A layer-wise solver makes each layer's output close to its own dense output; the errors of the
+layers of a transformer block (attention, then the feed-forward network) and of the blocks
+before it add up, and nothing corrects them. BRECQ (Li et al. 2021) and AutoRound/SignRound
+(Cheng et al. 2023) solve at the level of a block instead: its input is what the compressed model
+so far gives it (so it also makes up for the error of the blocks before it), its target is the
+dense model's output of the same block on the dense model's own inputs, and what it tunes keeps
+every layer compressed:
+
+* a quantized layer (fixed grid): a rounding offset per weight in [-0.5, 0.5] steps (which way
+  each weight rounds, AutoRound's ``V``) and a gain per grid scale in [0.5, 1.5] (its clipping
+  range), by signed gradient descent (AutoRound's choice: every step moves each value by the
+  same small amount, so all weights move at once however small their gradient);
+* a pruned layer that is not quantized: its kept weights (the mask stays exact);
+* the compressed layers' biases and the block's normalisation weights, with Adam.
+
+Codes stay integers on their grids (the result is baked onto a :class:`FixedGrid` with the tuned
+scales) and masks stay exact. A block's error on the whole calibration set is measured before and
+after; if tuning did not lower it, the block is put back as it was.
+
+Blocks are found from the model's structure: the children of the container (``nn.ModuleList`` /
+``nn.Sequential``, or the model itself) that holds the most compressed layers, each child holding
+at least one: a transformer's layers (attention + feed-forward), a CNN's stages. A compressed layer
+outside them (a classifier, a stem convolution) is a block of its own; embedding tables are not
+(they have no input to reconstruct from and keep the starting method's result). Memory: one
+block's inputs and targets on the calibration set at a time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..calibration import _Reached, _run, real_positions
+from ..errors import NetshrinkError
+from ..train import Inputs, Progress, eval_mode
+from .base import replace_weight, transforms, weight_source
+from .grid import FixedGrid, expand, levels
+
+OFFSET_LIMIT = 0.5  # a weight may round to either neighbour of where it is, no further
+GAIN_RANGE = (0.5, 1.5)  # how far a grid's scale may shrink (clip) or widen
+FLOAT_LR = 1e-3  # Adam's step for kept weights, biases and norms
+STEPS = 200  # batches per block (AutoRound's default)
+
+
+class TunedGrid(nn.Module):
+    """A :class:`FixedGrid` made trainable for block reconstruction: ``round(w / (s*g) + V)`` with
+    a learned offset ``V`` per weight and a learned gain ``g`` per scale, straight-through rounding
+    (gradients reach both ``V`` and ``g``, as in LSQ). ``keep`` zeroes pruned weights."""
+
+    def __init__(self, grid: FixedGrid, weight: torch.Tensor, keep: torch.Tensor | None) -> None:
+        super().__init__()
+        self.grid = grid
+        self.offset = nn.Parameter(torch.zeros_like(weight))
+        self.gain = nn.Parameter(torch.ones_like(grid.scale))
+        self.register_buffer("keep", None if keep is None else keep.to(weight.dtype))
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, hard: bool) -> torch.Tensor:
+        zero = expand(self.grid.zero, w, self.grid.group_size)
+        x = w / scale + self.offset
+        rounded = torch.round(x) if hard else x + (torch.round(x) - x).detach()  # straight through
+        return torch.clamp(rounded + zero, *levels(self.grid.bits, self.grid.scheme)) - zero
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale = expand(self.grid.scale * self.gain, w, self.grid.group_size)
+        out = self.codes(w, scale, hard=False) * scale
+        return out if self.keep is None else out * self.keep
+
+    def step(self, lr: float) -> None:
+        """One signed-gradient step, then back inside the allowed ranges."""
+        with torch.no_grad():
+            self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-OFFSET_LIMIT, OFFSET_LIMIT)
+            self.gain.sub_(lr * self.gain.grad.sign()).clamp_(*GAIN_RANGE)
+
+    def baked(self, w: torch.Tensor) -> tuple[torch.Tensor, FixedGrid]:
+        """The final weight (exactly on the returned grid) and that grid."""
+        with torch.no_grad():
+            scales = self.grid.scale * self.gain
+            scale = expand(scales, w, self.grid.group_size)
+            value = self.codes(w, scale, hard=True) * scale
+            if self.keep is not None:
+                value = value * self.keep
+            grid = FixedGrid(scales, self.grid.zero, self.grid.bits, self.grid.scheme, self.grid.group_size,
+                             label=self.grid.label)
+        return value, grid
+
+
+def find_blocks(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the blocks holding ``layers``, in no particular order (see the module
+    docstring); raises :class:`NetshrinkError` where none can be found."""
+    wanted = {id(layer) for layer in layers.values() if not isinstance(layer, (nn.Embedding, nn.EmbeddingBag))}
+    if not wanted:
+        raise NetshrinkError("no block to reconstruct: the compressed layers are all embedding tables")
+    best: tuple[int, list] = (0, [])
+    containers = [(p, c) for p, c in model.named_modules() if isinstance(c, (nn.ModuleList, nn.Sequential))]
+    for prefix, container in containers + [("", model)]:
+        held = []
+        for key, child in container.named_children():
+            inside = sum(id(m) in wanted for m in child.modules())
+            if inside:
+                held.append((f"{prefix}.{key}" if prefix else key, child, inside))
+        covered = sum(inside for *_, inside in held)
+        if len(held) >= 2 and covered > best[0] and not (container is model and best[1]):
+            best = (covered, held)  # the model's own children only where no container holds two blocks
+    blocks = [(name, child) for name, child, _ in best[1]]
+    inside = {id(m) for _, child in blocks for m in child.modules()}
+    blocks += [(name, layer) for name, layer in layers.items() if id(layer) in wanted and id(layer) not in inside]
+    if not blocks:
+        raise NetshrinkError("no block to reconstruct: the model has no container of layers (ModuleList, "
+                             "Sequential or child modules) holding the compressed layers")
+    return blocks
+
+
+def _detached(value):
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def first_tensor(output) -> torch.Tensor:
+    """A block's main output: itself, or the first tensor of the tuple/dict a Hugging Face layer returns."""
+    if torch.is_tensor(output):
+        return output
+    values = list(output.values()) if isinstance(output, Mapping) else list(output) if isinstance(output, (tuple, list)) else []
+    for value in values:
+        if torch.is_tensor(value):
+            return value
+    raise NetshrinkError(f"a block returned a {type(output).__name__} with no tensor in it")
+
+
+def capture(model: nn.Module, block: nn.Module, batches: list[Inputs], *, what: str) -> list:
+    """Run ``model`` on each batch up to ``block`` and keep, per batch, the block's call
+    (``what="inputs"``: its positional and keyword arguments) or its output (``"outputs"``)."""
+    kept: list = []
+    calls = [0]
+
+    def before(module, args, kwargs):
+        kept.append((_detached(args), _detached(kwargs)))
+        raise _Reached
+
+    def after(module, args, kwargs, output):
+        kept.append(first_tensor(output).detach())
+        raise _Reached
+
+    handle = (block.register_forward_pre_hook(before, with_kwargs=True) if what == "inputs"
+              else block.register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad(), eval_mode(model), parametrize.cached():
+            for inputs in batches:
+                calls[0] = len(kept)
+                _run(model, inputs)
+                if len(kept) == calls[0]:
+                    raise NetshrinkError("a block the calibration data does not reach cannot be reconstructed")
+    finally:
+        handle.remove()
+    return kept
+
+
+class _Tuning:
+    """One block made trainable: the transforms and tensors swapped in, the parameters tuned, and
+    how to bake the result or put the block back."""
+
+    def __init__(self, block: nn.Module, layers: list[nn.Module]) -> None:
+        self.grids: list[tuple[nn.Module, int, TunedGrid, FixedGrid]] = []
+        self.weights: list[nn.Parameter] = []
+        self.floats: list[nn.Parameter] = []
+        self.saved: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, the tensor it had)
+        for layer in layers:
+            stack = transforms(layer)
+            masks = [t.mask for t in stack if hasattr(t, "mask")]
+            keep = None
+            if masks:
+                keep = masks[0] != 0
+                for mask in masks[1:]:
+                    keep = keep & (mask != 0)
+            if stack and isinstance(stack[-1], FixedGrid):
+                with torch.no_grad():  # the grid's input: the weight under the transforms before it
+                    w = weight_source(layer).detach()
+                    for t in stack[:-1]:
+                        w = t(w)
+                tuned = TunedGrid(stack[-1], w, keep)
+                self.grids.append((layer, len(stack) - 1, tuned, stack[-1]))
+                layer.parametrizations.weight[len(stack) - 1] = tuned
+            elif keep is not None and not any(hasattr(t, "bits") for t in stack):  # pruned, not quantized
+                self._own(layer, "weight", self.weights)
+        for module in block.modules():  # the compressed layers' biases and the norms' weights and biases
+            names = ("weight", "bias") if _is_norm(module) else ("bias",) if module in layers else ()
+            for name in names:
+                if module._parameters.get(name) is not None and not parametrize.is_parametrized(module, name):
+                    self._own(module, name, self.floats)
+
+    def _own(self, module: nn.Module, name: str, into: list) -> None:
+        """Give ``module`` a fresh copy of its tensor to train, so the model's own tensor is never
+        written into (a failure elsewhere puts the old one back)."""
+        if name == "weight" and parametrize.is_parametrized(module, "weight"):
+            old = weight_source(module)
+            replace_weight(module, old.detach())
+            into.append(weight_source(module))
+            self.saved.append((module.parametrizations.weight, "original", old))
+            return
+        old = module._parameters[name]
+        setattr(module, name, nn.Parameter(old.detach().clone()))
+        into.append(module._parameters[name])
+        self.saved.append((module, name, old))
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, _, t, _ in self.grids for p in (t.offset, t.gain)] + self.weights + self.floats
+
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.parameters()]
+
+    def load(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.parameters(), state):
+                p.copy_(value)
+
+    def bake(self) -> None:
+        for layer, index, tuned, _ in self.grids:
+            stack = layer.parametrizations.weight
+            with torch.no_grad():
+                w = weight_source(layer).detach()
+                for t in list(stack)[:index]:
+                    w = t(w)
+            value, grid = tuned.baked(w)
+            stack[index] = grid
+            replace_weight(layer, value)  # on the grid, with a mask's zeros: every transform keeps it
+
+    def put_back(self) -> None:
+        for layer, index, _, grid in self.grids:
+            layer.parametrizations.weight[index] = grid
+        for module, name, old in reversed(self.saved):
+            if name == "original":
+                module.original = old
+            else:
+                setattr(module, name, old)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or \
+        type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _error(block: nn.Module, inputs: list, targets: list, batches: list[Inputs]) -> float:
+    """The block's squared output error over the calibration set, relative to the targets' energy."""
+    total = energy = 0.0
+    with torch.no_grad():
+        for (args, kwargs), target, batch in zip(inputs, targets, batches):
+            out = real_positions(first_tensor(block(*args, **kwargs)), batch)
+            goal = real_positions(target, batch)
+            total += float((out - goal).square().sum())
+            energy += float(goal.square().sum())
+    return total / max(energy, 1e-30)
+
+
+def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.Module], batches: list[Inputs],
+                *, steps: int, lr: float | None = None, seed: int = 0, desc: str = "blocks") -> list[tuple[str, str]]:
+    """Tune each block of ``model`` holding ``layers`` to reproduce ``reference``'s (the same model
+    before compression) block outputs, on the inputs ``model`` gives it; ``steps`` batches per
+    block. Returns ``(block name, what happened)`` per block."""
+    blocks = find_blocks(model, layers)
+    references = dict(reference.named_modules())
+    order = _execution_order(model, [b for _, b in blocks], batches[0])
+    blocks = [blocks[i] for i in order]
+    compressed = {id(layer) for layer in layers.values()}
+    lr = lr if lr is not None else 1.0 / steps  # AutoRound's default: the offsets can cross a whole step
+    generator = torch.Generator().manual_seed(seed)
+    done: list[tuple[str, str]] = []
+    progress = Progress(len(blocks), desc, unit="block")
+    started = time.perf_counter()
+    try:
+        for number, (name, block) in enumerate(blocks):
+            inputs = capture(model, block, batches, what="inputs")
+            targets = capture(reference, references[name], batches, what="outputs")
+            members = [m for m in block.modules() if id(m) in compressed]
+            tuning = _Tuning(block, members)
+            try:
+                with eval_mode(block):
+                    before = _error(block, inputs, targets, batches)
+                    start = tuning.state()
+                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator)
+                    after = _error(block, inputs, targets, batches)
+                    if not after < before:
+                        tuning.load(start)
+                        after = before
+            except BaseException:
+                tuning.put_back()
+                raise
+            tuning.bake()
+            done.append((name, f"block output error {before:.3g} -> {after:.3g}" if after < before else
+                         f"block output error {before:.3g}, kept (tuning did not lower it)"))
+            elapsed = time.perf_counter() - started
+            progress.update(number + 1, f"~{elapsed / (number + 1) * (len(blocks) - number - 1):.0f}s left")
+    finally:
+        progress.close()
+    return done
+
+
+def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator) -> None:
+    adam_params = tuning.weights + tuning.floats
+    adam = torch.optim.Adam(adam_params, lr=FLOAT_LR) if adam_params else None
+    params = tuning.parameters()
+    for step in range(steps):
+        i = int(torch.randint(len(inputs), (1,), generator=generator))
+        args, kwargs = inputs[i]
+        out = real_positions(first_tensor(block(*args, **kwargs)), batches[i])
+        goal = real_positions(targets[i], batches[i])
+        loss = (out - goal).square().sum() / goal.square().sum().clamp(min=1e-30)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g if g is not None else torch.zeros_like(p)
+        rate = lr * (1 - step / steps)  # linear decay, as AutoRound
+        for _, _, tuned, _ in tuning.grids:
+            tuned.step(rate)
+        if adam is not None:
+            adam.step()
+        for p in params:
+            p.grad = None
+
+
+def _execution_order(model: nn.Module, blocks: list[nn.Module], first: Inputs) -> list[int]:
+    """Indices of ``blocks`` in the order the model runs them; a block run twice per forward pass
+    (shared) is refused: its one set of weights would have two targets."""
+    seen: list[int] = []
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda module, args, i=i: seen.append(i)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _run(model, first)
+    finally:
+        for handle in handles:
+            handle.remove()
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    if repeated:
+        raise NetshrinkError(f"block reconstruction: a block runs {seen.count(repeated[0])} times per forward pass; "
+                             "its weights cannot match two targets")
+    return list(dict.fromkeys(seen))
