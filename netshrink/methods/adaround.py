@@ -23,8 +23,8 @@ from torch import nn
 
 from ..calibration import LayerInputs
 from ..errors import NetshrinkError
-from .base import add_transform, check_choice, check_range, per_layer, replace_weight, weight_of
-from .calibrated import Calibrated, keep_mask
+from .base import add_transform, check_choice, check_range, keep_mask, per_layer, replace_weight, weight_of
+from .calibrated import Calibrated
 from .grid import SCHEMES, FixedGrid, choose_grid, describe, expand, levels
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper's values)

@@ -414,6 +414,17 @@ def transforms(layer: nn.Module) -> list[nn.Module]:
     return list(layer.parametrizations.weight) if parametrize.is_parametrized(layer, "weight") else []
 
 
+def keep_mask(layer: nn.Module) -> torch.Tensor | None:
+    """Where the layer's weight may be non-zero, if a mask (pruning) restricts it."""
+    masks = [t.mask for t in transforms(layer) if hasattr(t, "mask")]
+    if not masks:
+        return None
+    keep = masks[0] != 0
+    for mask in masks[1:]:
+        keep &= mask != 0
+    return keep
+
+
 def weight_of(layer: nn.Module) -> torch.Tensor:
     """The weight as the layer uses it (all transforms applied), detached."""
     with torch.no_grad():

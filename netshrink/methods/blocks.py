@@ -30,7 +30,6 @@ block's inputs and targets on the calibration set at a time.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 
@@ -41,7 +40,7 @@ from torch.nn.utils import parametrize
 from ..calibration import _Reached, _run, real_positions
 from ..errors import NetshrinkError
 from ..train import Inputs, Progress, eval_mode
-from .base import replace_weight, transforms, weight_source
+from .base import keep_mask, replace_weight, transforms, weight_source
 from .grid import FixedGrid, expand, levels
 
 OFFSET_LIMIT = 0.5  # a weight may round to either neighbour of where it is, no further
@@ -145,7 +144,6 @@ def capture(model: nn.Module, block: nn.Module, batches: list[Inputs], *, what: 
     """Run ``model`` on each batch up to ``block`` and keep, per batch, the block's call
     (``what="inputs"``: its positional and keyword arguments) or its output (``"outputs"``)."""
     kept: list = []
-    calls = [0]
 
     def before(module, args, kwargs):
         kept.append((_detached(args), _detached(kwargs)))
@@ -160,9 +158,9 @@ def capture(model: nn.Module, block: nn.Module, batches: list[Inputs], *, what: 
     try:
         with torch.no_grad(), eval_mode(model), parametrize.cached():
             for inputs in batches:
-                calls[0] = len(kept)
+                had = len(kept)
                 _run(model, inputs)
-                if len(kept) == calls[0]:
+                if len(kept) == had:
                     raise NetshrinkError("a block the calibration data does not reach cannot be reconstructed")
     finally:
         handle.remove()
@@ -179,13 +177,7 @@ class _Tuning:
         self.floats: list[nn.Parameter] = []
         self.saved: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, the tensor it had)
         for layer in layers:
-            stack = transforms(layer)
-            masks = [t.mask for t in stack if hasattr(t, "mask")]
-            keep = None
-            if masks:
-                keep = masks[0] != 0
-                for mask in masks[1:]:
-                    keep = keep & (mask != 0)
+            stack, keep = transforms(layer), keep_mask(layer)
             if stack and isinstance(stack[-1], FixedGrid):
                 with torch.no_grad():  # the grid's input: the weight under the transforms before it
                     w = weight_source(layer).detach()

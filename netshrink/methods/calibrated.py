@@ -28,17 +28,6 @@ FIXED_GRIDS = (FixedGrid, Codebook, LearnedStepQuantize)  # grids that would not
 QUANTIZERS = (FakeQuantize, *FIXED_GRIDS)
 
 
-def keep_mask(layer: nn.Module) -> torch.Tensor | None:
-    """Where the layer's weight may be non-zero, if a mask (pruning) restricts it."""
-    masks = [t.mask for t in transforms(layer) if hasattr(t, "mask")]
-    if not masks:
-        return None
-    keep = masks[0] != 0
-    for mask in masks[1:]:
-        keep &= mask != 0
-    return keep
-
-
 @dataclass(frozen=True, kw_only=True)
 class Calibrated(Method):
     """Base of the data-aware methods. ``samples``: calibration examples used (a few hundred is

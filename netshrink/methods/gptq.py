@@ -29,9 +29,9 @@ from torch import nn
 
 from ..calibration import LayerInputs
 from ..errors import NetshrinkError
-from .base import (COMPRESSIBLE, add_transform, check_choice, check_flag, check_range, per_layer, replace_weight,
-                   weight_of)
-from .calibrated import Calibrated, keep_mask
+from .base import (COMPRESSIBLE, add_transform, check_choice, check_flag, check_range, keep_mask, per_layer,
+                   replace_weight, weight_of)
+from .calibrated import Calibrated
 from .grid import SCHEMES, FixedGrid, applicable_group, choose_grid, describe, expand, fixed_grid, round_to
 
 BLOCK = 128

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..calibration import LayerInputs
 from ..errors import NetshrinkError
-from .base import add_transform, check_range, per_layer, replace_weight, weight_of
-from .calibrated import Calibrated, keep_mask
+from .base import add_transform, check_range, keep_mask, per_layer, replace_weight, weight_of
+from .calibrated import Calibrated
 from .gptq import BLOCK, inverse_factor, output_error
 from .prune import Mask
 
