@@ -12,9 +12,10 @@ from .catalog import PRUNERS, QUANTIZERS
 from .errors import NetshrinkError
 from .methods import (GPTQ, AdaRound, ClipWeights, Prune, QuantizeActivations, QuantizeWeights, RemoveHeads,
                       RemoveLayers, Report, ShareWeights, SparseGPT, Wanda, apply)
-from .methods.base import check_choice
-from .methods.base import apply_all
+from .methods.base import COMPRESSIBLE, apply_all, check_choice, check_range, preserved, select_layers
 from .methods.blocks import STEPS as BLOCK_STEPS
+from .methods.conv1d import as_linear
+from .methods.mixed import choose_widths
 
 
 def prune(model: nn.Module, keep: float | Mapping[str, float], *, scope: str = "layer", method: str = "magnitude",
@@ -47,21 +48,37 @@ def quantize(model: nn.Module, weight_bits: int | Mapping[str, int] | None = 8, 
              activation_bits: int | None = None, calibration=None, method: str = "round", group_size: int | None = None,
              scheme: str = "symmetric", granularity: str = "channel", range: str = "minmax",
              observer: str = "minmax", smooth: float | str | None = None, learned_step: bool = False,
-             targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> list[Report]:
+             average_bits: float | None = None, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+             ) -> list[Report]:
     """Quantize weights to ``weight_bits`` and, with ``calibration`` data, input activations to
     ``activation_bits``. Everything is checked, and the calibration data read, before the model
     changes; if anything fails the model is left as it was.
 
     ``method``: ``"round"`` (to nearest; ``range="mse"`` clips each grid where rounding loses
     least), ``"gptq"`` or ``"adaround"`` (data-aware, on ``calibration``; 2-4 bits without
-    retraining), ``"gptq+blocks"`` (GPTQ, then each block's rounding directions, scale gains,
-    biases and norms tuned so that the block's output matches the dense model's:
-    :mod:`netshrink.methods.blocks`). ``group_size``: one scale per that many inputs of each output channel.
+    retraining), ``"round+blocks"`` / ``"gptq+blocks"`` (rounding to nearest on grids with MSE
+    ranges, as AutoRound, or GPTQ, then each block's rounding directions, scale gains, biases and
+    norms tuned so that the block's output matches the dense model's: :mod:`netshrink.methods.blocks`). ``group_size``: one scale per that many inputs of each output channel.
     ``smooth``: SmoothQuant for activations with outlier channels (alpha, or ``"auto"``).
+    ``average_bits``: mixed precision; each layer's bits (2 to ``weight_bits``) are chosen from its
+    measured sensitivity on ``calibration`` so that all the weights, embedding tables and grouped
+    scales included, take at most this many bits on average (:mod:`netshrink.methods.mixed`).
     """
     check_choice("method", method, QUANTIZERS)
     select = {"targets": targets, "ignore": ignore}
     steps: list = []
+    chosen = None
+    if average_bits is not None:
+        if calibration is None or not isinstance(weight_bits, int) or method == "adaround":
+            raise NetshrinkError("average_bits chooses each layer's bits from calibration data, up to an integer "
+                                 "weight_bits, for method='round', 'gptq' or 'gptq+blocks'. Received: "
+                                 f"weight_bits={weight_bits!r}, method={method!r}, calibration={'given' if calibration is not None else None}")
+        check_range("weight_bits", weight_bits, 2, 8, integer=True)
+        with preserved(model):  # transformers' Conv1D layers are measured as the Linear layers they become
+            as_linear(model)
+            layers = select_layers(model, tuple(targets), tuple(ignore), COMPRESSIBLE)
+            weight_bits, chosen = choose_widths(model, layers, calibration, average_bits=average_bits,
+                                                group_size=group_size, scheme=scheme, highest=weight_bits)
     if activation_bits is not None:  # first: weight solvers then see the quantized activations
         if calibration is None:
             raise NetshrinkError(f"activation_bits={activation_bits} needs calibration data")
@@ -72,6 +89,11 @@ def quantize(model: nn.Module, weight_bits: int | Mapping[str, int] | None = 8, 
         if method == "round":
             steps.append(QuantizeWeights(bits=weight_bits, scheme=scheme, granularity=granularity,
                                          learned_step=learned_step, group_size=group_size, range=range, **select))
+        elif method == "round+blocks":  # AutoRound: rounding learned from grids searched for the least error
+            _needed(calibration, method)
+            steps.append(QuantizeWeights(bits=weight_bits, scheme=scheme, granularity=granularity,
+                                         learned_step=learned_step, group_size=group_size, range="mse",
+                                         **select, **refined(method)))
         else:
             _needed(calibration, method)
             if granularity != "channel" or learned_step or range != "minmax" or scheme not in ("symmetric", "affine"):
@@ -83,12 +105,19 @@ def quantize(model: nn.Module, weight_bits: int | Mapping[str, int] | None = 8, 
                 if group_size is not None:
                     raise NetshrinkError("method='adaround' quantizes per channel; group_size is for 'round' and 'gptq'")
                 steps.append(AdaRound(bits=weight_bits, scheme=scheme, **select))
-    if calibration is not None and activation_bits is None and method == "round":
+    if calibration is not None and activation_bits is None and method == "round" and average_bits is None:
         raise NetshrinkError("calibration data is only used with activation_bits or a data-aware method "
                              "(method='gptq' or 'adaround')")
     if not steps:
         raise NetshrinkError("nothing to do: give weight_bits and/or activation_bits")
-    return apply_all(model, steps, calibration=calibration)
+    reports = apply_all(model, steps, calibration=calibration)
+    if chosen is not None:
+        weights = sum(count for _, count, _, _ in chosen)
+        spread = ", ".join(f"{sum(c for _, c, b, _ in chosen if b == bits) / weights:.0%} at {bits}"
+                           for bits in sorted({b for _, _, b, _ in chosen}))
+        reports[-1].notes.append(f"mixed precision for at most {average_bits} bits per weight (scales included): "
+                                 f"weights {spread} bits")
+    return reports
 
 
 def refined(method: str) -> dict:

@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "each block's kept weights so its output matches the dense model's). Default: magnitude")
     compress.add_argument("--weight-method", choices=QUANTIZERS, default="round",
                           help="how --weight-bits rounds: to nearest, or from calibration data without retraining "
-                               "(gptq; gptq+blocks then tunes each block's rounding and scales against the dense "
-                               "model; adaround learns each weight's rounding: slower, best for CNNs at 2-4 bits). "
+                               "(gptq; round+blocks / gptq+blocks then tune each block's rounding and scales against "
+                               "the dense model, as AutoRound; adaround learns each weight's rounding: slower, best for CNNs at 2-4 bits). "
                                "Data-aware methods run after --activation-bits so they see quantized inputs. "
                                "Default: round")
     compress.add_argument("--group-size", type=POSITIVE_INT, metavar="G",
@@ -470,8 +470,11 @@ def _quick_recipe(args) -> list[dict]:
     if args.activation_bits is not None and data_aware:
         steps.append({"activations": {"bits": args.activation_bits}})
     if args.weight_bits is not None:
-        method = {"round": "quantize"}.get(args.weight_method, args.weight_method.partition("+")[0])
+        solver = args.weight_method.partition("+")[0]
+        method = "quantize" if solver == "round" else solver
         settings = {"bits": args.weight_bits, **refined(args.weight_method)}
+        if args.weight_method == "round+blocks":
+            settings["range"] = "mse"  # AutoRound's start: grids searched for the least rounding error
         if args.group_size is not None:
             if args.weight_method == "adaround":
                 raise NetshrinkError("--group-size works with --weight-method round or gptq (adaround is per channel)")

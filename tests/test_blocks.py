@@ -64,12 +64,16 @@ def assert_on_grids(model):
         assert codes.round().min() >= low and codes.round().max() <= high, name
 
 
-def test_gptq_blocks_lowers_block_errors_and_keeps_codes_on_grids(make_tiny_bert, tmp_path):
+@pytest.mark.parametrize("method", ["round+blocks", "gptq+blocks"])
+def test_blocks_lower_block_errors_and_keep_codes_on_grids(make_tiny_bert, tmp_path, method):
     data = bert_batches()
     dense = make_tiny_bert()
     plain, tuned = make_tiny_bert(), make_tiny_bert()
-    netshrink.quantize(plain, 3, method="gptq", group_size=16, calibration=data)
-    reports = netshrink.quantize(tuned, 3, method="gptq+blocks", group_size=16, calibration=data)
+    if method == "gptq+blocks":
+        netshrink.quantize(plain, 3, method="gptq", group_size=16, calibration=data)
+    else:
+        netshrink.quantize(plain, 3, group_size=16, range="mse")
+    reports = netshrink.quantize(tuned, 3, method=method, group_size=16, calibration=data)
     blocks = block_reports(reports)
     assert set(blocks) == {"encoder.layer.0", "encoder.layer.1", "pooler.dense"}
     assert all(after <= before for before, after in blocks.values()), blocks
@@ -136,7 +140,47 @@ def test_a_block_run_twice_is_refused_and_the_model_left_as_it_was():
 
 
 def test_block_methods_are_listed_and_checked():
-    with pytest.raises(netshrink.NetshrinkError, match="gptq\\+blocks"):
+    with pytest.raises(netshrink.NetshrinkError, match="round\\+blocks.*gptq\\+blocks"):
         netshrink.quantize(build_model("mlp"), 4, method="unknown")
+    with pytest.raises(netshrink.NetshrinkError, match="sparsegpt\\+blocks.*wanda\\+blocks"):
+        netshrink.prune(build_model("mlp"), 0.5, method="unknown")
+    with pytest.raises(netshrink.NetshrinkError, match="fixed grids"):
+        netshrink.methods.QuantizeWeights(bits=4, block_steps=10).check()
     with pytest.raises(netshrink.NetshrinkError, match="block_steps"):
         netshrink.methods.GPTQ(block_steps=-1).check()
+
+
+def stored_bits(model):
+    """Bits per weight of every quantized weight, codes and 16-bit scales (with zero points)."""
+    from netshrink.methods.mixed import layer_cost
+    bits = weights = 0
+    for module in model.modules():
+        grids = [t for t in module.parametrizations.weight if isinstance(t, FixedGrid)] \
+            if hasattr(module, "parametrizations") else []
+        if grids:
+            w = module.weight
+            bits += layer_cost(w, grids[-1].bits, grids[-1].group_size, grids[-1].scheme)
+            weights += w.numel()
+    return bits / weights, weights
+
+
+def output_error(model, dense, data):
+    with torch.no_grad():
+        return sum(float((model(**b).last_hidden_state - dense(**b).last_hidden_state)[b["attention_mask"].bool()]
+                         .square().sum()) for b in data)
+
+
+def test_average_bits_fits_the_budget_and_beats_uniform_width(make_tiny_bert):
+    data, dense = bert_batches(), make_tiny_bert()
+    uniform, mixed = make_tiny_bert(), make_tiny_bert()
+    netshrink.quantize(uniform, 4, method="gptq", group_size=16, calibration=data)
+    reports = netshrink.quantize(mixed, 8, average_bits=5.5, method="gptq", group_size=16, calibration=data)
+    average, weights = stored_bits(mixed)
+    assert weights == stored_bits(uniform)[1]  # every weight, embedding tables included
+    assert stored_bits(uniform)[0] <= average <= 5.5
+    assert "mixed precision for at most 5.5 bits" in str(reports[-1])
+    assert output_error(mixed, dense, data) < output_error(uniform, dense, data)
+    with pytest.raises(netshrink.NetshrinkError, match="below what the narrowest"):
+        netshrink.quantize(make_tiny_bert(), 8, average_bits=2.0, method="gptq", group_size=16, calibration=data)
+    with pytest.raises(netshrink.NetshrinkError, match="average_bits chooses"):
+        netshrink.quantize(make_tiny_bert(), 8, average_bits=4.5, method="gptq", group_size=16)

@@ -31,9 +31,10 @@ def test_gptq_layer_error_is_never_worse_than_rounding(bits, group_size, act_ord
         hessian = x.T @ x / len(x)
         scale, zero = choose_grid(w, bits, scheme, group_size, "minmax")
         s, z = expand(scale, w, group_size), expand(zero, w, group_size)
-        solved = gptq(w, hessian, s, z, bits, scheme, act_order=act_order)
+        solved, unrounded = gptq(w, hessian, s, z, bits, scheme, act_order=act_order)
         rounded = round_to(w, s, z, bits, scheme)
         assert torch.equal(round_to(solved, s, z, bits, scheme), solved)  # on the same grid
+        assert torch.equal(round_to(unrounded, s, z, bits, scheme), solved)  # what was rounded rounds to it
         assert output_error(w, solved, hessian) <= output_error(w, rounded, hessian)
         assert output_error(w, solved, hessian) < 0.8 * output_error(w, rounded, hessian)  # and clearly better
 
@@ -43,8 +44,9 @@ def test_gptq_keeps_pruned_weights_at_zero():
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
     keep = torch.rand(8, 32, generator=torch.Generator().manual_seed(2)) > 0.5
     scale, zero = choose_grid(w * keep, 4, "symmetric", None, "minmax")
-    solved = gptq(w * keep, x.T @ x / len(x), expand(scale, w, None), expand(zero, w, None), 4, "symmetric", keep=keep)
-    assert torch.all(solved[~keep] == 0) and torch.count_nonzero(solved[keep]) > 0.8 * keep.sum()
+    solved, unrounded = gptq(w * keep, x.T @ x / len(x), expand(scale, w, None), expand(zero, w, None), 4, "symmetric",
+                             keep=keep)
+    assert torch.all(solved[~keep] == 0) and torch.all(unrounded[~keep] == 0) and torch.count_nonzero(solved[keep]) > 0.8 * keep.sum()
 
 
 def calibration_error(model, dense, x) -> float:

@@ -30,23 +30,25 @@ block's inputs and targets on the calibration set at a time.
 """
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..calibration import _Reached, _run, real_positions
+from ..calibration import _Reached, _run, real_positions, take
 from ..errors import NetshrinkError
 from ..train import Inputs, Progress, eval_mode
-from .base import keep_mask, replace_weight, transforms, weight_source
+from .base import Report, keep_mask, replace_weight, tied_weights, transforms, weight_source
 from .grid import FixedGrid, expand, levels
 
 OFFSET_LIMIT = 0.5  # a weight may round to either neighbour of where it is, no further
 GAIN_RANGE = (0.5, 1.5)  # how far a grid's scale may shrink (clip) or widen
 FLOAT_LR = 1e-3  # Adam's step for kept weights, biases and norms
 STEPS = 200  # batches per block (AutoRound's default)
+SAMPLES = 1024  # calibration examples the blocks are tuned on, where the method has no setting of its own
 
 
 class TunedGrid(nn.Module):
@@ -75,7 +77,7 @@ class TunedGrid(nn.Module):
     def step(self, lr: float) -> None:
         """One signed-gradient step, then back inside the allowed ranges."""
         with torch.no_grad():
-            self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-OFFSET_LIMIT, OFFSET_LIMIT)
+            import os; lim=float(os.environ.get('NS_LIMIT', OFFSET_LIMIT)); self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-lim, lim)
             self.gain.sub_(lr * self.gain.grad.sign()).clamp_(*GAIN_RANGE)
 
     def baked(self, w: torch.Tensor) -> tuple[torch.Tensor, FixedGrid]:
@@ -257,6 +259,30 @@ def _error(block: nn.Module, inputs: list, targets: list, batches: list[Inputs])
     return total / max(energy, 1e-30)
 
 
+def with_blocks(model: nn.Module, solve: Callable[[], Report], calibration, *, steps: int,
+                samples: int = SAMPLES, batch_size: int = 32, desc: str = "blocks") -> Report:
+    """``solve()`` (a layer-wise method compressing ``model``, returning its report), then, with
+    ``steps`` > 0, block reconstruction of the layers it changed against the model as it was
+    before, on ``samples`` examples of ``calibration``; the report gains a row per block."""
+    if not steps:
+        return solve()
+    if calibration is None:
+        raise NetshrinkError(f"block_steps={steps} tunes blocks on data: pass calibration=<a few hundred examples; "
+                             "labels are not needed>")
+    reference = copy.deepcopy(model)  # the model the blocks reproduce
+    report = solve()
+    started = time.perf_counter()
+    modules, tied = dict(model.named_modules()), tied_weights(model)
+    changed = {name: modules[name] for name, _ in report.changed if name in modules
+               and id(weight_source(modules[name])) not in tied}  # a shared weight would have two targets
+    done = reconstruct(model, reference, changed, take(calibration, samples, batch_size), steps=steps,
+                       desc=f"{desc} blocks")
+    report.changed += [(f"{name} (block)", detail) for name, detail in done]
+    report.notes.append(f"block reconstruction: {len(done)} blocks, {steps} batches each, "
+                        f"{time.perf_counter() - started:.0f}s")
+    return report
+
+
 def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.Module], batches: list[Inputs],
                 *, steps: int, lr: float | None = None, seed: int = 0, desc: str = "blocks") -> list[tuple[str, str]]:
     """Tune each block of ``model`` holding ``layers`` to reproduce ``reference``'s (the same model
@@ -267,7 +293,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
     order = _execution_order(model, [b for _, b in blocks], batches[0])
     blocks = [blocks[i] for i in order]
     compressed = {id(layer) for layer in layers.values()}
-    lr = lr if lr is not None else 1.0 / steps  # AutoRound's default: the offsets can cross a whole step
+    import os; lr = lr if lr is not None else float(os.environ.get('NS_LR', 1.0)) / steps  # AutoRound's default: the offsets can cross a whole step
     generator = torch.Generator().manual_seed(seed)
     done: list[tuple[str, str]] = []
     progress = Progress(len(blocks), desc, unit="block")
@@ -276,13 +302,15 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
         for number, (name, block) in enumerate(blocks):
             inputs = capture(model, block, batches, what="inputs")
             targets = capture(reference, references[name], batches, what="outputs")
+            import os
+            dense_inputs = capture(reference, references[name], batches, what="inputs") if os.environ.get("NS_DROP") else None
             members = [m for m in block.modules() if id(m) in compressed]
             tuning = _Tuning(block, members)
             try:
                 with eval_mode(block):
                     before = _error(block, inputs, targets, batches)
                     start = tuning.state()
-                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator)
+                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator, dense_inputs)
                     after = _error(block, inputs, targets, batches)
                     if not after < before:
                         tuning.load(start)
@@ -300,13 +328,18 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
     return done
 
 
-def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator) -> None:
+def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator, dense_inputs=None) -> None:
     adam_params = tuning.weights + tuning.floats
     adam = torch.optim.Adam(adam_params, lr=FLOAT_LR) if adam_params else None
     params = tuning.parameters()
     for step in range(steps):
         i = int(torch.randint(len(inputs), (1,), generator=generator))
         args, kwargs = inputs[i]
+        if dense_inputs is not None:
+            import os
+            p = float(os.environ["NS_DROP"])
+            x, fp = args[0], dense_inputs[i][0][0]
+            args = (torch.where(torch.rand(x.shape, generator=generator) < p, fp, x),) + tuple(args[1:])
         out = real_positions(first_tensor(block(*args, **kwargs)), batches[i])
         goal = real_positions(targets[i], batches[i])
         loss = (out - goal).square().sum() / goal.square().sum().clamp(min=1e-30)

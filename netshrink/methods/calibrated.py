@@ -7,7 +7,6 @@ A subclass says which input statistics it ``needs`` and implements ``solve``.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -15,11 +14,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d, take
+from ..calibration import LayerInputs, each_layer, im2col_inputs, is_depthwise_2d
 from ..errors import NetshrinkError
 from .base import (LINEAR_CONV, Method, Report, check_flag, check_range, tied_weights, transforms, weight_of,
                    weight_source)
-from .blocks import reconstruct
+from .blocks import with_blocks
 from .grid import FixedGrid
 from .quantize import FakeQuantize, LearnedStepQuantize
 from .share import Codebook
@@ -96,8 +95,11 @@ class Calibrated(Method):
         if calibration is None:
             raise NetshrinkError(f"{self.name} learns from data: pass calibration=<a few hundred examples; "
                                  "labels are not needed>")
+        return with_blocks(model, lambda: self._solve_layers(model, calibration), calibration,
+                           steps=self.block_steps, samples=self.samples, batch_size=self.batch_size, desc=self.name)
+
+    def _solve_layers(self, model: nn.Module, calibration) -> Report:
         layers, unmatched = self._select(model)
-        reference = copy.deepcopy(model) if self.block_steps else None  # the dense model the blocks reproduce
         report = self.new_report(unmatched)
         tied = tied_weights(model)
         chosen = {}
@@ -127,15 +129,6 @@ class Calibrated(Method):
             report.changed.append((name, f"{detail} ({time.perf_counter() - started:.1f}s)"))
             reached.add(name)
         report.skipped += [(n, "the calibration data never reached it") for n in chosen if n not in reached]
-        if reference is not None:
-            started = time.perf_counter()
-            kept = take(calibration, self.samples, self.batch_size)
-            own = {n: m for n, m in layers.items() if id(weight_source(m)) not in tied}  # a shared weight has two targets
-            done = reconstruct(model, reference, own, kept, steps=self.block_steps,
-                               desc=f"{self.name} blocks")
-            report.changed += [(f"{name} (block)", detail) for name, detail in done]
-            report.notes.append(f"block reconstruction: {len(done)} blocks, {self.block_steps} batches each, "
-                                f"{time.perf_counter() - started:.0f}s")
         return report
 
     @staticmethod

@@ -65,10 +65,13 @@ def output_error(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> flo
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
          scheme: str, *, damp: float = 0.01, act_order: bool = False, keep: torch.Tensor | None = None,
-         ) -> torch.Tensor:
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` ``[out, in]`` on the per-element grid (``scale``, ``zero``, both ``[out, in]``)
     minimising the output error under ``hessian`` ``[in, in]``; entries where ``keep`` is False
-    become zero. Returns the quantized ``[out, in]``."""
+    become zero. Returns the quantized ``[out, in]`` and the values GPTQ rounded to it (each
+    column after the earlier columns' errors were spread onto it): rounding those on the grid
+    gives the quantized weight, and block reconstruction learns which of them to round the
+    other way."""
     w = w.double().clone()
     scale, zero = scale.double(), zero.double()
     keep = keep if keep is not None else torch.ones_like(w, dtype=torch.bool)
@@ -76,6 +79,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torc
     w, scale, zero, keep = w[:, order], scale[:, order], zero[:, order], keep[:, order]
     u = inverse_factor(hessian[order][:, order], damp)
     q = torch.zeros_like(w)
+    latent = torch.zeros_like(w)
     columns = w.shape[1]
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
@@ -87,13 +91,14 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torc
             rounded = round_to(column, scale[:, start + i], zero[:, start + i], bits, scheme)
             rounded = torch.where(keep[:, start + i], rounded, torch.zeros_like(rounded))
             q[:, start + i] = rounded
+            latent[:, start + i] = torch.where(keep[:, start + i], column, torch.zeros_like(column))
             error = (column - rounded) / u_block[i, i]
             block[:, i:] -= error.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
-    restored = torch.empty_like(q)
-    restored[:, order] = q
-    return restored.float()
+    restored, unrounded = torch.empty_like(q), torch.empty_like(latent)
+    restored[:, order], unrounded[:, order] = q, latent
+    return restored.float(), unrounded.float()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,13 +158,15 @@ class GPTQ(Calibrated):
         importance = None if per_channel else inputs.hessian.diagonal()
         scale, zero = choose_grid(w, bits, self.scheme, group_size, self.search, importance=importance)
         full_scale, full_zero = expand(scale, w, group_size), expand(zero, w, group_size)
-        solved = torch.cat([gptq(w[r], h, full_scale[r], full_zero[r], bits, self.scheme, damp=self.damp,
-                                 act_order=self.act_order, keep=keep[r]) for r, h in zip(rows, hessians)])
+        parts = [gptq(w[r], h, full_scale[r], full_zero[r], bits, self.scheme, damp=self.damp,
+                      act_order=self.act_order, keep=keep[r]) for r, h in zip(rows, hessians)]
+        solved, unrounded = torch.cat([q for q, _ in parts]), torch.cat([u for _, u in parts])
         rounded = round_to(w, full_scale, full_zero, bits, self.scheme) * keep
         solved_error = sum(output_error(w[r], solved[r], h) for r, h in zip(rows, hessians))
         rounded_error = sum(output_error(w[r], rounded[r], h) for r, h in zip(rows, hessians))
-        kept = solved if solved_error <= rounded_error else rounded
-        replace_weight(layer, kept)
+        # The weight under the grid is what was rounded (the grid computes the codes from it): the
+        # model computes the same, and block reconstruction can still move each value either way.
+        replace_weight(layer, unrounded if solved_error <= rounded_error else w * keep)
         add_transform(layer, FixedGrid(scale, zero, bits, self.scheme, group_size, label="gptq"))
         ratio = solved_error / rounded_error if rounded_error > 0 else 1.0
         how = f"output error {ratio:.2f}x rounding's" if solved_error <= rounded_error else \

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import NetshrinkError
-from .base import Method, channel_view, check_choice, check_flag, check_range, each_value, per_layer, weight_of
+from .base import Method, Report, channel_view, check_choice, check_flag, check_range, each_value, per_layer, weight_of
+from .blocks import with_blocks
 from .grid import RoundToGrid, applicable_group, describe, fixed_grid
 
 SCHEMES = ("symmetric", "affine", "ternary")
@@ -188,7 +189,10 @@ class QuantizeWeights(Method):
     one per channel (finer grids for 2-4 bits). ``range="mse"``: each grid spans the clipped range
     with the lowest rounding error instead of the full range. Both fix the grid once (a
     :class:`~netshrink.methods.grid.FixedGrid`, stored in files); the default grid follows the
-    weights as they are fine-tuned.
+    weights as they are fine-tuned. ``block_steps``: afterwards, tune each block's rounding
+    directions, scale gains, biases and norms on ``calibration`` data for this many batches so
+    that its output matches the unquantized model's (AutoRound; :mod:`netshrink.methods.blocks`;
+    needs a fixed grid).
     """
 
     name: ClassVar[str] = "quantize"
@@ -198,6 +202,7 @@ class QuantizeWeights(Method):
     learned_step: bool = False
     group_size: int | None = None
     range: str = "minmax"
+    block_steps: int = 0
 
     def check(self) -> None:
         super().check()
@@ -218,6 +223,15 @@ class QuantizeWeights(Method):
                 raise NetshrinkError("group_size and range='mse' work with 2-8 bit symmetric or affine grids per "
                                      f"channel. Received: bits={self.bits}, scheme={self.scheme!r}, "
                                      f"granularity={self.granularity!r}, learned_step={self.learned_step}")
+
+        check_range("block_steps", self.block_steps, 0, 1e6, integer=True)
+        if self.block_steps and not self.fixed():
+            raise NetshrinkError("block_steps tunes fixed grids: give group_size or range='mse'. "
+                                 f"Received: group_size={self.group_size}, range={self.range!r}")
+
+    def run(self, model: nn.Module, calibration=None, **context: Any) -> Report:
+        return with_blocks(model, lambda: super(QuantizeWeights, self).run(model, **context), calibration,
+                           steps=self.block_steps, desc=self.name)
 
     def fixed(self) -> bool:
         return self.group_size is not None or self.range != "minmax"
