@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 
-def write_results(path: Path, lines: list[str]) -> None:
-    """Write a benchmark's markdown result to ``path`` (its folder made if missing) and show it."""
+def write_results(path: Path, lines: list[str], quiet: bool = False) -> None:
+    """Write a benchmark's markdown result to ``path`` (its folder made if missing) and show it
+    (``quiet``: only write, for a result written again as each row is measured)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def command_line(script: str) -> str:
