@@ -169,17 +169,32 @@ def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
     return kept
 
 
+def split(kept: list[Inputs], batch_size: int) -> list[Inputs]:
+    """``kept`` with every batch larger than ``batch_size`` cut into batches of that size (a user's
+    calibration set may come as one large batch; training steps want many small ones)."""
+    pieces = []
+    for inputs in kept:
+        size = _batch_length(inputs)
+        pieces += [_part(inputs, start, start + batch_size) for start in range(0, size, batch_size)] \
+            if size > batch_size else [inputs]
+    return pieces
+
+
+def _part(inputs: Inputs, start: int, end: int) -> Inputs:
+    if torch.is_tensor(inputs):
+        return inputs[start:end]
+    if isinstance(inputs, dict):
+        return {k: v[start:end] for k, v in inputs.items()}
+    return type(inputs)(v[start:end] for v in inputs)
+
+
 def _batch_length(inputs: Inputs) -> int:
     first = inputs if torch.is_tensor(inputs) else next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
     return len(first) if first.dim() else 1
 
 
 def _head(inputs: Inputs, n: int) -> Inputs:
-    if torch.is_tensor(inputs):
-        return inputs[:n]
-    if isinstance(inputs, dict):
-        return {k: v[:n] for k, v in inputs.items()}
-    return type(inputs)(v[:n] for v in inputs)
+    return _part(inputs, 0, n)
 
 
 def _run(model: nn.Module, inputs: Inputs) -> None:

@@ -169,6 +169,15 @@ def test_post_training_methods_from_the_command_line(model_file, tmp_path):
     result = run("compress", model_file, "--data", "digits", "--prune", "0.5", "--prune-method", "wanda",
                  "-o", "wanda.nsk", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    result = run("compress", model_file, "--data", "digits", "--weight-bits", "3", "--weight-method", "round+blocks",
+                 "-o", "blocks.nsk", cwd=tmp_path)
+    assert result.returncode == 0 and "block_steps=200" in result.stdout, result.stderr
+    loaded = netshrink.load(tmp_path / "blocks.nsk")
+    assert max(len(set(layer.weight.detach()[0].tolist())) for layer in (loaded.fc1, loaded.fc2)) <= 7
+    result = run("compress", model_file, "--data", "digits", "--prune", "0.5", "--prune-method", "sparsegpt+blocks",
+                 "-o", "sparse.nsk", cwd=tmp_path)
+    assert result.returncode == 0 and "block_steps=200" in result.stdout, result.stderr
+    assert float((netshrink.load(tmp_path / "sparse.nsk").fc1.weight == 0).float().mean()) >= 0.5
     user_error(run("compress", model_file, "--data", "digits", "--weight-method", "gptq", "-o", "x.nsk", cwd=tmp_path),
                "need --weight-bits")
     user_error(run("compress", model_file, "--data", "digits", "--weight-bits", "4", "--weight-method", "adaround",

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..calibration import _Reached, _run, real_positions, take
+from ..calibration import _Reached, _run, real_positions, split, take
 from ..errors import NetshrinkError
 from ..train import Inputs, Progress, eval_mode
 from .base import Report, keep_mask, replace_weight, tied_weights, transforms, weight_source
@@ -275,8 +275,8 @@ def with_blocks(model: nn.Module, solve: Callable[[], Report], calibration, *, s
     modules, tied = dict(model.named_modules()), tied_weights(model)
     changed = {name: modules[name] for name, _ in report.changed if name in modules
                and id(weight_source(modules[name])) not in tied}  # a shared weight would have two targets
-    done = reconstruct(model, reference, changed, take(calibration, samples, batch_size), steps=steps,
-                       desc=f"{desc} blocks")
+    kept = split(take(calibration, samples, batch_size), batch_size)
+    done = reconstruct(model, reference, changed, kept, steps=steps, desc=f"{desc} blocks")
     report.changed += [(f"{name} (block)", detail) for name, detail in done]
     report.notes.append(f"block reconstruction: {len(done)} blocks, {steps} batches each, "
                         f"{time.perf_counter() - started:.0f}s")
