@@ -2,7 +2,6 @@
 stand-in timer (deterministic: latency proportional to parameters) checked against the policy it
 predicts, a real ONNX Runtime run whose budget cannot fail on timing noise, bad input, and the
 CLI as a subprocess. No test asserts a measured time against a threshold."""
-import copy
 import subprocess
 import sys
 from unittest import mock

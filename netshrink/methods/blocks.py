@@ -77,7 +77,7 @@ class TunedGrid(nn.Module):
     def step(self, lr: float) -> None:
         """One signed-gradient step, then back inside the allowed ranges."""
         with torch.no_grad():
-            import os; lim=float(os.environ.get('NS_LIMIT', OFFSET_LIMIT)); self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-lim, lim)
+            self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-OFFSET_LIMIT, OFFSET_LIMIT)
             self.gain.sub_(lr * self.gain.grad.sign()).clamp_(*GAIN_RANGE)
 
     def baked(self, w: torch.Tensor) -> tuple[torch.Tensor, FixedGrid]:
@@ -293,7 +293,7 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
     order = _execution_order(model, [b for _, b in blocks], batches[0])
     blocks = [blocks[i] for i in order]
     compressed = {id(layer) for layer in layers.values()}
-    import os; lr = lr if lr is not None else float(os.environ.get('NS_LR', 1.0)) / steps  # AutoRound's default: the offsets can cross a whole step
+    lr = lr if lr is not None else 1.0 / steps  # AutoRound's default: the offsets can cross a whole step
     generator = torch.Generator().manual_seed(seed)
     done: list[tuple[str, str]] = []
     progress = Progress(len(blocks), desc, unit="block")
@@ -302,15 +302,13 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
         for number, (name, block) in enumerate(blocks):
             inputs = capture(model, block, batches, what="inputs")
             targets = capture(reference, references[name], batches, what="outputs")
-            import os
-            dense_inputs = capture(reference, references[name], batches, what="inputs") if os.environ.get("NS_DROP") else None
             members = [m for m in block.modules() if id(m) in compressed]
             tuning = _Tuning(block, members)
             try:
                 with eval_mode(block):
                     before = _error(block, inputs, targets, batches)
                     start = tuning.state()
-                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator, dense_inputs)
+                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator)
                     after = _error(block, inputs, targets, batches)
                     if not after < before:
                         tuning.load(start)
@@ -328,18 +326,13 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
     return done
 
 
-def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator, dense_inputs=None) -> None:
+def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator) -> None:
     adam_params = tuning.weights + tuning.floats
     adam = torch.optim.Adam(adam_params, lr=FLOAT_LR) if adam_params else None
     params = tuning.parameters()
     for step in range(steps):
         i = int(torch.randint(len(inputs), (1,), generator=generator))
         args, kwargs = inputs[i]
-        if dense_inputs is not None:
-            import os
-            p = float(os.environ["NS_DROP"])
-            x, fp = args[0], dense_inputs[i][0][0]
-            args = (torch.where(torch.rand(x.shape, generator=generator) < p, fp, x),) + tuple(args[1:])
         out = real_positions(first_tensor(block(*args, **kwargs)), batches[i])
         goal = real_positions(targets[i], batches[i])
         loss = (out - goal).square().sum() / goal.square().sum().clamp(min=1e-30)
