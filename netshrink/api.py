@@ -149,7 +149,7 @@ def share(model: nn.Module, bits: int | Mapping[str, int] = 5, *, init: str = "l
 
 def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
                  neurons: float | Mapping[str, float] = 0.7, *, calibration=None, samples: int = 1024,
-                 allocation: str = "uniform") -> Report:
+                 allocation: str = "uniform", block_steps: int = 0) -> Report:
     """Physically remove attention heads and feed-forward neurons of a transformer (BERT,
     DistilBERT, MPNet, GPT-2; q_proj/k_proj/v_proj models such as ViT, CLIP, BART, Whisper and Llama,
     grouped-query attention included), keeping the fraction ``heads`` / ``neurons`` of each block, in place (see
@@ -159,8 +159,13 @@ def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
     each block's output projection is refit to reproduce the dense block: far closer to the dense
     model before any training. ``allocation="global"`` (with data) keeps the same numbers of heads
     and neurons in all but spreads them over the blocks by each block's measured damage at the
-    model's output, instead of the same fraction everywhere."""
-    return apply(model, RemoveHeads(heads=heads, neurons=neurons, samples=samples, allocation=allocation),
+    model's output, instead of the same fraction everywhere. With data and ``block_steps`` (e.g. 200),
+    each transformer layer's remaining weights, biases and norms are then tuned for that many batches
+    so that the layer's output matches the dense model's (block reconstruction, as
+    ``method="gptq+blocks"``; on text unlike the calibration text it gained little:
+    benchmarks/results/held_out.md)."""
+    return apply(model, RemoveHeads(heads=heads, neurons=neurons, samples=samples, allocation=allocation,
+                                    block_steps=block_steps),
                  calibration=calibration)
 
 

@@ -184,3 +184,63 @@ def test_average_bits_fits_the_budget_and_beats_uniform_width(make_tiny_bert):
         netshrink.quantize(make_tiny_bert(), 8, average_bits=2.0, method="gptq", group_size=16, calibration=data)
     with pytest.raises(netshrink.NetshrinkError, match="average_bits chooses"):
         netshrink.quantize(make_tiny_bert(), 8, average_bits=4.5, method="gptq", group_size=16)
+
+
+def grid_codes(model):
+    """``{layer: its integer codes}`` of every layer whose last transform is a fixed grid."""
+    found = {}
+    for name, module in model.named_modules():
+        grids = [t for t in module.parametrizations.weight if isinstance(t, FixedGrid)] \
+            if hasattr(module, "parametrizations") else []
+        if grids:
+            w = module.weight.detach()
+            found[name] = (w / expand(grids[-1].scale, w, grids[-1].group_size)).round()
+    return found
+
+
+def test_end_to_end_tuning_moves_scales_only(make_tiny_bert, tmp_path):
+    data, dense = bert_batches(), make_tiny_bert()
+    plain, tuned = make_tiny_bert(), make_tiny_bert()
+    netshrink.apply(plain, netshrink.methods.GPTQ(bits=3, group_size=16, block_steps=20), calibration=data)
+    report = netshrink.apply(tuned, netshrink.methods.GPTQ(bits=3, group_size=16, block_steps=20,
+                                                           end_to_end_steps=60), calibration=data)
+    detail = dict(report.changed)["(model)"]
+    before, after = (float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", detail)[:2])
+    assert after < before, detail
+    assert output_error(tuned, dense, data) < output_error(plain, dense, data)
+    codes, start = grid_codes(tuned), grid_codes(plain)
+    assert codes.keys() == start.keys() and all(torch.equal(codes[k], start[k]) for k in codes)  # integers kept
+    scales = [(a.parametrizations.weight[-1].scale, b.parametrizations.weight[-1].scale)
+              for a, b in zip(plain.modules(), tuned.modules()) if hasattr(a, "parametrizations")]
+    assert any(not torch.equal(a, b) for a, b in scales)  # what moved: the scales
+    assert_on_grids(tuned)
+    netshrink.save(tuned, tmp_path / "m.nsk")
+    loaded = netshrink.load(tmp_path / "m.nsk", make_tiny_bert())
+    with torch.no_grad():
+        assert torch.allclose(tuned(**data[0]).last_hidden_state, loaded(**data[0]).last_hidden_state, atol=1e-5)
+    with pytest.raises(netshrink.NetshrinkError, match="end_to_end_steps"):
+        netshrink.methods.SparseGPT(end_to_end_steps=1.5).check()
+
+
+def test_remove_heads_then_blocks_tunes_the_smaller_layers(make_tiny_bert):
+    def make():  # projections 8x the initial scale, so that heads and neurons matter next to the residual path
+        model = make_tiny_bert()
+        with torch.no_grad():
+            for module in model.encoder.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.mul_(8)
+        return model
+
+    data, dense = bert_batches(), make()
+    plain, tuned = make(), make()
+    netshrink.remove_heads(plain, 0.5, 0.5, calibration=data)
+    report = netshrink.remove_heads(tuned, 0.5, 0.5, calibration=data, block_steps=40)
+    blocks = block_reports(report)
+    assert set(blocks) == {"encoder.layer.0", "encoder.layer.1"}
+    assert all(after < before for before, after in blocks.values()), blocks
+    assert first_block_error(tuned, dense, data) < first_block_error(plain, dense, data)
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+    assert shapes(tuned) == shapes(plain)  # the same heads and neurons removed; only values tuned
+    assert not any(hasattr(m, "parametrizations") for m in tuned.modules())
+    with pytest.raises(netshrink.NetshrinkError, match="block_steps=40 tunes the layers on data"):
+        netshrink.remove_heads(make_tiny_bert(), 0.5, 0.5, block_steps=40)

@@ -14,7 +14,8 @@ every layer compressed:
   each weight rounds, AutoRound's ``V``) and a gain per grid scale in [0.5, 1.5] (its clipping
   range), by signed gradient descent (AutoRound's choice: every step moves each value by the
   same small amount, so all weights move at once however small their gradient);
-* a pruned layer that is not quantized: its kept weights (the mask stays exact);
+* a pruned layer that is not quantized: its kept weights (the mask stays exact); a layer with
+  no transform at all (a projection left smaller by structured removal): its weights;
 * the compressed layers' biases and the block's normalisation weights, with Adam.
 
 Codes stay integers on their grids (the result is baked onto a :class:`FixedGrid` with the tuned
@@ -56,10 +57,13 @@ class TunedGrid(nn.Module):
     a learned offset ``V`` per weight and a learned gain ``g`` per scale, straight-through rounding
     (gradients reach both ``V`` and ``g``, as in LSQ). ``keep`` zeroes pruned weights."""
 
-    def __init__(self, grid: FixedGrid, weight: torch.Tensor, keep: torch.Tensor | None) -> None:
+    def __init__(self, grid: FixedGrid, weight: torch.Tensor, keep: torch.Tensor | None, rounding: bool = True) -> None:
         super().__init__()
         self.grid = grid
-        self.offset = nn.Parameter(torch.zeros_like(weight))
+        if rounding:
+            self.offset = nn.Parameter(torch.zeros_like(weight))
+        else:  # the codes stay as they are: only the scales move
+            self.register_buffer("offset", torch.zeros_like(weight))
         self.gain = nn.Parameter(torch.ones_like(grid.scale))
         self.register_buffer("keep", None if keep is None else keep.to(weight.dtype))
 
@@ -69,15 +73,27 @@ class TunedGrid(nn.Module):
         rounded = torch.round(x) if hard else x + (torch.round(x) - x).detach()  # straight through
         return torch.clamp(rounded + zero, *levels(self.grid.bits, self.grid.scheme)) - zero
 
+    def _divisor(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What the weight is divided by before rounding: with the codes fixed, the grid's own scale."""
+        return scale if self.rounding else expand(self.grid.scale, w, self.grid.group_size)
+
+    @property
+    def rounding(self) -> bool:
+        return isinstance(self.offset, nn.Parameter)
+
+    def parameters_tuned(self) -> list[nn.Parameter]:
+        return [self.offset, self.gain] if self.rounding else [self.gain]
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale = expand(self.grid.scale * self.gain, w, self.grid.group_size)
-        out = self.codes(w, scale, hard=False) * scale
+        out = self.codes(w, self._divisor(w, scale), hard=False) * scale
         return out if self.keep is None else out * self.keep
 
     def step(self, lr: float) -> None:
         """One signed-gradient step, then back inside the allowed ranges."""
         with torch.no_grad():
-            self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-OFFSET_LIMIT, OFFSET_LIMIT)
+            if self.rounding:
+                self.offset.sub_(lr * self.offset.grad.sign()).clamp_(-OFFSET_LIMIT, OFFSET_LIMIT)
             self.gain.sub_(lr * self.gain.grad.sign()).clamp_(*GAIN_RANGE)
 
     def baked(self, w: torch.Tensor) -> tuple[torch.Tensor, FixedGrid]:
@@ -85,7 +101,7 @@ class TunedGrid(nn.Module):
         with torch.no_grad():
             scales = self.grid.scale * self.gain
             scale = expand(scales, w, self.grid.group_size)
-            value = self.codes(w, scale, hard=True) * scale
+            value = self.codes(w, self._divisor(w, scale), hard=True) * scale
             if self.keep is not None:
                 value = value * self.keep
             grid = FixedGrid(scales, self.grid.zero, self.grid.bits, self.grid.scheme, self.grid.group_size,
@@ -171,9 +187,10 @@ def capture(model: nn.Module, block: nn.Module, batches: list[Inputs], *, what: 
 
 class _Tuning:
     """One block made trainable: the transforms and tensors swapped in, the parameters tuned, and
-    how to bake the result or put the block back."""
+    how to bake the result or put the block back. ``rounding=False`` tunes the grids' scales with
+    the integer codes kept, and no weights."""
 
-    def __init__(self, block: nn.Module, layers: list[nn.Module]) -> None:
+    def __init__(self, block: nn.Module, layers: list[nn.Module], rounding: bool = True) -> None:
         self.grids: list[tuple[nn.Module, int, TunedGrid, FixedGrid]] = []
         self.weights: list[nn.Parameter] = []
         self.floats: list[nn.Parameter] = []
@@ -185,10 +202,10 @@ class _Tuning:
                     w = weight_source(layer).detach()
                     for t in stack[:-1]:
                         w = t(w)
-                tuned = TunedGrid(stack[-1], w, keep)
+                tuned = TunedGrid(stack[-1], w, keep, rounding)
                 self.grids.append((layer, len(stack) - 1, tuned, stack[-1]))
                 layer.parametrizations.weight[len(stack) - 1] = tuned
-            elif keep is not None and not any(hasattr(t, "bits") for t in stack):  # pruned, not quantized
+            elif rounding and (not stack or (keep is not None and not any(hasattr(t, "bits") for t in stack))):
                 self._own(layer, "weight", self.weights)
         for module in block.modules():  # the compressed layers' biases and the norms' weights and biases
             names = ("weight", "bias") if _is_norm(module) else ("bias",) if module in layers else ()
@@ -211,7 +228,7 @@ class _Tuning:
         self.saved.append((module, name, old))
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for _, _, t, _ in self.grids for p in (t.offset, t.gain)] + self.weights + self.floats
+        return [p for _, _, t, _ in self.grids for p in t.parameters_tuned()] + self.weights + self.floats
 
     def state(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.parameters()]
@@ -260,26 +277,36 @@ def _error(block: nn.Module, inputs: list, targets: list, batches: list[Inputs])
 
 
 def with_blocks(model: nn.Module, solve: Callable[[], Report], calibration, *, steps: int,
-                samples: int = SAMPLES, batch_size: int = 32, desc: str = "blocks") -> Report:
+                samples: int = SAMPLES, batch_size: int = 32, desc: str = "blocks",
+                tuned: Mapping[str, nn.Module] | None = None, end_to_end: int = 0) -> Report:
     """``solve()`` (a layer-wise method compressing ``model``, returning its report), then, with
-    ``steps`` > 0, block reconstruction of the layers it changed against the model as it was
-    before, on ``samples`` examples of ``calibration``; the report gains a row per block."""
-    if not steps:
+    ``steps`` > 0, block reconstruction of the layers it changed (or of ``tuned``, where the report
+    names blocks rather than layers) against the model as it was before, on ``samples`` examples
+    of ``calibration``, and with ``end_to_end`` > 0, that many batches of
+    :func:`tune_end_to_end`; the report gains a row per block and one for the model."""
+    if not steps and not end_to_end:
         return solve()
     if calibration is None:
-        raise NetshrinkError(f"block_steps={steps} tunes blocks on data: pass calibration=<a few hundred examples; "
-                             "labels are not needed>")
+        raise NetshrinkError(f"block_steps={steps} and end_to_end_steps={end_to_end} tune on data: pass "
+                             "calibration=<a few hundred examples; labels are not needed>")
     reference = copy.deepcopy(model)  # the model the blocks reproduce
     report = solve()
     started = time.perf_counter()
     modules, tied = dict(model.named_modules()), tied_weights(model)
-    changed = {name: modules[name] for name, _ in report.changed if name in modules
-               and id(weight_source(modules[name])) not in tied}  # a shared weight would have two targets
+    layers = tuned if tuned is not None else {name: modules[name] for name, _ in report.changed if name in modules}
+    changed = {name: layer for name, layer in layers.items()
+               if id(weight_source(layer)) not in tied}  # a shared weight would have two targets
     kept = split(take(calibration, samples, batch_size), batch_size)
-    done = reconstruct(model, reference, changed, kept, steps=steps, desc=f"{desc} blocks")
-    report.changed += [(f"{name} (block)", detail) for name, detail in done]
-    report.notes.append(f"block reconstruction: {len(done)} blocks, {steps} batches each, "
-                        f"{time.perf_counter() - started:.0f}s")
+    if steps:
+        done = reconstruct(model, reference, changed, kept, steps=steps, desc=f"{desc} blocks")
+        report.changed += [(f"{name} (block)", detail) for name, detail in done]
+        report.notes.append(f"block reconstruction: {len(done)} blocks, {steps} batches each, "
+                            f"{time.perf_counter() - started:.0f}s")
+    if end_to_end:
+        started = time.perf_counter()
+        report.changed.append(("(model)", tune_end_to_end(model, reference, changed, kept, steps=end_to_end)))
+        report.notes.append(f"end-to-end tuning of scales, biases and norms: {end_to_end} batches, "
+                            f"{time.perf_counter() - started:.0f}s")
     return report
 
 
@@ -303,22 +330,8 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
             inputs = capture(model, block, batches, what="inputs")
             targets = capture(reference, references[name], batches, what="outputs")
             members = [m for m in block.modules() if id(m) in compressed]
-            tuning = _Tuning(block, members)
-            try:
-                with eval_mode(block):
-                    before = _error(block, inputs, targets, batches)
-                    start = tuning.state()
-                    _tune(block, tuning, inputs, targets, batches, steps, lr, generator)
-                    after = _error(block, inputs, targets, batches)
-                    if not after < before:
-                        tuning.load(start)
-                        after = before
-            except BaseException:
-                tuning.put_back()
-                raise
-            tuning.bake()
-            done.append((name, f"block output error {before:.3g} -> {after:.3g}" if after < before else
-                         f"block output error {before:.3g}, kept (tuning did not lower it)"))
+            done.append((name, _tune_block(block, _Tuning(block, members), inputs, targets, batches, steps, lr,
+                                           generator, "block output error")))
             elapsed = time.perf_counter() - started
             progress.update(number + 1, f"~{elapsed / (number + 1) * (len(blocks) - number - 1):.0f}s left")
     finally:
@@ -326,7 +339,42 @@ def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.
     return done
 
 
-def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator) -> None:
+def _tune_block(block: nn.Module, tuning: _Tuning, inputs: list, targets: list, batches: list[Inputs], steps: int,
+                lr: float, generator, what: str, progress: Progress | None = None) -> str:
+    """Tune, keep the result only if it lowered the error over all batches, bake; says what happened."""
+    try:
+        with eval_mode(block):
+            before = _error(block, inputs, targets, batches)
+            start = tuning.state()
+            _tune(block, tuning, inputs, targets, batches, steps, lr, generator, progress)
+            after = _error(block, inputs, targets, batches)
+            if not after < before:
+                tuning.load(start)
+    except BaseException:
+        tuning.put_back()
+        raise
+    tuning.bake()
+    return f"{what} {before:.3g} -> {after:.3g}" if after < before else f"{what} {before:.3g}, kept (tuning did not lower it)"
+
+
+def tune_end_to_end(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.Module], batches: list[Inputs],
+                    *, steps: int, lr: float | None = None, seed: int = 0) -> str:
+    """Tune the scales of ``layers``' grids (integer codes and masks kept), their biases and every
+    norm of ``model`` so that the model's output matches ``reference``'s on ``batches``
+    (EfficientQAT's second stage): block reconstruction with the whole model as the one block."""
+    inputs = capture(model, model, batches, what="inputs")
+    targets = capture(reference, reference, batches, what="outputs")
+    lr = lr if lr is not None else 0.5 / steps
+    progress = Progress(steps, "end-to-end tuning", unit="batch")
+    try:
+        return _tune_block(model, _Tuning(model, list(layers.values()), rounding=False), inputs, targets, batches,
+                           steps, lr, torch.Generator().manual_seed(seed), "model output error", progress)
+    finally:
+        progress.close()
+
+
+def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: float, generator,
+          progress: Progress | None = None) -> None:
     adam_params = tuning.weights + tuning.floats
     adam = torch.optim.Adam(adam_params, lr=FLOAT_LR) if adam_params else None
     params = tuning.parameters()
@@ -346,6 +394,8 @@ def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: floa
             adam.step()
         for p in params:
             p.grad = None
+        if progress is not None:
+            progress.update(step + 1, f"loss {float(loss):.3g}")
 
 
 def _execution_order(model: nn.Module, blocks: list[nn.Module], first: Inputs) -> list[int]:

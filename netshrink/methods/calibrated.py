@@ -34,7 +34,9 @@ class Calibrated(Method):
     per forward pass; ``bias_correction``: afterwards, shift each layer's bias so that its outputs
     keep their calibration mean; ``block_steps``: afterwards, tune each block (a transformer layer,
     a CNN stage) for this many batches so that its output matches the dense model's
-    (:mod:`netshrink.methods.blocks`; 0: no block reconstruction, 200 is typical)."""
+    (:mod:`netshrink.methods.blocks`; 0: no block reconstruction, 200 is typical);
+    ``end_to_end_steps``: then tune the grids' scales (codes kept), biases and norms of the whole
+    model for this many batches against the dense model's output."""
 
     layer_kinds: ClassVar[tuple] = LINEAR_CONV
     needs: ClassVar[frozenset] = frozenset({"hessian"})
@@ -42,6 +44,7 @@ class Calibrated(Method):
     batch_size: int = 32
     bias_correction: bool = False
     block_steps: int = 0
+    end_to_end_steps: int = 0
 
     def check(self) -> None:
         super().check()
@@ -49,6 +52,7 @@ class Calibrated(Method):
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
         check_flag("bias_correction", self.bias_correction)
         check_range("block_steps", self.block_steps, 0, 1e6, integer=True)
+        check_range("end_to_end_steps", self.end_to_end_steps, 0, 1e6, integer=True)
 
     def quantizes(self) -> bool:
         """Whether this method puts weights on a grid (then a layer already on one is refused)."""
@@ -96,7 +100,8 @@ class Calibrated(Method):
             raise NetshrinkError(f"{self.name} learns from data: pass calibration=<a few hundred examples; "
                                  "labels are not needed>")
         return with_blocks(model, lambda: self._solve_layers(model, calibration), calibration,
-                           steps=self.block_steps, samples=self.samples, batch_size=self.batch_size, desc=self.name)
+                           steps=self.block_steps, samples=self.samples, batch_size=self.batch_size, desc=self.name,
+                           end_to_end=self.end_to_end_steps)
 
     def _solve_layers(self, model: nn.Module, calibration) -> Report:
         layers, unmatched = self._select(model)

@@ -67,6 +67,7 @@ from ..errors import NetshrinkError
 from ..knapsack import solve
 from ..train import Progress
 from .base import Method, Report, check_map_keys, check_range, each_value, per_layer, preserved, shrink_layer, trial
+from .blocks import with_blocks
 
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
 HEAD_SIZE_NAMES = ("attention_head_size", "dim_per_head", "head_dim")
@@ -409,6 +410,7 @@ class RemoveHeads(Method):
     samples: int = 1024  # calibration examples, when data is given: more keep helping (transformer_pruning.md)
     batch_size: int = 32
     allocation: str = "uniform"  # or "global": the same totals, spread over blocks by measured damage (needs data)
+    block_steps: int = 0  # with data: then tune each transformer layer's remaining weights to its dense output
 
     def check(self) -> None:
         super().check()
@@ -416,6 +418,7 @@ class RemoveHeads(Method):
         check_range("neurons", self.neurons, 0.0, 1.0, low_open=True)
         check_range("samples", self.samples, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
+        check_range("block_steps", self.block_steps, 0, 1e6, integer=True)
         if self.allocation not in ALLOCATIONS:
             raise NetshrinkError(f"allocation must be one of {', '.join(ALLOCATIONS)}. Received: "
                                  f"allocation={self.allocation!r}")
@@ -460,8 +463,15 @@ class RemoveHeads(Method):
         blocks = self.blocks(model)
         if calibration is None and self.allocation == "global":
             raise NetshrinkError("allocation='global' measures each block's damage on data: pass calibration=...")
+        if calibration is None and self.block_steps:
+            raise NetshrinkError(f"block_steps={self.block_steps} tunes the layers on data: pass calibration=...")
         if calibration is not None:
-            return self._run_on_data(model, blocks, calibration)
+            names = {id(m): n for n, m in model.named_modules()}
+            projections = {names[id(layer)]: layer for block in blocks
+                           for layer in [p.layer for p in block.inputs] + [block.output]}
+            return with_blocks(model, lambda: self._run_on_data(model, blocks, calibration), calibration,
+                               steps=self.block_steps, samples=self.samples, batch_size=self.batch_size,
+                               desc=self.name, tuned=projections)
         report = Report(self.name)
         plans = []
         for block in blocks:

@@ -192,7 +192,8 @@ class QuantizeWeights(Method):
     weights as they are fine-tuned. ``block_steps``: afterwards, tune each block's rounding
     directions, scale gains, biases and norms on ``calibration`` data for this many batches so
     that its output matches the unquantized model's (AutoRound; :mod:`netshrink.methods.blocks`;
-    needs a fixed grid).
+    needs a fixed grid); ``end_to_end_steps``: then tune the grids' scales (codes kept), biases and
+    norms of the whole model against the unquantized model's output.
     """
 
     name: ClassVar[str] = "quantize"
@@ -203,6 +204,7 @@ class QuantizeWeights(Method):
     group_size: int | None = None
     range: str = "minmax"
     block_steps: int = 0
+    end_to_end_steps: int = 0
 
     def check(self) -> None:
         super().check()
@@ -225,13 +227,14 @@ class QuantizeWeights(Method):
                                      f"granularity={self.granularity!r}, learned_step={self.learned_step}")
 
         check_range("block_steps", self.block_steps, 0, 1e6, integer=True)
-        if self.block_steps and not self.fixed():
-            raise NetshrinkError("block_steps tunes fixed grids: give group_size or range='mse'. "
+        check_range("end_to_end_steps", self.end_to_end_steps, 0, 1e6, integer=True)
+        if (self.block_steps or self.end_to_end_steps) and not self.fixed():
+            raise NetshrinkError("block_steps and end_to_end_steps tune fixed grids: give group_size or range='mse'. "
                                  f"Received: group_size={self.group_size}, range={self.range!r}")
 
     def run(self, model: nn.Module, calibration=None, **context: Any) -> Report:
         return with_blocks(model, lambda: super(QuantizeWeights, self).run(model, **context), calibration,
-                           steps=self.block_steps, desc=self.name)
+                           steps=self.block_steps, desc=self.name, end_to_end=self.end_to_end_steps)
 
     def fixed(self) -> bool:
         return self.group_size is not None or self.range != "minmax"
