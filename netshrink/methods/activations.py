@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import real_positions
+from ..calibration import real_positions, take
 from ..errors import NetshrinkError, first_line
-from ..train import Data, batches, call, eval_mode
+from ..train import Data, call, eval_mode
 from .base import (LINEAR_CONV, Method, check_choice, check_range, per_layer, replace_weight, tied_weights,
                    transforms, weight_of, weight_source)
 from .calibrated import FIXED_GRIDS
@@ -111,10 +111,11 @@ class _Observed:
     for a Linear, dimension 1 for a convolution) and a bounded sample of values, kept per row for a
     Linear so that smoothing can be applied to it afterwards."""
 
-    SAMPLE = 1 << 16  # values kept per batch
+    SAMPLE = 1 << 19  # values kept in all, spread evenly over the batches
 
-    def __init__(self, linear: bool) -> None:
+    def __init__(self, linear: bool, batches: int) -> None:
         self.linear = linear
+        self.per_batch = max(1, self.SAMPLE // batches)
         self.low: torch.Tensor | None = None
         self.high: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
@@ -127,7 +128,7 @@ class _Observed:
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         rows = per_channel if self.linear else x.reshape(-1, 1)
-        stride = max(1, rows.numel() // self.SAMPLE)
+        stride = max(1, rows.numel() // self.per_batch)
         self.samples.append(rows[::stride].clone())
 
     def sample(self, smooth: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +170,9 @@ class QuantizeActivations(Method):
     have outlier channels; ``smooth="auto"`` chooses, per layer, no smoothing or the alpha whose
     quantized outputs on the calibration sample are closest to the float ones. Apply it before
     quantizing weights.
-    ``calibration_batches`` bounds the work.
+    ``samples``: calibration examples observed (ranges seen on more, and more varied, examples
+    clip less of another kind of data: benchmarks/results/held_out.md); ``batch_size``: examples
+    per forward pass.
     """
 
     name: ClassVar[str] = "activations"
@@ -178,8 +181,8 @@ class QuantizeActivations(Method):
     observer: str = "minmax"
     percentile: float = 99.99
     smooth: float | str | None = None
-    calibration_batches: int = 8
-    batch_size: int = 256
+    samples: int = 1024
+    batch_size: int = 32
 
     def check(self) -> None:
         super().check()
@@ -188,7 +191,7 @@ class QuantizeActivations(Method):
         check_range("percentile", self.percentile, 50.0, 100.0)
         if self.smooth is not None and self.smooth != "auto":
             check_range("smooth", self.smooth, 0.0, 1.0, low_open=True)
-        check_range("calibration_batches", self.calibration_batches, 1, 1e9, integer=True)
+        check_range("samples", self.samples, 1, 1e9, integer=True)
         check_range("batch_size", self.batch_size, 1, 1e9, integer=True)
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -206,7 +209,8 @@ class QuantizeActivations(Method):
         if calibration is None or model is None:
             raise NetshrinkError("activation quantization needs calibration data "
                                  "(pass calibration=<data set, (x, y) tensors or DataLoader>)")
-        observed = {name: _Observed(isinstance(layer, nn.Linear)) for name, layer in layers.items()}
+        kept = take(calibration, self.samples, self.batch_size)
+        observed = {name: _Observed(isinstance(layer, nn.Linear), len(kept)) for name, layer in layers.items()}
 
         batch: list = []
 
@@ -223,9 +227,7 @@ class QuantizeActivations(Method):
         handles = [layer.register_forward_pre_hook(observer(name), prepend=True) for name, layer in layers.items()]
         try:
             with torch.no_grad(), eval_mode(model):
-                for i, (x, _) in enumerate(batches(calibration, self.batch_size)):
-                    if i >= self.calibration_batches:
-                        break
+                for x in kept:
                     batch[:] = [x]
                     call(model, x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
