@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_activation_quantization_against_reference(trained, digits):
     x = digits[1].tensors[0][:64]
     captured = {}
     hook = trained.fc2.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
-    trained(digits[0].tensors[0])  # the calibration pass sees the full train set
+    trained(digits[0].tensors[0][:1024])  # the calibration pass sees the first 1,024 examples (the default)
     hook.remove()
     netshrink.quantize(trained, weight_bits=None, activation_bits=4, calibration=(digits[0].tensors[0], digits[0].tensors[1]),
                        observer="minmax")
@@ -53,3 +55,19 @@ def test_percentile_observer_narrows_range(trained, digits):
     wide = float(trained.fc3.input_quantizer.high)
     netshrink.quantize(trained, weight_bits=None, activation_bits=8, calibration=data, observer="percentile")
     assert float(trained.fc3.input_quantizer.high) < wide
+
+
+def test_activation_ranges_come_from_the_first_samples_examples_however_batched(trained, digits):
+    images, labels = digits[0].tensors
+    captured = []
+    hook = trained.fc2.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach()))
+    trained(images[:100])
+    hook.remove()
+    seen = float(captured[0].max())
+    for calibration in ([images[i:i + 7] for i in range(0, 300, 7)], (images[:300], labels[:300])):
+        model = copy.deepcopy(trained)
+        netshrink.apply(model, netshrink.methods.QuantizeActivations(bits=8, samples=100), calibration=calibration)
+        assert float(model.fc2.input_quantizer.high) == pytest.approx(seen, rel=1e-6)
+    wider = copy.deepcopy(trained)
+    netshrink.apply(wider, netshrink.methods.QuantizeActivations(bits=8, samples=300), calibration=(images, labels))
+    assert float(wider.fc2.input_quantizer.high) > seen  # the next 200 examples reach higher
