@@ -163,7 +163,7 @@ def remove_heads(model: nn.Module, heads: float | Mapping[str, float] = 0.7,
     each transformer layer's remaining weights, biases and norms are then tuned for that many batches
     so that the layer's output matches the dense model's (block reconstruction, as
     ``method="gptq+blocks"``; on text unlike the calibration text it gained little:
-    benchmarks/results/held_out.md)."""
+    benchmarks/results/held_out-more.md)."""
     return apply(model, RemoveHeads(heads=heads, neurons=neurons, samples=samples, allocation=allocation,
                                     block_steps=block_steps),
                  calibration=calibration)

@@ -171,7 +171,7 @@ class QuantizeActivations(Method):
     quantized outputs on the calibration sample are closest to the float ones. Apply it before
     quantizing weights.
     ``samples``: calibration examples observed (ranges seen on more, and more varied, examples
-    clip less of another kind of data: benchmarks/results/held_out.md); ``batch_size``: examples
+    clip less of another kind of data: benchmarks/results/held_out-more.md); ``batch_size``: examples
     per forward pass.
     """
 
