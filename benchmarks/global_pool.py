@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink import onnx_export
+from netshrink.deploy import to_onnx as onnx_export
 from netshrink.bench import _interleaved, _Reader, ort_session
 from netshrink.machine import describe
 from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)

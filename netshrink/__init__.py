@@ -21,7 +21,7 @@ __version__ = "0.6.0"
 
 _WHERE = {
     "prune": "api", "quantize": "api", "clip": "api", "share": "api", "remove_heads": "api", "remove_layers": "api",
-    "export": "onnx_export", "remove_units": "methods.structured", "benchmark": "bench", "auto": "autotune", "report_page": "html_report",
+    "export": "deploy", "remove_units": "methods.structured", "benchmark": "bench", "auto": "autotune", "report_page": "html_report",
     "apply": "methods", "bake": "methods", "Report": "methods", "Prune": "methods", "NMSparsity": "methods",
     "QuantizeWeights": "methods", "QuantizeActivations": "methods", "ClipWeights": "methods",
     "ShareWeights": "methods", "RemoveUnits": "methods", "RemoveHeads": "methods", "RemoveLayers": "methods", "GPTQ": "methods",

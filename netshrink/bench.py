@@ -646,7 +646,7 @@ def benchmark(reference: nn.Module, data, *, compressed: Mapping[str, nn.Module]
     >>> result = netshrink.benchmark(model, data, repeats=10, large_repeats=10)  # doctest: +SKIP
     >>> print(result.markdown())  # doctest: +SKIP
     """
-    from .onnx_export import export
+    from .deploy.to_onnx import export
 
     try:
         importlib.import_module("onnxruntime.quantization")  # the peers need it: fail before any work

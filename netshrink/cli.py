@@ -544,7 +544,7 @@ def cmd_compress(args) -> int:
 def cmd_export(args) -> int:
     from . import artifact
     from .data import load_dataset
-    from .onnx_export import export
+    from .deploy.to_onnx import export
 
     for flag in ("vnni", "portable"):
         if getattr(args, flag) and not args.int8:

@@ -69,7 +69,7 @@ def ort_latencies(models: list[nn.Module], example: torch.Tensor, threads: int, 
     threads; their :class:`~netshrink.bench.Timing` (median seconds, spread between rounds), all
     timed in the same interleaved rounds so that drift hits every model alike."""
     from .bench import _interleaved, ort_session
-    from .onnx_export import export
+    from .deploy.to_onnx import export
 
     with tempfile.TemporaryDirectory() as folder:
         runs = []

@@ -13,7 +13,7 @@ import torch
 import netshrink
 from netshrink.bench import Candidate, Measured, Timing, BenchResult, mark_pareto
 from netshrink.machine import describe, int8_sums_saturate
-from netshrink.onnx_export import saturating_layers
+from netshrink.deploy.to_onnx import saturating_layers
 
 pytest.importorskip("onnxruntime")
 

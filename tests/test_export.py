@@ -5,7 +5,7 @@ from torch import nn
 
 import netshrink
 from netshrink.machine import int8_sums_saturate
-from netshrink.onnx_export import export, saturating_layers
+from netshrink.deploy.to_onnx import export, saturating_layers
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -205,7 +205,8 @@ def test_batchnorm_folding_keeps_low_bit_grids_exact(tmp_path):
 def test_public_export_works_any_number_of_times(tmp_path, trained, digits):
     import importlib
 
-    importlib.import_module("netshrink.onnx_export")  # importing the submodule must not shadow the function
+    for module in ("netshrink.onnx_export", "netshrink.deploy", "netshrink.deploy.to_onnx"):
+        importlib.import_module(module)  # importing a submodule must not shadow the function
     for i in range(2):
         report = netshrink.export(trained, tmp_path / f"m{i}.onnx")
         assert report.layers and (tmp_path / f"m{i}.onnx").stat().st_size > 0
@@ -240,7 +241,7 @@ def test_int8_embedding_looked_up_twice_is_stored_once(tmp_path):
         ["embed.weight_int8", "embed.weight_row_scale"]
     assert not any(n.op_type == "DequantizeLinear" and n.input[0] == "embed.weight_int8" for n in graph.node)
     # Against the dense model with its table on the same int8 grid (the Linear adds 8-bit input rounding).
-    from netshrink.onnx_export import weight_as_int8
+    from netshrink.deploy.to_onnx import weight_as_int8
 
     codes, scales, _ = weight_as_int8(model.embed.weight.detach().numpy())
     reference = Twice().eval()

@@ -12,7 +12,7 @@ import netshrink
 def test_every_public_name_resolves_and_no_submodule_shadows_a_function():
     for name in netshrink.__all__:
         assert getattr(netshrink, name) is not None, name
-    for module in ("api", "artifact", "onnx_export", "methods", "recipe", "report", "train", "data", "models",
+    for module in ("api", "artifact", "onnx_export", "deploy", "deploy.to_onnx", "methods", "recipe", "report", "train", "data", "models",
                    "files", "fuzz", "catalog", "bench", "machine", "cli"):
         importlib.import_module(f"netshrink.{module}")
     for name in ("export", "prune", "quantize", "load", "save", "summary", "fit"):

@@ -147,7 +147,7 @@ def test_tiny_bert_exports_to_onnx_runtime_with_named_dynamic_inputs(tiny_bert, 
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
-    from netshrink.onnx_export import saturating_layers
+    from netshrink.deploy.to_onnx import saturating_layers
 
     data = bert_batches()
     netshrink.quantize(tiny_bert, weight_bits=7, activation_bits=8, calibration=data)
@@ -178,7 +178,7 @@ def test_tiny_bert_int8_projections_use_one_fused_kernel_with_the_same_values(ti
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
-    from netshrink.onnx_export import saturating_layers
+    from netshrink.deploy.to_onnx import saturating_layers
 
     data = bert_batches()
     netshrink.quantize(tiny_bert, weight_bits=7, activation_bits=8, calibration=data)
