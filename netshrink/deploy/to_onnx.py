@@ -39,7 +39,7 @@ import copy
 import io
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,28 +49,12 @@ from torch import nn
 from ..errors import NetshrinkError
 from ..files import atomic_write, check_writable
 from ..methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
-from ..methods.base import LINEAR_CONV, apply, bake, text_table
+from ..methods.base import LINEAR_CONV, apply, bake
 from .onnx_low_bit import codes_of, rewrite
+from .report import ExportReport
 
 SAFE_PAIR_SUM = 128  # 255 * (a + b) <= 32767 for |a| + |b| <= 128: no 16-bit saturation
 SAFE_CODE, VNNI_CODE = 63, 127  # largest weight code: 7-bit (any x86-64 CPU) or full int8 (VNNI)
-
-
-@dataclass
-class ExportReport:
-    path: str
-    int8: bool
-    target: str = "fp32"
-    layers: list[tuple[str, str]] = field(default_factory=list)  # (layer, how it was exported)
-    notes: list[str] = field(default_factory=list)
-    full_range: list[str] = field(default_factory=list)  # int8 weights a CPU without VNNI saturates on
-
-    def __str__(self) -> str:
-        lines = [f"exported {self.path} ({self.target}{', int8' if self.int8 else ''}): {len(self.layers)} layer(s)"]
-        lines += text_table(("layer", "how"), self.layers) if self.layers else []
-        return "\n".join(lines + [f"note: {note}" for note in self.notes])
-
-    __repr__ = __str__  # what a notebook or a REPL shows: the table, not the fields
 
 
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, ...]:

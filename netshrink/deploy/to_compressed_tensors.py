@@ -1,0 +1,105 @@
+"""A Hugging Face checkpoint in the compressed-tensors format, which ``transformers`` and vLLM read.
+
+The folder holds ``config.json`` (the model's own, plus a ``quantization_config``) and
+``model.safetensors``. Every Linear layer on an integer grid is stored "pack-quantized": its codes
+densely packed into int32 (``weight_packed``, any width from 2 to 8 bits), its scales
+(``weight_scale``, one per output channel or per group), its shape, and for affine grids its zero
+points. compressed-tensors counts codes and zero points in the signed range [-2^(b-1), 2^(b-1)),
+so netshrink's unsigned affine codes shift down by 2^(b-1), zero points with them: the same
+numbers. Layers are grouped by grid (bits, symmetric or not, group size) and named exactly, so a
+mixed-precision model keeps each layer's width. The packing is compressed-tensors' own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import NetshrinkError
+from ..files import check_writable
+from ..methods.base import baked_state_dict
+from .codes import IntegerWeight, integer_weight
+from .report import ExportReport
+
+
+def hugging_face_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside ``model`` (itself, or the first submodule with a config
+    that can save itself, e.g. a sentence-transformers model's encoder)."""
+    for module in model.modules():
+        if hasattr(module, "config") and callable(getattr(module, "save_pretrained", None)):
+            return module
+    raise NetshrinkError("this export writes Hugging Face checkpoints: the model holds no transformers model")
+
+
+def _scheme(weight: IntegerWeight) -> dict:
+    return {"num_bits": weight.bits, "type": "int", "symmetric": weight.scheme == "symmetric",
+            "strategy": "group" if weight.group_size else "channel", "group_size": weight.group_size,
+            "dynamic": False, "observer": "minmax"}
+
+
+def _packed(weight: IntegerWeight) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    shift = 0 if weight.scheme == "symmetric" else 2 ** (weight.bits - 1)
+    tensors = {"weight_packed": pack_to_int32((weight.codes - shift).to(torch.int8), weight.bits),
+               "weight_scale": weight.scale.clone(),
+               "weight_shape": torch.tensor(weight.shape)}
+    if weight.scheme != "symmetric":
+        tensors["weight_zero_point"] = pack_to_int32((weight.zero - shift).to(torch.int8), weight.bits, packed_dim=0)
+    return tensors
+
+
+def export(model: nn.Module, path: str | Path, **_ignored) -> ExportReport:
+    """Write the Hugging Face model inside ``model`` to the folder ``path`` as a compressed-tensors
+    checkpoint (``transformers.AutoModel.from_pretrained(path)`` loads it, with
+    ``pip install compressed-tensors``). Layers off any integer grid stay float. Returns a table of
+    how each Linear layer was written."""
+    try:
+        import compressed_tensors  # noqa: F401  (its packing, and what the reader will need)
+    except ImportError:
+        raise NetshrinkError("compressed-tensors export needs the package: pip install compressed-tensors") from None
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NetshrinkError(f"a compressed-tensors checkpoint is a folder; {folder} is a file")
+    check_writable(folder / "config.json")
+    hf = hugging_face_model(model)
+    tensors = baked_state_dict(hf)
+    report = ExportReport(str(folder), target="compressed-tensors (pack-quantized)")
+    groups: dict[str, dict] = {}
+    for name, module in hf.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = integer_weight(module)
+        if weight is None:
+            report.layers.append((name, "float"))
+            continue
+        scheme = _scheme(weight)
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": scheme, "input_activations": None,
+                                "output_activations": None})["targets"].append(name)
+        del tensors[f"{name}.weight"]
+        tensors.update({f"{name}.{k}": v for k, v in _packed(weight).items()})
+        report.layers.append((name, f"pack-quantized {weight.bits}-bit, {weight.scheme}, "
+                                    f"{'groups of ' + str(weight.group_size) if weight.group_size else 'per channel'}"))
+    if not groups:
+        report.notes.append("no Linear layer is on an integer grid: written as a plain float checkpoint")
+    config = hf.config.to_dict()
+    if groups:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())}, "ignore": [],
+            "kv_cache_scheme": None}
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared memory
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".netshrink-") as work:
+        save_file(tensors, os.path.join(work, "model.safetensors"), metadata={"format": "pt"})
+        Path(work, "config.json").write_text(json.dumps(config, indent=2, default=str))
+        os.replace(os.path.join(work, "model.safetensors"), folder / "model.safetensors")
+        os.replace(os.path.join(work, "config.json"), folder / "config.json")  # last: the folder is complete
+    return report
