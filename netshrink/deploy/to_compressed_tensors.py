@@ -1,13 +1,13 @@
 """A Hugging Face checkpoint in the compressed-tensors format, which ``transformers`` and vLLM read.
 
 The folder holds ``config.json`` (the model's own, plus a ``quantization_config``) and
-``model.safetensors``. Every Linear layer on an integer grid is stored "pack-quantized": its codes
-densely packed into int32 (``weight_packed``, any width from 2 to 8 bits), its scales
-(``weight_scale``, one per output channel or per group), its shape, and for affine grids its zero
-points. compressed-tensors counts codes and zero points in the signed range [-2^(b-1), 2^(b-1)),
-so netshrink's unsigned affine codes shift down by 2^(b-1), zero points with them: the same
-numbers. Layers are grouped by grid (bits, symmetric or not, group size) and named exactly, so a
-mixed-precision model keeps each layer's width. The packing is compressed-tensors' own.
+``model.safetensors``. Every Linear layer on a symmetric integer grid is stored "pack-quantized":
+its codes densely packed into int32 (``weight_packed``, any width from 2 to 8 bits), its scales
+(``weight_scale``, one per output channel or per group) and its shape. compressed-tensors counts
+codes in the signed range [-2^(b-1), 2^(b-1)), which holds netshrink's symmetric codes as they
+are. Affine grids stay float (the report says so): transformers 5.25 cannot load packed zero
+points. Layers are grouped by grid (bits, group size) and named exactly, so a mixed-precision
+model keeps each layer's width. The packing is compressed-tensors' own.
 """
 from __future__ import annotations
 
@@ -44,12 +44,9 @@ def _scheme(weight: IntegerWeight) -> dict:
 def _packed(weight: IntegerWeight) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    shift = 0 if weight.scheme == "symmetric" else 2 ** (weight.bits - 1)
-    tensors = {"weight_packed": pack_to_int32((weight.codes - shift).to(torch.int8), weight.bits),
+    tensors = {"weight_packed": pack_to_int32(weight.codes.to(torch.int8), weight.bits),  # symmetric: signed codes
                "weight_scale": weight.scale.clone(),
                "weight_shape": torch.tensor(weight.shape)}
-    if weight.scheme != "symmetric":
-        tensors["weight_zero_point"] = pack_to_int32((weight.zero - shift).to(torch.int8), weight.bits, packed_dim=0)
     return tensors
 
 
@@ -78,6 +75,12 @@ def export(model: nn.Module, path: str | Path, **_ignored) -> ExportReport:
         weight = integer_weight(module)
         if weight is None:
             report.layers.append((name, "float"))
+            continue
+        if weight.scheme != "symmetric":
+            # compressed-tensors packs zero points along the output channels, and transformers
+            # 5.25 allocates them unpacked when it loads the folder: the checkpoint would not load.
+            report.layers.append((name, f"float: its {weight.bits}-bit affine grid needs zero points, which "
+                                        "transformers cannot load from a pack-quantized checkpoint"))
             continue
         scheme = _scheme(weight)
         key = json.dumps(scheme, sort_keys=True)
