@@ -151,9 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("-o", "--output", type=Path, required=True)
 
-    export = sub.add_parser("export", help="export a saved model to ONNX (fp32 or int8)")
+    export = sub.add_parser(
+        "export", help="export a saved model for a runtime: ONNX Runtime, OpenVINO, llama.cpp (GGUF), compressed-tensors",
+        description="Write a saved model in a runtime's format. The format comes from the output's name (.onnx, "
+                    ".xml for OpenVINO, .gguf for llama.cpp) or from --format. Low-bit weights keep their own integer "
+                    "codes and scales: --low-bit for ONNX (MatMulNBits), always for OpenVINO (u2/u4/u8), GGUF "
+                    "(Q4_0/Q4_1/Q8_0 blocks) and compressed-tensors (pack-quantized, a folder transformers and vLLM load).",
+        epilog="examples:\n  netshrink export small.nsk -o small.onnx --low-bit   # 4-bit weights as MatMulNBits\n"
+               "  netshrink export small.nsk -o small.xml              # OpenVINO IR with u4 weights\n"
+               "  netshrink export small.nsk -o small.gguf             # llama.cpp (BERT or GPT-2 models)\n"
+               "  netshrink export small.nsk -o folder --format compressed-tensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("path", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--format", choices=("onnx", "openvino", "gguf", "compressed-tensors"),
+                        help="the output format (default: from the output's name)")
+    export.add_argument("--low-bit", action="store_true",
+                        help="ONNX: write 2-8-bit weights with their own codes and scales (MatMulNBits), float "
+                             "activations; the default writes them as fp32")
     export.add_argument("--int8", action="store_true", help="int8 weights per channel + uint8 activations: QDQ operators, "
                         "and a transformer's projections as one fused ONNX Runtime kernel (see --portable)")
     export.add_argument("--vnni", action="store_true",
@@ -544,16 +559,28 @@ def cmd_compress(args) -> int:
 def cmd_export(args) -> int:
     from . import artifact
     from .data import load_dataset
-    from .deploy.to_onnx import export
+    from .deploy import export, format_of
 
     for flag in ("vnni", "portable"):
         if getattr(args, flag) and not args.int8:
             raise NetshrinkError(f"--{flag} goes with --int8")
-    _outputs(args, args.output)
+    target = format_of(args.output, args.format)
+    if target != "onnx" and (args.int8 or args.low_bit):
+        raise NetshrinkError(f"--int8 and --low-bit are ONNX choices; {target} always writes low-bit weights as they are")
+    import torch
+
+    if target != "compressed-tensors":
+        _outputs(args, args.output)
     model = artifact.load(args.path)
-    report = export(model, args.output, int8=args.int8, vnni=args.vnni, portable=args.portable,
-                    calibration=load_dataset(args.data, "train") if args.int8 else None)
-    _print_rows(f"exported {args.output} ({'int8, ' + report.target if args.int8 else 'fp32'})",
+    options = {}
+    if target in ("onnx", "openvino"):
+        options = dict(int8=args.int8, vnni=args.vnni, portable=args.portable, low_bit=args.low_bit or target == "openvino",
+                       calibration=load_dataset(args.data, "train") if args.int8 else None)
+        if getattr(model, "main_input_name", None) == "input_ids":  # a transformers model: token ids, any length
+            ids = torch.ones(1, 16, dtype=torch.long)
+            options["example_inputs"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    report = export(model, args.output, format=target, **options)
+    _print_rows(f"exported {args.output} ({'int8, ' + report.target if args.int8 else report.target})",
                 ["layer", "exported as"], [list(row) for row in report.layers])
     for note in report.notes:
         _print(f"note: {note}")
