@@ -27,10 +27,13 @@ from .report import ExportReport
 
 
 def hugging_face_model(model: nn.Module) -> nn.Module:
-    """The ``transformers`` model inside ``model`` (itself, or the first submodule with a config
-    that can save itself, e.g. a sentence-transformers model's encoder)."""
-    for module in model.modules():
-        if hasattr(module, "config") and callable(getattr(module, "save_pretrained", None)):
+    """The ``transformers`` model inside ``model`` (itself, or the first submodule that is one,
+    e.g. a sentence-transformers model's encoder)."""
+    import sys
+
+    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # loaded if the model holds one
+    for module in model.modules() if base is not None else ():
+        if isinstance(module, base):
             return module
     raise NetshrinkError("this export writes Hugging Face checkpoints: the model holds no transformers model")
 
