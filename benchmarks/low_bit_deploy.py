@@ -142,14 +142,13 @@ def main() -> None:
     llama_case("F32", fp32_gguf)
     pytorch_rows = []
     for group in args.groups:
-        model = copy.deepcopy(dense)
+        wrapped = copy.deepcopy(st)  # the sentence-transformers model, for the GGUF file's tokenizer and pooling
+        model = wrapped[0].auto_model.eval()
         started = time.perf_counter()
         netshrink.quantize(model, 4, method="gptq", group_size=group, calibration=calibration)
         seconds = time.perf_counter() - started
         ours = agreement(reference, embed(torch_runner(model), evaluation))
         pytorch_rows.append([f"netshrink GPTQ W4 g{group}, PyTorch", f"{ours[0]:.4f}", f"{seconds:.0f}"])
-        wrapped = copy.deepcopy(st)
-        wrapped[0].auto_model = model
         netshrink.export(model, FOLDER / f"ours{group}.onnx", example_inputs=example, low_bit=True)
         onnx_case(f"netshrink GPTQ W4 g{group}", FOLDER / f"ours{group}.onnx")
         netshrink.export(model, FOLDER / f"ours{group}.xml", example_inputs=example, accuracy_level=4)

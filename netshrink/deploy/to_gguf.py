@@ -178,6 +178,9 @@ def export(model: nn.Module, path: str | Path, *, tokenizer=None, pooling: str |
         if tensor == "weight" and module is not None and is_conv1d(module):
             value = value.t()  # transformers' Conv1D stores [in, out]
         weight = integer_weight(module) if tensor == "weight" and isinstance(module, (nn.Linear, nn.Embedding)) else None
+        if weight is not None and isinstance(module, nn.Embedding) and name != "token_embd.weight":
+            # llama.cpp adds position and token-type rows without dequantizing them; they are small.
+            weight = None
         kind = gguf_type(weight) if weight is not None else None
         if weight is not None and kind is None:
             unfit_layers.append(f"{owner} ({weight.bits}-bit {weight.scheme}, groups of {weight.group})")
