@@ -172,8 +172,8 @@ def main() -> None:
     latency: dict[tuple[str, str], tuple[float, float]] = {}
     for runtime, runs in candidates.items():
         if runtime == "llama.cpp":
-            one = timed({n: (lambda m=m: m.embed(long_texts[0])) for n, m in runs.items()}, None, args.repeats)
-            many = timed({n: (lambda m=m: m.embed(long_texts)) for n, m in runs.items()}, None, args.large_repeats)
+            one = timed({n: (lambda feed, m=m: m.embed(feed[:1])) for n, m in runs.items()}, long_texts, args.repeats)
+            many = timed({n: (lambda feed, m=m: m.embed(feed)) for n, m in runs.items()}, long_texts, args.large_repeats)
         else:
             one = timed({n: (lambda feed, r=r: r(feed)) for n, r in runs.items()}, feeds[1], args.repeats)
             many = timed({n: (lambda feed, r=r: r(feed)) for n, r in runs.items()}, feeds[32], args.large_repeats)
