@@ -9,7 +9,9 @@ Candidates:
   int8-weight config (when torchao is installed);
 * each netshrink model, exported to ONNX Runtime as int8 and as fp32. Weights of at most 7 bits
   are exact on every x86-64 CPU; 8-bit weights keep the full int8 range where this machine's int8
-  kernels add exactly (VNNI or AMX, measured by :mod:`netshrink.machine`).
+  kernels add exactly (VNNI or AMX, measured by :mod:`netshrink.machine`). A model whose weights
+  are on 2-8-bit grids is also timed at its own width (``export(..., low_bit=True)``: MatMulNBits),
+  on OpenVINO too where it is installed.
 
 With OpenVINO installed (``pip install openvino nncf``), a second runtime joins: the dense model as
 OpenVINO runs it and NNCF's int8 quantization of it for OpenVINO (peers: what a user gets from that
@@ -55,7 +57,8 @@ from torch import nn
 from .errors import NetshrinkError
 from .machine import describe, int8_sums_saturate
 from .methods.activations import detach_all
-from .methods.base import bake
+from .deploy.onnx_low_bit import codes_of
+from .methods.base import LINEAR_CONV, bake
 
 NOISY_SPREAD = 0.25  # round medians differing by more than this share of the median: warn
 ACCURACY_TOLERANCE = 0.3  # points below the peer's accuracy that still count as "the same accuracy"
@@ -705,6 +708,13 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
                        _ort_candidate(f"{label} (ONNX Runtime fp32)", "netshrink", fp32_path, threads)]
         notes += [f"{label} int8 export: {n}" for n in report.notes]
         wide = wide or bool(report.full_range)
+        if codes_of(model, (*LINEAR_CONV, nn.Embedding)):  # weights on 2-8-bit grids: also at their own width
+            low_bit = folder / f"netshrink_{i}_low_bit.onnx"
+            export(model, low_bit, example_inputs=work.example, low_bit=True)
+            candidates.append(_ort_candidate(f"{label} (ONNX Runtime low-bit)", "netshrink", low_bit, threads))
+            if "openvino" in runtimes:  # OpenVINO reads MatMulNBits into its own u4/u8 weights
+                candidates.append(_openvino_candidate(f"{label} (OpenVINO low-bit, rest {{precision}})", "netshrink",
+                                                      low_bit, threads))
         if "openvino" in runtimes:  # OpenVINO reads standard ONNX only: the QDQ form of the same int8 model
             portable = folder / f"netshrink_{i}_int8_portable.onnx"
             export(model, portable, int8=True, calibration=calibration, example_inputs=work.example,

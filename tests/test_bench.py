@@ -101,6 +101,21 @@ def test_transformer_scored_by_cosine_to_the_reference(make_tiny_bert):
     assert 0.9 < scores["netshrink (ONNX Runtime int8)"] <= 1.0 + 1e-9
 
 
+def test_low_bit_models_are_also_timed_at_their_own_width(make_tiny_bert):
+    dense = make_tiny_bert()
+    w4 = copy.deepcopy(dense)
+    netshrink.quantize(w4, 4, method="round", group_size=16)
+    g = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(1, 120, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+            for _ in range(2)]
+    result = netshrink.benchmark(dense, data, compressed={"w4": w4}, repeats=2, large_repeats=2, large_batch=4,
+                                 sequence=16, runtimes=["onnxruntime"])
+    rows = {r.candidate.name: r for r in result.rows}
+    low, fp32 = rows["netshrink w4 (ONNX Runtime low-bit)"], rows["netshrink w4 (ONNX Runtime fp32)"]
+    assert low.candidate.bytes < 0.6 * fp32.candidate.bytes  # 4-bit codes and a scale per 16, not floats
+    assert abs(low.score - fp32.score) < 2e-3  # the same model, int8 arithmetic inside MatMulNBits
+
+
 def test_pareto_and_verdict_on_known_rows():
     rows = [_row("PyTorch fp32", "dense", 10, 100, 99.0), _row("peer fast", "peer", 4, 40, 98.0),
             _row("peer exact", "peer", 6, 60, 99.0), _row("ours", "netshrink", 2, 20, 97.8),
