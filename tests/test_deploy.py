@@ -27,13 +27,15 @@ def mlp(**quantize) -> nn.Module:
 
 
 def tiny_bert(**quantize) -> nn.Module:
+    """A two-layer BERT with random weights, quantized with ``quantize`` if given."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64)
     model = BertModel(config).eval()
-    netshrink.quantize(model, **quantize)
+    if quantize:
+        netshrink.quantize(model, **quantize)
     return model
 
 
@@ -204,3 +206,25 @@ def test_cli_exports_each_format(tmp_path):
     run = subprocess.run([sys.executable, "-m", "netshrink.cli", "export", str(tmp_path / "b.nsk"), "-o",
                           str(tmp_path / "b.gguf"), "--low-bit"], capture_output=True, text=True)
     assert run.returncode != 0 and "ONNX choices" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_compressed_tensors_records_two_four_sparsity(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from transformers import AutoModel
+
+    ids = torch.randint(0, 96, (2, 9))
+    for bits in (None, 4):  # a float 2:4 encoder, then a 4-bit one
+        model = tiny_bert()
+        netshrink.apply(model, netshrink.NMSparsity(n=2, m=4, targets=("re:encoder\\..*",)))
+        if bits:
+            netshrink.quantize(model, bits, method="round", group_size=32)
+        report = netshrink.export(model, tmp_path / f"ct{bits}", format="compressed-tensors")
+        config = json.loads((tmp_path / f"ct{bits}" / "config.json").read_text())["quantization_config"]
+        sparse = config["sparsity_config"]
+        assert sparse["sparsity_structure"] == "2:4" and "encoder.layer.0.output.dense" in sparse["targets"]
+        assert "pooler.dense" not in sparse["targets"]
+        assert dict(report.layers)["encoder.layer.1.attention.self.key"].endswith("2:4 sparse")
+        back = AutoModel.from_pretrained(tmp_path / f"ct{bits}").eval()
+        assert torch.equal(back(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)

@@ -8,6 +8,11 @@ codes in the signed range [-2^(b-1), 2^(b-1)), which holds netshrink's symmetric
 are. Affine grids stay float (the report says so): transformers 5.25 cannot load packed zero
 points. Layers are grouped by grid (bits, group size) and named exactly, so a mixed-precision
 model keeps each layer's width. The packing is compressed-tensors' own.
+
+Layers with 2:4 sparsity (two zeros in every four consecutive inputs, as ``NMSparsity(2, 4)`` and
+``SparseGPT(n=2, m=4)`` leave them) are listed in a ``sparsity_config`` with that structure, for
+runtimes with 2:4 kernels; their values are stored as above ("dense" format: compressed-tensors
+0.20 no longer has a compressor for the 2:4 bitmask).
 """
 from __future__ import annotations
 
@@ -36,6 +41,14 @@ def hugging_face_model(model: nn.Module) -> nn.Module:
         if isinstance(module, base):
             return module
     raise NetshrinkError("this export writes Hugging Face checkpoints: the model holds no transformers model")
+
+
+def is_two_four(weight: torch.Tensor) -> bool:
+    """At least two zeros in every four consecutive inputs of every row."""
+    rows = weight.reshape(weight.shape[0], -1)
+    if rows.shape[1] % 4:
+        return False
+    return bool(((rows.reshape(rows.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
 
 
 def _scheme(weight: IntegerWeight) -> dict:
@@ -72,9 +85,13 @@ def export(model: nn.Module, path: str | Path, **_ignored) -> ExportReport:
     tensors = baked_state_dict(hf)
     report = ExportReport(str(folder), target="compressed-tensors (pack-quantized)")
     groups: dict[str, dict] = {}
+    two_four, zeros, total = [], 0, 0
     for name, module in hf.named_modules():
         if not isinstance(module, nn.Linear):
             continue
+        if is_two_four(tensors[f"{name}.weight"]):
+            two_four.append(name)
+            zeros, total = zeros + int((tensors[f"{name}.weight"] == 0).sum()), total + tensors[f"{name}.weight"].numel()
         weight = integer_weight(module)
         if weight is None:
             report.layers.append((name, "float"))
@@ -93,14 +110,20 @@ def export(model: nn.Module, path: str | Path, **_ignored) -> ExportReport:
         tensors.update({f"{name}.{k}": v for k, v in _packed(weight).items()})
         report.layers.append((name, f"pack-quantized {weight.bits}-bit, {weight.scheme}, "
                                     f"{'groups of ' + str(weight.group_size) if weight.group_size else 'per channel'}"))
-    if not groups:
-        report.notes.append("no Linear layer is on an integer grid: written as a plain float checkpoint")
+    if not groups and not two_four:
+        report.notes.append("no Linear layer is on an integer grid or 2:4 sparse: written as a plain float checkpoint")
     config = hf.config.to_dict()
-    if groups:
+    if groups or two_four:
         config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
+            "quantization_status": "compressed",
             "config_groups": {f"group_{i}": group for i, group in enumerate(groups.values())}, "ignore": [],
             "kv_cache_scheme": None}
+    if two_four:
+        config["quantization_config"]["sparsity_config"] = {
+            "format": "dense", "sparsity_structure": "2:4", "targets": two_four, "ignore": [],
+            "global_sparsity": zeros / total}
+        report.layers = [(n, f"{how}, 2:4 sparse" if n in two_four else how) for n, how in report.layers]
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared memory
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".netshrink-") as work:
