@@ -228,3 +228,13 @@ def test_compressed_tensors_records_two_four_sparsity(tmp_path):
         assert dict(report.layers)["encoder.layer.1.attention.self.key"].endswith("2:4 sparse")
         back = AutoModel.from_pretrained(tmp_path / f"ct{bits}").eval()
         assert torch.equal(back(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+def test_gguf_refuses_a_model_with_heads_removed(tmp_path):
+    pytest.importorskip("gguf")
+    model = tiny_bert()
+    narrow = copy.deepcopy(model)
+    netshrink.remove_heads(narrow, heads=0.5, neurons=1.0)
+    with pytest.raises(netshrink.NetshrinkError, match="heads removed"):
+        netshrink.export(narrow, tmp_path / "h.gguf")
+    assert not (tmp_path / "h.gguf").exists()

@@ -87,13 +87,33 @@ def blocks(weight: IntegerWeight, kind: str, layer: str) -> tuple[np.ndarray, fl
     return np.concatenate(parts, axis=2).reshape(rows, -1), change
 
 
-def _hyperparameters(writer, arch: str, config, pooling: str | None) -> None:
+def _uniform_widths(planned: list, arch: str, config) -> int:
+    """The feed-forward width every layer has, checked: llama.cpp's BERT and GPT-2 graphs take one
+    width for all layers and attention as wide as the model (all heads kept)."""
+    hidden = config.hidden_size if arch == "bert" else config.n_embd
+    attention = {"bert": ("attn_q", "attn_k", "attn_v"), "gpt2": ("attn_qkv",)}[arch]
+    widths, problems = set(), []
+    for name, owner, value, _, _ in planned:
+        part = name.split(".")[2] if name.startswith("blk.") and name.endswith(".weight") else None
+        if part in attention and value.shape[0] != hidden * (3 if part == "attn_qkv" else 1):
+            problems.append(f"{owner} has {value.shape[0]} outputs (heads removed)")
+        if part == "ffn_up":
+            widths.add(value.shape[0])
+    if len(widths) > 1:
+        problems.append(f"feed-forward widths differ between layers ({', '.join(map(str, sorted(widths)))})")
+    if problems:
+        raise NetshrinkError(f"llama.cpp's {arch} graph keeps every head and one feed-forward width in all layers: "
+                             f"{'; '.join(problems[:3])}. Export this model to ONNX or OpenVINO instead")
+    return widths.pop() if widths else (config.intermediate_size if arch == "bert" else config.n_inner or 4 * hidden)
+
+
+def _hyperparameters(writer, arch: str, config, pooling: str | None, feed_forward: int) -> None:
     import gguf
 
     if arch == "bert":
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_feed_forward_length(feed_forward)
         writer.add_block_count(config.num_hidden_layers)
         writer.add_head_count(config.num_attention_heads)
         writer.add_layer_norm_eps(config.layer_norm_eps)
@@ -102,7 +122,7 @@ def _hyperparameters(writer, arch: str, config, pooling: str | None) -> None:
     else:
         writer.add_context_length(config.n_positions)
         writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_feed_forward_length(feed_forward)
         writer.add_block_count(config.n_layer)
         writer.add_head_count(config.n_head)
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
@@ -185,13 +205,14 @@ def export(model: nn.Module, path: str | Path, *, tokenizer=None, pooling: str |
         if weight is not None and kind is None:
             unfit_layers.append(f"{owner} ({weight.bits}-bit {weight.scheme}, groups of {weight.group})")
         planned.append((name, owner, value, weight, kind))
+    widths = _uniform_widths(planned, arch, hf.config)
     if unfit_layers and unfit == "refuse":
         raise NetshrinkError(f"no GGUF block type holds the grid of {', '.join(unfit_layers)}: quantize in groups "
                              "of a multiple of 32 (symmetric for 5-8 bits), or pass unfit='float' to write them as F32")
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
         temporary = Path(folder) / "model.gguf"
         writer = gguf.GGUFWriter(str(temporary), arch)
-        _hyperparameters(writer, arch, hf.config, pooling)
+        _hyperparameters(writer, arch, hf.config, pooling, widths)
         _vocabulary(writer, arch, hf.config, tokenizer)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if float_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
         for name, owner, value, weight, kind in planned:
