@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -143,4 +144,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(FOLDER, ignore_errors=True)  # the exported files: hundreds of MB

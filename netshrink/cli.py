@@ -564,13 +564,13 @@ def cmd_export(args) -> int:
     for flag in ("vnni", "portable"):
         if getattr(args, flag) and not args.int8:
             raise NetshrinkError(f"--{flag} goes with --int8")
+    if args.format != "compressed-tensors":  # a file (that folder's files are checked as they are written)
+        _outputs(args, args.output)
     target = format_of(args.output, args.format)
     if target != "onnx" and (args.int8 or args.low_bit):
         raise NetshrinkError(f"--int8 and --low-bit are ONNX choices; {target} always writes low-bit weights as they are")
     import torch
 
-    if target != "compressed-tensors":
-        _outputs(args, args.output)
     model = artifact.load(args.path)
     options = {}
     if target in ("onnx", "openvino"):

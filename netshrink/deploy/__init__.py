@@ -30,6 +30,10 @@ _SUFFIXES = {".onnx": "onnx", ".xml": "openvino", ".gguf": "gguf"}
 
 def format_of(path: str | Path, format: str | None = None) -> str:
     """``format`` if given, else the one the file name says (.onnx, .xml, .gguf)."""
+    import os
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise NetshrinkError(f"path must be a file path (a str or os.PathLike). Received: path={path!r}")
     if format is not None:
         if format not in FORMATS:
             raise NetshrinkError(f"format must be one of {', '.join(FORMATS)}. Received: format={format!r}")
