@@ -3,6 +3,7 @@ PyTorch model, grids a format cannot hold refused or named."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -238,3 +239,31 @@ def test_gguf_refuses_a_model_with_heads_removed(tmp_path):
     with pytest.raises(netshrink.NetshrinkError, match="heads removed"):
         netshrink.export(narrow, tmp_path / "h.gguf")
     assert not (tmp_path / "h.gguf").exists()
+
+
+def test_cnn_with_batchnorm_residuals_and_depthwise_convs_in_onnx_runtime_and_openvino(tmp_path):
+    """Convolutions keep their codes (BatchNorm folded into their scales), Linear layers go to
+    MatMulNBits; both runtimes compute what PyTorch computes."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = netshrink.build_model("resmobile", (1, 8, 8))
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            model(torch.randn(32, 1, 8, 8))
+    model.eval()
+    netshrink.quantize(model, 4)
+    x = torch.randn(6, 1, 8, 8)
+    report = netshrink.export(model, tmp_path / "c.onnx", example_inputs=x, low_bit=True)
+    how = dict(report.layers)
+    assert sum("4-bit codes in uint8" in h for h in how.values()) >= 3  # the convolutions, depthwise ones too
+    reference = model(x).detach().numpy()
+    out = ort.InferenceSession(str(tmp_path / "c.onnx")).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - reference).max() < 1e-3 * np.abs(reference).max() + 1e-4
+    if importlib.util.find_spec("openvino"):
+        import openvino as ov
+
+        netshrink.export(model, tmp_path / "c.xml", example_inputs=x)
+        out = ov.Core().compile_model(str(tmp_path / "c.xml"), "CPU")(x.numpy())[0]
+        assert np.abs(out - reference).max() < 1e-3 * np.abs(reference).max() + 1e-4
