@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export", help="export a saved model for a runtime: ONNX Runtime, OpenVINO, llama.cpp (GGUF), compressed-tensors",
-        description="Write a saved model in a runtime's format. The format comes from the output's name (.onnx, "
-                    ".xml for OpenVINO, .gguf for llama.cpp) or from --format. Low-bit weights keep their own integer "
-                    "codes and scales: --low-bit for ONNX (MatMulNBits), always for OpenVINO (u2/u4/u8), GGUF "
-                    "(Q4_0/Q4_1/Q8_0 blocks) and compressed-tensors (pack-quantized, a folder transformers and vLLM load).",
+        description="Write a saved model in a runtime's format, taken from the output's name (.onnx, .xml for\n"
+                    "OpenVINO, .gguf for llama.cpp) or from --format. Low-bit weights keep their own integer codes\n"
+                    "and scales: with --low-bit in ONNX (MatMulNBits), always in OpenVINO (u2/u4/u8 constants),\n"
+                    "GGUF (Q4_0/Q4_1/Q8_0 blocks) and compressed-tensors (pack-quantized: a folder that transformers\n"
+                    "and vLLM load). A layer whose grid a format cannot hold is named in the table.",
         epilog="examples:\n  netshrink export small.nsk -o small.onnx --low-bit   # 4-bit weights as MatMulNBits\n"
                "  netshrink export small.nsk -o small.xml              # OpenVINO IR with u4 weights\n"
                "  netshrink export small.nsk -o small.gguf             # llama.cpp (BERT or GPT-2 models)\n"
