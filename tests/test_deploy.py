@@ -103,6 +103,27 @@ def test_onnx_low_bit_embeddings_and_int8_kernels(tmp_path):
     assert (tmp_path / "b.onnx").stat().st_size * 3 < (tmp_path / "f.onnx").stat().st_size
 
 
+def test_onnx_low_bit_rows_of_any_length_per_channel(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    netshrink.quantize(model, 4)  # per channel: rows of 300 and 100 inputs, no power-of-two block divides them
+    x = torch.randn(5, 64)
+    report = netshrink.export(model, tmp_path / "m.onnx", example_inputs=x, low_bit=True, accuracy_level=0)
+    assert [how for _, how in report.layers] == ["4-bit, symmetric per channel (blocks of 64)",
+                                                 "4-bit, symmetric per channel (blocks of 32)",
+                                                 "4-bit, symmetric per channel (blocks of 32)"]
+    out = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - model(x).detach().numpy()).max() < 1e-5
+    if importlib.util.find_spec("openvino"):  # padded last blocks read the same way by OpenVINO
+        import openvino as ov
+
+        netshrink.export(model, tmp_path / "m.xml", example_inputs=x)
+        out = ov.Core().compile_model(str(tmp_path / "m.xml"), "CPU")(x.numpy())[0]
+        assert np.abs(out - model(x).detach().numpy()).max() < 1e-5
+
+
 def test_onnx_low_bit_names_a_group_no_block_holds(tmp_path):
     model = mlp(weight_bits=4, method="round", group_size=24)  # 24 = 8 * 3: no power-of-two block >= 16
     report = netshrink.export(model, tmp_path / "m.onnx", example_inputs=torch.randn(2, 64), low_bit=True)

@@ -16,8 +16,10 @@ OpenVINO's ONNX reader turns both com.microsoft operators into its own u2/u4/u8 
 with scales, so the same graph is also what :mod:`netshrink.deploy.to_openvino` converts.
 
 A netshrink group of ``g`` inputs maps onto blocks of the largest power of two (at least 16) that
-divides ``g``, each block repeating its group's scale: the same numbers. A group size with no such
-divisor cannot be held; that layer stays fp32 and the report says so.
+divides ``g``, each block repeating its group's scale: the same numbers. A per-channel grid fits
+any block (32 where its row length has no power-of-two divisor of 16 or more; the last block is
+padded). A group size with no such divisor cannot be held; that layer stays fp32 and the report
+says so.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ MIN_BLOCK = 16  # MatMulNBits and GatherBlockQuantized take power-of-two blocks 
 
 
 def block_size(weight: IntegerWeight) -> int | None:
-    """The largest power-of-two block (>= 16) that divides the weight's group size, or None."""
+    """The largest power-of-two block (>= 16) that divides the weight's group size, or None. A
+    per-channel grid takes any block (every block repeats the row's scale; the last one is padded)."""
     size = weight.group & -weight.group  # largest power of two dividing the group
+    if size < MIN_BLOCK and weight.group_size is None:
+        return 32 if weight.inputs >= 32 else MIN_BLOCK
     return size if size >= MIN_BLOCK else None
 
 
