@@ -288,3 +288,27 @@ def test_cnn_with_batchnorm_residuals_and_depthwise_convs_in_onnx_runtime_and_op
         netshrink.export(model, tmp_path / "c.xml", example_inputs=x)
         out = ov.Core().compile_model(str(tmp_path / "c.xml"), "CPU")(x.numpy())[0]
         assert np.abs(out - reference).max() < 1e-3 * np.abs(reference).max() + 1e-4
+
+
+def test_decoder_with_its_cache_generates_like_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    model = tiny_gpt2(weight_bits=4, method="round", group_size=32)
+    for low_bit in (False, True):
+        report = netshrink.export(model, tmp_path / "d.onnx", cache=True, low_bit=low_bit, accuracy_level=0)
+        if low_bit:
+            how = dict(report.layers)
+            assert how["lm_head"].startswith("4-bit") and how["transformer.wte"] == "tied to lm_head: stored with it"
+        session = ort.InferenceSession(str(tmp_path / "d.onnx"))
+        keys = values = np.zeros((2, 1, 4, 0, 16), np.float32)
+        prompt, sequence = [5, 17, 99, 3], [5, 17, 99, 3]
+        logits, keys, values = session.run(None, {"input_ids": np.array([prompt]), "past_keys": keys, "past_values": values})
+        assert np.abs(logits[0] - model(torch.tensor([prompt])).logits[0].detach().numpy()).max() < 1e-4
+        for token in (7, 8, 9):  # one token at a time, the cache fed back
+            sequence.append(token)
+            logits, keys, values = session.run(None, {"input_ids": np.array([[token]]), "past_keys": keys,
+                                                      "past_values": values})
+            reference = model(torch.tensor([sequence])).logits[0, -1].detach().numpy()
+            assert np.abs(logits[0, -1] - reference).max() < 1e-4
+    with pytest.raises(netshrink.NetshrinkError, match="causal language model"):
+        netshrink.export(tiny_bert(), tmp_path / "b.onnx", cache=True)

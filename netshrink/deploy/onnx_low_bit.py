@@ -163,17 +163,25 @@ def rewrite(graph_model, modules: dict, integer: dict[str, IntegerWeight], locat
     initializers = {i.name: i for i in graph.initializer}
     replaced: dict[int, list] = {}
     done: dict[str, str] = {}
+    transposes = {n.output[0]: n.input[0] for n in graph.node  # Transpose(W) -> MatMul: the dynamo exporter's Linear
+                  if n.op_type == "Transpose" and n.input[0] in initializers
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([[1, 0]], [])}
     for index, node in enumerate(graph.node):
         slot = 0 if node.op_type == "Gather" else 1 if node.op_type in ("Gemm", "MatMul", "Conv") else None
-        if slot is None or len(node.input) <= slot or node.input[slot] not in initializers:
+        if slot is None or len(node.input) <= slot:
             continue
-        found = locate(initializers[node.input[slot]])
+        source = node.input[slot]
+        through_transpose = node.op_type == "MatMul" and source in transposes
+        if source not in initializers and not through_transpose:
+            continue
+        found = locate(initializers[transposes[source] if through_transpose else source])
         if found is None or found[0] not in integer:
             continue
-        layer, transposed = found
+        layer, transposed = found[0], found[1] != through_transpose
         weight, module, tag = integer[layer], modules[layer], f"{layer}.{index}"
         built = None
-        if node.op_type == "Gather" and isinstance(module, nn.Embedding) and not transposed:
+        # A Linear layer's rows looked up by a Gather: an output layer tied to the token embedding.
+        if node.op_type == "Gather" and isinstance(module, (nn.Embedding, nn.Linear)) and not transposed:
             built = gather_block_quantized(weight, tag, node.input[1], node.output[0], helper, numpy_helper)
         elif node.op_type == "MatMul" and isinstance(module, nn.Linear) and transposed:
             built = matmul_nbits(weight, tag, node.input[0], node.output[0], accuracy_level, helper, numpy_helper)
@@ -206,7 +214,10 @@ def rewrite(graph_model, modules: dict, integer: dict[str, IntegerWeight], locat
         graph_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for layer in modules:
         if layer in integer:
-            report.layers.append((layer, done.get(layer, "not found as a weight in the graph (fp32 if used)")))
+            tied = next((other for other in done if other != layer and integer[other].shape == integer[layer].shape
+                         and torch.equal(integer[other].codes, integer[layer].codes)), None)
+            report.layers.append((layer, done.get(layer) or (f"tied to {tied}: stored with it" if tied else
+                                                             "not found as a weight in the graph (fp32 if used)")))
 
 
 def _plain_gemm(node) -> bool:

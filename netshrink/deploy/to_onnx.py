@@ -50,6 +50,7 @@ from ..errors import NetshrinkError
 from ..files import atomic_write, check_writable
 from ..methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
 from ..methods.base import LINEAR_CONV, apply, bake
+from .decoder_cache import cache_shape, cached_graph
 from .onnx_low_bit import codes_of, rewrite
 from .report import ExportReport
 
@@ -245,7 +246,8 @@ def saturating_layers(graph_model) -> list[str]:
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
            example_inputs=None, input_shape: tuple[int, ...] | None = None, opset: int = 17,
            int8_logits: bool = False, vnni: bool = False, integer_outputs: bool = True,
-           portable: bool = False, forward=None, low_bit: bool = False, accuracy_level: int | None = None) -> ExportReport:
+           portable: bool = False, forward=None, low_bit: bool = False, accuracy_level: int | None = None,
+           cache: bool = False) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (fp32, int8 QDQ with ``int8=True``, or its own 2-8-bit
     weights with ``low_bit=True``), atomically.
 
@@ -281,18 +283,26 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     each. ``accuracy_level=4`` lets MatMulNBits compute with int8 activations, 0 in float; by
     default 4 where this machine's int8 kernels add exactly (VNNI, AMX, ARM) and 0 where they do
     not, since there the int8 path is the slower one (benchmarks/results/low_bit_deploy.md).
+
+    ``cache=True`` (a transformers causal LM, fp32 or ``low_bit``) writes the graph for generation
+    with its key/value cache: inputs ``input_ids``, ``past_keys``, ``past_values``, outputs
+    ``logits``, ``keys``, ``values`` (:mod:`netshrink.deploy.decoder_cache`).
     """
     import onnx
     from onnx import helper, numpy_helper
 
     for flag, value in (("int8", int8), ("int8_logits", int8_logits), ("vnni", vnni),
-                        ("integer_outputs", integer_outputs), ("portable", portable), ("low_bit", low_bit)):
+                        ("integer_outputs", integer_outputs), ("portable", portable), ("low_bit", low_bit),
+                        ("cache", cache)):
         if not isinstance(value, bool):
             raise NetshrinkError(f"{flag} must be True or False. Received: {flag}={value!r}")
     if not isinstance(opset, int) or isinstance(opset, bool) or not 13 <= opset <= 21:
         raise NetshrinkError(f"opset must be an integer in [13, 21]. Received: opset={opset!r}")
     if int8_logits and not int8:
         raise NetshrinkError("int8_logits=True needs int8=True")
+    if cache and int8:
+        raise NetshrinkError("cache=True writes fp32 or low_bit=True graphs; int8 activations need calibrated ranges "
+                             "of the graph without a cache")
     if low_bit and int8:
         raise NetshrinkError("low_bit=True (weights at their own width, float activations) and int8=True "
                              "(int8 weights and activations) are two different exports: choose one")
@@ -302,7 +312,9 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if int8_logits and calibration is None:
         raise NetshrinkError("int8_logits needs calibration data for the output range")
     path = check_writable(path)
-    signature = _signature(model, example_inputs, input_shape)
+    signature = None if cache else _signature(model, example_inputs, input_shape)
+    if cache:
+        cache_shape(model)  # a causal LM, checked before any work
     integer = codes_of(model, (*LINEAR_CONV, nn.Embedding)) if low_bit else {}
     work = bake(copy.deepcopy(model)).eval()
     layers = {name: m for name, m in work.named_modules() if isinstance(m, LINEAR_CONV)}
@@ -345,7 +357,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if int8:
         weights.update({n: weight_as_int8(m.weight.detach().numpy(), limit) for n, m in work.named_modules()
                         if isinstance(m, nn.Embedding)})
-    float_graph = _to_onnx_bytes(work, signature, opset, forward)
+    float_graph = cached_graph(work, opset) if cache else _to_onnx_bytes(work, signature, opset, forward)
     graph_model = onnx.load_from_string(float_graph)
     if int8:
         _insert_qdq(graph_model, dict(work.named_modules()), layers, weights, ranges, report, helper, numpy_helper)
