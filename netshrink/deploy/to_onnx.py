@@ -246,7 +246,7 @@ def saturating_layers(graph_model) -> list[str]:
 def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibration=None,
            example_inputs=None, input_shape: tuple[int, ...] | None = None, opset: int = 17,
            int8_logits: bool = False, vnni: bool = False, integer_outputs: bool = True,
-           portable: bool = False, forward=None, low_bit: bool = False, accuracy_level: int | None = None,
+           portable: bool = False, forward=None, low_bit: bool = False, accuracy_level: int = 4,
            cache: bool = False) -> ExportReport:
     """Write ``model`` as ONNX to ``path`` (fp32, int8 QDQ with ``int8=True``, or its own 2-8-bit
     weights with ``low_bit=True``), atomically.
@@ -280,9 +280,10 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     or in groups) with its own codes and scales, not rounded again, activations float: ONNX
     Runtime's MatMulNBits for Linear layers, GatherBlockQuantized for embeddings, uint8 codes for
     convolutions (:mod:`netshrink.deploy.onnx_low_bit`). Other layers stay fp32; the report names
-    each. ``accuracy_level=4`` lets MatMulNBits compute with int8 activations, 0 in float; by
-    default 4 where this machine's int8 kernels add exactly (VNNI, AMX, ARM) and 0 where they do
-    not, since there the int8 path is the slower one (benchmarks/results/low_bit_deploy.md).
+    each. ``accuracy_level=4`` (default) lets MatMulNBits compute with int8 activations quantized
+    per block at run time, 0 in float: at one token per step (generation) 4 was 3.8x as fast as 0
+    even on an AVX2 CPU without VNNI, while at 32 x 128 tokens there 0 was 1.2x as fast as 4
+    (benchmarks/results/low_bit_deploy.md, decoder_deploy.md).
 
     ``cache=True`` (a transformers causal LM, fp32 or ``low_bit``) writes the graph for generation
     with its key/value cache: inputs ``input_ids``, ``past_keys``, ``past_values``, outputs
@@ -306,9 +307,9 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     if low_bit and int8:
         raise NetshrinkError("low_bit=True (weights at their own width, float activations) and int8=True "
                              "(int8 weights and activations) are two different exports: choose one")
-    if accuracy_level not in (None, 0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
-        raise NetshrinkError(f"accuracy_level must be 0-4 (4: int8 arithmetic in MatMulNBits, 0: float) or None "
-                             f"(chosen for this machine). Received: accuracy_level={accuracy_level!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
+        raise NetshrinkError(f"accuracy_level must be 0-4 (4: int8 arithmetic in MatMulNBits, 0: float). "
+                             f"Received: accuracy_level={accuracy_level!r}")
     if int8_logits and calibration is None:
         raise NetshrinkError("int8_logits needs calibration data for the output range")
     path = check_writable(path)
@@ -379,13 +380,6 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
                                 "(export without vnni=True for those)")
     elif low_bit:
         report.target = "low-bit weights (their own codes), float activations"
-        if accuracy_level is None:
-            from ..machine import int8_sums_saturate
-
-            accuracy_level = 0 if int8_sums_saturate() else 4
-            report.notes.append(f"MatMulNBits accuracy_level={accuracy_level}: "
-                                + ("float arithmetic, faster than int8 on this CPU without VNNI" if accuracy_level == 0
-                                   else "int8 arithmetic, which this CPU adds exactly"))
         modules = dict(work.named_modules())
         rewrite(graph_model, modules, integer, _weight_locator(modules, list(integer), numpy_helper), accuracy_level,
                 report)
