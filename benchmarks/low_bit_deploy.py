@@ -200,7 +200,8 @@ def main() -> None:
              "Runtime and OpenVINO rows time random token ids of exactly 128 tokens, so compare latencies within a "
              f"runtime. MatMulNBits accuracy_level {level} for netshrink and the peer alike. llama.cpp's Q4_0 holds blocks of 32: netshrink's groups of 128 go in as 4 blocks sharing their "
              "scale (exact), the peer's Q4_0 always has blocks of 32."]
-    write_results(Path(__file__).parent / "results" / "low_bit_deploy.md", lines)
+    name = "low_bit_deploy.md" if level == 4 else f"low_bit_deploy-level{level}.md"
+    write_results(Path(__file__).parent / "results" / name, lines)
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     each. ``accuracy_level=4`` (default) lets MatMulNBits compute with int8 activations quantized
     per block at run time, 0 in float: at one token per step (generation) 4 was 3.8x as fast as 0
     even on an AVX2 CPU without VNNI, while at 32 x 128 tokens there 0 was 1.2x as fast as 4
-    (benchmarks/results/low_bit_deploy.md, decoder_deploy.md).
+    (benchmarks/results/low_bit_deploy.md, low_bit_deploy-level0.md, decoder_deploy.md).
 
     ``cache=True`` (a transformers causal LM, fp32 or ``low_bit``) writes the graph for generation
     with its key/value cache: inputs ``input_ids``, ``past_keys``, ``past_values``, outputs
