@@ -35,6 +35,27 @@ FOLDER = Path(tempfile.mkdtemp(prefix="netshrink-decoder-"))
 NEW_TOKENS = 128
 
 
+def constant_weights(source: Path, target: Path) -> None:
+    """The graph with every ``Transpose`` of a weight folded into a transposed weight: the dynamo
+    exporter writes a Linear layer as MatMul(x, Transpose(W)), and ONNX Runtime's quantizer only
+    quantizes a MatMul whose weight is a constant."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {i.name: i for i in model.graph.initializer}
+    folded = {}
+    for node in list(model.graph.node):
+        if node.op_type == "Transpose" and node.input[0] in weights:
+            array = numpy_helper.to_array(weights[node.input[0]])
+            if array.ndim == 2:
+                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), node.output[0]))
+                folded[node.output[0]] = node
+    for node in folded.values():
+        model.graph.node.remove(node)
+    onnx.save(model, str(target))
+
+
 def ort_generate(path: Path):
     """Greedy generation: with the cache graph, the prompt once and then one token per step."""
     import onnxruntime as ort
@@ -110,7 +131,8 @@ def main() -> None:
     onnx("netshrink 4-bit g32 (MatMulNBits, cache)", w4, "w4.onnx", low_bit=True, cache=True)
     onnx("netshrink int8 (W8A8 static, no cache)", dense, "int8.onnx", int8=True, calibration=calibration)
     level = 4  # netshrink.export's default
-    peer = MatMulNBitsQuantizer(str(FOLDER / "fp32.onnx"), bits=4, block_size=32, is_symmetric=True, accuracy_level=level,
+    constant_weights(FOLDER / "fp32.onnx", FOLDER / "fp32_folded.onnx")
+    peer = MatMulNBitsQuantizer(str(FOLDER / "fp32_folded.onnx"), bits=4, block_size=32, is_symmetric=True, accuracy_level=level,
                                 op_types_to_quantize=("MatMul", "Gather"))
     peer.process()
     peer.model.save_model_to_file(str(FOLDER / "ort4.onnx"), use_external_data_format=False)

@@ -204,6 +204,13 @@ def rewrite(graph_model, modules: dict, integer: dict[str, IntegerWeight], locat
     nodes = []
     for index, node in enumerate(graph.node):
         nodes += replaced.get(index, [node])
+    outputs = {o.name for o in graph.output}
+    while True:  # drop what fed only the replaced nodes (a Transpose of the old float weight)
+        read = {name for node in nodes for name in node.input} | outputs
+        live = [node for node in nodes if any(out in read for out in node.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
