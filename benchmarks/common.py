@@ -1,6 +1,8 @@
 """What every benchmark's committed result starts with, and how it is written."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,3 +56,13 @@ def macs(model, x) -> int:
     for h in handles:
         h.remove()
     return total[0]
+
+
+def run_offline(main, scratch: Path) -> None:
+    """Run a benchmark's ``main`` with models read from disk only, then remove ``scratch`` (the
+    files it exported: hundreds of MB), whether it finished or not."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        main()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -29,7 +27,7 @@ import torch
 
 import netshrink
 from netshrink.machine import describe
-from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, run_offline, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 FOLDER = Path(tempfile.mkdtemp(prefix="netshrink-decoder-"))
 NEW_TOKENS = 128
@@ -178,8 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        main()
-    finally:
-        shutil.rmtree(FOLDER, ignore_errors=True)  # the exported files: hundreds of MB
+    run_offline(main, FOLDER)

@@ -57,7 +57,7 @@ from torch import nn
 from .errors import NetshrinkError
 from .machine import describe, int8_sums_saturate
 from .methods.activations import detach_all
-from .deploy.onnx_low_bit import codes_of
+from .deploy.codes import integer_layers
 from .methods.base import LINEAR_CONV, bake
 
 NOISY_SPREAD = 0.25  # round medians differing by more than this share of the median: warn
@@ -708,7 +708,7 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
                        _ort_candidate(f"{label} (ONNX Runtime fp32)", "netshrink", fp32_path, threads)]
         notes += [f"{label} int8 export: {n}" for n in report.notes]
         wide = wide or bool(report.full_range)
-        if codes_of(model, (*LINEAR_CONV, nn.Embedding)):  # weights on 2-8-bit grids: also at their own width
+        if integer_layers(model, (*LINEAR_CONV, nn.Embedding)):  # weights on 2-8-bit grids: also at their own width
             low_bit = folder / f"netshrink_{i}_low_bit.onnx"
             export(model, low_bit, example_inputs=work.example, low_bit=True)
             candidates.append(_ort_candidate(f"{label} (ONNX Runtime low-bit)", "netshrink", low_bit, threads))

@@ -45,6 +45,18 @@ def format_of(path: str | Path, format: str | None = None) -> str:
     return found
 
 
+def hugging_face_model(model):
+    """The ``transformers`` model inside ``model`` (itself, or the first submodule that is one,
+    e.g. a sentence-transformers model's encoder)."""
+    import sys
+
+    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # loaded if the model holds one
+    for module in model.modules() if base is not None else ():
+        if isinstance(module, base):
+            return module
+    raise NetshrinkError("this export writes Hugging Face checkpoints: the model holds no transformers model")
+
+
 def export(model, path: str | Path, *, format: str | None = None, **options):
     """Write ``model`` to ``path`` in ``format`` (default: from the file name), atomically; returns
     the export's report (a table of how each layer was written).

@@ -40,6 +40,11 @@ class IntegerWeight:
         """Inputs per group (the whole row for per-channel grids)."""
         return self.group_size or self.inputs
 
+    @property
+    def layout(self) -> str:
+        """"groups of N" or "per channel", as the export reports say it."""
+        return f"groups of {self.group_size}" if self.group_size else "per channel"
+
     def unsigned(self, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, zero points) as unsigned integers of ``bits`` (default: the grid's own width),
         value = (code - zero) * scale. A symmetric grid's codes shift by 2^(bits-1), the zero
@@ -94,3 +99,23 @@ def integer_weight(layer: nn.Module) -> IntegerWeight | None:
                             qmin, qmax).to(torch.int16)
         found = IntegerWeight(codes, scale, zero, bits, group_size, scheme, tuple(weight.shape))
         return found if torch.equal(found.values(), weight) else None
+
+
+def codes_of(model: nn.Module, kinds: tuple) -> dict[str, IntegerWeight]:
+    """{layer: codes} for every layer of ``kinds`` whose weight is on an integer grid."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and getattr(module, "weight", None) is not None:
+            weight = integer_weight(module)
+            if weight is not None:
+                found[name] = weight
+    return found
+
+
+def integer_layers(model: nn.Module, kinds: tuple) -> list[str]:
+    """The layers of ``kinds`` whose last transform puts their weight on a 2-8-bit integer grid,
+    read off the transforms alone (no codes computed, none checked): enough to decide whether a
+    low-bit export is worth making."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, kinds) and getattr(module, "weight", None) is not None
+            and _grid_of(module, module.weight.detach()) is not None]

@@ -43,7 +43,7 @@ def block_size(weight: IntegerWeight) -> int | None:
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned codes ``[..., n]`` (n a multiple of 8 / bits) as bytes, the first code in the
-    lowest bits: the layout of MatMulNBits, GatherBlockQuantized and GGUF's 4-bit blocks."""
+    lowest bits: the layout of MatMulNBits and GatherBlockQuantized."""
     per_byte = 8 // bits
     codes = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per_byte)
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
@@ -115,15 +115,13 @@ def gather_block_quantized(weight: IntegerWeight, name: str, indices: str, outpu
 def dequantized_codes(weight: IntegerWeight, name: str, output: str, helper, numpy_helper) -> tuple[list, list, str]:
     """(initializers, nodes, description) computing the float weight from uint8 codes with standard
     operators: ``(codes - zero) * scale`` per group, in netshrink's order (so the same floats)."""
-    codes = weight.codes.numpy()
+    codes, zero = (t.numpy() for t in weight.unsigned(8))
     groups = weight.scale.shape[1]
     padded_inputs = groups * weight.group
-    offset = 0 if weight.scheme == "affine" else 2 ** (weight.bits - 1)
-    stored = np.full((codes.shape[0], padded_inputs), offset, np.uint8)
-    stored[:, :weight.inputs] = codes + offset
-    zero = (weight.zero.numpy() + offset).astype(np.float32)
+    stored = np.repeat(zero, weight.group, axis=1)  # the padding holds the zero point: nothing
+    stored[:, :weight.inputs] = codes
     initializers = [numpy_helper.from_array(stored.reshape(codes.shape[0], groups, weight.group), f"{name}.codes"),
-                    numpy_helper.from_array(zero[:, :, None], f"{name}.zeros"),
+                    numpy_helper.from_array(zero[:, :, None].astype(np.float32), f"{name}.zeros"),
                     numpy_helper.from_array(weight.scale.numpy()[:, :, None].astype(np.float32), f"{name}.scales"),
                     numpy_helper.from_array(np.array([codes.shape[0], padded_inputs], np.int64), f"{name}.rows"),
                     numpy_helper.from_array(np.array(weight.shape, np.int64), f"{name}.shape")]
@@ -138,17 +136,12 @@ def dequantized_codes(weight: IntegerWeight, name: str, output: str, helper, num
         nodes.append(helper.make_node("Slice", [f"{name}.padded", f"{name}.start", f"{name}.end", f"{name}.axis"],
                                       [f"{name}.rows_only"]))
     nodes.append(helper.make_node("Reshape", [nodes[-1].output[0], f"{name}.shape"], [output]))
-    return initializers, nodes, f"{weight.bits}-bit codes in uint8, {_grid(weight)}"
-
-
-def _grid(weight: IntegerWeight) -> str:
-    per = f"groups of {weight.group_size}" if weight.group_size else "per channel"
-    return f"{weight.scheme} {per}"
+    return initializers, nodes, f"{weight.bits}-bit codes in uint8, {weight.scheme} {weight.layout}"
 
 
 def _how(weight: IntegerWeight, bits: int, block: int) -> str:
     held = f"{weight.bits}-bit" if bits == weight.bits else f"{weight.bits}-bit codes in {bits}-bit containers"
-    return f"{held}, {_grid(weight)} (blocks of {block})"
+    return f"{held}, {weight.scheme} {weight.layout} (blocks of {block})"
 
 
 def rewrite(graph_model, modules: dict, integer: dict[str, IntegerWeight], locate, accuracy_level: int,
@@ -233,15 +226,3 @@ def _plain_gemm(node) -> bool:
     return (attributes.get("transB", 0) == 1 and attributes.get("transA", 0) == 0
             and attributes.get("alpha", 1.0) == 1.0 and attributes.get("beta", 1.0) == 1.0)
 
-
-def codes_of(model: torch.nn.Module, kinds: tuple) -> dict[str, IntegerWeight]:
-    """{layer: codes} for every layer of ``kinds`` whose weight is on an integer grid."""
-    from .codes import integer_weight
-
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, kinds) and getattr(module, "weight", None) is not None:
-            weight = integer_weight(module)
-            if weight is not None:
-                found[name] = weight
-    return found

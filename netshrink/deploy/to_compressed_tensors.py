@@ -27,20 +27,9 @@ from torch import nn
 from ..errors import NetshrinkError
 from ..files import check_writable
 from ..methods.base import baked_state_dict
+from . import hugging_face_model
 from .codes import IntegerWeight, integer_weight
 from .report import ExportReport
-
-
-def hugging_face_model(model: nn.Module) -> nn.Module:
-    """The ``transformers`` model inside ``model`` (itself, or the first submodule that is one,
-    e.g. a sentence-transformers model's encoder)."""
-    import sys
-
-    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # loaded if the model holds one
-    for module in model.modules() if base is not None else ():
-        if isinstance(module, base):
-            return module
-    raise NetshrinkError("this export writes Hugging Face checkpoints: the model holds no transformers model")
 
 
 def is_two_four(weight: torch.Tensor) -> bool:
@@ -108,8 +97,7 @@ def export(model: nn.Module, path: str | Path, **_ignored) -> ExportReport:
                                 "output_activations": None})["targets"].append(name)
         del tensors[f"{name}.weight"]
         tensors.update({f"{name}.{k}": v for k, v in _packed(weight).items()})
-        report.layers.append((name, f"pack-quantized {weight.bits}-bit, {weight.scheme}, "
-                                    f"{'groups of ' + str(weight.group_size) if weight.group_size else 'per channel'}"))
+        report.layers.append((name, f"pack-quantized {weight.bits}-bit, {weight.scheme}, {weight.layout}"))
     if not groups and not two_four:
         report.notes.append("no Linear layer is on an integer grid or 2:4 sparse: written as a plain float checkpoint")
     config = hf.config.to_dict()

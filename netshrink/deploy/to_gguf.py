@@ -34,9 +34,9 @@ from ..errors import NetshrinkError
 from ..files import check_writable
 from ..methods.base import baked_state_dict
 from ..methods.conv1d import is_conv1d
+from . import hugging_face_model
 from .codes import IntegerWeight, integer_weight
 from .report import ExportReport
-from .to_compressed_tensors import hugging_face_model
 
 BLOCK = 32
 ARCHITECTURES = ("bert", "gpt2")
@@ -52,9 +52,9 @@ def gguf_type(weight: IntegerWeight) -> str | None:
     return "Q8_0" if weight.scheme == "symmetric" else None
 
 
-def _block_scales(weight: IntegerWeight) -> np.ndarray:
-    """One scale per block of 32: ``[out, inputs / 32]``."""
-    return np.repeat(weight.scale.numpy(), weight.group // BLOCK, axis=1)[:, : weight.inputs // BLOCK]
+def _per_block(grid: torch.Tensor, weight: IntegerWeight) -> np.ndarray:
+    """A ``[out, groups]`` grid (scales or zero points) repeated to one value per block of 32."""
+    return np.repeat(grid.numpy(), weight.group // BLOCK, axis=1)[:, : weight.inputs // BLOCK]
 
 
 def _half(values: np.ndarray, layer: str) -> np.ndarray:
@@ -67,7 +67,7 @@ def _half(values: np.ndarray, layer: str) -> np.ndarray:
 def blocks(weight: IntegerWeight, kind: str, layer: str) -> tuple[np.ndarray, float]:
     """(the GGUF bytes ``[out, bytes per row]``, largest relative change of a scale)."""
     rows, count = weight.shape[0], weight.inputs // BLOCK
-    scales = _block_scales(weight)
+    scales = _per_block(weight.scale, weight)
     d = _half(scales, layer)
     change = float(np.max(np.abs(d.astype(np.float32) - scales) / np.where(scales == 0, 1, np.abs(scales)))) if scales.size else 0.0
     codes = weight.codes.numpy().reshape(rows, count, BLOCK)
@@ -79,8 +79,7 @@ def blocks(weight: IntegerWeight, kind: str, layer: str) -> tuple[np.ndarray, fl
         nibbles = (unsigned[..., :16] | (unsigned[..., 16:] << 4)).astype(np.uint8)
         parts = [d.reshape(rows, count, 1).view(np.uint8)]
         if kind == "Q4_1":
-            zeros = np.repeat(weight.zero.numpy(), weight.group // BLOCK, axis=1)[:, :count]
-            minimum = -zeros * scales
+            minimum = -_per_block(weight.zero, weight) * scales
             parts.append(_half(minimum, layer).reshape(rows, count, 1).view(np.uint8) if minimum.any()
                          else np.zeros((rows, count, 2), np.uint8))
         parts.append(nibbles)
@@ -90,7 +89,7 @@ def blocks(weight: IntegerWeight, kind: str, layer: str) -> tuple[np.ndarray, fl
 def _uniform_widths(planned: list, arch: str, config) -> int:
     """The feed-forward width every layer has, checked: llama.cpp's BERT and GPT-2 graphs take one
     width for all layers and attention as wide as the model (all heads kept)."""
-    hidden = config.hidden_size if arch == "bert" else config.n_embd
+    hidden = config.hidden_size
     attention = {"bert": ("attn_q", "attn_k", "attn_v"), "gpt2": ("attn_qkv",)}[arch]
     widths, problems = set(), []
     for name, owner, value, _, _ in planned:
@@ -108,24 +107,19 @@ def _uniform_widths(planned: list, arch: str, config) -> int:
 
 
 def _hyperparameters(writer, arch: str, config, pooling: str | None, feed_forward: int) -> None:
+    """The sizes llama.cpp reads, by transformers' common config names (GPT-2's config maps them
+    onto its own n_embd, n_layer, ...)."""
     import gguf
 
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(feed_forward)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_layer_norm_eps(config.layer_norm_eps if arch == "bert" else config.layer_norm_epsilon)
     if arch == "bert":
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(feed_forward)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_layer_norm_eps(config.layer_norm_eps)
         writer.add_causal_attention(False)
         writer.add_pooling_type(gguf.PoolingType.CLS if pooling == "cls" else gguf.PoolingType.MEAN)
-    else:
-        writer.add_context_length(config.n_positions)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(feed_forward)
-        writer.add_block_count(config.n_layer)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
 
 def _vocabulary(writer, arch: str, config, tokenizer) -> None:
@@ -220,8 +214,7 @@ def export(model: nn.Module, path: str | Path, *, tokenizer=None, pooling: str |
                 data, change = blocks(weight, kind, owner)
                 changes.append(change)
                 writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-                report.layers.append((owner, f"{kind}: {weight.bits}-bit codes, "
-                                             f"{'groups of ' + str(weight.group_size) if weight.group_size else 'per channel'}"))
+                report.layers.append((owner, f"{kind}: {weight.bits}-bit codes, {weight.layout}"))
                 continue
             array = value.numpy()
             if float_type == "F16" and array.ndim == 2:
@@ -254,9 +247,3 @@ def _sentence_transformers_pooling(model: nn.Module) -> str | None:
             return "cls" if mode else "mean"
     return None
 
-
-def to_float_rows(data: np.ndarray, kind: str) -> torch.Tensor:
-    """The weights a GGUF block tensor stands for (the ``gguf`` package's own dequantization)."""
-    import gguf
-
-    return torch.from_numpy(gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, kind)).copy())

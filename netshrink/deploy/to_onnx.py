@@ -51,7 +51,8 @@ from ..files import atomic_write, check_writable
 from ..methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
 from ..methods.base import LINEAR_CONV, apply, bake
 from .decoder_cache import cache_shape, cached_graph
-from .onnx_low_bit import codes_of, rewrite
+from .codes import codes_of, integer_layers
+from .onnx_low_bit import rewrite
 from .report import ExportReport
 
 SAFE_PAIR_SUM = 128  # 255 * (a + b) <= 32767 for |a| + |b| <= 128: no 16-bit saturation
@@ -386,7 +387,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
         report.layers += [(n, "fp32") for n in layers if n not in integer]
     else:
         report.layers = [(n, "fp32") for n in layers]
-        on_grid = codes_of(model, (*LINEAR_CONV, nn.Embedding))
+        on_grid = integer_layers(model, (*LINEAR_CONV, nn.Embedding))
         if on_grid:
             report.notes.append(f"{len(on_grid)} layer(s) hold 2-8-bit integer weights, written here as fp32: "
                                 "low_bit=True keeps them at their own width")
