@@ -282,9 +282,10 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     Runtime's MatMulNBits for Linear layers, GatherBlockQuantized for embeddings, uint8 codes for
     convolutions (:mod:`netshrink.deploy.onnx_low_bit`). Other layers stay fp32; the report names
     each. ``accuracy_level=4`` (default) lets MatMulNBits compute with int8 activations quantized
-    per block at run time, 0 in float: at one token per step (generation) 4 was 3.8x as fast as 0
-    even on an AVX2 CPU without VNNI, while at 32 x 128 tokens there 0 was 1.2x as fast as 4
-    (benchmarks/results/low_bit_deploy.md, low_bit_deploy-level0.md, decoder_deploy.md).
+    per block at run time, 0 in float. On an AVX2 CPU without VNNI, 4-bit GPT-2 with 4 generated
+    2.84x as fast as fp32 (one token per step; benchmarks/results/decoder_deploy.md), while on
+    all-MiniLM-L6-v2 at 32 x 128 tokens 0 was 1.24x as fast as 4 (low_bit_deploy.md against
+    low_bit_deploy-level0.md).
 
     ``cache=True`` (a transformers causal LM, fp32 or ``low_bit``) writes the graph for generation
     with its key/value cache: inputs ``input_ids``, ``past_keys``, ``past_values``, outputs
