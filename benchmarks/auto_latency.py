@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import netshrink
-from netshrink.latency import UnitChoice, example_batch, ort_latencies, unit_steps
-from netshrink.machine import describe
-from netshrink.methods.structured import unit_groups
+from netshrink.search.latency import UnitChoice, example_batch, ort_latencies, unit_steps
+from netshrink.deploy.machine import describe
+from netshrink.compress.methods.structured import unit_groups
 from auto_pareto import plot_fronts, resmobile_arguments, resmobile_on_fashion  # benchmarks/auto_pareto.py
 from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
 

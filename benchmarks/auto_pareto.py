@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import netshrink
-from netshrink.autotune import Choice, policy_steps, searched_layers
+from netshrink.search.auto import Choice, policy_steps, searched_layers
 from auto_compression import dense_model, split  # benchmarks/auto_compression.py
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 

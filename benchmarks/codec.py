@@ -34,9 +34,9 @@ import torch
 import zstandard
 
 import netshrink
-from netshrink.artifact import stored_arrays
-from netshrink.codec import weights
-from netshrink.report import markdown
+from netshrink.store.artifact import stored_arrays
+from netshrink.store.codec import weights
+from netshrink.tables import markdown
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results" / "codec.md"

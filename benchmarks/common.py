@@ -32,7 +32,7 @@ def operator_table(paths: dict, feed: dict, threads: int, limit: int | None = No
     """ONNX Runtime's per-operator profile of each graph in ``paths`` (name: ONNX file) on ``feed``, as
     markdown rows side by side (ms per run), largest operators first (the ``limit`` largest), and
     the sum over all operators."""
-    from netshrink.bench import operator_profile
+    from netshrink.deploy.bench import operator_profile
 
     profiles = [dict((op, ms) for op, ms, _ in operator_profile(path, feed, threads)) for path in paths.values()]
     ops = sorted({op for p in profiles for op in p}, key=lambda op: -max(p.get(op, 0) for p in profiles))[:limit]

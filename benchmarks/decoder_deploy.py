@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.machine import describe
+from netshrink.deploy.machine import describe
 from common import command_line, run_offline, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 FOLDER = Path(tempfile.mkdtemp(prefix="netshrink-decoder-"))

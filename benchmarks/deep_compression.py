@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.codec import weights as codec
-from netshrink.artifact import stored_arrays
-from netshrink.report import markdown, nominal_bits
+from netshrink.store.codec import weights as codec
+from netshrink.store.artifact import stored_arrays
+from netshrink.tables import markdown
+from netshrink.reporting.summary import nominal_bits
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 # Beyond the paper: sparser layers and narrower codebooks, same schedule shape, as a sweep.

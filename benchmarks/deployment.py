@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.machine import int8_sums_saturate
-from netshrink.report import parameter_count
+from netshrink.deploy.machine import int8_sums_saturate
+from netshrink.reporting.summary import parameter_count
 from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"

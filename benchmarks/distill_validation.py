@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.report import markdown
+from netshrink.tables import markdown
 from common import command_line, write_results  # benchmarks/common.py
 from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 

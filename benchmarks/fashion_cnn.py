@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.methods.structured import RemoveUnits
-from netshrink.report import markdown
+from netshrink.compress.methods.structured import RemoveUnits
+from netshrink.tables import markdown
 from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
 
 

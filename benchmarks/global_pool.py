@@ -8,7 +8,7 @@ resmobile (residual adds, depthwise convolutions, BatchNorm) at full width and w
 channel group removed (``remove_units(keep=0.5, multiple_of=8)``, the shape ``deployment.py``
 fine-tunes), on Fashion-MNIST images. Latency does not depend on what the weights learned, so
 the models are trained one epoch only (enough for realistic activation ranges); accuracy is
-``deployment.py``'s business. One interleaved run per model (``netshrink.bench``'s timing: medians
+``deployment.py``'s business. One interleaved run per model (``netshrink.deploy.bench``'s timing: medians
 over alternating rounds), 2 threads, and ONNX Runtime's per-operator profile at batch 256.
 
 Writes benchmarks/results/global_pool.md.
@@ -26,8 +26,8 @@ import torch
 
 import netshrink
 from netshrink.deploy import to_onnx as onnx_export
-from netshrink.bench import _interleaved, _Reader, ort_session
-from netshrink.machine import describe
+from netshrink.deploy.bench import _interleaved, _Reader, ort_session
+from netshrink.deploy.machine import describe
 from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"

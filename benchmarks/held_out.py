@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.machine import describe
-from netshrink.methods import GPTQ, QuantizeActivations, QuantizeWeights, SparseGPT
-from netshrink.methods.base import apply_all
-from netshrink.report import markdown
+from netshrink.deploy.machine import describe
+from netshrink.compress.methods import GPTQ, QuantizeActivations, QuantizeWeights, SparseGPT
+from netshrink.compress.methods.base import apply_all
+from netshrink.tables import markdown
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 from minilm import agreement, all_sentences, embed, tokenize, torch_runner
 

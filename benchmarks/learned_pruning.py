@@ -48,7 +48,7 @@ def run(dense, keep: dict, ranking: str, fit_data, epochs: float, seed: int) -> 
 def shared(pruned, dense, bits: int, fit_data, epochs: float, seed: int):
     model = copy.deepcopy(pruned)
     netshrink.share(model, bits=bits)
-    netshrink.fit(model, fit_data, epochs=0.2 * epochs, lr=2e-4, teacher=netshrink.train.frozen_copy(dense),
+    netshrink.fit(model, fit_data, epochs=0.2 * epochs, lr=2e-4, teacher=netshrink.training.fit.frozen_copy(dense),
                   augment=2, seed=seed, progress=False)
     netshrink.apply(model, netshrink.QuantizeBiases(bits=8))
     return model

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.machine import describe
+from netshrink.deploy.machine import describe
 from common import command_line, run_offline, write_results  # benchmarks/common.py (scripts run from this folder's path)
 from held_out import everyday
 from minilm import agreement, all_sentences, embed, tokenize, torch_runner

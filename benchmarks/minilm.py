@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.report import markdown
+from netshrink.tables import markdown
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 warnings.filterwarnings("ignore")

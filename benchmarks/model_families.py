@@ -35,7 +35,7 @@ import torch
 import transformers as T
 
 import netshrink
-from netshrink.report import parameter_count
+from netshrink.reporting.summary import parameter_count
 from common import command_line, write_results  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"

@@ -12,7 +12,7 @@ ONNX Runtime's fusions check shapes before they fire; with shapes stored, every 
 residual Add -> LayerNormalization" becomes one SkipLayerNormalization (without them, none does,
 or half in quantize_dynamic's graph, which runs ONNX's own shape inference). The table counts the
 kernels ONNX Runtime's optimizer leaves (its optimized graph, saved and read back) and times
-every variant in one interleaved run (``netshrink.bench``'s timing: medians over alternating
+every variant in one interleaved run (``netshrink.deploy.bench``'s timing: medians over alternating
 rounds) at batch 1 and batch 32 of 128-token sequences, 2 threads, with ONNX Runtime's
 per-operator profile at batch 32. Outputs of each pair are compared.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import netshrink
-from netshrink.bench import _interleaved, ort_session
-from netshrink.machine import describe
+from netshrink.deploy.bench import _interleaved, ort_session
+from netshrink.deploy.machine import describe
 from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.methods import GPTQ, AdaRound, NMSparsity, QuantizeActivations, QuantizeWeights, SparseGPT, Wanda
-from netshrink.methods.base import apply_all
-from netshrink.report import markdown
+from netshrink.compress.methods import (GPTQ, AdaRound, NMSparsity, QuantizeActivations, QuantizeWeights, SparseGPT, Wanda)
+from netshrink.compress.methods.base import apply_all
+from netshrink.tables import markdown
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 warnings.filterwarnings("ignore")

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.machine import describe
-from netshrink.methods.structured import unit_groups
+from netshrink.deploy.machine import describe
+from netshrink.compress.methods.structured import unit_groups
 from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
 from deployment import CNNS, cached, trained  # the dense model deployment.py fine-tunes from
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netshrink.machine import describe
+from netshrink.deploy.machine import describe
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import netshrink
-from netshrink import artifact
-from netshrink.codec import weights as codec
-from netshrink.report import markdown
+from netshrink.store import artifact
+from netshrink.store.codec import weights as codec
+from netshrink.tables import markdown
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 VARIANTS = {  # name: (initialisation, what netshrink does to the model before it is saved)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 import netshrink
-from netshrink.methods import QuantizeActivations, QuantizeWeights, apply
-from netshrink.methods.structured import remove_units
-from netshrink.report import markdown
-from netshrink.train import batches, frozen_copy
+from netshrink.compress.methods import QuantizeActivations, QuantizeWeights, apply
+from netshrink.compress.methods.structured import remove_units
+from netshrink.tables import markdown
+from netshrink.training.batches import batches
+from netshrink.training.fit import frozen_copy
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 DENSE_EPOCHS = {"lenet-300-100": 20, "lenet-5": 10}

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from netshrink.methods.quantize import FakeQuantize, fake_quantize, quantization_grid, straight_through
-from netshrink.report import markdown
+from netshrink.compress.methods.quantize import FakeQuantize, fake_quantize, quantization_grid, straight_through
+from netshrink.tables import markdown
 from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.calibration import OutputDamage
-from netshrink.report import markdown, parameter_count
+from netshrink.compress.calibration import OutputDamage
+from netshrink.tables import markdown
+from netshrink.reporting.summary import parameter_count
 from common import command_line, write_results  # benchmarks/common.py
 from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 import netshrink
-from netshrink.report import markdown, parameter_count
+from netshrink.tables import markdown
+from netshrink.reporting.summary import parameter_count
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 from minilm import removal_setup, sentence_embedding, tokenize  # benchmarks/minilm.py
 

@@ -18,7 +18,7 @@ import torch
 import netshrink
 from auto_compression import dense_model, split  # benchmarks/ (scripts run from this folder's path)
 from common import command_line
-from netshrink.artifact import to_bytes
+from netshrink.store.artifact import to_bytes
 
 POLICIES = {
     "lenet-5": {"conv1": 0.5, "conv2": 0.1, "fc1": 0.012, "fc2": 0.1},

@@ -25,7 +25,8 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .catalog import DATASETS, MODELS, PRUNERS, QUANTIZERS
+from .zoo import DATASETS, MODELS
+from .compress import PRUNERS, QUANTIZERS
 from .errors import NetshrinkError
 
 
@@ -328,7 +329,7 @@ def import_holding_ctrl_c(*names: str) -> None:
 
 
 # What every command imports; export and bench also load ONNX.
-_HEAVY_IMPORTS = ("torch", "numpy", "netshrink.api", "netshrink.artifact", "netshrink.train")
+_HEAVY_IMPORTS = ("torch", "numpy", "netshrink.compress.api", "netshrink.store.artifact", "netshrink.training.fit")
 _ONNX_IMPORTS = ("onnx", "onnxruntime")
 
 
@@ -363,7 +364,7 @@ def _caused_by_ctrl_c(exc: BaseException) -> bool:
 
 
 def _console():
-    from .report import console
+    from .tables import console
 
     return console()
 
@@ -373,7 +374,7 @@ def _print(text: str) -> None:
 
 
 def _print_rows(title: str, columns: list[str], rows: list[list]) -> None:
-    from .report import make_table
+    from .tables import make_table
 
     _console().print(make_table(title, columns, rows))
 
@@ -396,10 +397,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import artifact
-    from .data import load_dataset
-    from .models import build_model
-    from .train import check_model_fits, evaluate, fit, hold_out
+    from .store import artifact
+    from .zoo.datasets import load_dataset
+    from .zoo.models import build_model
+    from .training.batches import check_model_fits, evaluate, hold_out
+    from .training.fit import fit
 
     _outputs(args, args.output)
     if not args.validation < 1:
@@ -440,7 +442,7 @@ def cmd_train(args) -> int:
 
 def _resumed(partial: Path, args, held_out: dict | None) -> tuple:
     """(the model in ``partial``, its whole epochs done), after checking it is this run's."""
-    from . import artifact
+    from .store import artifact
 
     if not partial.exists():
         raise NetshrinkError(f"--resume continues from {partial}, which does not exist: nothing to resume")
@@ -457,9 +459,9 @@ def _resumed(partial: Path, args, held_out: dict | None) -> tuple:
 
 
 def cmd_evaluate(args) -> int:
-    from . import artifact
-    from .data import load_dataset
-    from .train import evaluate
+    from .store import artifact
+    from .zoo.datasets import load_dataset
+    from .training.batches import evaluate
 
     model = artifact.load(args.path)
     accuracy = evaluate(model, load_dataset(args.data, "test"))
@@ -470,7 +472,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _quick_recipe(args) -> list[dict]:
-    from .api import refined
+    from .compress.api import refined
 
     steps: list[dict] = []
     if args.prune is not None:
@@ -511,12 +513,13 @@ def _quick_recipe(args) -> list[dict]:
 def cmd_compress(args) -> int:
     import time
 
-    from . import artifact
-    from .data import load_dataset
-    from .models import build_model
-    from .recipe import Recipe
-    from .report import summary
-    from .train import check_model_fits, evaluate, fit, hold_out
+    from .store import artifact
+    from .zoo.datasets import load_dataset
+    from .zoo.models import build_model
+    from .compress.recipe import Recipe
+    from .reporting.summary import summary
+    from .training.batches import check_model_fits, evaluate, hold_out
+    from .training.fit import fit
 
     quick = _quick_recipe(args)
     if bool(args.recipe) == bool(quick):
@@ -558,8 +561,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import artifact
-    from .data import load_dataset
+    from .store import artifact
+    from .zoo.datasets import load_dataset
     from .deploy import export, format_of
 
     for flag in ("vnni", "portable"):
@@ -589,9 +592,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import artifact
-    from .bench import benchmark
-    from .models import spec_of
+    from .store import artifact
+    from .deploy.bench import benchmark
+    from .zoo.models import spec_of
 
     _outputs(args, args.markdown, args.plot)
     for path in args.compressed:
@@ -632,8 +635,8 @@ def cmd_bench(args) -> int:
 
 
 def _image_data(name: str, reference, compressed: dict):
-    from .data import load_dataset
-    from .train import check_model_fits
+    from .zoo.datasets import load_dataset
+    from .training.batches import check_model_fits
 
     test, train = load_dataset(name, "test"), load_dataset(name, "train")
     for model in (reference, *compressed.values()):
@@ -684,7 +687,7 @@ def _validation_data(args, model, train, test) -> tuple:
     A budget checked on examples the model was trained on says nothing: the model's file says what
     `netshrink train` held out, and a model it says saw the whole training split is refused unless
     the user names other data."""
-    from .train import hold_out
+    from .training.batches import hold_out
 
     held = _recorded_hold_out(model, args)
     if args.validation == "test":
@@ -708,11 +711,11 @@ def _validation_data(args, model, train, test) -> tuple:
 def cmd_auto(args) -> int:
     import json
 
-    from . import artifact
-    from .autotune import auto
-    from .data import load_dataset
+    from .store import artifact
+    from .search.auto import auto
+    from .zoo.datasets import load_dataset
     from .files import atomic_write
-    from .train import check_model_fits, evaluate
+    from .training.batches import check_model_fits, evaluate
 
     policy_path, search_path = _beside(args.output, ".yaml"), _beside(args.output, ".auto.json")
     _outputs(args, args.output, policy_path, search_path)
@@ -722,7 +725,7 @@ def cmd_auto(args) -> int:
     train, validation, scored_on = _validation_data(args, model, train, test)
     _print(f"validation: {scored_on}")
     if args.ray is not None:
-        from .sweep import check_address
+        from .search.sweep import check_address
 
         cpus, here = check_address(args.ray), os.cpu_count() or 1
         _print(f"Ray cluster at {args.ray}: {cpus:g} CPUs" + (
@@ -781,8 +784,8 @@ def cmd_auto(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import artifact
-    from .html_report import report_page
+    from .store import artifact
+    from .reporting.page import report_page
 
     _outputs(args, args.output)
     reference = data = calibration = None
@@ -800,8 +803,8 @@ def cmd_report(args) -> int:
 def cmd_summary(args) -> int:
     import yaml
 
-    from . import artifact
-    from .report import summary
+    from .store import artifact
+    from .reporting.summary import summary
 
     model = artifact.load(args.path)
     _console().print(summary(model, file_bytes=args.path.stat().st_size).table(str(args.path)))
@@ -812,7 +815,7 @@ def cmd_summary(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .recipe import Recipe, builtin_recipes
+    from .compress.recipe import Recipe, builtin_recipes
 
     _print_rows("built-in recipes", ["name", "steps"],
                 [[name, "; ".join(s.describe() for s in Recipe.load(name).steps)] for name in builtin_recipes()])
@@ -820,7 +823,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .data import download
+    from .zoo.datasets import download
 
     _print(f"downloaded to {download(args.name)}")
     return 0

@@ -7,13 +7,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import artifact
+from .store import artifact
 from .files import atomic_write
-from .data import load_dataset
-from .methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, apply
-from .models import build_model
-from .report import console as report_console, make_table, markdown, summary
-from .train import evaluate, fit
+from .zoo.datasets import load_dataset
+from .compress.methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, apply
+from .zoo.models import build_model
+from .tables import console as report_console, make_table, markdown
+from .reporting.summary import summary
+from .training.batches import evaluate
+from .training.fit import fit
 
 COLUMNS = ["method", "settings", "params", "non-zero", "bits/w", "file bytes", "accuracy", "change"]
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from netshrink.data import load_dataset
-from netshrink.models import build_model
-from netshrink.train import fit
+from netshrink.zoo.datasets import load_dataset
+from netshrink.zoo.models import build_model
+from netshrink.training.fit import fit
 
 
 @pytest.fixture(scope="session")

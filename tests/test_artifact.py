@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import netshrink
-from netshrink import artifact
-from netshrink.codec import weights as codec
+from netshrink.store import artifact
+from netshrink.store.codec import weights as codec
 
 
 def test_roundtrip_bit_identical_weights_and_predictions(trained, digits, tmp_path):
@@ -82,7 +82,7 @@ def test_foreign_safetensors_and_missing_file(tmp_path):
 def test_files_are_safetensors_with_a_small_overhead(tmp_path):
     from safetensors import safe_open
 
-    from netshrink.codec import weights
+    from netshrink.store.codec import weights
 
     model = netshrink.build_model("lenet-300-100")
     netshrink.prune(model, keep=0.08)
@@ -120,7 +120,7 @@ def test_atomic_write_keeps_old_file_on_failure(trained, tmp_path, monkeypatch):
 
 def test_masked_negative_zeros_are_stored_as_sparse(trained):
     """w * mask leaves -0.0 for pruned negative weights; the file must still store them as zeros."""
-    from netshrink.codec import weights as codec
+    from netshrink.store.codec import weights as codec
 
     netshrink.prune(trained, keep=0.1)
     assert torch.signbit(trained.fc1.weight[trained.fc1.weight == 0]).any()  # the -0.0s are there

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 import netshrink
-from netshrink.artifact import to_bytes
-from netshrink.autotune import Choice
-from netshrink.knapsack import solve
-from netshrink.html_report import tensor_bytes
-from netshrink.train import hold_out
+from netshrink.store.artifact import to_bytes
+from netshrink.search.auto import Choice
+from netshrink.compress.knapsack import solve
+from netshrink.reporting.page import tensor_bytes
+from netshrink.training.batches import hold_out
 
 FAST = dict(epochs=1, progress=False, keeps=(1.0, 0.3, 0.1, 0.03), bits=(None, 6, 4, 2))
 
@@ -81,8 +81,8 @@ def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
     assert netshrink.evaluate(found.model, test) > dense_accuracy - 0.15  # 20x smaller, 1 epoch of fine-tuning
     assert found.ratio > 15
     # Each layer's bias ends on the grid the policy chose for it (measured like the weights' settings).
-    from netshrink.autotune import BIAS_BITS
-    from netshrink.methods.bias import grid_bias
+    from netshrink.search.auto import BIAS_BITS
+    from netshrink.compress.methods.bias import grid_bias
 
     for name, choice in found.policy.items():
         bias = found.model.get_submodule(name).bias.detach()
@@ -96,7 +96,7 @@ def test_auto_max_bytes_on_digits_end_to_end(found_digits, digits, tmp_path):
     again = netshrink.auto(trained, train, max_bytes=9000, **FAST)
     assert again.file_bytes == found.file_bytes and again.policy == found.policy
     # Another budget, reusing the measured sensitivity: not measured again, the same table.
-    with mock.patch("netshrink.autotune.measure_sensitivity", side_effect=AssertionError("measured again")):
+    with mock.patch("netshrink.search.auto.measure_sensitivity", side_effect=AssertionError("measured again")):
         smaller = netshrink.auto(trained, train, max_bytes=7000, sensitivity=found.sensitivity, **FAST)
     assert smaller.sensitivity == found.sensitivity and smaller.file_bytes <= 7000
 
@@ -280,7 +280,7 @@ def test_auto_reports_an_over_budget_run_when_no_smaller_policy_exists(trained, 
     meeting the budget, instead of failing."""
     import re
 
-    import netshrink.autotune as autotune
+    import netshrink.search.auto as autotune
 
     real_trial = autotune._run_trial
     monkeypatch.setattr(autotune, "_run_trial", lambda shared, steps: (
@@ -298,7 +298,7 @@ def test_variational_ranking_predicts_the_bytes_of_layers_it_keeps_whole(trained
     """A layer the policy keeps whole is not trained under variational noise in the trial, so its
     shared weights code as the dense ones do: the table sizes them so, and the file agrees with the
     prediction (not with the noise-shrunk weights the ranking pass leaves, which code far smaller)."""
-    from netshrink.autotune import coded_bytes, compressed_weight
+    from netshrink.search.auto import coded_bytes, compressed_weight
 
     grid = dict(FAST, epochs=4, keeps=(1.0,), bits=(4, 2))
     found = netshrink.auto(trained, digits[0], max_bytes=60_000, ranking="variational", trials=1, **grid)

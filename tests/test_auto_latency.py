@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.bench import Timing
-from netshrink.latency import UnitChoice
-from netshrink.methods.structured import unit_groups
+from netshrink.deploy.bench import Timing
+from netshrink.search.latency import UnitChoice
+from netshrink.compress.methods.structured import unit_groups
 
 FAST = dict(epochs=1, progress=False)
 
@@ -59,7 +59,7 @@ def test_auto_max_latency_search_with_a_stand_in_timer(resmobile, digits, tmp_pa
     train, test = digits
     before = _state(resmobile)
     dense = 1e-8 * _parameters(resmobile)
-    with mock.patch("netshrink.latency.ort_latencies", side_effect=_stand_in_timer):
+    with mock.patch("netshrink.search.latency.ort_latencies", side_effect=_stand_in_timer):
         found = netshrink.auto(resmobile, train, max_latency=0.6 * dense, latency_batch=4, trials=2, **FAST)
         again = netshrink.auto(resmobile, train, max_latency=0.6 * dense, latency_batch=4, trials=2, **FAST)
     assert all(torch.equal(before[k], v) for k, v in resmobile.state_dict().items())  # the caller's model is kept
@@ -89,8 +89,8 @@ def test_auto_max_latency_search_with_a_stand_in_timer(resmobile, digits, tmp_pa
     with torch.no_grad():
         np.testing.assert_allclose(loaded.eval()(x).numpy(), expected, atol=1e-6)
     # Another budget with the measured table: not measured again.
-    with mock.patch("netshrink.latency.ort_latencies", side_effect=_stand_in_timer), \
-            mock.patch("netshrink.latency.measure", side_effect=AssertionError("measured again")):
+    with mock.patch("netshrink.search.latency.ort_latencies", side_effect=_stand_in_timer), \
+            mock.patch("netshrink.search.latency.measure", side_effect=AssertionError("measured again")):
         faster = netshrink.auto(resmobile, train, max_latency=0.4 * dense, latency_batch=4, trials=2,
                                 sensitivity=found.sensitivity, **FAST)
     assert faster.sensitivity == found.sensitivity and faster.latency < found.latency
@@ -100,7 +100,7 @@ def test_the_solver_meets_a_latency_budget_against_brute_force():
     """Latency choices through the same knapsack, checked against every combination."""
     import itertools
 
-    from netshrink.knapsack import solve
+    from netshrink.compress.knapsack import solve
 
     rng = np.random.default_rng(0)
     table = {f"g{i}": [UnitChoice(k, int(64 * k), float(rng.uniform(1, 2) * k), float(rng.uniform(0, 1) * (1 - k)))
@@ -116,7 +116,7 @@ def test_the_solver_meets_a_latency_budget_against_brute_force():
 def test_a_budget_below_the_smallest_model_is_refused_when_savings_overlap(resmobile, digits):
     """Savings measured one group at a time can add up to more than the dense time (here the timer is
     convex in the parameters, so cuts overlap); the smallest model is then timed, not predicted."""
-    from netshrink.latency import shrunk
+    from netshrink.search.latency import shrunk
 
     dense_parameters = _parameters(resmobile)
     timer = lambda models, example, threads, **_: [  # noqa: E731
@@ -124,7 +124,7 @@ def test_a_budget_below_the_smallest_model_is_refused_when_savings_overlap(resmo
     x = digits[0].tensors[0][:2]
     smallest = shrunk(resmobile, {group: 0.5 for group in unit_groups(resmobile, x)}, x)
     floor = 1e-3 * (_parameters(smallest) / dense_parameters) ** 4
-    with mock.patch("netshrink.latency.ort_latencies", side_effect=timer):
+    with mock.patch("netshrink.search.latency.ort_latencies", side_effect=timer):
         table = netshrink.auto(resmobile, digits[0], max_latency=1.0, latency_batch=4, trials=1, keeps=(1.0, 0.5),
                                **FAST).sensitivity
         predicted = 1e-3 + sum(min(c.latency for c in choices) - 1e-3 for choices in table.values())

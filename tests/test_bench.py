@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.bench import Candidate, Measured, Timing, BenchResult, mark_pareto
-from netshrink.machine import describe, int8_sums_saturate
+from netshrink.deploy.bench import Candidate, Measured, Timing, BenchResult, mark_pareto
+from netshrink.deploy.machine import describe, int8_sums_saturate
 from netshrink.deploy.to_onnx import saturating_layers
 
 pytest.importorskip("onnxruntime")
@@ -210,12 +210,12 @@ def test_openvino_runs_the_dense_model_and_each_netshrink_graph(make_tiny_bert, 
 def test_a_dense_model_openvino_cannot_compile_leaves_out_only_openvino(trained, digits, monkeypatch):
     """OpenVINO refusing the dense graph costs its rows, with a note, not the run."""
     pytest.importorskip("openvino")
-    import netshrink.bench
+    import netshrink.deploy.bench
 
     def refuse(path, threads, profile=False):
         raise RuntimeError("Exception from src/inference: unsupported operation\nmore detail")
 
-    monkeypatch.setattr(netshrink.bench, "_openvino_request", refuse)
+    monkeypatch.setattr(netshrink.deploy.bench, "_openvino_request", refuse)
     result = netshrink.benchmark(trained, digits[1], repeats=2, large_repeats=2, large_batch=16,
                                  runtimes=("onnxruntime", "openvino"))
     assert {r.candidate.runtime for r in result.rows} == {"PyTorch", "ONNX Runtime"}
@@ -227,7 +227,7 @@ def test_a_dense_model_openvino_cannot_compile_leaves_out_only_openvino(trained,
 def test_each_runtime_profiles_its_own_graph(trained, digits, tmp_path):
     """ONNX Runtime's profiler and OpenVINO's performance counters: the same graph, its operators
     with their share of the time, largest first."""
-    from netshrink.bench import openvino_profile, operator_profile
+    from netshrink.deploy.bench import openvino_profile, operator_profile
 
     path = tmp_path / "m.onnx"
     netshrink.export(trained, path, example_inputs=torch.zeros(1, 1, 8, 8))
@@ -297,7 +297,7 @@ def test_cli_bench_of_a_transformer_file(tmp_path, make_tiny_bert):
 
 
 def test_calibration_from_a_loader_is_used_not_the_test_set(trained, digits):
-    from netshrink.bench import _calibration_images
+    from netshrink.deploy.bench import _calibration_images
 
     train, test = digits
     loader = torch.utils.data.DataLoader(train, batch_size=100)

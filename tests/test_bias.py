@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.artifact import to_bytes
-from netshrink.codec import weights as codec
-from netshrink.methods import QuantizeBiases, apply
+from netshrink.store.artifact import to_bytes
+from netshrink.store.codec import weights as codec
+from netshrink.compress.methods import QuantizeBiases, apply
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8, 12])

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.methods.blocks import find_blocks
-from netshrink.methods.grid import FixedGrid, expand, levels
-from netshrink.models import build_model
+from netshrink.compress.methods.blocks import find_blocks
+from netshrink.compress.methods.grid import FixedGrid, expand, levels
+from netshrink.zoo.models import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,14 +145,14 @@ def test_block_methods_are_listed_and_checked():
     with pytest.raises(netshrink.NetshrinkError, match="sparsegpt\\+blocks.*wanda\\+blocks"):
         netshrink.prune(build_model("mlp"), 0.5, method="unknown")
     with pytest.raises(netshrink.NetshrinkError, match="fixed grids"):
-        netshrink.methods.QuantizeWeights(bits=4, block_steps=10).check()
+        netshrink.compress.methods.QuantizeWeights(bits=4, block_steps=10).check()
     with pytest.raises(netshrink.NetshrinkError, match="block_steps"):
-        netshrink.methods.GPTQ(block_steps=-1).check()
+        netshrink.compress.methods.GPTQ(block_steps=-1).check()
 
 
 def stored_bits(model):
     """Bits per weight of every quantized weight, codes and 16-bit scales (with zero points)."""
-    from netshrink.methods.mixed import layer_cost
+    from netshrink.compress.methods.mixed import layer_cost
     bits = weights = 0
     for module in model.modules():
         grids = [t for t in module.parametrizations.weight if isinstance(t, FixedGrid)] \
@@ -201,8 +201,8 @@ def grid_codes(model):
 def test_end_to_end_tuning_moves_scales_only(make_tiny_bert, tmp_path):
     data, dense = bert_batches(), make_tiny_bert()
     plain, tuned = make_tiny_bert(), make_tiny_bert()
-    netshrink.apply(plain, netshrink.methods.GPTQ(bits=3, group_size=16, block_steps=20), calibration=data)
-    report = netshrink.apply(tuned, netshrink.methods.GPTQ(bits=3, group_size=16, block_steps=20,
+    netshrink.apply(plain, netshrink.compress.methods.GPTQ(bits=3, group_size=16, block_steps=20), calibration=data)
+    report = netshrink.apply(tuned, netshrink.compress.methods.GPTQ(bits=3, group_size=16, block_steps=20,
                                                            end_to_end_steps=60), calibration=data)
     detail = dict(report.changed)["(model)"]
     before, after = (float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", detail)[:2])
@@ -219,7 +219,7 @@ def test_end_to_end_tuning_moves_scales_only(make_tiny_bert, tmp_path):
     with torch.no_grad():
         assert torch.allclose(tuned(**data[0]).last_hidden_state, loaded(**data[0]).last_hidden_state, atol=1e-5)
     with pytest.raises(netshrink.NetshrinkError, match="end_to_end_steps"):
-        netshrink.methods.SparseGPT(end_to_end_steps=1.5).check()
+        netshrink.compress.methods.SparseGPT(end_to_end_steps=1.5).check()
 
 
 def test_remove_heads_then_blocks_tunes_the_smaller_layers(make_tiny_bert):

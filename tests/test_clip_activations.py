@@ -66,8 +66,8 @@ def test_activation_ranges_come_from_the_first_samples_examples_however_batched(
     seen = float(captured[0].max())
     for calibration in ([images[i:i + 7] for i in range(0, 300, 7)], (images[:300], labels[:300])):
         model = copy.deepcopy(trained)
-        netshrink.apply(model, netshrink.methods.QuantizeActivations(bits=8, samples=100), calibration=calibration)
+        netshrink.apply(model, netshrink.compress.methods.QuantizeActivations(bits=8, samples=100), calibration=calibration)
         assert float(model.fc2.input_quantizer.high) == pytest.approx(seen, rel=1e-6)
     wider = copy.deepcopy(trained)
-    netshrink.apply(wider, netshrink.methods.QuantizeActivations(bits=8, samples=300), calibration=(images, labels))
+    netshrink.apply(wider, netshrink.compress.methods.QuantizeActivations(bits=8, samples=300), calibration=(images, labels))
     assert float(wider.fc2.input_quantizer.high) > seen  # the next 200 examples reach higher

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from netshrink.codec import weights
+from netshrink.store.codec import weights
 from netshrink.errors import NetshrinkError
-from netshrink.methods.quantize import fake_quantize
+from netshrink.compress.methods.quantize import fake_quantize
 
 
 # "packed" forces the packed coding (``codec.packed``, by default only for large tensors) on any

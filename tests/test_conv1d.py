@@ -116,7 +116,7 @@ def test_a_load_failing_after_its_checks_leaves_conv1d_layers_as_they_were(tmp_p
     def failing(*_):  # a failure after the file was found to fit: the model handed in is still put back
         raise netshrink.NetshrinkError("simulated failure while taking the stored weights")
 
-    monkeypatch.setattr("netshrink.artifact._assign", failing)
+    monkeypatch.setattr("netshrink.store.artifact._assign", failing)
     fresh = tiny_gpt2()
     with pytest.raises(netshrink.NetshrinkError, match="simulated"):
         netshrink.load(tmp_path / "gpt2.nsk", model=fresh)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink import data
-from netshrink.models import build_model
+from netshrink.zoo import datasets as data
+from netshrink.zoo.models import build_model
 
 
 def test_zoo_parameter_counts_and_seeding():

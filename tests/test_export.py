@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.machine import int8_sums_saturate
+from netshrink.deploy.machine import int8_sums_saturate
 from netshrink.deploy.to_onnx import export, saturating_layers
 
 ort = pytest.importorskip("onnxruntime")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink import artifact
-from netshrink.fuzz import edit_manifest, fingerprint, manifest_text, mutate, reseal
+from netshrink.store import artifact
+from netshrink.store.fuzz import edit_manifest, fingerprint, manifest_text, mutate, reseal
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -103,7 +103,7 @@ def test_a_file_written_to_while_it_loads_is_an_error_and_the_model_stays(traine
         def writer_in_between(*args, change=change):
             change(path.read_bytes())
             return decode_all(*args)
-        path.write_bytes(netshrink.artifact.to_bytes(_compressed(copy.deepcopy(trained), digits)))
+        path.write_bytes(netshrink.store.artifact.to_bytes(_compressed(copy.deepcopy(trained), digits)))
         time.sleep(0.01)  # a later modification time
         with mock.patch.object(artifact, "_decode_all", writer_in_between), \
                 pytest.raises(netshrink.NetshrinkError, match="changed while it was read|is corrupt"):
@@ -235,7 +235,7 @@ def test_version_2_to_4_files_load(version):
     assert torch.allclose(out[0], torch.tensor(expected["first_row"]), atol=1e-5)
     assert abs(float(out.sum()) - expected["logits_sum"]) < 1e-3
     for layer, kinds in expected["transforms"].items():
-        recorded = [t.record()["kind"] for t in netshrink.methods.base.transforms(model.get_submodule(layer))]
+        recorded = [t.record()["kind"] for t in netshrink.compress.methods.base.transforms(model.get_submodule(layer))]
         assert recorded == kinds, layer
     assert model.fc2.input_quantizer.bits == 8
     assert model.netshrink_manifest["info"]["note"].endswith(f"(format version {version})")

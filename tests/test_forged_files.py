@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import netshrink
-from netshrink import artifact
-from netshrink.codec import weights as codec
-from netshrink.fuzz import edit_manifest, manifest_text, reseal
-from netshrink.recipe import Recipe
+from netshrink.store import artifact
+from netshrink.store.codec import weights as codec
+from netshrink.store.fuzz import edit_manifest, manifest_text, reseal
+from netshrink.compress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
 
@@ -249,7 +249,7 @@ def test_files_that_are_not_regular_files_are_refused_without_waiting(tmp_path):
     with pytest.raises(netshrink.NetshrinkError, match="not a regular file"):
         Recipe.load(str(fifo))
     with pytest.raises(netshrink.NetshrinkError, match="not a regular file"):
-        netshrink.data.read_idx(fifo)
+        netshrink.zoo.datasets.read_idx(fifo)
     with pytest.raises(netshrink.NetshrinkError, match="not a regular file"):
         netshrink.load(tmp_path)
     out = subprocess.run([sys.executable, "-m", "netshrink.cli", "summary", str(fifo)], capture_output=True, text=True,
@@ -265,16 +265,16 @@ def test_an_idx_file_is_read_no_further_than_its_header_declares(tmp_path):
             f.write(bytes(1 << 20))  # 64 MiB of zeros in a file of about 64 KiB
     tracemalloc.start()
     with pytest.raises(netshrink.NetshrinkError, match="holds more"):
-        netshrink.data.read_idx(bomb)
+        netshrink.zoo.datasets.read_idx(bomb)
     assert tracemalloc.get_traced_memory()[1] < 4 << 20
     tracemalloc.stop()
     huge = tmp_path / "huge-idx3-ubyte"
     huge.write_bytes(struct.pack(">HBB3I", 0, 8, 3, 1 << 30, 1 << 10, 1 << 10))
     with pytest.raises(netshrink.NetshrinkError, match="declares"):
-        netshrink.data.read_idx(huge)
+        netshrink.zoo.datasets.read_idx(huge)
     fine = tmp_path / "fine-idx1-ubyte"
     fine.write_bytes(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([1, 2, 3]))
-    assert netshrink.data.read_idx(fine).tolist() == [1, 2, 3]
+    assert netshrink.zoo.datasets.read_idx(fine).tolist() == [1, 2, 3]
 
 
 def test_recipes_with_aliases_or_deep_nesting_are_refused_at_once():

@@ -103,7 +103,7 @@ def squared_error(model, dense, data) -> float:
 
 
 def test_surgeon_drops_a_group_the_others_reproduce_and_refits_by_least_squares():
-    from netshrink.methods.heads import surgeon_keep
+    from netshrink.compress.methods.heads import surgeon_keep
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 12, generator=g, dtype=torch.float64)

@@ -1,9 +1,9 @@
-"""netshrink.machine: the CPU read off /proc/cpuinfo text, and ONNX Runtime's int8 kernel behaviour
+"""netshrink.deploy.machine: the CPU read off /proc/cpuinfo text, and ONNX Runtime's int8 kernel behaviour
 measured, checked against an emulation of both kernel kinds so the test holds on either machine."""
 import numpy as np
 import pytest
 
-from netshrink import machine
+from netshrink.deploy import machine
 from test_export import emulate_u8s8_without_vnni
 
 AVX2_ONLY = """processor\t: 0

@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import netshrink
-from netshrink.codec import weights as codec
-from netshrink.codec.grids import round_within
+from netshrink.store.codec import weights as codec
+from netshrink.grids import round_within
 from netshrink.errors import NetshrinkError
-from netshrink.methods.base import baked_state_dict
+from netshrink.compress.methods.base import baked_state_dict
 
 
 def largest_change(model, path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.methods.prune import NMSparsity, polynomial_keep
-from netshrink.methods import apply
+from netshrink.compress.methods.prune import NMSparsity, polynomial_keep
+from netshrink.compress.methods import apply
 
 
 def test_keeps_exact_count_of_largest_magnitudes(trained):

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.methods.adaround import layer_output
-from netshrink.methods.gptq import gptq, output_error
-from netshrink.methods.grid import choose_grid, expand, round_to
-from netshrink.methods.sparsegpt import sparsegpt
-from netshrink.models import build_model
+from netshrink.compress.methods.adaround import layer_output
+from netshrink.compress.methods.gptq import gptq, output_error
+from netshrink.compress.methods.grid import choose_grid, expand, round_to
+from netshrink.compress.methods.sparsegpt import sparsegpt
+from netshrink.zoo.models import build_model
 
 
 def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
@@ -258,7 +258,7 @@ def test_data_aware_methods_refuse_clearly_and_leave_the_model_alone(trained, di
 
 
 def test_calibration_runs_each_layer_group_once_per_batch_and_stops_early(trained, digits):
-    from netshrink.calibration import each_layer
+    from netshrink.compress.calibration import each_layer
 
     calls = {"fc1": 0, "fc3": 0}
     for name in calls:
@@ -272,7 +272,7 @@ def test_calibration_runs_each_layer_group_once_per_batch_and_stops_early(traine
 
 
 def test_padded_positions_are_not_calibration_data(make_tiny_bert):
-    from netshrink.calibration import each_layer
+    from netshrink.compress.calibration import each_layer
 
     model = make_tiny_bert()
     ids = torch.randint(1, 120, (8, 12), generator=torch.Generator().manual_seed(0))
@@ -287,7 +287,7 @@ def test_padded_positions_are_not_calibration_data(make_tiny_bert):
 def test_one_pass_statistics_equal_the_layer_by_layer_ones_of_an_unchanged_model(make_tiny_bert):
     """dense_statistics is each_layer without a pass per layer: the same Hessians (real tokens only)
     when nothing changes between layers."""
-    from netshrink.calibration import dense_statistics, each_layer
+    from netshrink.compress.calibration import dense_statistics, each_layer
 
     model = make_tiny_bert()
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,11 @@
 """The public API as users call it: ``import netshrink`` and ``netshrink.<name>``, each call made
 twice on the same model where state could leak between calls."""
 import importlib
+import pkgutil
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +17,40 @@ import netshrink
 def test_every_public_name_resolves_and_no_submodule_shadows_a_function():
     for name in netshrink.__all__:
         assert getattr(netshrink, name) is not None, name
-    for module in ("api", "artifact", "onnx_export", "deploy", "deploy.to_onnx", "methods", "recipe", "report", "train", "data", "models",
-                   "files", "fuzz", "catalog", "bench", "machine", "cli"):
-        importlib.import_module(f"netshrink.{module}")
-    for name in ("export", "prune", "quantize", "load", "save", "summary", "fit"):
+    for found in pkgutil.walk_packages(netshrink.__path__, "netshrink."):  # every module, as a user might import it
+        importlib.import_module(found.name)
+    for name in netshrink.__all__:
+        assert not isinstance(getattr(netshrink, name), types.ModuleType), name
+    for name in ("export", "prune", "quantize", "load", "save", "summary", "fit", "auto", "benchmark"):
         assert callable(getattr(netshrink, name)), name
+
+
+def test_old_import_paths_still_work_and_name_the_new_ones():
+    """netshrink 0.6's module paths: the same objects as the new ones, with a warning naming where they live now,
+    and never a second copy of a module (a class imported both ways is one class)."""
+    with pytest.warns(DeprecationWarning, match="netshrink.compress.methods.base"):
+        from netshrink.methods.base import Method as old_method
+    from netshrink.compress.methods.base import Method
+    assert old_method is Method
+    with pytest.warns(DeprecationWarning, match="netshrink.training.fit and netshrink.training.batches"):
+        from netshrink.train import batches, fit
+    assert fit is netshrink.fit and batches.__module__ == "netshrink.training.batches"
+    with pytest.warns(DeprecationWarning, match="netshrink.deploy.machine"):
+        from netshrink.machine import describe
+    assert callable(describe)
+    with pytest.warns(DeprecationWarning, match="netshrink.deploy.to_onnx"):
+        from netshrink.onnx_export import ExportReport, export
+    assert export is importlib.import_module("netshrink.deploy.to_onnx").export and ExportReport
+    with pytest.raises(ImportError), pytest.warns(DeprecationWarning):
+        from netshrink.report import no_such_name  # noqa: F401
+
+
+def test_no_import_circles():
+    """Between modules (imports inside functions included) and between the stage packages: a lower room never
+    borrows from a higher one."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "layout.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 class Wrapped(nn.Module):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.methods.quantize import binarize, fake_quantize, quantization_grid, ternarize
+from netshrink.compress.methods.quantize import binarize, fake_quantize, quantization_grid, ternarize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -60,7 +60,7 @@ def test_prune_then_quantize_keeps_zeros_and_order_matters(trained):
 
 
 def test_straight_through_gradient(rand_weight):
-    from netshrink.methods.quantize import FakeQuantize
+    from netshrink.compress.methods.quantize import FakeQuantize
 
     w = rand_weight.clone().requires_grad_(True)
     FakeQuantize(4)(w).sum().backward()

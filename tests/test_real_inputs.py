@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink import artifact
-from netshrink.methods.quantize import fake_quantize
+from netshrink.store import artifact
+from netshrink.compress.methods.quantize import fake_quantize
 
 
 class TinyTextModel(nn.Module):

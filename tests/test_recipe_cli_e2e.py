@@ -6,7 +6,7 @@ import torch
 
 import netshrink
 from netshrink.cli import main
-from netshrink.recipe import Recipe, builtin_recipes
+from netshrink.compress.recipe import Recipe, builtin_recipes
 
 
 def test_builtin_recipes_parse():
@@ -104,7 +104,7 @@ def test_cli_export_and_bench_on_digits(tmp_path, capsys):
 
 
 def test_recipe_raw_form_rebuilds_the_same_steps():
-    from netshrink.recipe import Finetune, Step
+    from netshrink.compress.recipe import Finetune, Step
 
     steps = [Step(netshrink.Prune(keep=0.2), Finetune(epochs=2, lr=1e-3, augment=1), every=7),
              Step(Finetune(epochs=1, lr=1e-4, distill=netshrink.Distill(temperature=3, alpha=0.5))),

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.fuzz import fingerprint
-from netshrink.methods.base import baked_state_dict
+from netshrink.store.fuzz import fingerprint
+from netshrink.compress.methods.base import baked_state_dict
 
 nan, inf = math.nan, math.inf
 

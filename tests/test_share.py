@@ -3,7 +3,7 @@ import torch
 from sklearn.cluster import KMeans
 
 import netshrink
-from netshrink.methods.share import kmeans_1d
+from netshrink.compress.methods.share import kmeans_1d
 
 
 def test_kmeans_matches_sklearn_from_same_start():
@@ -32,7 +32,7 @@ def test_share_keeps_zeros_and_value_count(trained, digits):
 
 
 def test_centroid_gradient_is_sum_of_member_gradients():
-    from netshrink.methods.share import Codebook
+    from netshrink.compress.methods.share import Codebook
 
     w = torch.tensor([[0.1, 0.0, -0.5], [0.12, -0.52, 0.0]])
     centroids, assignment = kmeans_1d(w[w != 0], 2)

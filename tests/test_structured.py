@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.methods.structured import remove_units
+from netshrink.compress.methods.structured import remove_units
 
 
 class UserCNN(nn.Module):
@@ -224,7 +224,7 @@ def test_a_user_identity_subclass_with_a_stored_offset_is_refused():
 
 def test_a_pruning_that_would_break_the_model_is_refused_and_undone(monkeypatch):
     """The safety net: if the rebuilt model fails its own forward pass, the model is restored."""
-    from netshrink.methods import structured
+    from netshrink.compress.methods import structured
 
     def rebuild_forgetting_consumers(model, plans):
         for space, _ in plans:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.train import Distill, random_shift
+from netshrink.training.fit import Distill, random_shift
 
 
 def test_distillation_loss_against_reference():

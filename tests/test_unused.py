@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import netshrink
-from netshrink.artifact import to_bytes
-from netshrink.methods.base import transforms
+from netshrink.store.artifact import to_bytes
+from netshrink.compress.methods.base import transforms
 
 
 def _outputs(model, x):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import netshrink
-from netshrink.methods.prune import Prune
-from netshrink.methods.variational import PARAMETER, variational_noise
+from netshrink.compress.methods.prune import Prune
+from netshrink.compress.methods.variational import PARAMETER, variational_noise
 
 
 def _sampled_variance(layer, x, log_sigma2, draws=3000):

@@ -2,7 +2,7 @@
 
 A quantized layer computes with ``(codes - zero) * scale``, one scale (and zero point) per output
 channel or per group of ``group_size`` consecutive inputs (the ``[out, inputs]`` view of
-:mod:`netshrink.methods.grid`). The codes are read back from the layer's transforms (a fixed grid,
+:mod:`netshrink.compress.methods.grid`). The codes are read back from the layer's transforms (a fixed grid,
 the dynamic per-channel grid of plain quantization, a learned step) and checked: rebuilt from codes
 and scales, the weight must equal what netshrink computes bit for bit, or the layer is treated as
 float. Exporters then only repack these codes; none rounds a weight again.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..methods.base import transforms
-from ..methods.grid import FixedGrid, expand, levels
-from ..methods.quantize import FakeQuantize, LearnedStepQuantize, quantization_grid
+from ..compress.methods.base import transforms
+from ..compress.methods.grid import FixedGrid, expand, levels
+from ..compress.methods.quantize import FakeQuantize, LearnedStepQuantize, quantization_grid
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..methods.base import text_table
+from ..compress.methods.base import text_table
 
 
 @dataclass

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..errors import NetshrinkError
 from ..files import check_writable
-from ..methods.base import baked_state_dict
-from ..methods.conv1d import is_conv1d
+from ..compress.methods.base import baked_state_dict
+from ..compress.methods.conv1d import is_conv1d
 from . import hugging_face_model
 from .codes import IntegerWeight, integer_weight
 from .report import ExportReport

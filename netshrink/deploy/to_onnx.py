@@ -48,8 +48,8 @@ from torch import nn
 
 from ..errors import NetshrinkError
 from ..files import atomic_write, check_writable
-from ..methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
-from ..methods.base import LINEAR_CONV, apply, bake
+from ..compress.methods.activations import ActivationQuantizer, QuantizeActivations, detach_all, input_quantizer
+from ..compress.methods.base import LINEAR_CONV, apply, bake
 from .decoder_cache import cache_shape, cached_graph
 from .codes import codes_of, integer_layers
 from .onnx_low_bit import rewrite
@@ -113,7 +113,7 @@ class _Exported(nn.Module):
         self.model, self.keys, self.adapter = model, keys, forward
 
     def forward(self, *args):
-        from ..train import default_forward
+        from ..training.batches import default_forward
 
         inputs = dict(zip(self.keys, args)) if self.keys else args[0] if len(args) == 1 else args
         return (self.adapter or default_forward)(self.model, inputs)
@@ -203,7 +203,7 @@ def _fold_batchnorm(model: nn.Module, report: ExportReport) -> dict[str, torch.T
 def weight_as_int8(w: np.ndarray, limit: int = SAFE_CODE) -> tuple[np.ndarray, np.ndarray, str]:
     """(int8 codes, per-channel scales, how): exact when ``w`` is a per-row grid whose codes lie
     within +-``limit``, else quantized now to that many levels per side (symmetric per channel)."""
-    from ..codec.grids import grid
+    from ..grids import grid
 
     flat = np.ascontiguousarray(w, dtype=np.float32).ravel()
     found = grid(flat.view(np.uint32), int(np.prod(w.shape[1:]))) if flat.size else None
@@ -830,7 +830,7 @@ def _tensor_ranges(float_graph: bytes, names: list[str], signature: _Signature, 
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from ..train import batches
+    from ..training.batches import batches
 
     if not names:
         return {}
