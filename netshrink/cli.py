@@ -24,8 +24,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import netshrink
+
 from . import __version__
-from .zoo import DATASETS, MODELS
+from .zoo import DATASETS, HELD_OUT, MODELS
 from .compress import PRUNERS, QUANTIZERS
 from .errors import NetshrinkError
 
@@ -52,7 +54,6 @@ def _number(kind, low: float, low_open: bool = False):
 
 
 POSITIVE_INT, POSITIVE, NON_NEGATIVE_INT = _number(int, 1), _number(float, 0, low_open=True), _number(int, 0)
-HELD_OUT = 0.1  # the share of a training split `train` (and `compress --model`) never trains on
 
 
 def _validation(text: str):
@@ -397,20 +398,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .store import artifact
-    from .zoo.datasets import load_dataset
-    from .zoo.models import build_model
-    from .training.batches import check_model_fits, evaluate, hold_out
-    from .training.fit import fit
+    from .training.batches import check_model_fits, hold_out
 
     _outputs(args, args.output)
     if not args.validation < 1:
         raise NetshrinkError(f"--validation is a share of the training split in [0, 1). Received: {args.validation}")
     partial = args.output.with_name(args.output.name + ".partial")
-    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
+    train, test = netshrink.load_dataset(args.data, "train"), netshrink.load_dataset(args.data, "test")
     held_out = {"share": args.validation, "seed": args.seed} if args.validation else None
     fitted, validation = hold_out(train, **held_out) if held_out else (train, None)
-    model, done = build_model(args.model, tuple(train.tensors[0].shape[1:])), 0
+    model, done = netshrink.build_model(args.model, tuple(train.tensors[0].shape[1:])), 0
     if args.resume:
         model, done = _resumed(partial, args, held_out)
     check_model_fits(model, train)
@@ -419,21 +416,21 @@ def cmd_train(args) -> int:
 
     def checkpoint(step: int, total: int) -> None:  # before each step: after a whole epoch, keep the model
         if step and step % per_epoch == 0:
-            artifact.save(model, partial, info={**info, "epochs_done": done + step // per_epoch, "seed": args.seed})
+            netshrink.save(model, partial, info={**info, "epochs_done": done + step // per_epoch, "seed": args.seed})
 
     try:
-        result = fit(model, fitted, epochs=args.epochs - done, lr=args.lr, batch_size=args.batch_size,
+        result = netshrink.fit(model, fitted, epochs=args.epochs - done, lr=args.lr, batch_size=args.batch_size,
                      seed=args.seed + done, augment=args.augment, on_step=checkpoint)
     except KeyboardInterrupt:
         if partial.exists():
             sys.stderr.write(f"the model after its last whole epoch is in {partial}: run the same command with "
                              "--resume to continue\n")
         raise
-    accuracy = evaluate(model, test)
+    accuracy = netshrink.evaluate(model, test)
     # What the model was trained on: `auto` scores on the held-out part, and refuses the data it saw.
-    size = artifact.save(model, args.output, info={"data": args.data, "test_accuracy": accuracy, "held_out": held_out})
+    size = netshrink.save(model, args.output, info={"data": args.data, "test_accuracy": accuracy, "held_out": held_out})
     partial.unlink(missing_ok=True)
-    validated = f"{100 * evaluate(model, validation):.2f}%" if validation is not None else "- (none held out)"
+    validated = f"{100 * netshrink.evaluate(model, validation):.2f}%" if validation is not None else "- (none held out)"
     _print_rows("trained", ["model", "data", "epochs", "seconds", "held-out acc.", "test accuracy", "file", "bytes"],
                 [[args.model, args.data, f"{args.epochs:g}", f"{result['seconds']:.1f}", validated,
                   f"{100 * accuracy:.2f}%", str(args.output), f"{size:,}"]])
@@ -442,12 +439,12 @@ def cmd_train(args) -> int:
 
 def _resumed(partial: Path, args, held_out: dict | None) -> tuple:
     """(the model in ``partial``, its whole epochs done), after checking it is this run's."""
-    from .store import artifact
+    from .zoo.splits import recorded
 
     if not partial.exists():
         raise NetshrinkError(f"--resume continues from {partial}, which does not exist: nothing to resume")
-    model = artifact.load(partial, restore=False)
-    info = _record(model)
+    model = netshrink.load(partial, restore=False)
+    info = recorded(model)
     wanted = {"data": args.data, "model": args.model, "seed": args.seed, "held_out": held_out}
     if any(info.get(key) != value for key, value in wanted.items()):
         raise NetshrinkError(f"{partial} is not this run's ({', '.join(f'{k}={info.get(k)!r}' for k in wanted)}); "
@@ -459,100 +456,58 @@ def _resumed(partial: Path, args, held_out: dict | None) -> tuple:
 
 
 def cmd_evaluate(args) -> int:
-    from .store import artifact
-    from .zoo.datasets import load_dataset
-    from .training.batches import evaluate
 
-    model = artifact.load(args.path)
-    accuracy = evaluate(model, load_dataset(args.data, "test"))
+    model = netshrink.load(args.path)
+    accuracy = netshrink.evaluate(model, netshrink.load_dataset(args.data, "test"))
     _print_rows("evaluated", ["file", "data", "test accuracy", "error", "bytes"],
                 [[str(args.path), args.data, f"{100 * accuracy:.2f}%", f"{100 * (1 - accuracy):.2f}%",
                   f"{args.path.stat().st_size:,}"]])
     return 0
 
 
-def _quick_recipe(args) -> list[dict]:
-    from .compress.api import refined
-
-    steps: list[dict] = []
-    if args.prune is not None:
-        method = args.prune_method.partition("+")[0]
-        steps.append({"prune" if method == "magnitude" else method: {"keep": args.prune, **refined(args.prune_method)}})
-    elif args.prune_method != "magnitude":
-        raise NetshrinkError("--prune-method needs --prune KEEP")
-    if args.clip_percentile is not None:
-        steps.append({"clip": {"percentile": args.clip_percentile}})
-    if args.share_bits is not None:
-        steps.append({"share": {"bits": args.share_bits}})
-    data_aware = args.weight_method != "round"
-    if args.activation_bits is not None and data_aware:
-        steps.append({"activations": {"bits": args.activation_bits}})
-    if args.weight_bits is not None:
-        solver = args.weight_method.partition("+")[0]
-        method = "quantize" if solver == "round" else solver
-        settings = {"bits": args.weight_bits, **refined(args.weight_method)}
-        if args.weight_method == "round+blocks":
-            settings["range"] = "mse"  # AutoRound's start: grids searched for the least rounding error
-        if args.group_size is not None:
-            if args.weight_method == "adaround":
-                raise NetshrinkError("--group-size works with --weight-method round or gptq (adaround is per channel)")
-            settings["group_size"] = args.group_size
-        elif method == "gptq":
-            settings["group_size"] = None  # per channel unless asked: the zoo's layers are narrow
-        steps.append({method: settings})
-    elif data_aware or args.group_size is not None:
-        raise NetshrinkError("--weight-method and --group-size need --weight-bits B")
-    if args.activation_bits is not None and not data_aware:
-        steps.append({"activations": {"bits": args.activation_bits}})
-    if args.finetune is not None:
-        steps.append({"finetune": {"epochs": args.finetune, "lr": args.lr, "augment": args.augment,
-                                   "distill": True}})
-    return steps
-
-
 def cmd_compress(args) -> int:
     import time
 
-    from .store import artifact
-    from .zoo.datasets import load_dataset
-    from .zoo.models import build_model
-    from .compress.recipe import Recipe
-    from .reporting.summary import summary
-    from .training.batches import check_model_fits, evaluate, hold_out
-    from .training.fit import fit
+    from .store.artifact import from_bytes, to_bytes
+    from .training.batches import check_model_fits, hold_out
+    from .zoo.splits import recorded_hold_out
 
-    quick = _quick_recipe(args)
+    quick = netshrink.Recipe.quick_steps(
+        prune=args.prune, prune_method=args.prune_method, clip_percentile=args.clip_percentile,
+        share_bits=args.share_bits, weight_bits=args.weight_bits, weight_method=args.weight_method,
+        group_size=args.group_size, activation_bits=args.activation_bits, finetune=args.finetune, lr=args.lr,
+        augment=args.augment, flags=True)
     if bool(args.recipe) == bool(quick):
         raise NetshrinkError("give either --recipe or quick options (--prune, --weight-bits, ...), not both or neither")
     if (args.path is None) == (args.model is None):
         raise NetshrinkError("give a model file or --model NAME (to train one first)")
     _outputs(args, args.output)
-    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.from_steps(quick, "quick")  # checked first
-    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
+    recipe = netshrink.Recipe.load(args.recipe) if args.recipe else netshrink.Recipe.from_steps(quick, "quick")  # checked first
+    train, test = netshrink.load_dataset(args.data, "train"), netshrink.load_dataset(args.data, "test")
     if args.path is not None:
-        model = artifact.load(args.path)
-        held_out = _recorded_hold_out(model, args)
+        model = netshrink.load(args.path)
+        held_out = recorded_hold_out(model, args.data, str(args.path))
     else:
-        model = build_model(args.model, tuple(train.tensors[0].shape[1:]))
+        model = netshrink.build_model(args.model, tuple(train.tensors[0].shape[1:]))
         held_out = {"share": HELD_OUT, "seed": args.seed}  # as `netshrink train` holds it out
     check_model_fits(model, train)
     if held_out is not None:  # the part the model never saw stays unseen: `auto` may score on it later
         train = hold_out(train, held_out["share"], held_out["seed"])[0]
     if args.model is not None:
-        fit(model, train, epochs=args.epochs, lr=args.lr, seed=args.seed, augment=args.augment, desc="train dense")
-    before = evaluate(model, test)
+        netshrink.fit(model, train, epochs=args.epochs, lr=args.lr, seed=args.seed, augment=args.augment, desc="train dense")
+    before = netshrink.evaluate(model, test)
     # The input file's own size (a model trained here first: the bytes it would have as a file).
-    dense_bytes = args.path.stat().st_size if args.path is not None else len(artifact.to_bytes(model))
+    dense_bytes = args.path.stat().st_size if args.path is not None else len(to_bytes(model))
     started = time.perf_counter()
     rows = recipe.run(model, train, test, seed=args.seed,
                       on_row=lambda r: _print(f"  step {r['step']}: {r['what']}  "
                                               f"acc {100 * r['accuracy']:.2f}%  ({r['seconds']:.1f}s)"))
     after = rows[-1]["accuracy"]
     if args.max_error:  # the file holds rounded parameters: its own accuracy is the one to report
-        after = evaluate(artifact.from_bytes(artifact.to_bytes(model, max_error=args.max_error)), test)
+        after = netshrink.evaluate(from_bytes(to_bytes(model, max_error=args.max_error)), test)
     info = {"data": args.data, "test_accuracy": after, "held_out": held_out}
-    size = artifact.save(model, args.output, recipe=recipe.raw, info=info, max_error=args.max_error)
-    _console().print(summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
+    size = netshrink.save(model, args.output, recipe=recipe.raw, info=info, max_error=args.max_error)
+    _console().print(netshrink.summary(model, file_bytes=size).table(f"{args.output} (recipe: {recipe.name})"))
     # The summary above compares with fp32 values (4 bytes a parameter); this, with the input's own file.
     _print_rows(f"result ({time.perf_counter() - started:.0f}s)", ["", "test error", "file bytes", "vs the input file"],
                 [["before", f"{100 * (1 - before):.2f}%", f"{dense_bytes:,}", "1.0x"],
@@ -561,9 +516,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .store import artifact
-    from .zoo.datasets import load_dataset
-    from .deploy import export, format_of
+    from .deploy import format_of
 
     for flag in ("vnni", "portable"):
         if getattr(args, flag) and not args.int8:
@@ -575,15 +528,15 @@ def cmd_export(args) -> int:
         raise NetshrinkError(f"--int8 and --low-bit are ONNX choices; {target} always writes low-bit weights as they are")
     import torch
 
-    model = artifact.load(args.path)
+    model = netshrink.load(args.path)
     options = {}
     if target in ("onnx", "openvino"):
         options = dict(int8=args.int8, vnni=args.vnni, portable=args.portable, low_bit=args.low_bit or target == "openvino",
-                       calibration=load_dataset(args.data, "train") if args.int8 else None)
+                       calibration=netshrink.load_dataset(args.data, "train") if args.int8 else None)
         if getattr(model, "main_input_name", None) == "input_ids":  # a transformers model: token ids, any length
             ids = torch.ones(1, 16, dtype=torch.long)
             options["example_inputs"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    report = export(model, args.output, format=target, **options)
+    report = netshrink.export(model, args.output, format=target, **options)
     _print_rows(f"exported {args.output} ({'int8, ' + report.target if args.int8 else report.target})",
                 ["layer", "exported as"], [list(row) for row in report.layers])
     for note in report.notes:
@@ -592,16 +545,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .store import artifact
-    from .deploy.bench import benchmark
+    from .deploy.bench import random_tokens
     from .zoo.models import spec_of
 
     _outputs(args, args.markdown, args.plot)
     for path in args.compressed:
         if path == args.path:
             raise NetshrinkError(f"{path} is the reference already: list only compressed models after it")
-    reference = artifact.load(args.path)
-    compressed = {path.stem: artifact.load(path) for path in args.compressed} or {args.path.stem: reference}
+    reference = netshrink.load(args.path)
+    compressed = {path.stem: netshrink.load(path) for path in args.compressed} or {args.path.stem: reference}
     if "transformers" in (spec_of(reference) or {}):
         if args.data is not None:
             raise NetshrinkError("--data is for image models; a transformer is scored on random token sequences")
@@ -609,10 +561,10 @@ def cmd_bench(args) -> int:
         if isinstance(longest, int) and args.sequence > longest:
             raise NetshrinkError(f"--sequence must be at most the model's {longest} positions. "
                                  f"Received: --sequence {args.sequence}")
-        data, calibration = _random_tokens(reference, length=min(64, args.sequence)), None
+        data, calibration = random_tokens(reference, length=min(64, args.sequence)), None
     else:
         data, calibration = _image_data(args.data or "mnist", reference, compressed)
-    result = benchmark(reference, data, compressed=compressed, calibration=calibration, threads=args.threads,
+    result = netshrink.benchmark(reference, data, compressed=compressed, calibration=calibration, threads=args.threads,
                        repeats=args.repeats, large_repeats=args.large_repeats, large_batch=args.large_batch,
                        sequence=args.sequence, profile=args.profile, runtimes=args.runtimes,
                        progress=lambda step: _print(f"  {step}"))
@@ -635,94 +587,32 @@ def cmd_bench(args) -> int:
 
 
 def _image_data(name: str, reference, compressed: dict):
-    from .zoo.datasets import load_dataset
     from .training.batches import check_model_fits
 
-    test, train = load_dataset(name, "test"), load_dataset(name, "train")
+    test, train = netshrink.load_dataset(name, "test"), netshrink.load_dataset(name, "train")
     for model in (reference, *compressed.values()):
         check_model_fits(model, test)
     return test, train
-
-
-def _random_tokens(model, count: int = 256, length: int = 64) -> list[dict]:
-    """Seeded random token sequences of varied length, for scoring a transformer without text:
-    the cosine to the reference measures how faithfully each candidate computes the same function."""
-    import torch
-
-    vocabulary = int(getattr(model.config, "vocab_size", 1000))
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for start in range(0, count, 32):
-        ids = torch.randint(min(1000, vocabulary - 1), vocabulary, (32, length), generator=generator)
-        lengths = torch.randint(length // 4, length + 1, (32, 1), generator=generator)
-        mask = (torch.arange(length)[None] < lengths).long()
-        batches.append({"input_ids": ids * mask, "attention_mask": mask})
-    return batches
 
 
 def _beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
-def _record(model) -> dict:
-    """What a loaded model's file says of how it was made (``save(info=...)``)."""
-    return (getattr(model, "netshrink_manifest", None) or {}).get("info") or {}
-
-
-def _recorded_hold_out(model, args) -> dict | None:
-    """The part of ``args.data``'s training split the model's file says it never trained on
-    (``{"share", "seed"}``, as `netshrink train` holds it out), or None."""
-    info = _record(model)
-    held = info.get("held_out") if info.get("data") == args.data else None
-    if held is None:
-        return None
-    if not (isinstance(held, dict) and isinstance(held.get("share"), float) and 0 < held["share"] < 1
-            and type(held.get("seed")) is int):
-        raise NetshrinkError(f"{args.path} records a held-out part it cannot be: {str(held)[:80]}")
-    return held
-
-
-def _validation_data(args, model, train, test) -> tuple:
-    """(training data for the trials, validation data, what the validation data are, in words).
-    A budget checked on examples the model was trained on says nothing: the model's file says what
-    `netshrink train` held out, and a model it says saw the whole training split is refused unless
-    the user names other data."""
-    from .training.batches import hold_out
-
-    held = _recorded_hold_out(model, args)
-    if args.validation == "test":
-        return train, test, f"the {args.data} test split (--validation test: the test error is not an independent check)"
-    if args.validation is None and held is not None:
-        share, seed = held["share"], held["seed"]
-        rest, validation = hold_out(train, share, seed)
-        return rest, validation, (f"the {share:.0%} of the {args.data} training split that {args.path} was never "
-                                  f"trained on (drawn with seed {seed}, as its file records)")
-    if _record(model).get("data") == args.data:
-        raise NetshrinkError(f"{args.path} was trained on {'all of ' if held is None else ''}the {args.data} training "
-                             "split, as its file records: a budget checked there is checked on examples it memorised. "
-                             "Train it with a held-out part (netshrink train holds out 10% by default) or pass "
-                             "--validation test")
-    share = args.validation or HELD_OUT
-    rest, validation = hold_out(train, share, args.seed)
-    return rest, validation, (f"{share:.0%} of the {args.data} training split; {args.path} does not record what it "
-                              "was trained on: if it saw these examples, validation scores are optimistic")
-
-
 def cmd_auto(args) -> int:
     import json
 
-    from .store import artifact
-    from .search.auto import auto
-    from .zoo.datasets import load_dataset
     from .files import atomic_write
-    from .training.batches import check_model_fits, evaluate
+    from .training.batches import check_model_fits
+    from .zoo.splits import validation_split
 
     policy_path, search_path = _beside(args.output, ".yaml"), _beside(args.output, ".auto.json")
     _outputs(args, args.output, policy_path, search_path)
-    train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
-    model = artifact.load(args.path, restore=False)
+    train, test = netshrink.load_dataset(args.data, "train"), netshrink.load_dataset(args.data, "test")
+    model = netshrink.load(args.path, restore=False)
     check_model_fits(model, train)
-    train, validation, scored_on = _validation_data(args, model, train, test)
+    train, validation, scored_on = validation_split(model, args.data, train, test, args.validation, args.seed,
+                                                     str(args.path))
     _print(f"validation: {scored_on}")
     if args.ray is not None:
         from .search.sweep import check_address
@@ -731,7 +621,7 @@ def cmd_auto(args) -> int:
         _print(f"Ray cluster at {args.ray}: {cpus:g} CPUs" + (
             f", no more than this machine's {here}: its tasks add start-up and transfer time, so the search will "
             "take longer than without --ray" if cpus <= here else ""))
-    dense_test = evaluate(model, test)
+    dense_test = netshrink.evaluate(model, test)
 
     def show(trial: dict) -> None:
         speed = f"{1e3 * trial['latency']:.3f} ms, " if "latency" in trial else ""
@@ -745,12 +635,12 @@ def cmd_auto(args) -> int:
         choices["bias_bits"] = None if args.bias_bits == [0] else tuple(args.bias_bits)
     latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
                                                    "latency_batch": args.latency_batch, "runtime": args.runtime}
-    found = auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation=validation,
+    found = netshrink.auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation=validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
                  ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
-    test_accuracy = evaluate(found.model, test)
+    test_accuracy = netshrink.evaluate(found.model, test)
     record = {**found.to_json(), "data": args.data, "validation": scored_on, "dense_test_accuracy": dense_test,
               "test_accuracy": test_accuracy}
     atomic_write(search_path, json.dumps(record, indent=1).encode())
@@ -784,17 +674,15 @@ def cmd_auto(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .store import artifact
-    from .reporting.page import report_page
 
     _outputs(args, args.output)
     reference = data = calibration = None
     if args.reference is not None:
-        reference = artifact.load(args.reference)
+        reference = netshrink.load(args.reference)
         data, calibration = _image_data(args.data or "mnist", reference, {})
     elif args.data is not None:
         raise NetshrinkError("--data is for the Pareto plots: give --reference DENSE.nsk with it")
-    page = report_page(args.path, args.output, search=args.search, reference=reference, data=data,
+    page = netshrink.report_page(args.path, args.output, search=args.search, reference=reference, data=data,
                        calibration=calibration, repeats=args.repeats, progress=lambda step: _print(f"  {step}"))
     _print(f"report: {page} ({page.stat().st_size:,} B; open it in a browser)")
     return 0
@@ -803,11 +691,9 @@ def cmd_report(args) -> int:
 def cmd_summary(args) -> int:
     import yaml
 
-    from .store import artifact
-    from .reporting.summary import summary
 
-    model = artifact.load(args.path)
-    _console().print(summary(model, file_bytes=args.path.stat().st_size).table(str(args.path)))
+    model = netshrink.load(args.path)
+    _console().print(netshrink.summary(model, file_bytes=args.path.stat().st_size).table(str(args.path)))
     recipe = model.netshrink_manifest.get("recipe")
     if recipe:
         _print("made by this recipe:\n" + yaml.safe_dump({"steps": recipe}, sort_keys=False).rstrip())
@@ -815,10 +701,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .compress.recipe import Recipe, builtin_recipes
+    from .compress.recipe import builtin_recipes
 
     _print_rows("built-in recipes", ["name", "steps"],
-                [[name, "; ".join(s.describe() for s in Recipe.load(name).steps)] for name in builtin_recipes()])
+                [[name, "; ".join(s.describe() for s in netshrink.Recipe.load(name).steps)] for name in builtin_recipes()])
     return 0
 
 

@@ -1,5 +1,5 @@
 """The founding walkthrough: train the founding MLP (784-128-10, Adam, 10 epochs) on MNIST, then
-apply each method alone and all of them combined, and account for every result in one table."""
+apply each method alone and all of them combined, and account for every result in one table. Written with the public API only, as a user would."""
 from __future__ import annotations
 
 import math
@@ -7,15 +7,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .store import artifact
+import netshrink
+from netshrink import ClipWeights, Prune, QuantizeActivations, QuantizeWeights
+
 from .files import atomic_write
-from .zoo.datasets import load_dataset
-from .compress.methods import ClipWeights, Prune, QuantizeActivations, QuantizeWeights, apply
-from .zoo.models import build_model
 from .tables import console as report_console, make_table, markdown
-from .reporting.summary import summary
-from .training.batches import evaluate
-from .training.fit import fit
 
 COLUMNS = ["method", "settings", "params", "non-zero", "bits/w", "file bytes", "accuracy", "change"]
 
@@ -44,24 +40,24 @@ def _variants(train):
 def run_demo(data: str = "mnist", epochs: float = 10, markdown_path: Path | None = None,
              console: Console | None = None) -> list[list]:
     console = console or report_console()
-    train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    train, test = netshrink.load_dataset(data, "train"), netshrink.load_dataset(data, "test")
     in_shape = tuple(train.tensors[0].shape[1:])
-    dense = build_model("mlp", in_shape)
+    dense = netshrink.build_model("mlp", in_shape)
     console.print(f"training the founding MLP on {data} ({len(train.tensors[0]):,} images, {epochs:g} epochs)")
-    fit(dense, train, epochs=epochs, lr=1e-3, batch_size=128, seed=0, lr_decay=False, desc="train")
+    netshrink.fit(dense, train, epochs=epochs, lr=1e-3, batch_size=128, seed=0, lr_decay=False, desc="train")
     variants, context = _variants(train)
     rows, reference = [], None
     for label, settings, steps in variants:
-        model = build_model("mlp", in_shape)
+        model = netshrink.build_model("mlp", in_shape)
         model.load_state_dict(dense.state_dict())
         for step in steps:
             if isinstance(step, int):
-                fit(model, train, epochs=step, lr=1e-3, seed=1, desc="fine-tune")
+                netshrink.fit(model, train, epochs=step, lr=1e-3, seed=1, desc="fine-tune")
             else:
-                apply(model, step, **context)
-        accuracy = evaluate(model, test)
+                netshrink.apply(model, step, **context)
+        accuracy = netshrink.evaluate(model, test)
         reference = accuracy if reference is None else reference
-        report = summary(model, file_bytes=len(artifact.to_bytes(model)))
+        report = netshrink.summary(model)  # file bytes: the real coded file
         bits = max(r["bits"] for r in report.rows)
         rows.append([label, settings, f"{report.parameters:,}", f"{report.nonzero_weights:,}", bits,
                      f"{report.file_bytes:,}", f"{100 * accuracy:.2f}%",

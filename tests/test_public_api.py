@@ -25,9 +25,11 @@ def test_every_public_name_resolves_and_no_submodule_shadows_a_function():
         assert callable(getattr(netshrink, name)), name
 
 
-def test_old_import_paths_still_work_and_name_the_new_ones():
+def test_old_import_paths_still_work_and_name_the_new_ones(monkeypatch):
     """netshrink 0.6's module paths: the same objects as the new ones, with a warning naming where they live now,
     and never a second copy of a module (a class imported both ways is one class)."""
+    for old in ("methods", "methods.base", "train", "machine", "onnx_export", "report"):  # imported by other tests
+        monkeypatch.delitem(sys.modules, f"netshrink.{old}", raising=False)
     with pytest.warns(DeprecationWarning, match="netshrink.compress.methods.base"):
         from netshrink.methods.base import Method as old_method
     from netshrink.compress.methods.base import Method

@@ -217,6 +217,59 @@ class Recipe:
             return cls.from_steps(data.get("steps"), data.get("name", name))
         return cls.from_steps(data, name)
 
+    @staticmethod
+    def quick_steps(*, prune: float | None = None, prune_method: str = "magnitude", clip_percentile: float | None = None,
+                    share_bits: int | None = None, weight_bits: int | None = None, weight_method: str = "round",
+                    group_size: int | None = None, activation_bits: int | None = None, finetune: float | None = None,
+                    lr: float = 1e-4, augment: int = 0, flags: bool = False) -> list[dict]:
+        """The steps of a recipe made of a few common choices, in the order that works (prune, clip, share,
+        quantize weights and activations, fine-tune with distillation): what ``netshrink compress --prune
+        0.2 --weight-bits 4 ...`` runs. Data-aware weight methods see quantized activations first.
+        ``flags``: name settings as the command line's options in errors.
+
+        >>> Recipe.quick_steps(prune=0.2, weight_bits=4)
+        [{'prune': {'keep': 0.2}}, {'quantize': {'bits': 4}}]
+        """
+        from .api import refined
+
+        def named(what: str) -> str:
+            return f"--{what.replace('_', '-')}" if flags else what
+
+        steps: list[dict] = []
+        if prune is not None:
+            method = prune_method.partition("+")[0]
+            steps.append({"prune" if method == "magnitude" else method: {"keep": prune, **refined(prune_method)}})
+        elif prune_method != "magnitude":
+            raise NetshrinkError(f"{named('prune_method')} needs {named('prune')}")
+        if clip_percentile is not None:
+            steps.append({"clip": {"percentile": clip_percentile}})
+        if share_bits is not None:
+            steps.append({"share": {"bits": share_bits}})
+        data_aware = weight_method != "round"
+        if activation_bits is not None and data_aware:
+            steps.append({"activations": {"bits": activation_bits}})
+        if weight_bits is not None:
+            solver = weight_method.partition("+")[0]
+            method = "quantize" if solver == "round" else solver
+            settings = {"bits": weight_bits, **refined(weight_method)}
+            if weight_method == "round+blocks":
+                settings["range"] = "mse"  # AutoRound's start: grids searched for the least rounding error
+            if group_size is not None:
+                if weight_method == "adaround":
+                    raise NetshrinkError(f"{named('group_size')} works with {named('weight_method')} round or gptq (adaround is per channel)")
+                settings["group_size"] = group_size
+            elif method == "gptq":
+                settings["group_size"] = None  # per channel unless asked: the zoo's layers are narrow
+            steps.append({method: settings})
+        elif data_aware or group_size is not None:
+            raise NetshrinkError(f"{named('weight_method')} and {named('group_size')} need {named('weight_bits')}")
+        if activation_bits is not None and not data_aware:
+            steps.append({"activations": {"bits": activation_bits}})
+        if finetune is not None:
+            steps.append({"finetune": {"epochs": finetune, "lr": lr, "augment": augment,
+                                       "distill": True}})
+        return steps
+
     @classmethod
     def load(cls, name_or_path: str) -> "Recipe":
         """A built-in recipe by name (see :func:`builtin_recipes`) or a YAML file."""

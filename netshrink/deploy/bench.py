@@ -750,3 +750,17 @@ def _measure(reference, models, work, threads, repeats, large_repeats, profile, 
                 profiler = openvino_profile if chosen.candidate.runtime == "OpenVINO" else operator_profile
                 result.profiles[chosen.candidate.name] = profiler(chosen.candidate.onnx, work.large, threads)
     return result
+
+
+def random_tokens(model, count: int = 256, length: int = 64) -> list[dict]:
+    """Seeded random token sequences of varied length, for scoring a transformer without text:
+    the cosine to the reference measures how faithfully each candidate computes the same function."""
+    vocabulary = int(getattr(model.config, "vocab_size", 1000))
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, count, 32):
+        ids = torch.randint(min(1000, vocabulary - 1), vocabulary, (32, length), generator=generator)
+        lengths = torch.randint(length // 4, length + 1, (32, 1), generator=generator)
+        mask = (torch.arange(length)[None] < lengths).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask})
+    return batches
