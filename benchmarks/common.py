@@ -18,7 +18,8 @@ def write_results(path: Path, lines: list[str], quiet: bool = False) -> None:
 
 def command_line(script: str) -> str:
     """The markdown line that tells how to reproduce a result: the exact command that was run."""
-    return f"Command: `{' '.join(['python', f'benchmarks/{Path(script).name}', *sys.argv[1:]])}`  "
+    where = Path(script).resolve()
+    return f"Command: `{' '.join(['python', f'{where.parent.name}/{where.name}', *sys.argv[1:]])}`  "
 
 
 def timing_arguments(parser, repeats: int, large_repeats: int, large: str = "batch 256") -> None:

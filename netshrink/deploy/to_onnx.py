@@ -395,7 +395,7 @@ def export(model: nn.Module, path: str | Path, *, int8: bool = False, calibratio
     onnx.checker.check_model(graph_model)
     # Intermediate shapes are not stored (value_info): with them ONNX Runtime 1.32 fuses a
     # transformer's residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel
-    # made all-MiniLM-L6-v2 slower, fp32 and int8 alike (benchmarks/onnx_shapes.py).
+    # made all-MiniLM-L6-v2 slower, fp32 and int8 alike (investigations/onnx_shapes.py).
     atomic_write(path, graph_model.SerializeToString())
     return report
 
@@ -661,7 +661,7 @@ def _integer_matmul_with_bias(graph_model, report, helper) -> None:
     values in one kernel. From the QDQ form ONNX Runtime fuses the kernel without the bias and then
     adds it in a separate pass over the output; its own fusion that would take the bias only matches
     opset-13 graphs. all-MiniLM-L6-v2 runs 1.09x faster at batch 1 and 1.14x at batch 32 with the
-    same outputs (benchmarks/results/fused_projections.md). The node
+    same outputs (investigations/results/fused_projections.md). The node
     is in the com.microsoft domain, so the file then needs ONNX Runtime."""
     graph = graph_model.graph
     initializers = {i.name: i for i in graph.initializer}

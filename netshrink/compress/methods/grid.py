@@ -120,7 +120,7 @@ class RoundToGrid(torch.autograd.Function):
     the same order as :func:`round_to` (so the same values), without the temporaries of a
     straight-through sum. On CPU about 1.6x faster in forward + backward than that sum, and 3.7x
     faster than PyTorch's fused ``fake_quantize_per_channel_affine`` kernel
-    (benchmarks/results/transform_overhead.md)."""
+    (investigations/results/transform_overhead.md)."""
 
     @staticmethod
     def forward(ctx, w, scale, zero_point, qmin, qmax):  # noqa: D102

@@ -27,7 +27,7 @@ class Mask(nn.Module):
     copy made at the first training step (in training mode, with gradients) and dropped by ``eval()``
     or by a use without gradients (baking, saving): a float multiply costs little
     more than nothing in forward + backward, a boolean one about three times as much and
-    ``torch.where`` about five (benchmarks/results/transform_overhead.md), and on small models that
+    ``torch.where`` about five (investigations/results/transform_overhead.md), and on small models that
     is a large share of the training step. A pruned model that is evaluated, saved or loaded holds
     1.25x its weights, not 2x. In training steps pruned negative weights become -0.0, equal to 0.0
     in every computation; elsewhere they come out as +0.0, so saving need not copy the weight to

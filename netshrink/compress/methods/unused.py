@@ -7,7 +7,7 @@ model computes the same outputs, in a smaller file.
 Per-layer magnitude pruning decides each layer on its own, so this is common at high sparsity: on
 LeNet-5 pruned to conv1 50%, conv2 10%, fc1 1.2%, fc2 10%, 185 of fc1's 500 units are read by no
 weight of fc2, and 743 of the model's 8,050 kept weights feed them
-(``benchmarks/results/unused_units.md``).
+(``investigations/results/unused_units.md``).
 
 Which layers read a unit comes from the same channel spaces structured pruning uses
 (``methods.structured``: residual adds couple layers; BatchNorm, activations, pooling and depthwise

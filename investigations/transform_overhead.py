@@ -1,13 +1,14 @@
 """Forward + backward cost of the weight transforms' formulations (why Mask multiplies and why
 FakeQuantize uses an in-place grid with an identity backward).
 
-    python benchmarks/transform_overhead.py
+    python investigations/transform_overhead.py
 
 One 300 x 784 weight (LeNet-300-100's fc1), one thread, median of 300 runs of forward + backward,
-all formulations in this run. Writes benchmarks/results/transform_overhead.md.
+all formulations in this run. Writes investigations/results/transform_overhead.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 
 from netshrink.compress.methods.quantize import FakeQuantize, fake_quantize, quantization_grid, straight_through
 from netshrink.tables import markdown
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from common import command_line  # benchmarks/common.py
 
 
 def cost(make, repeats: int) -> float:

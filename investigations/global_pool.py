@@ -2,7 +2,7 @@
 GlobalAveragePool on the uint8 map, the same export with the pool left as ReduceMean (netshrink
 before this rewrite), and ONNX Runtime's own ``quantize_static``, timed on the same architecture.
 
-    python benchmarks/global_pool.py
+    python investigations/global_pool.py
 
 resmobile (residual adds, depthwise convolutions, BatchNorm) at full width and with half of each
 channel group removed (``remove_units(keep=0.5, multiple_of=8)``, the shape ``deployment.py``
@@ -11,10 +11,11 @@ the models are trained one epoch only (enough for realistic activation ranges); 
 ``deployment.py``'s business. One interleaved run per model (``netshrink.deploy.bench``'s timing: medians
 over alternating rounds), 2 threads, and ONNX Runtime's per-operator profile at batch 256.
 
-Writes benchmarks/results/global_pool.md.
+Writes investigations/results/global_pool.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import copy
 import tempfile
@@ -28,7 +29,8 @@ import netshrink
 from netshrink.deploy import to_onnx as onnx_export
 from netshrink.deploy.bench import _interleaved, _Reader, ort_session
 from netshrink.deploy.machine import describe
-from common import command_line, operator_table, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from common import command_line, operator_table, timing_arguments  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")

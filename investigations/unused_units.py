@@ -1,22 +1,24 @@
 """Weights that feed nothing: how much of a pruned model's file PruneUnused takes away, exactly.
 
-    python benchmarks/unused_units.py --cache /tmp/auto
+    python investigations/unused_units.py --cache /tmp/auto
 
 LeNet-5 and LeNet-300-100 trained on MNIST (as benchmarks/auto_compression.py trains them, read
 from its cache when there), pruned per layer by magnitude to the keeps auto's policies use, shared
 at 2 bits, then `PruneUnused`: the units no later layer reads, the kept weights that fed them, the
 file before and after, and the largest output difference on the test set (exact: 0).
-Writes benchmarks/results/unused_units.md.
+Writes investigations/results/unused_units.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 from pathlib import Path
 
 import torch
 
 import netshrink
-from auto_compression import dense_model, split  # benchmarks/ (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from auto_compression import dense_model, split  # benchmarks/
 from common import command_line
 from netshrink.store.artifact import to_bytes
 

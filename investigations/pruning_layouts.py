@@ -2,7 +2,7 @@
 before any fine-tuning, against ONNX Runtime quantize_static of the dense model, in one interleaved run.
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/pruning_layouts.py --cache /tmp/dep     # reuses deployment.py's dense resmobile
+    python investigations/pruning_layouts.py --cache /tmp/dep     # reuses deployment.py's dense resmobile
 
 Latency depends on the layout, not on the weights' values, so the layouts are timed untrained
 (their accuracy before fine-tuning says nothing and is left out): each is netshrink.remove_units
@@ -13,6 +13,7 @@ where the multiply-accumulates are. deployment.py fine-tunes the layout chosen h
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import warnings
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 import netshrink
 from netshrink.deploy.machine import describe
 from netshrink.compress.methods.structured import unit_groups
-from common import command_line, macs, timing_arguments  # benchmarks/common.py (scripts run from this folder's path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
+from common import command_line, macs, timing_arguments  # benchmarks/common.py
 from deployment import CNNS, cached, trained  # the dense model deployment.py fine-tunes from
 
 RESULTS = Path(__file__).parent / "results"
