@@ -33,7 +33,7 @@ from netshrink.search.latency import UnitChoice, example_batch, ort_latencies, u
 from netshrink.deploy.machine import describe
 from netshrink.compress.methods.structured import unit_groups
 from auto_pareto import plot_fronts, resmobile_arguments, resmobile_on_fashion  # benchmarks/auto_pareto.py
-from common import command_line, macs  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, macs, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 UNIFORM = (0.75, 0.5, 0.35)  # share of units every group keeps
@@ -148,9 +148,7 @@ def main() -> None:
         "| search | budget ms | met | trials | predicted ms | measured ms | validation accuracy | policy |",
         "|---|---|---|---|---|---|---|---|", *search_rows, "", *refusals, *([""] if refusals else []),
         f"![accuracy vs latency]({picture.name})", ""])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_results(args.output, text.splitlines())
 
 
 if __name__ == "__main__":

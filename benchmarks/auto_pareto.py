@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 import netshrink
 from netshrink.search.auto import Choice, policy_steps, searched_layers
 from auto_compression import dense_model, split  # benchmarks/auto_compression.py
-from common import command_line  # benchmarks/common.py (scripts run from this folder's path)
+from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
 
 RESULTS = Path(__file__).parent / "results"
 UNIFORM = ((0.5, 4), (0.35, 4), (0.25, 3), (0.15, 3))  # (keep, shared bits) for every layer
@@ -162,9 +162,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         "**Same accuracy**:", "", *fewer, "",
         f"![accuracy vs bytes]({picture.name})", ""])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_results(args.output, text.splitlines())
 
 
 if __name__ == "__main__":

@@ -206,36 +206,38 @@ def _run(model: nn.Module, inputs: Inputs) -> None:
         raise NetshrinkError(f"the model does not run on the calibration data: {first_line(exc, None)}") from None
 
 
-def execution_order(model: nn.Module, layers: dict[str, nn.Module], first: Inputs) -> tuple[list[list[str]], bool]:
-    """The layers in the order ``model`` runs them on one batch, grouped where consecutive layers
-    read the very same input tensor (they can be calibrated in one pass); and whether any layer
-    runs more than once per forward pass (then no pass may stop early)."""
-    seen: list[tuple[str, torch.Tensor]] = []  # the tensors themselves: ids of freed ones repeat
-    calls: dict[str, int] = {}
-
-    def recorder(name):
-        def hook(module, args):
-            calls[name] = calls.get(name, 0) + 1
-            if calls[name] == 1:
-                seen.append((name, args[0]))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+def calls_in_order(model: nn.Module, modules: dict[str, nn.Module], first: Inputs) -> list[tuple[str, object]]:
+    """Every call of ``modules`` while ``model`` runs the batch ``first`` once, in order: ``(name, the
+    call's first input)``. The inputs are the tensors themselves: ids of freed ones repeat."""
+    calls: list[tuple[str, object]] = []
+    handles = [module.register_forward_pre_hook(lambda _, args, name=name: calls.append((name, args[0] if args else None)))
+               for name, module in modules.items()]
     try:
         with torch.no_grad(), eval_mode(model):
             _run(model, first)
     finally:
         for handle in handles:
             handle.remove()
+    return calls
+
+
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], first: Inputs) -> tuple[list[list[str]], bool]:
+    """The layers in the order ``model`` runs them on one batch, grouped where consecutive layers
+    read the very same input tensor (they can be calibrated in one pass); and whether any layer
+    runs more than once per forward pass (then no pass may stop early)."""
+    calls = calls_in_order(model, layers, first)
+    first_calls: dict[str, object] = {}
+    for name, source in calls:
+        first_calls.setdefault(name, source)  # a dict keeps the order of first calls
     groups: list[list[str]] = []
     previous = None
-    for name, source in seen:
+    for name, source in first_calls.items():
         if groups and source is previous:
             groups[-1].append(name)
         else:
             groups.append([name])
         previous = source
-    return groups, any(n > 1 for n in calls.values())
+    return groups, len(calls) > len(first_calls)
 
 
 def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs: frozenset, *,

@@ -15,7 +15,8 @@ format                 file                                runs in
 =====================  ==================================  ===========================================
 
 Every low-bit target writes netshrink's integer codes as they are (:mod:`.codes`); where a format
-cannot hold a layer's grid, the report says so, layer by layer.
+cannot hold a layer's grid, the report says so, layer by layer. :mod:`.bench` times the written
+models against the runtimes' own quantizers, on the machine :mod:`.machine` describes.
 """
 from __future__ import annotations
 

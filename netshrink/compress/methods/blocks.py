@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..calibration import _Reached, _run, real_positions, split, take
+from ..calibration import _Reached, _run, calls_in_order, real_positions, split, take
 from ...errors import NetshrinkError
 from ...training.batches import Inputs, Progress, eval_mode
 from .base import Report, keep_mask, replace_weight, tied_weights, transforms, weight_source
@@ -401,16 +401,7 @@ def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: floa
 def _execution_order(model: nn.Module, blocks: list[nn.Module], first: Inputs) -> list[int]:
     """Indices of ``blocks`` in the order the model runs them; a block run twice per forward pass
     (shared) is refused: its one set of weights would have two targets."""
-    seen: list[int] = []
-    handles = []
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda module, args, i=i: seen.append(i)))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            _run(model, first)
-    finally:
-        for handle in handles:
-            handle.remove()
+    seen = [int(name) for name, _ in calls_in_order(model, {str(i): block for i, block in enumerate(blocks)}, first)]
     repeated = sorted({i for i in seen if seen.count(i) > 1})
     if repeated:
         raise NetshrinkError(f"block reconstruction: a block runs {seen.count(repeated[0])} times per forward pass; "
