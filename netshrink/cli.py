@@ -335,13 +335,19 @@ _ONNX_IMPORTS = ("onnx", "onnxruntime")
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = False
     try:
         args = build_parser().parse_args(argv)
         import_holding_ctrl_c(*_HEAVY_IMPORTS, *(_ONNX_IMPORTS if args.command in ("export", "bench") else ()),
                               *(("sklearn.datasets",) if getattr(args, "data", None) == "digits" else ()))
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # launched by torchrun: one of several processes
+            from .training import distributed
+
+            started = distributed.start()
         return COMMANDS[args.command](args) or 0
     except NetshrinkError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        where = f"process {os.environ['RANK']}: " if started else ""
+        sys.stderr.write(f"error: {where}{exc}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -351,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        if started:
+            from .training import distributed
+
+            distributed.stop()
 
 
 def _caused_by_ctrl_c(exc: BaseException) -> bool:
@@ -367,7 +378,8 @@ def _caused_by_ctrl_c(exc: BaseException) -> bool:
 def _console():
     from .tables import console
 
-    return console()
+    quiet = os.environ.get("RANK", "0") != "0"  # several processes: the first one reports
+    return console(quiet=quiet)
 
 
 def _print(text: str) -> None:

@@ -10,10 +10,11 @@ from rich.table import Table
 from rich.text import Text
 
 
-def console() -> Console:
+def console(quiet: bool = False) -> Console:
     """Where commands print: plain text (names from files and recipes are never read as rich markup),
-    160 columns when the output is not a terminal (a log keeps whole table rows)."""
-    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False)
+    160 columns when the output is not a terminal (a log keeps whole table rows). ``quiet``: print nothing
+    (every process but the first, when several run one command)."""
+    return Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False, quiet=quiet)
 
 
 def make_table(title: str, columns: list[str], rows: list[list], caption: str | None = None) -> Table:

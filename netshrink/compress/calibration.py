@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import NetshrinkError, first_line
+from ..training import distributed
 from ..training.batches import Data, Forward, Inputs, Progress, batches, call, default_forward, eval_mode
 
 NEEDS = ("hessian", "mean", "sumsq", "inputs")
@@ -112,10 +113,25 @@ class LayerInputs:
             self.sumsq = _accumulate(self.sumsq, rows.square().sum(dim=-2))
         self.count += rows.shape[-2]
 
-    def finish(self) -> "LayerInputs":
+    def finish(self, layer: nn.Module, needs: frozenset) -> "LayerInputs":
+        """The statistics complete: with several processes, each of which saw a share of the examples,
+        summed over all of them first (then equal to one process's, up to the order of float sums)."""
+        if distributed.active():
+            self._sum_over_processes(layer, needs)
         if self.hessian is not None:
             self.hessian.div_(max(self.count, 1))
         return self
+
+    def _sum_over_processes(self, layer: nn.Module, needs: frozenset) -> None:
+        if not needs & {"hessian", "mean", "sumsq"} or (im2col_inputs(layer) is None and not is_depthwise_2d(layer)):
+            return
+        # A process whose share never reached the layer still takes part, with zeros of the right shape.
+        rows = ([layer.in_channels, layer.weight[0].numel()] if is_depthwise_2d(layer) else [im2col_inputs(layer)])
+        for kind, shape in (("hessian", rows + rows[-1:]), ("sum", rows), ("sumsq", rows)):
+            if (kind if kind != "sum" else "mean") in needs:
+                value = getattr(self, kind)
+                setattr(self, kind, distributed.all_sum(value if value is not None else torch.zeros(shape)))
+        self.count = distributed.all_sum_number(self.count)
 
 
 def real_positions(x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
@@ -151,9 +167,13 @@ class OutputDamage:
         return sum(float((now - then).square().sum()) for now, then in zip(outputs, self.reference)) / self.energy
 
 
-def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
+def take(data: Data, samples: int, batch_size: int, shared: bool = False) -> list[Inputs]:
     """The first ``samples`` examples of ``data`` as batches of ``batch_size`` (kept in memory: a
-    calibration set is a few hundred examples, and it is run once per layer)."""
+    calibration set is a few hundred examples, and it is run once per layer). ``shared``: with several
+    processes, this process's share of each batch (statistics summed over the processes afterwards)."""
+    if shared and distributed.active():
+        parts = [distributed.share(inputs) for inputs in take(data, samples, batch_size)]
+        return [part for part in parts if _batch_length(part)]  # may be empty: the sums then add zeros
     kept, have = [], 0
     for inputs, _ in batches(data, batch_size):
         size = _batch_length(inputs)
@@ -247,8 +267,10 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
     layer before asking for the next one, and later layers see its changed outputs. Layers the
     calibration data never reaches are not yielded."""
     _check_needs(layers, needs)
-    kept = take(data, samples, batch_size)
-    groups, repeated = execution_order(model, layers, kept[0])
+    everything = take(data, samples, batch_size)
+    groups, repeated = execution_order(model, layers, everything[0])
+    # Statistics that sum over examples are shared out between processes; raw inputs are not.
+    kept = take(data, samples, batch_size, shared=True) if "inputs" not in needs else everything
     progress = Progress(len(groups), desc, unit="layer group")
     started = time.perf_counter()
     try:
@@ -276,7 +298,7 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
                 for handle in handles:
                     handle.remove()
             for name in group:
-                yield name, stats[name].finish()
+                yield name, stats[name].finish(layers[name], needs)
             elapsed = time.perf_counter() - started
             left = elapsed / (done + 1) * (len(groups) - done - 1)
             progress.update(done + 1, f"~{left:.0f}s left")
@@ -300,13 +322,13 @@ def dense_statistics(model: nn.Module, layers: dict[str, nn.Module], data: Data,
     handles = [layer.register_forward_pre_hook(collector(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad(), eval_mode(model), parametrize.cached():
-            for inputs in take(data, samples, batch_size):
+            for inputs in take(data, samples, batch_size, shared="inputs" not in needs):
                 batch[:] = [inputs]
                 _run(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: s.finish() for name, s in stats.items()}
+    return {name: s.finish(layers[name], needs) for name, s in stats.items()}
 
 
 def _check_needs(layers: dict[str, nn.Module], needs: frozenset) -> None:

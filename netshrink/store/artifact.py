@@ -58,6 +58,7 @@ from ..compress.methods.heads import check_bias_heads, restore_bias_heads, sync_
 from ..compress.methods.prune import Mask
 from ..compress.methods.base import (COMPRESSIBLE, LINEAR_CONV, baked_items, baked_name, baked_state_dict, is_depthwise, remove_transforms, sync_sizes, transforms)
 from ..errors import check_flag, preserved
+from ..training import distributed
 from ..zoo.models import model_from_spec, spec_of
 
 FORMAT, VERSION, READS = "netshrink", 5, (1, 2, 3, 4, 5)
@@ -485,7 +486,21 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     check_max_error(max_error)
     check_notes(recipe, info)
-    return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+    if not distributed.active():
+        return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+    # Several processes hold the same model: the first writes, the others learn its size (or its failure).
+    size, error = -1, None
+    if distributed.is_main():
+        try:
+            size = atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+        except BaseException as exc:  # the others must not wait for a file that will not come
+            error = exc
+    size = distributed.broadcast_number(size)
+    if error is not None:
+        raise error
+    if size < 0:
+        raise NetshrinkError(f"the first process could not write {path}")
+    return size
 
 
 def check_notes(recipe: list | None, info: dict | None) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetshrinkError, check_flag, check_number, preserved
+from . import distributed
 from .batches import (Data, _tensors_in, Forward, _in_memory, _length, batches, check_data, check_model_fits, default_forward,
                       eval_mode, Progress)
 
@@ -190,7 +191,11 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
                  if lr_decay and total else None)
     step, started, running = 0, time.perf_counter(), float("nan")
-    bar = Progress(total, desc, enabled=progress)
+    bar = Progress(total, desc, enabled=progress and distributed.is_main())
+    # Several processes: each runs its share of every batch through DistributedDataParallel, which
+    # averages the gradients; a share's loss is weighted by its size, so the average is the batch's.
+    runner = model if not distributed.active() else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=True)
     history, best, kept_step = [], None, 0
     check_at = {round(total * i / checks) for i in range(1, checks + 1)} if total else set()
 
@@ -211,12 +216,18 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
             if augment:
                 if not (torch.is_tensor(x) and x.dim() == 4):
                     raise NetshrinkError(f"augment shifts images: it needs [N, C, H, W] inputs. Received: augment={augment}")
-                x = random_shift(x, augment, generator)
-            output, teacher_output = forward(model, x), None
+                x = random_shift(x, augment, generator)  # the whole batch, as one process would: then shared
+            size = distributed.batch_length(x)
+            if size < distributed.world_size():  # a last batch too small to share: every process skips it
+                continue
+            x, y = distributed.share(x, size), (distributed.share(y, size) if y is not None else None)
+            weight = distributed.batch_length(x) * distributed.world_size() / size
+            output, teacher_output = forward(runner, x), None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_output = forward(teacher, x)
-            loss = _objective(output, teacher_output, y, distill, loss_function)
+            objective_value = _objective(output, teacher_output, y, distill, loss_function)
+            loss = objective_value * weight if weight != 1 else objective_value
             if penalty is not None:
                 loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -224,10 +235,11 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            if not math.isfinite(loss.item()):
-                raise NetshrinkError(f"training diverged at step {step + 1} (loss {loss.item()}): lower the "
+            value = distributed.all_sum_number(loss.item()) / distributed.world_size()  # the batch's loss
+            if not math.isfinite(value):
+                raise NetshrinkError(f"training diverged at step {step + 1} (loss {value}): lower the "
                                      "learning rate; the model was left as it was before training")
-            running = loss.item() if running != running else 0.95 * running + 0.05 * loss.item()
+            running = value if running != running else 0.95 * running + 0.05 * value
             step += 1
             if objective is not None and step in check_at:
                 check()

@@ -1,0 +1,132 @@
+"""Several processes, one result: ``fit`` and calibration under ``torchrun`` with 2 processes (gloo, on
+this CPU) give what one process gives on the same data, one process writes the file, and a process
+that fails stops the job with its error and no file.
+
+Tolerances: training with the same global batch and seed matches to float rounding (gradients are
+averaged in another order; 1e-6 after an epoch); masks are identical. Calibration statistics are sums
+in another order (relative 1e-5); GPTQ then rounds the same but for the rare weight within float
+rounding of half a step (at most 1 in 1,000 codes here), whose error it passes on to the next columns.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import netshrink
+from netshrink.compress.calibration import dense_statistics
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+SETUP = """
+import sys
+import numpy as np
+import torch
+import netshrink
+from netshrink.training import distributed
+
+distributed.start()
+train = netshrink.load_dataset("digits", "train")
+torch.manual_seed(0)
+model = netshrink.build_model("lenet-300-100", in_shape=(1, 8, 8))
+"""
+
+
+def run(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "job.py"
+    script.write_text(SETUP + textwrap.dedent(body))
+    return subprocess.run([*TORCHRUN, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def single(prune: bool = True) -> torch.nn.Module:
+    train = netshrink.load_dataset("digits", "train")
+    torch.manual_seed(0)
+    model = netshrink.build_model("lenet-300-100", in_shape=(1, 8, 8))
+    if prune:
+        netshrink.prune(model, keep=0.3)
+        netshrink.quantize(model, weight_bits=4)
+        netshrink.fit(model, train, epochs=1, batch_size=64, lr=2e-3, seed=3, progress=False)
+    return model
+
+
+def test_training_on_two_processes_gives_one_process_model(tmp_path):
+    result = run(tmp_path, """
+        netshrink.prune(model, keep=0.3)
+        netshrink.quantize(model, weight_bits=4)
+        netshrink.fit(model, train, epochs=1, batch_size=64, lr=2e-3, seed=3, progress=False)
+        size = netshrink.save(model, "two.nsk")
+        np.save(f"rank{distributed.rank()}.npy", model.fc1.weight.detach().numpy())
+        assert size > 0
+        distributed.stop()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.glob("*.tmp*")) and (tmp_path / "two.nsk").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))  # ranks agree
+    two, one = netshrink.load(tmp_path / "two.nsk"), single()
+    for name in ("fc1", "fc2", "fc3"):
+        a, b = getattr(one, name), getattr(two, name)
+        assert torch.equal(a.parametrizations.weight[0].mask, b.parametrizations.weight[0].mask), name
+        for tensor in ("weight", "bias"):  # the weight as it computes: masked, on its 4-bit grid
+            assert torch.allclose(getattr(a, tensor), getattr(b, tensor), atol=1e-6), (name, tensor)
+
+
+def test_calibration_statistics_on_two_processes_equal_one_process(tmp_path):
+    needs = frozenset({"hessian", "mean", "sumsq"})
+    result = run(tmp_path, """
+        from netshrink.compress.calibration import dense_statistics
+        layers = {name: getattr(model, name) for name in ("fc1", "fc2", "fc3")}
+        stats = dense_statistics(model, layers, train, frozenset({"hessian", "mean", "sumsq"}), samples=300, batch_size=64)
+        if distributed.is_main():
+            np.savez("stats.npz", **{f"{n}.{k}": getattr(s, k).numpy() for n, s in stats.items()
+                                     for k in ("hessian", "sum", "sumsq")}, **{f"{n}.count": s.count for n, s in stats.items()})
+        distributed.stop()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = np.load(tmp_path / "stats.npz")
+    model = single(prune=False)
+    layers = {name: getattr(model, name) for name in ("fc1", "fc2", "fc3")}
+    one = dense_statistics(model, layers, netshrink.load_dataset("digits", "train"), needs, samples=300, batch_size=64)
+    for name, stats in one.items():
+        assert int(two[f"{name}.count"]) == stats.count == 300
+        for kind in ("hessian", "sum", "sumsq"):
+            np.testing.assert_allclose(two[f"{name}.{kind}"], getattr(stats, kind).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_command_line_under_torchrun_and_gptq_codes(tmp_path):
+    command = [sys.executable, "-m", "netshrink"]
+    dense = tmp_path / "dense.nsk"
+    subprocess.run([*command, "train", "--model", "lenet-300-100", "--data", "digits", "--epochs", "3", "-o", str(dense)],
+                   check=True, capture_output=True)
+    settings = ["--data", "digits", "--weight-bits", "4", "--weight-method", "gptq"]
+    two = subprocess.run([*TORCHRUN, "-m", "netshrink", "compress", str(dense), *settings, "-o", str(tmp_path / "two.nsk")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("result (") == 1  # one process reports
+    subprocess.run([*command, "compress", str(dense), *settings, "-o", str(tmp_path / "one.nsk")], check=True,
+                   capture_output=True)
+    a, b = netshrink.load(tmp_path / "one.nsk"), netshrink.load(tmp_path / "two.nsk")
+    flipped = total = 0
+    for name in ("fc1", "fc2", "fc3"):
+        scale = getattr(a, name).parametrizations.weight[0].scale.detach().reshape(-1, 1)
+        steps = (getattr(a, name).weight - getattr(b, name).weight).detach().abs() / scale
+        flipped, total = flipped + int((steps > 0.5).sum()), total + steps.numel()
+    assert flipped <= total // 1000, (flipped, total)
+
+
+def test_a_failing_process_stops_the_job_with_its_error_and_no_file(tmp_path):
+    result = run(tmp_path, """
+        if distributed.rank() == 1:
+            train.tensors[0][0, 0, 0, 0] = float("nan")  # this process's data is broken
+        netshrink.fit(model, train, epochs=1, progress=False)
+        netshrink.save(model, "never.nsk")
+    """)
+    assert result.returncode != 0
+    assert "NetshrinkError: the data contains NaN" in result.stderr
+    assert not (tmp_path / "never.nsk").exists() and not list(tmp_path.glob("never*"))
