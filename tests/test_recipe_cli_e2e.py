@@ -88,21 +88,6 @@ def test_cli_unknown_model_and_data(tmp_path):
         assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_cli_export_and_bench_on_digits(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    dense = tmp_path / "dense.nsk"
-    assert main(["train", "--model", "mlp", "--data", "digits", "--epochs", "3", "-o", str(dense)]) == 0
-    assert main(["export", str(dense), "--int8", "--data", "digits", "-o", str(tmp_path / "m.onnx")]) == 0
-    assert (tmp_path / "m.onnx").stat().st_size > 0
-    assert main(["bench", str(dense), "--data", "digits", "--repeats", "3", "--large-repeats", "2",
-                 "--markdown", str(tmp_path / "bench.md")]) == 0
-    table = (tmp_path / "bench.md").read_text()
-    for candidate in ("PyTorch fp32", "netshrink dense (ONNX Runtime int8)", "quantize_static", "quantize_dynamic",
-                      "torch.ao dynamic int8"):
-        assert candidate in table
-
-
 def test_recipe_raw_form_rebuilds_the_same_steps():
     from netshrink.compress.recipe import Finetune, Step
 

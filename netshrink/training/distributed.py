@@ -71,10 +71,15 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _device() -> torch.device:
+    """Where the backend's collectives take tensors: the GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum_number(value: float | int) -> float | int:
     if not active():
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    total = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return type(value)(total.item())
 
@@ -83,7 +88,7 @@ def broadcast_number(value: float | int) -> float | int:
     """The first process's ``value``, on every process."""
     if not active():
         return value
-    carried = torch.tensor([value], dtype=torch.float64)
+    carried = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.broadcast(carried, src=0)
     return type(value)(carried.item())
 
