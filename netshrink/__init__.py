@@ -62,12 +62,15 @@ def __getattr__(name: str):
     return value
 
 
+_MOVED_LONGEST_FIRST = sorted(_MOVED, key=len, reverse=True)  # "codec.grids" before "codec"
+
+
 def _moved(fullname: str) -> list[str] | None:
     """The new modules of an old path (``netshrink.codec.weights`` -> ``[netshrink.store.codec.weights]``), or None."""
     if not fullname.startswith(__name__ + "."):
         return None
     old = fullname[len(__name__) + 1:]
-    for key in sorted(_MOVED, key=len, reverse=True):
+    for key in _MOVED_LONGEST_FIRST:
         if old == key or old.startswith(key + "."):
             rest = old[len(key):]
             return [f"{__name__}.{target}{rest}" for target in _MOVED[key]]

@@ -340,13 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         import_holding_ctrl_c(*_HEAVY_IMPORTS, *(_ONNX_IMPORTS if args.command in ("export", "bench") else ()),
                               *(("sklearn.datasets",) if getattr(args, "data", None) == "digits" else ()))
-        if os.environ.get("WORLD_SIZE", "1") != "1":  # launched by torchrun: one of several processes
-            from .training import distributed
+        from .training import distributed  # after PyTorch's import above
 
-            started = distributed.start()
+        started = distributed.start()  # launched by torchrun: one of several processes
         return COMMANDS[args.command](args) or 0
     except NetshrinkError as exc:
-        where = f"process {os.environ['RANK']}: " if started else ""
+        where = f"process {distributed.rank()}: " if started else ""
         sys.stderr.write(f"error: {where}{exc}\n")
         return 2
     except KeyboardInterrupt:
@@ -359,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if started:
-            from .training import distributed
-
             distributed.stop()
 
 
@@ -377,9 +374,9 @@ def _caused_by_ctrl_c(exc: BaseException) -> bool:
 
 def _console():
     from .tables import console
+    from .training import distributed
 
-    quiet = os.environ.get("RANK", "0") != "0"  # several processes: the first one reports
-    return console(quiet=quiet)
+    return console(quiet=not distributed.is_main())  # several processes: the first one reports
 
 
 def _print(text: str) -> None:

@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 from ..errors import NetshrinkError, first_line
 from ..training import distributed
-from ..training.batches import Data, Forward, Inputs, Progress, batches, call, default_forward, eval_mode
+from ..training.batches import (Data, Forward, Inputs, Progress, batch_length, batch_slice, batches, call,
+                                default_forward, eval_mode)
 
 NEEDS = ("hessian", "mean", "sumsq", "inputs")
 MAX_HESSIAN_INPUTS = 16384  # a 1 GiB float32 matrix; wider layers are refused, not swapped to death
@@ -75,6 +76,11 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def _sums_rows(layer: nn.Module, needs: frozenset) -> bool:
+    """Whether ``needs`` asks for statistics summed over the layer's input rows, and the layer has such rows."""
+    return bool(needs & {"hessian", "mean", "sumsq"}) and (im2col_inputs(layer) is not None or is_depthwise_2d(layer))
+
+
 def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total.add_(part)
 
@@ -102,7 +108,7 @@ class LayerInputs:
                 self.stored_bytes += x.numel() * 4
             else:
                 self.complete = False
-        if not needs & {"hessian", "mean", "sumsq"} or (im2col_inputs(layer) is None and not is_depthwise_2d(layer)):
+        if not _sums_rows(layer, needs):
             return
         rows = input_rows(layer, x)  # [..., positions, inputs]: a depthwise layer has one set per channel
         if "hessian" in needs:
@@ -123,7 +129,7 @@ class LayerInputs:
         return self
 
     def _sum_over_processes(self, layer: nn.Module, needs: frozenset) -> None:
-        if not needs & {"hessian", "mean", "sumsq"} or (im2col_inputs(layer) is None and not is_depthwise_2d(layer)):
+        if not _sums_rows(layer, needs):
             return
         # A process whose share never reached the layer still takes part, with zeros of the right shape.
         rows = ([layer.in_channels, layer.weight[0].numel()] if is_depthwise_2d(layer) else [im2col_inputs(layer)])
@@ -167,18 +173,14 @@ class OutputDamage:
         return sum(float((now - then).square().sum()) for now, then in zip(outputs, self.reference)) / self.energy
 
 
-def take(data: Data, samples: int, batch_size: int, shared: bool = False) -> list[Inputs]:
+def take(data: Data, samples: int, batch_size: int) -> list[Inputs]:
     """The first ``samples`` examples of ``data`` as batches of ``batch_size`` (kept in memory: a
-    calibration set is a few hundred examples, and it is run once per layer). ``shared``: with several
-    processes, this process's share of each batch (statistics summed over the processes afterwards)."""
-    if shared and distributed.active():
-        parts = [distributed.share(inputs) for inputs in take(data, samples, batch_size)]
-        return [part for part in parts if _batch_length(part)]  # may be empty: the sums then add zeros
+    calibration set is a few hundred examples, and it is run once per layer)."""
     kept, have = [], 0
     for inputs, _ in batches(data, batch_size):
-        size = _batch_length(inputs)
+        size = batch_length(inputs)
         if have + size > samples:
-            inputs = _head(inputs, samples - have)
+            inputs = batch_slice(inputs, 0, samples - have)
             size = samples - have
         kept.append(inputs)
         have += size
@@ -189,32 +191,24 @@ def take(data: Data, samples: int, batch_size: int, shared: bool = False) -> lis
     return kept
 
 
+def shares(kept: list[Inputs], summed: bool) -> list[Inputs]:
+    """What this process runs of ``kept``: with several processes and statistics that are ``summed``
+    over them afterwards, its share of each batch (possibly none: the sums then add zeros); else all."""
+    if not (summed and distributed.active()):
+        return kept
+    parts = [distributed.share(inputs) for inputs in kept]
+    return [part for part in parts if batch_length(part)]
+
+
 def split(kept: list[Inputs], batch_size: int) -> list[Inputs]:
     """``kept`` with every batch larger than ``batch_size`` cut into batches of that size (a user's
     calibration set may come as one large batch; training steps want many small ones)."""
     pieces = []
     for inputs in kept:
-        size = _batch_length(inputs)
-        pieces += [_part(inputs, start, start + batch_size) for start in range(0, size, batch_size)] \
+        size = batch_length(inputs)
+        pieces += [batch_slice(inputs, start, start + batch_size) for start in range(0, size, batch_size)] \
             if size > batch_size else [inputs]
     return pieces
-
-
-def _part(inputs: Inputs, start: int, end: int) -> Inputs:
-    if torch.is_tensor(inputs):
-        return inputs[start:end]
-    if isinstance(inputs, dict):
-        return {k: v[start:end] for k, v in inputs.items()}
-    return type(inputs)(v[start:end] for v in inputs)
-
-
-def _batch_length(inputs: Inputs) -> int:
-    first = inputs if torch.is_tensor(inputs) else next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
-    return len(first) if first.dim() else 1
-
-
-def _head(inputs: Inputs, n: int) -> Inputs:
-    return _part(inputs, 0, n)
 
 
 def _run(model: nn.Module, inputs: Inputs) -> None:
@@ -269,8 +263,7 @@ def each_layer(model: nn.Module, layers: dict[str, nn.Module], data: Data, needs
     _check_needs(layers, needs)
     everything = take(data, samples, batch_size)
     groups, repeated = execution_order(model, layers, everything[0])
-    # Statistics that sum over examples are shared out between processes; raw inputs are not.
-    kept = take(data, samples, batch_size, shared=True) if "inputs" not in needs else everything
+    kept = shares(everything, summed="inputs" not in needs)  # raw inputs are not shared out
     progress = Progress(len(groups), desc, unit="layer group")
     started = time.perf_counter()
     try:
@@ -322,7 +315,7 @@ def dense_statistics(model: nn.Module, layers: dict[str, nn.Module], data: Data,
     handles = [layer.register_forward_pre_hook(collector(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad(), eval_mode(model), parametrize.cached():
-            for inputs in take(data, samples, batch_size, shared="inputs" not in needs):
+            for inputs in shares(take(data, samples, batch_size), summed="inputs" not in needs):
                 batch[:] = [inputs]
                 _run(model, inputs)
     finally:

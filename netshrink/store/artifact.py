@@ -486,13 +486,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
     check_max_error(max_error)
     check_notes(recipe, info)
-    if not distributed.active():
+    def write() -> int:
         return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+
+    if not distributed.active():
+        return write()
     # Several processes hold the same model: the first writes, the others learn its size (or its failure).
     size, error = -1, None
     if distributed.is_main():
         try:
-            size = atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
+            size = write()
         except BaseException as exc:  # the others must not wait for a file that will not come
             error = exc
     size = distributed.broadcast_number(size)

@@ -83,6 +83,21 @@ def _tensors_in(inputs: Inputs) -> list[torch.Tensor]:
     return list(values)
 
 
+def batch_length(inputs: Inputs) -> int:
+    """How many examples one batch's inputs hold (a tensor, a tuple or list, or a dict of tensors)."""
+    first = _tensors_in(inputs)[0]
+    return len(first) if first.dim() else 1
+
+
+def batch_slice(inputs: Inputs, start: int, end: int) -> Inputs:
+    """Examples ``start`` to ``end`` of one batch's inputs, in the same form."""
+    if torch.is_tensor(inputs):
+        return inputs[start:end]
+    if isinstance(inputs, Mapping):
+        return {k: v[start:end] for k, v in inputs.items()}
+    return type(inputs)(v[start:end] for v in inputs)
+
+
 def _check_batch(inputs: Inputs, labels) -> None:
     tensors = _tensors_in(inputs)
     if labels is not None and not torch.is_tensor(labels):

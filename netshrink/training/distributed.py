@@ -16,10 +16,12 @@ code runs either way.
 from __future__ import annotations
 
 import os
+
 import torch
 import torch.distributed as dist
 
 from ..errors import NetshrinkError
+from .batches import Inputs, batch_length, batch_slice
 
 
 def active() -> bool:
@@ -40,32 +42,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def share(inputs, length: int | None = None):
+def share(inputs: Inputs) -> Inputs:
     """This process's share of one global batch (a tensor, a tuple or list of tensors, or a dict of them),
     split along the first dimension into ``world_size()`` nearly equal parts; unchanged in one process."""
     if not active():
         return inputs
-    count = length if length is not None else batch_length(inputs)
-    bounds = [count * r // world_size() for r in range(world_size() + 1)]
-    start, end = bounds[rank()], bounds[rank() + 1]
-
-    def cut(value):
-        return value[start:end] if torch.is_tensor(value) and value.dim() and len(value) == count else value
-
-    if isinstance(inputs, dict):
-        return {key: cut(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(cut(value) for value in inputs)
-    return cut(inputs)
-
-
-def batch_length(inputs) -> int:
-    first = inputs if torch.is_tensor(inputs) else next(iter(inputs.values() if isinstance(inputs, dict) else inputs))
-    return len(first) if first.dim() else 1
+    count = batch_length(inputs)
+    return batch_slice(inputs, count * rank() // world_size(), count * (rank() + 1) // world_size())
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over every process, in place (float64 sums are exact enough to equal one process's)."""
+    """``tensor`` summed over every process, in place (equal to one process's sum up to the order of float additions)."""
     if active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

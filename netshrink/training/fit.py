@@ -19,8 +19,8 @@ from torch import nn
 
 from ..errors import NetshrinkError, check_flag, check_number, preserved
 from . import distributed
-from .batches import (Data, _tensors_in, Forward, _in_memory, _length, batches, check_data, check_model_fits, default_forward,
-                      eval_mode, Progress)
+from .batches import (Data, Forward, Progress, _in_memory, _length, batch_length, batches, check_data,
+                      check_model_fits, default_forward, eval_mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +179,7 @@ class _Objective:
             for i, (x, y) in enumerate(self.batches):
                 target = self.targets[i] if self.targets is not None else None
                 value = _objective(self.forward(model, x), target, y, self.distill, self.loss_function)
-                size = len(_tensors_in(x)[0])
+                size = batch_length(x)
                 total, count = total + float(value) * size, count + size
         return total / count
 
@@ -217,17 +217,16 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
                 if not (torch.is_tensor(x) and x.dim() == 4):
                     raise NetshrinkError(f"augment shifts images: it needs [N, C, H, W] inputs. Received: augment={augment}")
                 x = random_shift(x, augment, generator)  # the whole batch, as one process would: then shared
-            size = distributed.batch_length(x)
+            size = batch_length(x)
             if size < distributed.world_size():  # a last batch too small to share: every process skips it
                 continue
-            x, y = distributed.share(x, size), (distributed.share(y, size) if y is not None else None)
-            weight = distributed.batch_length(x) * distributed.world_size() / size
+            x, y = distributed.share(x), (distributed.share(y) if y is not None else None)
+            weight = batch_length(x) * distributed.world_size() / size  # 1 in one process: x * 1.0 is exact
             output, teacher_output = forward(runner, x), None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_output = forward(teacher, x)
-            objective_value = _objective(output, teacher_output, y, distill, loss_function)
-            loss = objective_value * weight if weight != 1 else objective_value
+            loss = _objective(output, teacher_output, y, distill, loss_function) * weight
             if penalty is not None:
                 loss = loss + penalty()
             optimizer.zero_grad(set_to_none=True)
