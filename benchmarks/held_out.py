@@ -42,18 +42,13 @@ from netshrink.compress.methods import GPTQ, QuantizeActivations, QuantizeWeight
 from netshrink.compress.methods.base import apply_all
 from netshrink.tables import markdown
 from common import command_line, write_results  # benchmarks/common.py (scripts run from this folder's path)
-from minilm import agreement, all_sentences, embed, tokenize, torch_runner
+from minilm import agreement, all_sentences, data_sentences, embed, tokenize, torch_runner
 
 warnings.filterwarnings("ignore")
 FOLDER = Path(tempfile.mkdtemp())
-EVERYDAY = Path(__file__).parent / "data" / "everyday.txt"
 CALIBRATION = 1024
 ENCODER = ("re:encoder\\..*",)
 SECTIONS = ("cnn", "minilm", "more")
-
-
-def everyday() -> list[str]:
-    return [line.strip() for line in EVERYDAY.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
 def cnn_section(path: str | None, notes: list[str], rows: list, publish) -> None:
@@ -104,7 +99,7 @@ def main() -> None:
     st = packaged.load_model(device="cpu")
     dense = st[0].auto_model.eval()
     fp32_bytes = os.path.getsize(Path(packaged.get_model_path()) / "model.safetensors")
-    evaluation = tokenize(st.tokenizer, everyday())
+    evaluation = tokenize(st.tokenizer, data_sentences("everyday"))
     calibration = tokenize(st.tokenizer, all_sentences()[:CALIBRATION])
     reference = embed(torch_runner(dense), evaluation)
     rows, notes, breakdown, cnn = [], [], [], []

@@ -31,8 +31,7 @@ import torch
 import netshrink
 from netshrink.deploy.machine import describe
 from common import command_line, run_offline, write_results  # benchmarks/common.py (scripts run from this folder's path)
-from held_out import everyday
-from minilm import agreement, all_sentences, embed, tokenize, torch_runner
+from minilm import agreement, all_sentences, data_sentences, embed, tokenize, torch_runner
 
 FOLDER = Path(tempfile.mkdtemp(prefix="netshrink-low-bit-"))
 CALIBRATION = 1024
@@ -102,7 +101,7 @@ def main() -> None:
 
     st = packaged.load_model(device="cpu")
     dense = st[0].auto_model.eval()
-    texts = everyday()
+    texts = data_sentences("everyday")
     evaluation = tokenize(st.tokenizer, texts)
     calibration = tokenize(st.tokenizer, all_sentences()[:CALIBRATION])
     reference = embed(torch_runner(dense), evaluation)

@@ -39,6 +39,14 @@ MODULES = ["json", "csv", "argparse", "logging", "email", "http.client", "urllib
            "locale", "codecs", "unicodedata", "string", "re"]
 
 
+def data_sentences(name: str) -> list[str]:
+    """The sentences of benchmarks/data/NAME.txt, written by the project for held-out scoring: ``everyday``
+    (evaluation, never used for a choice) or ``development`` (where defaults are chosen). Lines starting
+    with # are comments."""
+    text = (Path(__file__).parent / "data" / f"{name}.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def all_sentences() -> list[str]:
     found: list[str] = []
     for name in MODULES:

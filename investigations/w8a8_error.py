@@ -25,10 +25,9 @@ from netshrink.tables import markdown
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # their shared parts
 from common import command_line, write_results  # benchmarks/common.py
-from minilm import agreement, all_sentences, embed, tokenize, torch_runner
+from minilm import agreement, all_sentences, data_sentences, embed, tokenize, torch_runner
 
 warnings.filterwarnings("ignore")
-DEVELOPMENT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "development.txt"
 
 
 def activations_and_weights(pattern: str, **options):
@@ -48,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(2)
     st = packaged.load_model(device="cpu")
     dense = st[0].auto_model.eval()
-    sentences = [line.strip() for line in DEVELOPMENT.read_text().splitlines() if line.strip()]
+    sentences = data_sentences("development")
     evaluation, calibration = tokenize(st.tokenizer, sentences), tokenize(st.tokenizer, all_sentences()[:1024])
     reference = embed(torch_runner(dense), evaluation)
     ffn_out = r".*layer\.\d+\.output\.dense"
