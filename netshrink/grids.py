@@ -185,6 +185,7 @@ def on_step(bits: np.ndarray, rows: int, step: np.ndarray) -> tuple[np.ndarray, 
         codes = np.rint(values / step)
     if not (np.abs(codes) <= NEAR_MAX_CODE).all():
         return None
+    codes = codes.astype(np.int64)  # as the decoder has them: -0.0 becomes 0, and fails the check
     if not ((codes.astype(np.float32) * step).view(np.uint32) == bits).all():
         return None
-    return np.full(rows, step, dtype=np.float32), codes.astype(np.int64)
+    return np.full(rows, step, dtype=np.float32), codes

@@ -1,4 +1,4 @@
-"""The tensor coder of format-3 to format-5 files (``codec.weights``) against the arrays it codes: every
+"""The tensor coder of format-3 to format-6 files (``codec.weights``) against the arrays it codes: every
 decode is bit-identical, whatever the values (NaN, -0.0, subnormals), shape or density."""
 from contextlib import nullcontext
 from unittest import mock
@@ -218,3 +218,34 @@ def test_corrupt_packed_bytes_are_an_error_or_the_right_shape(position, value):
     except NetshrinkError:
         return
     assert out.shape == (60, 70) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_grid_of_one_step_stores_its_scale_once_and_a_forged_one_is_an_error(mode):
+    """Integer codes times one step for the whole tensor (what rate-aware training leaves): one
+    scale in the file, not one per row, about 3 bytes a row smaller than per-row scales; a flag
+    or scale count that does not fit is refused."""
+    rng = np.random.default_rng(3)
+    step = np.float32(0.0123)
+    codes = np.rint(rng.laplace(0, 2, (200, 30))).astype(np.float32)
+    codes[rng.random(codes.shape) < 0.9] = 0
+    codes += 0.0  # -0.0 as +0.0, as files store it
+    codes[0, 0] = 1  # the step itself is a value, as it is when code 1 is used
+    array = (codes * step).astype(np.float32)
+    encoded = roundtrip(array, mode)
+    if mode != "bands":  # (bands of one row each here: a row's one scale needs no flag)
+        assert encoded[0] == weights.GRID and encoded[1] & weights.ONE_SCALE
+    if mode == "auto":
+        with mock.patch.object(weights, "_one_step", lambda bits, rows: None):
+            per_row = weights.encode(array)
+        assert len(encoded) < len(per_row) - 2 * 200
+        forged = bytearray(encoded)
+        forged[1] &= ~weights.ONE_SCALE  # the one scale read as per-row scales: too few
+        with pytest.raises(NetshrinkError, match="corrupt"):
+            weights.decode(bytes(forged), array.shape)
+        codebook = weights.encode(np.array([0.5, 0.25, 0.5, 0.75] * 8, np.float32).reshape(4, 8))
+        if codebook[0] == weights.CODEBOOK:
+            forged = bytearray(codebook)
+            forged[1] |= weights.ONE_SCALE
+            with pytest.raises(NetshrinkError, match="corrupt"):
+                weights.decode(bytes(forged), (4, 8))

@@ -3,7 +3,8 @@
 A step is one method (``prune``, ``nm``, ``clip``, ``quantize``, ``activations``, ``share``) with its
 settings, or ``finetune``. What and when stay apart: a ``prune`` step with a ``gradual`` schedule
 tightens its masks along Zhu & Gupta's polynomial during that many epochs of fine-tuning, ranking
-weights by magnitude or (``ranking: variational``) by what sparse variational dropout learns::
+weights by magnitude or (``ranking: variational``) by what sparse variational dropout learns;
+a ``rate`` step trains the weights and their code together during its schedule::
 
     name: example
     steps:
@@ -31,7 +32,7 @@ from ..files import open_regular
 from .methods import REGISTRY
 from .methods.base import Method, apply
 from ..errors import preserved
-from .methods.prune import Prune, pruning_schedule
+from .methods.prune import Prune
 from ..training.batches import Data, check_data, check_model_fits, evaluate
 from ..training.fit import Distill, fit, frozen_copy
 from ..errors import check_number
@@ -143,10 +144,12 @@ def _checked_finetune(step: Finetune, where: str) -> Finetune:
 
 
 def _check_schedule(action, schedule, where: str) -> None:
-    if schedule is not None and not isinstance(action, Prune):
-        raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune steps only")
-    if schedule is None and isinstance(action, Prune) and action.ranking == "variational":
-        raise NetshrinkError(f"{where}: ranking: variational is learned while fine-tuning: add a 'gradual' schedule")
+    learned = isinstance(action, Method) and type(action).schedule is not Method.schedule
+    if schedule is not None and not learned:
+        raise NetshrinkError(f"{where}: 'gradual' schedules apply to prune and rate steps only")
+    if schedule is None and isinstance(action, Method) and action.needs_schedule():
+        what = "ranking: variational" if isinstance(action, Prune) else f"{action.name}"
+        raise NetshrinkError(f"{where}: {what} is learned while fine-tuning: add a 'gradual' schedule")
 
 
 def parse_step(raw: Any, index: int) -> Step:
@@ -320,7 +323,7 @@ class Recipe:
             if isinstance(step.action, Finetune):
                 _run_finetune(model, step.action, train, teacher, seed + i, progress, f"step {i + 1}")
             elif step.schedule is not None:
-                with pruning_schedule(model, step.action, every=step.every) as (callback, penalty):
+                with step.action.schedule(model, every=step.every) as (callback, penalty):
                     _run_finetune(model, step.schedule, train, teacher, seed + i, progress, f"step {i + 1}",
                                   callback, penalty)
             else:

@@ -61,7 +61,7 @@ from ..errors import check_flag, preserved
 from ..training import distributed
 from ..zoo.models import model_from_spec, spec_of
 
-FORMAT, VERSION, READS = "netshrink", 5, (1, 2, 3, 4, 5)
+FORMAT, VERSION, READS = "netshrink", 6, (1, 2, 3, 4, 5, 6)
 KEY, DIGEST_KEY = "netshrink", "netshrink-sha256"
 _ZEROS = "0" * 64
 MAX_HEADER = 1 << 28  # 256 MiB: a safetensors header (formats 1-2) is read from the file, bounded by it too

@@ -11,6 +11,7 @@ from .gptq import GPTQ
 from .grid import FixedGrid
 from .heads import RemoveHeads
 from .prune import Mask, NMSparsity, Prune
+from .rate import RateAware
 from .quantize import FakeQuantize, LearnedStepQuantize, QuantizeWeights
 from .share import Codebook, ShareWeights
 from .sparsegpt import SparseGPT
@@ -20,7 +21,7 @@ from .wanda import Wanda
 
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in (
     Prune, NMSparsity, ClipWeights, QuantizeWeights, QuantizeActivations, ShareWeights, RemoveUnits, RemoveHeads,
-    RemoveLayers, GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases, PruneUnused)}
+    RemoveLayers, GPTQ, AdaRound, SparseGPT, Wanda, QuantizeBiases, PruneUnused, RateAware)}
 
 # Weight transforms a file can record and rebuild on load: record()["kind"] -> class.
 TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-step": LearnedStepQuantize,
@@ -28,4 +29,4 @@ TRANSFORMS = {"mask": Mask, "clip": Clip, "quantize": FakeQuantize, "learned-ste
 
 __all__ = ["REGISTRY", "TRANSFORMS", "Method", "Report", "apply", "bake", "Prune", "NMSparsity", "ClipWeights",
            "QuantizeWeights", "QuantizeActivations", "ShareWeights", "RemoveUnits", "RemoveHeads", "RemoveLayers", "GPTQ", "AdaRound",
-           "SparseGPT", "Wanda", "QuantizeBiases", "PruneUnused"]
+           "SparseGPT", "Wanda", "QuantizeBiases", "PruneUnused", "RateAware"]

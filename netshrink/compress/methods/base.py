@@ -234,6 +234,16 @@ class Method:
         report.skipped += [(key, "pattern matched no layer; the '*' default applied") for key in unmatched]
         return report
 
+    def needs_schedule(self) -> bool:
+        """Whether this method is learned while fine-tuning (a recipe step's ``gradual`` schedule)."""
+        return False
+
+    def schedule(self, model: nn.Module, *, every: int = 50):
+        """A context manager giving ``(on_step, penalty)`` for ``fit`` while the method is learned
+        during fine-tuning, applying it as the block ends (pruning tightens a mask every ``every``
+        steps; rate-aware training prices the weights' code)."""
+        raise NetshrinkError(f"'gradual' schedules apply to prune and rate steps, not {self.name}")
+
     def prepare(self, layers: dict[str, nn.Module], **context: Any) -> list[tuple[str, nn.Module, str]]:
         """Compute one transform per layer: ``(layer name, parametrization, detail)``."""
         raise NotImplementedError

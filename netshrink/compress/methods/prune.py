@@ -118,6 +118,12 @@ class Prune(Method):
         if self.scope == "global" and isinstance(self.keep, Mapping):
             raise NetshrinkError(f"scope='global' takes one keep fraction, not a map. Received: keep={dict(self.keep)}")
 
+    def needs_schedule(self) -> bool:
+        return self.ranking == "variational"
+
+    def schedule(self, model: nn.Module, *, every: int = 50):
+        return pruning_schedule(model, self, every=every)
+
     def prepare(self, layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None = None, **_: Any) -> list:
         if self.ranking == "variational" and scores is None:
             raise NetshrinkError("ranking='variational' is learned while fine-tuning: give the prune step a gradual "

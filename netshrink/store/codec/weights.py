@@ -1,4 +1,4 @@
-"""How one float32 tensor is stored (file formats 3 to 5). Exact: decode(encode(x)) is x bit for bit.
+"""How one float32 tensor is stored (file formats 3 to 6). Exact: decode(encode(x)) is x bit for bit.
 
 A tensor is seen as a matrix (rows: output channels, the first dimension) and its values as
 integer symbols of one of three kinds:
@@ -24,6 +24,9 @@ large layers rarely have the neighbour structure contexts exploit. Packing is ch
 smaller (on a sample, for large tensors), or for tensors above 4 MiB when it is at most
 ``PACKED_MARGIN`` larger.
 
+Format 6 stores a grid whose rows share one scale (rate-aware training's codes, per-tensor
+quantization) with that scale once, not once per row.
+
 Format 5 codes a tensor of more than ``BAND`` values (a million) as **bands** of whole rows, each
 a tensor of its own, so coding and decoding hold one band's work at a time.
 
@@ -38,10 +41,11 @@ Layout::
     otherwise:
     u8 flags                                  bit 0: lines along columns; bit 1: significance map;
                                               bit 2: value contexts; bit 3: packed; bit 4 (format 5):
-                                              packed symbols one per byte (``codec.packed``)
+                                              packed symbols one per byte (``codec.packed``); bit 5
+                                              (format 6): a grid whose rows share one scale, stored once
     varint rows (or columns) per line | varint alphabet
     float: u8 lowest exponent present
-    grid: varint row count, codebook: varint entry count; then u8 lowest exponent, varint alphabet
+    grid: varint row count (1 with one scale), codebook: varint entry count; then u8 lowest exponent, varint alphabet
                                               of those floats (coded first, like ``float``)
     varint words | words: the range coder's output (u32, little-endian); packed: of the scales or
                                               entries only
@@ -70,7 +74,7 @@ NAMES = {CONSTANT: "constant", FLOAT: "float", GRID: "grid", CODEBOOK: "codebook
 # one band's work, whatever the tensor's size. Adaptive models restart per band, which costs a few
 # hundred bytes in a band's megabytes.
 BAND = 1 << 20
-COLUMNS, MAP, VALUE_CONTEXT, PACKED, SPREAD = 1, 2, 4, 8, 16
+COLUMNS, MAP, VALUE_CONTEXT, PACKED, SPREAD, ONE_SCALE = 1, 2, 4, 8, 16, 32
 VALUE_CLASSES = 5  # see _sign_table
 SMALL = 1 << 16  # tensors this small are coded every way that applies, the smallest kept
 # Packed coding (codec.packed) decodes about ten times faster than the context coder. Tensors of up
@@ -173,6 +177,8 @@ def _encode_as(bits: np.ndarray, rows: int, width: int, kind: int, symbols: np.n
             nonzero.reshape(rows, width)[corner] if use_map else None, signs.reshape(rows, width)[corner])
     flags = (COLUMNS if columns else 0) | (MAP if use_map else 0) | (VALUE_CONTEXT if value_context else 0) \
         | (PACKED if packed else 0)
+    if kind == GRID and len(side) == 1 and rows > 1:
+        flags |= ONE_SCALE
     out = io.BytesIO()
     out.write(bytes([kind, flags]))
     layout = Layout(rows, width, flags)
@@ -230,7 +236,8 @@ def _packing_pays(bits: np.ndarray, found: list[tuple] | None = None, step: np.n
         found = _symbols(sample, columns, step)
     else:  # the same symbols, cut to the window (a grid's scales to its rows)
         found = [(kind, np.ascontiguousarray(symbols.reshape(rows, width)[window]).ravel(),
-                  side[start:start + band] if kind == GRID else side, low) for kind, symbols, side, low in found]
+                  side[start:start + band] if kind == GRID and len(side) > 1 else side, low)
+                 for kind, symbols, side, low in found]
     packed = min(len(_encode_as(sample, band, columns, *f, packed=True)[1]) for f in found)
     lines = min(len(_encode_as(sample, band, columns, *f)[1]) for f in found)
     return packed <= (1 + (PACKED_MARGIN if bits.size > MARGIN_ABOVE else 0.0)) * lines
@@ -315,8 +322,10 @@ def _decode(data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
     side = None
     if kind != FLOAT:
         side = floats(decode_lines(coder, np.array([0, side_count]), Models(side_alphabet, 1)), side_low, reader)
-        if kind == GRID and side_count != rows:
+        if kind == GRID and side_count != (1 if flags & ONE_SCALE else rows):
             raise NetshrinkError("encoded tensor is corrupt (grid scales)")
+    if flags & ONE_SCALE and kind != GRID:
+        raise NetshrinkError("encoded tensor is corrupt (flags)")
     if flags & SPREAD and not flags & PACKED:
         raise NetshrinkError("encoded tensor is corrupt (flags)")
     if flags & PACKED:
@@ -438,14 +447,19 @@ def _symbols(bits: np.ndarray, width: int, step: np.ndarray | None = None) -> li
     else a codebook when values repeat, and floats too for small tensors (where a codebook's
     entries may cost more than they save: both are coded, the smaller kept). ``step``: the one
     grid step to check first (see :func:`encode`)."""
-    found = on_step(bits, bits.size // width, step) if step is not None else None
-    found = found if found is not None else grid(bits, width)
-    if found is not None:
-        scales, codes = found
-        zigzag = (codes << 1) ^ (codes >> 31)  # 0, -1, 1, -2, 2, ... as 0, 1, 2, 3, 4, ...
-        if zigzag.max() < MAX_ALPHABET:
-            return [(GRID, zigzag, scales.view(np.uint32), 0)]
+    rows = bits.size // width
+    found = on_step(bits, rows, step) if step is not None else None
+    grids = [found if found is not None else grid(bits, width), _one_step(bits, rows)]
     options = []
+    for found in grids:
+        if found is not None:
+            scales, codes = found
+            zigzag = (codes << 1) ^ (codes >> 31)  # 0, -1, 1, -2, 2, ... as 0, 1, 2, 3, 4, ...
+            if zigzag.max() < MAX_ALPHABET:
+                shared = rows > 1 and (scales == scales[0]).all()
+                options.append((GRID, zigzag, scales.view(np.uint32)[:1] if shared else scales.view(np.uint32), 0))
+    if options:
+        return options
     distinct = distinct_within(bits, min(MAX_ALPHABET, bits.size // 2)) if bits.size >= 4 else None
     if distinct is not None:
         options.append((CODEBOOK, np.searchsorted(distinct, bits).astype(np.int32), distinct, 0))
@@ -453,6 +467,24 @@ def _symbols(bits: np.ndarray, width: int, step: np.ndarray | None = None) -> li
         low, symbols = float_symbols(bits)
         options.append((FLOAT, symbols, None, low))
     return options
+
+
+def _one_step(bits: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A grid whose rows share one step, when the values lie on one: the smallest magnitude or a
+    small fraction of it (what rate-aware training and per-tensor quantization leave). Per-row
+    grids (:func:`grid`) fit such values too, but each row then stores a scale of its own."""
+    magnitude = np.abs(bits.view(np.float32))
+    if not np.isfinite(magnitude).all() or not (magnitude > 0).any():
+        return None
+    smallest = magnitude[magnitude > 0].min()
+    head = bits[: bits.size // rows * min(rows, 32)]  # a few rows reject most steps cheaply
+    for divisor in (1, 2, 3, 4):
+        step = np.float32(smallest / divisor)
+        if step > 0 and on_step(head, min(rows, 32), step) is not None:
+            found = on_step(bits, rows, step)
+            if found is not None:
+                return found
+    return None
 
 
 def _sign_table(kind: int, alphabet: int, side: np.ndarray | None, low: int) -> np.ndarray:

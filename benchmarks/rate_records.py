@@ -1,0 +1,170 @@
+"""Rate-aware training on the founding networks: bytes against test error, beside the published records.
+
+    python benchmarks/rate_records.py --cache /tmp/auto                       # LeNet-5 and LeNet-300-100
+    python benchmarks/rate_records.py --models lenet-5 --tradeoffs 0.3 1 3 --epochs 20
+
+Each trade-off is one run of the recipe below from the same dense model (trained on 54,000 MNIST
+training images, the split ``auto_compression.py`` uses; cached with ``--cache``):
+
+    - rate: {tradeoff: T}                     # weights and their code trained together
+      gradual: {epochs: E, lr: 0.001, distill: true, augment: 2}
+    - unused: {}                              # units no later weight reads: zeroed
+    - finetune: {epochs: F, lr: 0.0002, distill: true, augment: 2}   # the codebooks' values
+    - bias: {bits: 8}
+
+The record is the smallest file whose error on the 6,000 held-out validation images is within the
+target; the test split (10,000 images) is only reported. Bytes are the whole ``.nsk`` file on disk
+(header, manifest, biases); ratios are 4 bytes per parameter over it. The chosen files are copied
+to ``benchmarks/results/rate-<model>.nsk`` with their recipe, and every run is plotted against the
+published points in ``benchmarks/results/rate_records.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import netshrink
+from auto_compression import dense_model, split  # benchmarks/ (scripts run from this folder's path)
+from common import command_line, write_results
+
+RESULTS = Path(__file__).parent / "results"
+# Test error (%) each model must stay within, the ratio to beat, and the published (ratio, error %) points.
+TARGETS = {
+    "lenet-5": {"error": 1.00, "record": 650, "published": {
+        "Deep Compression (2016)": (39, 0.74), "Soft weight-sharing (2017)": (162, 0.97),
+        "Bayesian Compression (2017)": (419, 1.0), "EPR (Oktay et al., 2019)": (606, 1.0),
+        "MIRACLE (Havasi et al., 2019)": (1110, 0.96), "netshrink auto (variational)": (212.3, 0.67)}},
+    "lenet-300-100": {"error": 1.90, "record": 130, "also": 1.64, "published": {
+        "Deep Compression (2016)": (40, 1.58), "Soft weight-sharing (2017)": (64, 1.94),
+        "EPR (Oktay et al., 2019)": (124, 1.9), "netshrink auto (magnitude)": (100.1, 1.54)}},
+}
+DEFAULT_TRADEOFFS = {"lenet-5": [0.3, 1, 3, 10], "lenet-300-100": [0.3, 1, 3, 10]}
+
+
+def recipe(tradeoff: float, epochs: float, finetune: float) -> list[dict]:
+    schedule = {"lr": 1e-3, "distill": True, "augment": 2}
+    return [{"rate": {"tradeoff": tradeoff}, "gradual": {"epochs": epochs, **schedule}},
+            {"unused": {}},
+            {"finetune": {"epochs": finetune, **schedule, "lr": 2e-4}},
+            {"bias": {"bits": 8}}]
+
+
+def nonzero_weights(model) -> dict[str, int]:
+    return {n: int((m.weight != 0).sum()) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
+    for axis, (name, rows) in zip(axes[0], runs.items()):
+        target = TARGETS[name]
+        for label, (ratio, error) in target["published"].items():
+            axis.scatter([ratio], [error], marker="s", color="grey")
+            axis.annotate(label, (ratio, error), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        axis.plot([r["ratio"] for r in rows], [r["test"] for r in rows], "o-", color="tab:blue", label="netshrink rate (each trade-off)")
+        for r in rows:
+            axis.annotate(f"{r['tradeoff']:g}", (r["ratio"], r["test"]), fontsize=7, color="tab:blue",
+                          xytext=(4, -9), textcoords="offset points")
+        axis.axhline(target["error"], color="tab:red", lw=0.8, ls="--", label=f"target {target['error']:.2f}%")
+        axis.set_xscale("log")
+        axis.set_xlabel("compression ratio (fp32 bytes / file bytes)")
+        axis.set_ylabel("test error (%)")
+        axis.set_title(name)
+        axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--tradeoffs", nargs="+", type=float, help="loss per kilobyte; default per model")
+    parser.add_argument("--epochs", type=float, default=20, help="rate-aware training epochs per run")
+    parser.add_argument("--finetune", type=float, default=4, help="fine-tuning epochs after it")
+    parser.add_argument("--dense-epochs", type=float, default=30)
+    parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
+    parser.add_argument("--output", type=Path, default=RESULTS / "rate_records.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    train, test = netshrink.load_dataset("mnist", "train"), netshrink.load_dataset("mnist", "test")
+    fit_data, validation = split(train, 6000, 0)
+    lines = ["# Rate-aware training on LeNet-5 and LeNet-300-100: file bytes against test error", "",
+             command_line(__file__),
+             f"Machine: 2 CPU threads, torch {torch.__version__}. Dense models train on 54,000 MNIST images; the "
+             "record is the smallest file within the target on the other 6,000 (validation); the test split is "
+             "only reported. Bytes are whole `.nsk` files on disk; ratio = 4 bytes per parameter / file bytes.", ""]
+    runs = {}
+    scratch = Path(tempfile.mkdtemp())
+    for name in args.models:
+        target = TARGETS[name]
+        dense, dense_seconds = dense_model(name, fit_data, args.dense_epochs, 2, 0, args.cache)
+        dense_bytes = 4 * sum(p.numel() for p in dense.parameters())
+        dense_test = 100 * (1 - netshrink.evaluate(dense, test))
+        rows = []
+        for tradeoff in args.tradeoffs or DEFAULT_TRADEOFFS[name]:
+            model = copy.deepcopy(dense)
+            steps = recipe(tradeoff, args.epochs, args.finetune)
+            started = time.perf_counter()
+            netshrink.Recipe.from_steps(steps).run(model, fit_data, progress=True)
+            seconds = time.perf_counter() - started
+            path = scratch / f"{name}-{tradeoff:g}.nsk"
+            netshrink.save(model, path)
+            size = path.stat().st_size
+            rows.append({"tradeoff": tradeoff, "bytes": size, "ratio": dense_bytes / size, "path": path, "steps": steps,
+                         "validation": 100 * (1 - netshrink.evaluate(model, validation)),
+                         "test": 100 * (1 - netshrink.evaluate(model, test)), "seconds": seconds,
+                         "nonzero": nonzero_weights(model)})
+            print(f"{name} tradeoff {tradeoff:g}: {size:,} B ({rows[-1]['ratio']:.1f}x), validation error "
+                  f"{rows[-1]['validation']:.2f}%, test {rows[-1]['test']:.2f}%", flush=True)
+        runs[name] = rows
+        within = [r for r in rows if r["validation"] <= target["error"]]
+        chosen = min(within, key=lambda r: r["bytes"]) if within else None
+        lines += [f"## {name}", "",
+                  f"Dense: {dense_bytes:,} B fp32, test error {dense_test:.2f}%, trained in "
+                  f"{dense_seconds:.0f} s ({'cached: 0 here' if not dense_seconds else 'this run'}; 30 epochs, shifts of up to 2 "
+                  f"pixels). Target: test error <= {target['error']:.2f}%, checked on validation; record to beat "
+                  f"{target['record']}x.", "",
+                  "| trade-off (loss per KB) | file bytes | ratio | validation error | test error | non-zero weights | training time |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            mark = " **(chosen)**" if r is chosen else ""
+            lines.append(f"| {r['tradeoff']:g}{mark} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['validation']:.2f}% | "
+                         f"{r['test']:.2f}% | {', '.join(f'{k} {v:,}' for k, v in r['nonzero'].items())} | {r['seconds']:.0f} s |")
+        if "also" in target:
+            near = [r for r in rows if r["validation"] <= target["also"]]
+            best = min(near, key=lambda r: r["bytes"]) if near else None
+            lines += ["", f"Smallest file within {target['also']:.2f}% on validation: " +
+                      (f"trade-off {best['tradeoff']:g}, {best['bytes']:,} B ({best['ratio']:.1f}x), test error "
+                       f"{best['test']:.2f}%." if best else "none of these runs.")]
+        if chosen is not None:
+            kept = RESULTS / f"rate-{name}.nsk"
+            shutil.copyfile(chosen["path"], kept)
+            recipe_path = RESULTS / f"rate-{name}.yaml"
+            recipe_path.write_text(f"# {command_line(__file__).strip()}\n" +
+                                   yaml.safe_dump({"name": f"rate-{name}", "steps": chosen["steps"]}, sort_keys=False))
+            met = chosen["ratio"] >= target["record"] and chosen["test"] <= target["error"]
+            lines += ["", f"Record: `{kept.relative_to(RESULTS.parent.parent)}` ({chosen['bytes']:,} B, "
+                      f"{chosen['ratio']:.1f}x, test error {chosen['test']:.2f}%), recipe `{recipe_path.relative_to(RESULTS.parent.parent)}`. "
+                      f"Bar ({target['record']}x at <= {target['error']:.2f}%): {'met' if met else 'not met'}.", ""]
+        else:
+            lines += ["", "No run stayed within the target on validation.", ""]
+    png = args.output.with_suffix(".png")
+    plot(runs, png)
+    lines += [f"![bytes against error]({png.name})", ""]
+    write_results(args.output, lines)
+
+
+if __name__ == "__main__":
+    main()
