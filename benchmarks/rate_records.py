@@ -1,16 +1,20 @@
 """Rate-aware training on the founding networks: bytes against test error, beside the published records.
 
     python benchmarks/rate_records.py --cache /tmp/auto                       # LeNet-5 and LeNet-300-100
-    python benchmarks/rate_records.py --models lenet-5 --tradeoffs 0.3 1 3 --epochs 20
+    python benchmarks/rate_records.py --models lenet-5 --runs dense:0.3 dense:1 --epochs 20
 
-Each trade-off is one run of the recipe below from the same dense model (trained on 54,000 MNIST
-training images, the split ``auto_compression.py`` uses; cached with ``--cache``):
+Each run (``start:tradeoff``) is the recipe below from the same dense model (trained on 54,000
+MNIST training images, the split ``auto_compression.py`` uses; cached with ``--cache``):
 
     - rate: {tradeoff: T}                     # weights and their code trained together
       gradual: {epochs: E, lr: 0.001, distill: true, augment: 2}
     - unused: {}                              # units no later weight reads: zeroed
-    - finetune: {epochs: F, lr: 0.0002, distill: true, augment: 2}   # the codebooks' values
     - bias: {bits: 8}
+
+Start ``dense`` runs it on the dense model; start ``auto`` first runs the pruning step (sparse
+variational dropout, gradual) of the policy ``auto`` found for the model
+(``benchmarks/results/auto-<model>-variational.yaml``, chosen on validation), so the rate step
+codes what that pruning keeps, instead of auto's weight sharing.
 
 The record is the smallest file whose error on the 6,000 held-out validation images is within the
 target; the test split (10,000 images) is only reported. Bytes are the whole ``.nsk`` file on disk
@@ -45,15 +49,17 @@ TARGETS = {
         "Deep Compression (2016)": (40, 1.58), "Soft weight-sharing (2017)": (64, 1.94),
         "EPR (Oktay et al., 2019)": (124, 1.9), "netshrink auto (magnitude)": (100.1, 1.54)}},
 }
-DEFAULT_TRADEOFFS = {"lenet-5": [0.3, 1, 3, 10], "lenet-300-100": [0.3, 1, 3, 10]}
+DEFAULT_RUNS = {"lenet-5": ["dense:0.1", "auto:0.1"], "lenet-300-100": ["dense:0.1", "dense:0.3", "auto:0.1"]}
 
 
-def recipe(tradeoff: float, epochs: float, finetune: float) -> list[dict]:
-    schedule = {"lr": 1e-3, "distill": True, "augment": 2}
-    return [{"rate": {"tradeoff": tradeoff}, "gradual": {"epochs": epochs, **schedule}},
-            {"unused": {}},
-            {"finetune": {"epochs": finetune, **schedule, "lr": 2e-4}},
-            {"bias": {"bits": 8}}]
+def recipe(name: str, start: str, tradeoff: float, epochs: float) -> list[dict]:
+    steps = []
+    if start == "auto":
+        policy = yaml.safe_load((RESULTS / f"auto-{name}-variational.yaml").read_text())
+        steps.append(next(step for step in policy["steps"] if "prune" in step))
+    return steps + [{"rate": {"tradeoff": tradeoff}, "gradual": {"epochs": epochs, "lr": 1e-3, "distill": True, "augment": 2}},
+                    {"unused": {}},
+                    {"bias": {"bits": 8}}]
 
 
 def nonzero_weights(model) -> dict[str, int]:
@@ -71,10 +77,14 @@ def plot(runs: dict, path: Path) -> None:
         for label, (ratio, error) in target["published"].items():
             axis.scatter([ratio], [error], marker="s", color="grey")
             axis.annotate(label, (ratio, error), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        axis.plot([r["ratio"] for r in rows], [r["test"] for r in rows], "o-", color="tab:blue", label="netshrink rate (each trade-off)")
-        for r in rows:
-            axis.annotate(f"{r['tradeoff']:g}", (r["ratio"], r["test"]), fontsize=7, color="tab:blue",
-                          xytext=(4, -9), textcoords="offset points")
+        for start, color in (("dense", "tab:blue"), ("auto", "tab:green")):
+            mine = sorted((r for r in rows if r["start"] == start), key=lambda r: r["ratio"])
+            if mine:
+                axis.plot([r["ratio"] for r in mine], [r["test"] for r in mine], "o-", color=color,
+                          label=f"netshrink rate, from {'the dense model' if start == 'dense' else 'auto pruning'}")
+            for r in mine:
+                axis.annotate(f"{r['tradeoff']:g}", (r["ratio"], r["test"]), fontsize=7, color=color,
+                              xytext=(4, -9), textcoords="offset points")
         axis.axhline(target["error"], color="tab:red", lw=0.8, ls="--", label=f"target {target['error']:.2f}%")
         axis.set_xscale("log")
         axis.set_xlabel("compression ratio (fp32 bytes / file bytes)")
@@ -89,9 +99,9 @@ def plot(runs: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--tradeoffs", nargs="+", type=float, help="loss per kilobyte; default per model")
-    parser.add_argument("--epochs", type=float, default=20, help="rate-aware training epochs per run")
-    parser.add_argument("--finetune", type=float, default=4, help="fine-tuning epochs after it")
+    parser.add_argument("--runs", nargs="+", help="start:tradeoff (start: dense or auto; tradeoff: loss per "
+                        "kilobyte); default per model")
+    parser.add_argument("--epochs", type=float, default=10, help="rate-aware training epochs per run")
     parser.add_argument("--dense-epochs", type=float, default=30)
     parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "rate_records.md")
@@ -110,43 +120,48 @@ def main() -> None:
     for name in args.models:
         target = TARGETS[name]
         dense, dense_seconds = dense_model(name, fit_data, args.dense_epochs, 2, 0, args.cache)
+        timing = args.cache / f"dense-{name}-{args.dense_epochs:g}-2-0.seconds" if args.cache else None
+        if timing is not None and dense_seconds:  # the dense training's wall time, kept beside the cached model
+            timing.write_text(f"{dense_seconds:.0f}")
+        elif timing is not None and timing.exists():
+            dense_seconds = float(timing.read_text())
         dense_bytes = 4 * sum(p.numel() for p in dense.parameters())
         dense_test = 100 * (1 - netshrink.evaluate(dense, test))
         rows = []
-        for tradeoff in args.tradeoffs or DEFAULT_TRADEOFFS[name]:
+        for run in args.runs or DEFAULT_RUNS[name]:
+            start, tradeoff = run.split(":")[0], float(run.split(":")[1])
             model = copy.deepcopy(dense)
-            steps = recipe(tradeoff, args.epochs, args.finetune)
+            steps = recipe(name, start, tradeoff, args.epochs)
             started = time.perf_counter()
             netshrink.Recipe.from_steps(steps).run(model, fit_data, progress=True)
             seconds = time.perf_counter() - started
-            path = scratch / f"{name}-{tradeoff:g}.nsk"
+            path = scratch / f"{name}-{start}-{tradeoff:g}.nsk"
             netshrink.save(model, path)
             size = path.stat().st_size
-            rows.append({"tradeoff": tradeoff, "bytes": size, "ratio": dense_bytes / size, "path": path, "steps": steps,
+            rows.append({"start": start, "tradeoff": tradeoff, "bytes": size, "ratio": dense_bytes / size, "path": path, "steps": steps,
                          "validation": 100 * (1 - netshrink.evaluate(model, validation)),
                          "test": 100 * (1 - netshrink.evaluate(model, test)), "seconds": seconds,
                          "nonzero": nonzero_weights(model)})
-            print(f"{name} tradeoff {tradeoff:g}: {size:,} B ({rows[-1]['ratio']:.1f}x), validation error "
+            print(f"{name} {start}, tradeoff {tradeoff:g}: {size:,} B ({rows[-1]['ratio']:.1f}x), validation error "
                   f"{rows[-1]['validation']:.2f}%, test {rows[-1]['test']:.2f}%", flush=True)
         runs[name] = rows
         within = [r for r in rows if r["validation"] <= target["error"]]
         chosen = min(within, key=lambda r: r["bytes"]) if within else None
         lines += [f"## {name}", "",
                   f"Dense: {dense_bytes:,} B fp32, test error {dense_test:.2f}%, trained in "
-                  f"{dense_seconds:.0f} s ({'cached: 0 here' if not dense_seconds else 'this run'}; 30 epochs, shifts of up to 2 "
-                  f"pixels). Target: test error <= {target['error']:.2f}%, checked on validation; record to beat "
+                  f"{dense_seconds:.0f} s on this machine ({args.dense_epochs:g} epochs, shifts of up to 2 pixels). Target: test error <= {target['error']:.2f}%, checked on validation; record to beat "
                   f"{target['record']}x.", "",
-                  "| trade-off (loss per KB) | file bytes | ratio | validation error | test error | non-zero weights | training time |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| start | trade-off (loss per KB) | file bytes | ratio | validation error | test error | non-zero weights | time |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             mark = " **(chosen)**" if r is chosen else ""
-            lines.append(f"| {r['tradeoff']:g}{mark} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['validation']:.2f}% | "
+            lines.append(f"| {r['start']} | {r['tradeoff']:g}{mark} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['validation']:.2f}% | "
                          f"{r['test']:.2f}% | {', '.join(f'{k} {v:,}' for k, v in r['nonzero'].items())} | {r['seconds']:.0f} s |")
         if "also" in target:
             near = [r for r in rows if r["validation"] <= target["also"]]
             best = min(near, key=lambda r: r["bytes"]) if near else None
             lines += ["", f"Smallest file within {target['also']:.2f}% on validation: " +
-                      (f"trade-off {best['tradeoff']:g}, {best['bytes']:,} B ({best['ratio']:.1f}x), test error "
+                      (f"{best['start']}, trade-off {best['tradeoff']:g}, {best['bytes']:,} B ({best['ratio']:.1f}x), test error "
                        f"{best['test']:.2f}%." if best else "none of these runs.")]
         if chosen is not None:
             kept = RESULTS / f"rate-{name}.nsk"

@@ -62,7 +62,7 @@ def test_the_estimate_tracks_the_real_files_bytes(trained, digits, tmp_path):
 
 def test_a_larger_tradeoff_gives_a_smaller_file_and_the_file_is_exact(trained, digits, tmp_path):
     sizes, accuracies = [], []
-    for tradeoff in (0.01, 1.0):
+    for tradeoff in (0.01, 3.0):
         model = copy.deepcopy(trained)
         _rate_recipe(tradeoff, epochs=10).run(model, digits[0], progress=False)
         sizes.append(len(_saved(model, tmp_path)))

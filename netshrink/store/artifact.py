@@ -1,5 +1,6 @@
-"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 5; formats 3
-and 4 are the same layout without tensors in bands, and format 3 without packed ones; they load).
+"""One compressed file per model: a safetensors file holding one ``uint8`` blob (format 6; format 5
+is the same layout without one-scale grids, formats 3 and 4 without tensors in bands, and format 3
+without packed ones; they load).
 
 * The blob (see :func:`to_bytes`): a SHA-256 of the whole file, the manifest (compressed JSON),
   then each tensor's payload; float32 tensors are coded exactly by ``codec.weights``.
@@ -265,7 +266,7 @@ def write_model(out: BinaryIO, model: nn.Module, *, recipe: list | None = None, 
     """Serialise ``model`` into the seekable binary file ``out`` (its transforms baked into a copy;
     the model itself is not changed); returns the byte count.
 
-    Format 5: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
+    Format 6: a safetensors file holding one ``uint8`` tensor, ``netshrink``, whose bytes are::
 
         32 bytes  SHA-256 of the whole file, computed with these 32 bytes zeroed
         varint    manifest length | the manifest: JSON, raw-deflate compressed

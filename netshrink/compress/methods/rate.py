@@ -12,8 +12,10 @@ cheap to code: to zero, and to the few codes the layer uses most. A recipe step:
     - rate: {tradeoff: 0.05}
       gradual: {epochs: 20, lr: 0.001, distill: true}
 
-While it trains, the forward pass fades rounding in (``anneal``: the fraction of training until
-the weights are fully on their codes; gradients pass straight through the rounding). The cost of
+While it trains, the forward pass fades rounding in and the price of bits rises with it
+(``anneal``: the fraction of training until both are whole; gradients pass straight through the
+rounding), so the network gives up weights gradually, as gradual pruning does, rather than all
+at once to a price set against the dense model's kilobytes. The cost of
 a weight that is not yet on a code is the probability interpolated between its two neighbouring
 codes, which is exact on the codes and pulls a weight towards the likelier neighbour. The
 probability model is refitted at every step to the codes' frequencies (the maximum-likelihood
@@ -149,9 +151,11 @@ def estimated_bytes(model: nn.Module) -> dict[str, float]:
 @dataclass(frozen=True, kw_only=True)
 class RateAware(Method):
     """Train weights and their code together: the loss adds ``tradeoff`` (loss per kilobyte; a
-    number or a per-layer map) times each layer's coded size under its codes' frequencies.
-    Codes lie within ``+-(2^(bits-1) - 1)`` steps (``bits``, 2-8: a number or a per-layer map); ``anneal`` is the fraction of training over which
-    rounding fades in. Needs a training schedule (a recipe step's ``gradual``)."""
+    number or a per-layer map) times each layer's coded size under its probability model.
+    Codes lie within ``+-(2^(bits-1) - 1)`` steps (``bits``, 2-8: a number or a per-layer map);
+    ``anneal`` is the fraction of training over which rounding fades in and the price of bits
+    rises. Needs a training schedule (a recipe step's ``gradual``; in Python, ``schedule(model)``
+    gives ``fit`` its ``on_step`` and ``penalty``, both needed)."""
 
     name: ClassVar[str] = "rate"
     layer_kinds: ClassVar[tuple] = LINEAR_CONV
@@ -198,7 +202,7 @@ class RateAware(Method):
             codebook.centroids.requires_grad_(False)  # values stay codes times one step: one scale in the file
             plan.append((name, codebook,
                          f"{int(nonzero.sum())} of {codes.numel()} weights non-zero, {centroids.numel()} values "
-                         f"(step {step.item():.3g}); {kilobytes * 1024:,.0f} B by its codes' frequencies"))
+                         f"(step {step.item():.3g}); {kilobytes * 1024:,.0f} B by its probability model"))
         return plan
 
     def commit(self, layer: nn.Module, transform: nn.Module) -> None:
@@ -214,7 +218,7 @@ class RateAware(Method):
 def rate_schedule(model: nn.Module, method: RateAware) -> Iterator[tuple]:
     """``(on_step, penalty)`` for ``fit``: the layers train under :class:`RateCoding`, rounding
     fades in over ``method.anneal`` of training, and the penalty is the tradeoff-weighted coded
-    kilobytes. When the block ends the layers keep their codes as codebooks; if it fails, the model
+    kilobytes, its weight rising with the rounding. When the block ends the layers keep their codes as codebooks; if it fails, the model
     is put back as it was."""
     with preserved(model):
         apply(model, method, start=True)
@@ -222,16 +226,19 @@ def rate_schedule(model: nn.Module, method: RateAware) -> Iterator[tuple]:
                    if parametrize.is_parametrized(layer, "weight") and _coding(layer) is not None}
         weights = {name: float(per_layer(method.tradeoff, name, "tradeoff")) for name in codings}
 
+        progress = [0.0]  # how far the fade has come: rounding and the price of bits rise together
+
         def on_step(step: int, total: int) -> None:
             fade = method.anneal * total
-            rounding = 1.0 if fade <= 0 else min(1.0, step / fade)
+            progress[0] = 1.0 if fade <= 0 else min(1.0, step / fade)
             for coding in codings.values():
-                coding.rounding = rounding
+                coding.rounding = progress[0]
 
         def penalty() -> torch.Tensor:
             # a tied weight's coding serves several layers: price it once
             distinct = {id(c): (name, c) for name, c in codings.items()}.values()
-            return sum(weights[name] * coding.training_bits() for name, coding in distinct) / BITS_PER_KILOBYTE
+            bits = sum(weights[name] * coding.training_bits() for name, coding in distinct)
+            return progress[0] * bits / BITS_PER_KILOBYTE
 
         yield on_step, penalty
         for coding in codings.values():
