@@ -47,7 +47,7 @@ TARGETS = {
         "MIRACLE (Havasi et al., 2019)": (1110, 0.96), "netshrink auto (variational)": (212.3, 0.67)}},
     "lenet-300-100": {"error": 1.90, "record": 130, "also": 1.64, "published": {
         "Deep Compression (2016)": (40, 1.58), "Soft weight-sharing (2017)": (64, 1.94),
-        "EPR (Oktay et al., 2019)": (124, 1.9), "netshrink auto (magnitude)": (100.1, 1.54)}},
+        "EPR (Oktay et al., 2019)": (124, 1.9), "netshrink auto (variational)": (100.1, 1.54)}},
 }
 DEFAULT_RUNS = {"lenet-5": ["dense:0.1", "auto:0.1"], "lenet-300-100": ["dense:0.1", "dense:0.3", "auto:0.1"]}
 
