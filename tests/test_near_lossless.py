@@ -62,7 +62,9 @@ def test_the_exact_payload_is_kept_when_it_is_smaller():
     codes = np.random.default_rng(0).integers(-7, 8, size=(64, 64)).astype(np.float32)
     on_grid = codes * np.float32(0.05)  # a 4-bit grid: 15 values, coarser than the bound's
     rounded, step = round_within(on_grid, 1e-3)
-    assert len(codec.encode(on_grid)) < len(codec.encode(rounded, step=step))
+    # the rounded values lie on a finer grid of the same 15 values: coded as one step (format 6) they
+    # cost what the exact ones do, never less
+    assert len(codec.encode(on_grid)) <= len(codec.encode(rounded, step=step))
 
 
 @settings(max_examples=60, deadline=None)
