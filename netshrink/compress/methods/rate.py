@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ...errors import NetshrinkError, preserved
 from .base import LINEAR_CONV, Method, add_transform, apply, check_range, per_layer, transforms
@@ -119,6 +118,7 @@ class RateCoding(nn.Module):
 
 
 def _coding(layer: nn.Module) -> tuple[int, RateCoding] | None:
+    """The layer's rate-aware training transform and its place in the stack, if it has one."""
     for i, transform in enumerate(transforms(layer)):
         if isinstance(transform, RateCoding):
             return i, transform
@@ -140,7 +140,7 @@ def estimated_bytes(model: nn.Module) -> dict[str, float]:
     (what the penalty prices, at the codes)."""
     found = {}
     for name, layer in model.named_modules():
-        located = _coding(layer) if parametrize.is_parametrized(layer, "weight") else None
+        located = _coding(layer)
         if located is not None:
             position, coding = located
             with torch.no_grad():
@@ -179,7 +179,7 @@ class RateAware(Method):
         plan = []
         for name, layer in layers.items():
             largest = 2 ** (int(per_layer(self.bits, name, "bits")) - 1) - 1
-            located = _coding(layer) if parametrize.is_parametrized(layer, "weight") else None
+            located = _coding(layer)
             if start:
                 w = layer.weight.detach() if located is None else _coding_input(layer, located[0])
                 coding = RateCoding(w, largest)
@@ -207,7 +207,7 @@ class RateAware(Method):
 
     def commit(self, layer: nn.Module, transform: nn.Module) -> None:
         """The final codebook takes the training transform's place in the layer's stack."""
-        located = _coding(layer) if parametrize.is_parametrized(layer, "weight") else None
+        located = _coding(layer)
         if isinstance(transform, Codebook) and located is not None:
             layer.parametrizations.weight[located[0]] = transform
         else:
@@ -222,8 +222,8 @@ def rate_schedule(model: nn.Module, method: RateAware) -> Iterator[tuple]:
     is put back as it was."""
     with preserved(model):
         apply(model, method, start=True)
-        codings = {name: _coding(layer)[1] for name, layer in model.named_modules()
-                   if parametrize.is_parametrized(layer, "weight") and _coding(layer) is not None}
+        located = {name: _coding(layer) for name, layer in model.named_modules()}
+        codings = {name: found[1] for name, found in located.items() if found is not None}
         weights = {name: float(per_layer(method.tradeoff, name, "tradeoff")) for name in codings}
 
         progress = [0.0]  # how far the fade has come: rounding and the price of bits rise together
