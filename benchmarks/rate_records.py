@@ -2,6 +2,7 @@
 
     python benchmarks/rate_records.py --cache /tmp/auto                       # LeNet-5 and LeNet-300-100
     python benchmarks/rate_records.py --models lenet-5 --runs dense:0.3 dense:1 --epochs 20
+    python benchmarks/rate_records.py --runs auto:0.03 lenet-5=auto/3:0.03     # the second for LeNet-5 only
 
 Each run (``start:tradeoff``) is the recipe below from the same dense model (trained on 54,000
 MNIST training images, the split ``auto_compression.py`` uses; cached with ``--cache``):
@@ -14,7 +15,8 @@ MNIST training images, the split ``auto_compression.py`` uses; cached with ``--c
 Start ``dense`` runs it on the dense model; start ``auto`` first runs the pruning step (sparse
 variational dropout, gradual) of the policy ``auto`` found for the model
 (``benchmarks/results/auto-<model>-variational.yaml``, chosen on validation), so the rate step
-codes what that pruning keeps, instead of auto's weight sharing.
+codes what that pruning keeps, instead of auto's weight sharing; ``auto/K`` keeps K times fewer
+weights in each layer that step prunes (``auto/2:0.03``).
 
 The record is the smallest file whose error on the 6,000 held-out validation images is within the
 target; the test split (10,000 images) is only reported. Bytes are the whole ``.nsk`` file on disk
@@ -54,9 +56,14 @@ DEFAULT_RUNS = {"lenet-5": ["dense:0.1", "auto:0.1"], "lenet-300-100": ["dense:0
 
 def recipe(name: str, start: str, tradeoff: float, epochs: float) -> list[dict]:
     steps = []
-    if start == "auto":
+    if start.startswith("auto"):
         policy = yaml.safe_load((RESULTS / f"auto-{name}-variational.yaml").read_text())
-        steps.append(next(step for step in policy["steps"] if "prune" in step))
+        prune = copy.deepcopy(next(step for step in policy["steps"] if "prune" in step))
+        fewer = float(start.partition("/")[2] or 1)
+        keep = prune["prune"]["keep"]
+        prune["prune"]["keep"] = ({layer: round(k / fewer, 5) for layer, k in keep.items()}
+                                  if isinstance(keep, dict) else round(keep / fewer, 5))
+        steps.append(prune)
     return steps + [{"rate": {"tradeoff": tradeoff}, "gradual": {"epochs": epochs, "lr": 1e-3, "distill": True, "augment": 2}},
                     {"unused": {}},
                     {"bias": {"bits": 8}}]
@@ -77,11 +84,13 @@ def plot(runs: dict, path: Path) -> None:
         for label, (ratio, error) in target["published"].items():
             axis.scatter([ratio], [error], marker="s", color="grey")
             axis.annotate(label, (ratio, error), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        for start, color in (("dense", "tab:blue"), ("auto", "tab:green")):
+        starts = sorted({r["start"] for r in rows})
+        for start, color in zip(starts, ("tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown")):
             mine = sorted((r for r in rows if r["start"] == start), key=lambda r: r["ratio"])
-            if mine:
-                axis.plot([r["ratio"] for r in mine], [r["test"] for r in mine], "o-", color=color,
-                          label=f"netshrink rate, from {'the dense model' if start == 'dense' else 'auto pruning'}")
+            where = "the dense model" if start == "dense" else "auto pruning" + (
+                f", {start.partition('/')[2]}x fewer kept" if "/" in start else "")
+            axis.plot([r["ratio"] for r in mine], [r["test"] for r in mine], "o-", color=color,
+                      label=f"netshrink rate, from {where}")
             for r in mine:
                 axis.annotate(f"{r['tradeoff']:g}", (r["ratio"], r["test"]), fontsize=7, color=color,
                               xytext=(4, -9), textcoords="offset points")
@@ -99,8 +108,9 @@ def plot(runs: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--runs", nargs="+", help="start:tradeoff (start: dense or auto; tradeoff: loss per "
-                        "kilobyte); default per model")
+    parser.add_argument("--runs", nargs="+", help="start:tradeoff (start: dense, auto or auto/K: "
+                        "auto's pruning keeping K times fewer weights; tradeoff: loss per kilobyte), "
+                        "MODEL=start:tradeoff for one model only; default per model")
     parser.add_argument("--epochs", type=float, default=10, help="rate-aware training epochs per run")
     parser.add_argument("--dense-epochs", type=float, default=30)
     parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
@@ -129,13 +139,16 @@ def main() -> None:
         dense_test = 100 * (1 - netshrink.evaluate(dense, test))
         rows = []
         for run in args.runs or DEFAULT_RUNS[name]:
+            only, _, run = run.rpartition("=")
+            if only and only != name:
+                continue
             start, tradeoff = run.split(":")[0], float(run.split(":")[1])
             model = copy.deepcopy(dense)
             steps = recipe(name, start, tradeoff, args.epochs)
             started = time.perf_counter()
             netshrink.Recipe.from_steps(steps).run(model, fit_data, progress=True)
             seconds = time.perf_counter() - started
-            path = scratch / f"{name}-{start}-{tradeoff:g}.nsk"
+            path = scratch / f"{name}-{start.replace('/', '_')}-{tradeoff:g}.nsk"
             netshrink.save(model, path)
             size = path.stat().st_size
             rows.append({"start": start, "tradeoff": tradeoff, "bytes": size, "ratio": dense_bytes / size, "path": path, "steps": steps,

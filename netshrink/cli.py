@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "as a recipe with fine-tuning and distillation, and verify the budget on the real file. "
                     "--max-bytes: the file fits, at the best accuracy found; --max-drop: validation accuracy within "
                     "that many points of the dense model's, in the smallest file found (a search of --trials "
-                    "runs); --max-latency: at most that many milliseconds per batch of --latency-batch inputs on "
+                    "runs); --max-error-rate: validation error at most that many percent, the same search; --max-latency: at most that many milliseconds per batch of --latency-batch inputs on "
                     "ONNX Runtime (--runtime fp32 or int8, --threads), measured on this machine: each group of channels or neurons "
                     "keeps a share of its units (--keeps, default 1 0.75 0.5 0.35 0.25), removed physically, each "
                     "choice timed alone, the least damaging combination under the budget run with fine-tuning "
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-bytes", type=POSITIVE_INT, metavar="BYTES", help="the file on disk at most this big")
     budget.add_argument("--max-drop", type=_number(float, 0), metavar="POINTS",
                         help="validation accuracy at most this many points below the dense model's")
+    budget.add_argument("--max-error-rate", type=_number(float, 0), metavar="PERCENT",
+                        help="validation error at most this many percent (e.g. 1.0: 99%% classified right)")
     budget.add_argument("--max-latency", type=POSITIVE, metavar="MS",
                         help="ONNX Runtime latency at most this many milliseconds per batch, on this machine")
     auto.add_argument("--latency-batch", type=POSITIVE_INT, default=1, metavar="N",
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which weights pruning keeps: the largest, or those sparse variational dropout learns "
                            "the model needs while it prunes (slower, better at a few percent kept; default: magnitude)")
     auto.add_argument("--parallel", type=POSITIVE_INT, default=1, metavar="K",
-                      help="with --max-drop, budgets tried at once in each round of the search (default: 1, a "
+                      help="with --max-drop or --max-error-rate, budgets tried at once in each round of the search (default: 1, a "
                            "bisection); worth raising with --ray")
     auto.add_argument("--ray", metavar="ADDRESS", nargs="?", const="auto",
                       help="run each round's trials as Ray tasks on a cluster: --ray alone (or 'auto') for the cluster "
@@ -644,7 +646,8 @@ def cmd_auto(args) -> int:
         choices["bias_bits"] = None if args.bias_bits == [0] else tuple(args.bias_bits)
     latency = {} if args.max_latency is None else {"max_latency": args.max_latency / 1e3, "threads": args.threads,
                                                    "latency_batch": args.latency_batch, "runtime": args.runtime}
-    found = netshrink.auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop, **latency, validation=validation,
+    found = netshrink.auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop,
+                           max_error_rate=args.max_error_rate, **latency, validation=validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
                  ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
     size = found.save(args.output)
@@ -665,7 +668,8 @@ def cmd_auto(args) -> int:
         _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
                     [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"]
                      for n, c in found.policy.items()])
-        budget = f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
+        budget = (f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
+                  if args.max_drop is not None else f"--max-error-rate {args.max_error_rate:g}%")
     else:
         units = {n: max(c.units for c in found.sensitivity[n]) for n in found.policy}
         _print_rows("policy", ["group (first layer)", "units", "setting", "latency alone (ms)", "damage (val. loss)"],

@@ -118,6 +118,22 @@ def test_auto_max_drop_keeps_validation_accuracy_within_the_drop(trained, digits
     assert len(set(policies)) == len(policies)  # a policy is never run twice
 
 
+def test_auto_max_error_rate_finds_the_smallest_file_within_the_error_rate(trained, digits):
+    """An error rate is a drop from the dense model's validation accuracy: the same search, judged
+    on the trials' own error rates; a rate the dense model already misses is refused up front."""
+    validation = hold_out(digits[0], 0.1, 0)[1]  # what auto scores on (validation_share 0.1, seed 0)
+    rate = 100 * (1 - netshrink.evaluate(trained, validation)) + 2.0
+    found = netshrink.auto(trained, digits[0], max_error_rate=rate, trials=3, **FAST)
+    assert found.met and found.budget == {"max_error_rate": rate}
+    assert 100 * (1 - found.accuracy) <= rate + 1e-9
+    passing = [t for t in found.trials if 100 * (1 - t["accuracy"]) <= rate + 1e-9]
+    assert found.file_bytes == min(t["file_bytes"] for t in passing)
+    assert found.ratio > 5
+    untrained = netshrink.build_model("lenet-300-100", in_shape=(1, 8, 8))
+    with pytest.raises(netshrink.NetshrinkError, match="cannot be met: the dense model itself errs"):
+        netshrink.auto(untrained, digits[0], max_error_rate=5.0, trials=1, **FAST)
+
+
 def test_a_search_with_nothing_between_its_smallest_and_its_safe_policy_still_runs_it(trained, digits):
     """Offered only dense layers, the smallest policy is also the one predicted safe: with nothing
     to search between them, that policy is run and judged (it used to end with "auto found no
@@ -181,6 +197,9 @@ def test_auto_on_a_tiny_bert_with_unlabeled_batches(make_tiny_bert):
     ({"max_bytes": 0}, "max_bytes"),
     ({"max_bytes": 1.5}, "max_bytes"),
     ({"max_drop": -1}, "max_drop"),
+    ({"max_error_rate": 100}, "below 100"),
+    ({"max_error_rate": -1}, "max_error_rate"),
+    ({"max_drop": 1.0, "max_error_rate": 2.0}, "exactly one budget"),
     ({"max_bytes": 100}, "cannot be met"),
     ({"max_bytes": 5000, "keeps": (0,)}, "keeps"),
     ({"max_bytes": 5000, "bits": (9,)}, "bits"),
@@ -360,3 +379,18 @@ def test_cli_auto_on_ray_checks_the_cluster_first_and_runs_on_a_started_head(tmp
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr
     assert f"Ray cluster at 127.0.0.1:{port}: 2 CPUs" in done.stdout and (tmp_path / "ray.nsk").exists()
+
+
+def test_cli_auto_takes_an_error_rate_budget(tmp_path):
+    trained = _cli("train", "--data", "digits", "--epochs", "3", "-o", "dense.nsk", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    done = _cli("auto", "dense.nsk", "--data", "digits", "--max-error-rate", "40", "--epochs", "1", "--trials", "1",
+                "--keeps", "1", "0.3", "--bits", "0", "4", "-o", "auto.nsk", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--max-error-rate 40%: met" in done.stdout
+    record = json.loads((tmp_path / "auto.auto.json").read_text())
+    assert record["budget"] == {"max_error_rate": 40.0} and 100 * (1 - record["accuracy"]) <= 40
+    refused = _cli("auto", "dense.nsk", "--data", "digits", "--max-error-rate", "0", "--epochs", "1",
+                   "-o", "x.nsk", cwd=tmp_path)
+    assert refused.returncode != 0 and "cannot be met" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x.nsk").exists()

@@ -168,6 +168,8 @@ def _trials_section(search: dict) -> str:
             if "max_drop" in search["budget"]:
                 axis.axhline(100 * search["dense_accuracy"] - search["budget"]["max_drop"], color="red", lw=0.8,
                              ls="--", label="budget")
+            elif "max_error_rate" in search["budget"]:
+                axis.axhline(100 - search["budget"]["max_error_rate"], color="red", lw=0.8, ls="--", label="budget")
         if "max_bytes" in search["budget"] or latency:
             axis.axvline(scale * search["budget"]["max_latency" if latency else "max_bytes"], color="red", lw=0.8,
                          ls="--", label="budget")

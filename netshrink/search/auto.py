@@ -21,7 +21,8 @@ own methods and file:
    bytes and the validation accuracy. ``max_bytes`` re-solves with the overshoot taken off until
    the file fits, and with the bytes a file leaves unspent added back (zeroed units make files
    smaller than predicted), keeping the best fitting run; ``max_drop`` searches the byte budget (bisection on log bytes) for the
-   smallest file whose fine-tuned model is within the drop.
+   smallest file whose fine-tuned model is within the drop; ``max_error_rate`` does the same for
+   an error rate on validation data (the form published records take: "1.0% test error").
 
 The input model is not changed; the result holds the compressed model, the policy as a recipe
 anyone can rerun (``netshrink compress --recipe policy.yaml``), and every number the search saw.
@@ -294,23 +295,28 @@ def _bias_grids(bias_bits) -> tuple[int, ...]:
     return grids
 
 
-def _check_budget(max_bytes, max_drop, max_latency) -> dict:
-    given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop), ("max_latency", max_latency))
-             if v is not None}
+def _check_budget(max_bytes, max_drop, max_error_rate, max_latency) -> dict:
+    given = {k: v for k, v in (("max_bytes", max_bytes), ("max_drop", max_drop), ("max_error_rate", max_error_rate),
+                               ("max_latency", max_latency)) if v is not None}
     if len(given) != 1:
-        raise NetshrinkError(f"auto takes exactly one budget: max_bytes, max_drop or max_latency. Received: "
-                             f"{given or 'none'}")
+        raise NetshrinkError(f"auto takes exactly one budget: max_bytes, max_drop, max_error_rate or max_latency. "
+                             f"Received: {given or 'none'}")
     if max_bytes is not None:
         check_number("max_bytes", max_bytes, positive=True, integer=True)
     elif max_drop is not None:
         check_number("max_drop", max_drop)
+    elif max_error_rate is not None:
+        check_number("max_error_rate", max_error_rate)
+        if max_error_rate >= 100:
+            raise NetshrinkError(f"max_error_rate is a validation error rate in percent, below 100. "
+                                 f"Received: max_error_rate={max_error_rate!r}")
     else:
         check_number("max_latency", max_latency, positive=True)
     return given
 
 
 def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop: float | None = None,
-         max_latency: float | None = None, latency_batch: int = 1, threads: int | None = None,
+         max_error_rate: float | None = None, max_latency: float | None = None, latency_batch: int = 1, threads: int | None = None,
          runtime: str = "fp32",
          validation: Data | None = None, validation_share: float = 0.1, epochs: float = 10, lr: float = 1e-3,
          trials: int = 5, keeps: tuple | None = None, bits: tuple = BITS, targets: tuple = (), ignore: tuple = (),
@@ -322,7 +328,9 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
     finds. ``max_drop``: validation accuracy at most this many points below the dense model's, in
-    the smallest file the search finds. ``max_latency``: at most this many seconds per batch of
+    the smallest file the search finds. ``max_error_rate``: validation error at most this many
+    percent (``1.0``: 99% of the validation inputs classified right), in the smallest file the
+    search finds. ``max_latency``: at most this many seconds per batch of
     ``latency_batch`` inputs on ONNX Runtime (``threads`` threads, default PyTorch's count; the
     model exported as ``runtime`` ``"fp32"`` or ``"int8"``, what ``export(int8=True)`` writes, with
     activation ranges from the training data), measured on this machine; the choices are then how
@@ -337,7 +345,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     (learned while pruning: slower; see ``methods/variational.py``). With ``"variational"``, a first
     pass of ``epochs / 2`` learns the ranking on the dense model, and sensitivity is measured on
     that model pruned by it.
-    ``parallel``: with ``max_drop``, how many budgets each round of the search tries at once (1:
+    ``parallel``: with ``max_drop`` or ``max_error_rate``, how many budgets each round of the search tries at once (1:
     bisection); ``address``: run each round's trials as Ray tasks on that cluster (``"auto"``,
     ``"ray://host:10001"``, or ``"local"`` for one started here) instead of one after another here:
     the same trials and the same result, sooner when the cluster has room for a round. Workers
@@ -355,7 +363,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
 
     if not isinstance(model, nn.Module):
         raise NetshrinkError(f"expected a torch.nn.Module. Received: {type(model).__name__}")
-    budget = _check_budget(max_bytes, max_drop, max_latency)
+    budget = _check_budget(max_bytes, max_drop, max_error_rate, max_latency)
     check_number("epochs", epochs, positive=True)
     check_number("lr", lr, positive=True)
     check_number("trials", trials, positive=True, integer=True)
@@ -414,8 +422,8 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     if biased:  # as every trial will end: weight damages measured with biases on the finest grid offered
         apply(work, QuantizeBiases(bits=max(grids), targets=tuple(biased)))
     scorer = _Validation(work, validation, forward)
-    if max_drop is not None and not scorer.labeled:
-        raise NetshrinkError("max_drop is in accuracy points: it needs labeled data")
+    if (max_drop is not None or max_error_rate is not None) and not scorer.labeled:
+        raise NetshrinkError(f"{next(iter(budget))} is in accuracy points: it needs labeled data")
     # What the file holds besides the chosen weights and biases (other biases, BatchNorm, header,
     # manifest): taken from the dense file, then corrected by each trial's real file.
     # The recipe stored in the manifest is counted with a policy touching every layer.
@@ -431,6 +439,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
         if smallest > max_bytes:
             raise _unreachable(max_bytes, smallest, overhead)
     dense_accuracy = scorer.scores(work)[1]
+    if max_error_rate is not None:  # an error rate is a drop from this dense model's accuracy
+        max_drop = 100 * dense_accuracy - (100 - max_error_rate)
+        if max_drop < 0:
+            raise NetshrinkError(f"max_error_rate={max_error_rate:g}% cannot be met: the dense model itself errs on "
+                                 f"{100 * (1 - dense_accuracy):.2f}% of the validation data")
     dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
     if sensitivity is None:
         scores = unpruned = None

@@ -4,8 +4,8 @@ Pruning, then sharing, then coding decides each stage on its own: pruning remove
 not what is expensive to code. Rate-aware training (after Oktay et al.'s entropy-penalized
 reparameterization, 2019) trains the network and its code together. Each layer's weights become
 integer codes ``k = round(w / step)`` with a learned step; a probability model over the codes
-(one per layer: a categorical over ``-largest..largest``, zero included, so the positions of
-zeros are priced too) says what each code costs, ``-log2 p(k)`` bits; and the loss adds
+(one per layer: a mixture of zero-centred logistic distributions, zero included, so the positions
+of zeros are priced too) says what each code costs, ``-log2 p(k)`` bits; and the loss adds
 ``tradeoff`` times the layers' coded kilobytes. Training then moves weights to where they are
 cheap to code: to zero, and to the few codes the layer uses most. A recipe step::
 
@@ -15,12 +15,13 @@ cheap to code: to zero, and to the few codes the layer uses most. A recipe step:
 While it trains, the forward pass fades rounding in and the price of bits rises with it
 (``anneal``: the fraction of training until both are whole; gradients pass straight through the
 rounding), so the network gives up weights gradually, as gradual pruning does, rather than all
-at once to a price set against the dense model's kilobytes. The cost of
-a weight that is not yet on a code is the probability interpolated between its two neighbouring
-codes, which is exact on the codes and pulls a weight towards the likelier neighbour. The
-probability model is refitted at every step to the codes' frequencies (the maximum-likelihood
-categorical, which is what an adaptive arithmetic coder learns as it codes the layer), so the
-priced bits are what the coder spends, within its learning cost and less what its contexts save. When
+at once to a price set against the dense model's kilobytes. The cost of a weight is the model's
+mass on ``[x - 1/2, x + 1/2]`` around it: exact at a code, smooth between codes. The model is
+fitted by the same loss (the mixture that minimises the bits is the maximum-likelihood fit to the
+codes, which is what an adaptive arithmetic coder learns as it codes the layer), so the priced
+bits track what the coder spends, within its learning cost and less what its contexts save. A
+smooth model rather than the codes' raw frequencies: a histogram gives a weight no reason to leave
+a common code for a rarer one nearer zero, and training stalls in the first local minimum. When
 training ends every layer keeps its codes times its step as a codebook whose values no longer
 train (:class:`~netshrink.compress.methods.share.Codebook`), which files store exactly as
 integer codes and one scale; ``unused`` then zeroes units no weight reads, and ``bias`` codes
