@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--ranking", choices=("magnitude", "variational"), default="magnitude",
                       help="which weights pruning keeps: the largest, or those sparse variational dropout learns "
                            "the model needs while it prunes (slower, better at a few percent kept; default: magnitude)")
+    auto.add_argument("--coding", choices=("share", "rate"), default="share",
+                      help="share: choose each layer's pruning and shared bits (default); rate: train the whole model "
+                           "rate-aware (weights and their code learned together, see docs/recipes.md) and search its "
+                           "one trade-off for the budget, --trials runs of --epochs each")
     auto.add_argument("--parallel", type=POSITIVE_INT, default=1, metavar="K",
                       help="with --max-drop or --max-error-rate, budgets tried at once in each round of the search (default: 1, a "
                            "bisection); worth raising with --ray")
@@ -649,7 +653,8 @@ def cmd_auto(args) -> int:
     found = netshrink.auto(model, train, max_bytes=args.max_bytes, max_drop=args.max_drop,
                            max_error_rate=args.max_error_rate, **latency, validation=validation,
                  epochs=args.epochs, lr=args.lr, trials=args.trials, augment=args.augment, seed=args.seed,
-                 ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, **choices)
+                 ranking=args.ranking, parallel=args.parallel, address=args.ray, on_trial=show, coding=args.coding,
+                           **choices)
     size = found.save(args.output)
     atomic_write(policy_path, found.yaml().encode())
     test_accuracy = netshrink.evaluate(found.model, test)
@@ -665,9 +670,16 @@ def cmd_auto(args) -> int:
                "file bytes", "vs fp32"]
     if found.latency is None:
         weights = {n: m.weight.numel() for n, m in found.model.named_modules() if n in found.policy}
-        _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
-                    [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"]
-                     for n, c in found.policy.items()])
+        if not found.policy:  # rate-aware coding: one trade-off, its trials the table
+            _print_rows("trials (rate-aware training)", ["trial", "trade-off (loss per KB)", "file bytes",
+                                                         "validation accuracy", "within budget"],
+                        [[str(t["trial"]), f"{t['tradeoff']:.4g}", f"{t['file_bytes']:,}",
+                          f"{100 * t['accuracy']:.2f}%" if t["accuracy"] is not None else "-",
+                          "yes" if t["passed"] else "no"] for t in found.trials])
+        else:
+            _print_rows("policy", ["layer", "weights", "setting", "predicted bytes", "damage (val. loss)"],
+                        [[n, f"{weights[n]:,}", c.describe(), f"{c.bytes:,}", f"{c.damage:.4f}"]
+                         for n, c in found.policy.items()])
         budget = (f"--max-bytes {args.max_bytes:,}" if args.max_bytes else f"--max-drop {args.max_drop:g}"
                   if args.max_drop is not None else f"--max-error-rate {args.max_error_rate:g}%")
     else:

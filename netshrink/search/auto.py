@@ -323,7 +323,7 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
          bias_bits: int | tuple | None = BIAS_BITS, augment: int = 0, seed: int = 0, progress: bool = True,
          forward: Forward | None = None, on_trial=None,
          sensitivity: dict[str, list[Choice]] | None = None, ranking: str = "magnitude",
-         parallel: int = 1, address: str | None = None) -> AutoResult:
+         parallel: int = 1, address: str | None = None, coding: str = "share") -> AutoResult:
     """Choose per-layer pruning and sharing for ``model`` under one budget, run it, verify it.
 
     ``max_bytes``: the file on disk at most this many bytes, at the best validation loss the search
@@ -350,6 +350,11 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     ``"ray://host:10001"``, or ``"local"`` for one started here) instead of one after another here:
     the same trials and the same result, sooner when the cluster has room for a round. Workers
     need netshrink installed.
+    ``coding``: ``"share"`` chooses each layer's pruning and shared bits as above; ``"rate"``
+    trains the whole model rate-aware instead (:class:`~netshrink.RateAware`: every layer's
+    weights and their code learned together) and searches its one trade-off for the budget, a
+    trial at a time (``trials``; see ``netshrink/search/tradeoff.py``), with ``max_bytes``,
+    ``max_drop`` or ``max_error_rate``.
     Returns an :class:`AutoResult`; ``model`` itself is not changed.
 
     >>> import netshrink
@@ -381,6 +386,12 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     check_choice("ranking", ranking, RANKINGS)
     check_number("parallel", parallel, positive=True, integer=True)
     check_address(address)
+    check_choice("coding", coding, ("share", "rate"))
+    if coding == "rate":
+        from .tradeoff import check_rate_search
+
+        check_rate_search(max_latency=(max_latency, None), keeps=(keeps, KEEPS), bits=(bits, BITS),
+                          ranking=(ranking, "magnitude"), parallel=(parallel, 1), sensitivity=(sensitivity, None))
     if max_latency is not None:
         check_number("latency_batch", latency_batch, positive=True, integer=True)
         threads = torch.get_num_threads() if threads is None else threads
@@ -424,6 +435,22 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
     scorer = _Validation(work, validation, forward)
     if (max_drop is not None or max_error_rate is not None) and not scorer.labeled:
         raise NetshrinkError(f"{next(iter(budget))} is in accuracy points: it needs labeled data")
+    dense_accuracy = scorer.scores(work)[1]
+    if max_error_rate is not None:  # an error rate is a drop from this dense model's accuracy
+        max_drop = 100 * dense_accuracy - (100 - max_error_rate)
+        if max_drop < 0:
+            raise NetshrinkError(f"max_error_rate={max_error_rate:g}% cannot be met: the dense model itself errs on "
+                                 f"{100 * (1 - dense_accuracy):.2f}% of the validation data")
+    dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
+    if coding == "rate":
+        from .tradeoff import search as search_tradeoff
+
+        with Runner(_run_trial, (model, train, scorer, seed, progress, address is None), address) as runner:
+            return search_tradeoff(model, runner, scorer, layers=[n for n in layers if isinstance(model.get_submodule(n), LINEAR_CONV)],
+                                   budget=budget, max_bytes=max_bytes,
+                                   max_drop=max_drop, dense_accuracy=dense_accuracy, dense_bytes=dense_bytes,
+                                   epochs=epochs, lr=lr, trials=trials, augment=augment,
+                                   bias_bits=max(grids) if grids else None, on_trial=on_trial)
     # What the file holds besides the chosen weights and biases (other biases, BatchNorm, header,
     # manifest): taken from the dense file, then corrected by each trial's real file.
     # The recipe stored in the manifest is counted with a policy touching every layer.
@@ -438,13 +465,6 @@ def auto(model: nn.Module, data: Data, *, max_bytes: int | None = None, max_drop
             + sum(coded_bytes(grid_bias(m.bias, min(grids))) for m in biased.values())
         if smallest > max_bytes:
             raise _unreachable(max_bytes, smallest, overhead)
-    dense_accuracy = scorer.scores(work)[1]
-    if max_error_rate is not None:  # an error rate is a drop from this dense model's accuracy
-        max_drop = 100 * dense_accuracy - (100 - max_error_rate)
-        if max_drop < 0:
-            raise NetshrinkError(f"max_error_rate={max_error_rate:g}% cannot be met: the dense model itself errs on "
-                                 f"{100 * (1 - dense_accuracy):.2f}% of the validation data")
-    dense_bytes = 4 * sum(p.numel() for p in model.state_dict().values() if p.is_floating_point())
     if sensitivity is None:
         scores = unpruned = None
         if ranking == "variational":  # the table must see what this ranking keeps, learned first
