@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 
@@ -99,3 +100,28 @@ def test_recipe_raw_form_rebuilds_the_same_steps():
     assert [s.describe() for s in again.steps] == [s.describe() for s in recipe.steps]
     assert again.steps[0].every == 7 and again.steps[0].schedule.augment == 1
     assert again.steps[1].action.distill == netshrink.Distill(temperature=3, alpha=0.5)
+
+
+def test_a_continued_recipe_distils_from_the_teacher_it_is_given(trained, digits):
+    """Pure distillation (alpha 1: the labels play no part) pulls the student towards the teacher
+    ``run`` is given, not towards the model as the recipe found it; the teacher is not changed."""
+    recipe = Recipe.from_steps([{"finetune": {"epochs": 6, "lr": 5e-3, "distill": {"temperature": 1, "alpha": 1.0}}}])
+    x = digits[1].tensors[0]
+    other = copy.deepcopy(trained)  # a teacher that names every digit one class further on
+    with torch.no_grad():
+        other.fc3.weight.copy_(other.fc3.weight.roll(1, 0))
+        other.fc3.bias.copy_(other.fc3.bias.roll(1, 0))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with torch.no_grad():
+        target = other(x).argmax(1)
+        agree_before = (trained(x).argmax(1) == target).float().mean()
+    alone = copy.deepcopy(trained)
+    recipe.run(trained, digits[0], progress=False, teacher=other)
+    recipe.run(alone, digits[0], progress=False)  # its own teacher: the model as it was
+    with torch.no_grad():
+        agree_after = (trained.eval()(x).argmax(1) == target).float().mean()
+        agree_alone = (alone.eval()(x).argmax(1) == target).float().mean()
+    assert agree_before < 0.1 and agree_alone < 0.1 and agree_after > 0.5, (agree_before, agree_alone, agree_after)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(netshrink.NetshrinkError, match="teacher must be"):
+        recipe.run(trained, digits[0], progress=False, teacher="dense.nsk")

@@ -14,7 +14,8 @@ a ``rate`` step trains the weights and their code together during its schedule::
       - share: {bits: 5}
 
 The whole recipe is parsed and checked before the model is touched. The teacher for distillation
-is a frozen copy of the model as it was when the recipe started.
+is a frozen copy of the model as it was when the recipe started (or the ``teacher`` given to
+``run``, for a recipe that continues from an earlier one).
 """
 from __future__ import annotations
 
@@ -294,8 +295,10 @@ class Recipe:
         return cls.from_yaml(text, path.stem)
 
     def run(self, model: nn.Module, train: Data, test: Data | None = None, *, seed: int = 0,
-            progress: bool = True, on_row=None) -> list[dict]:
+            progress: bool = True, on_row=None, teacher: nn.Module | None = None) -> list[dict]:
         """Run every step on ``model`` in place; returns one row per step (accuracy if ``test``).
+        ``teacher``: the model distilling steps learn from (default: ``model`` as it is now), e.g.
+        the dense model when this recipe continues from one that already compressed ``model``.
 
         Every step is checked against the model (its layer selection and per-layer maps) and the
         data are checked before the first step runs; if any step fails, or the run is interrupted,
@@ -312,11 +315,16 @@ class Recipe:
         check_model_fits(model, train)
         if test is not None:
             check_data(test, "test data")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise NetshrinkError(f"teacher must be a torch.nn.Module. Received: {type(teacher).__name__}")
         with preserved(model, values=True):
-            return self._run(model, train, test, seed, progress, on_row)
+            return self._run(model, train, test, seed, progress, on_row, teacher)
 
-    def _run(self, model, train, test, seed, progress, on_row) -> list[dict]:
-        teacher = frozen_copy(model) if any(_distills(s) for s in self.steps) else None
+    def _run(self, model, train, test, seed, progress, on_row, teacher=None) -> list[dict]:
+        if any(_distills(s) for s in self.steps):
+            teacher = frozen_copy(model if teacher is None else teacher)
+        else:
+            teacher = None
         rows = []
         for i, step in enumerate(self.steps):
             started = time.perf_counter()
