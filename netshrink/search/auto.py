@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetshrinkError
-from .found import AutoResult, Choice  # what a search returns (shared with the latency search)
+from .found import AutoResult, Choice, trial_tuning  # what searches return and share
 from ..compress.knapsack import SOLVER_UNITS, solve
 from ..compress.methods.base import (COMPRESSIBLE, LINEAR_CONV, apply, check_choice, distinct_weights, select_layers, transforms)
 from ..compress.methods.bias import QuantizeBiases, grid_bias
@@ -234,7 +234,7 @@ def policy_steps(policy: dict[str, Choice], epochs: float, lr: float, augment: i
     Last, biases go on the grids the policy chose (after fine-tuning, which would move them off)."""
     pruned = {n: c.keep for n, c in policy.items() if c.keep < 1}
     shared = {n: c.bits for n, c in policy.items() if c.bits is not None}
-    tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
+    tune = trial_tuning(labeled, augment)
     steps: list[dict] = []
     if pruned:
         ranked = {} if ranking == "magnitude" else {"ranking": ranking}

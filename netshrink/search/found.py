@@ -1,5 +1,5 @@
 """What a search found: each layer's (or group's) choice and the result of the whole search, with
-its policy as a recipe. The size search (``autotune``) and the latency search (``latency``) both
+its policy as a recipe, and how every search's trials fine-tune. The size search (``autotune``) and the latency search (``latency``) both
 return an :class:`AutoResult`; it lives here, below both, so neither borrows from the other."""
 from __future__ import annotations
 
@@ -81,3 +81,9 @@ class AutoResult:
                 "latency": self.latency, "dense_latency": self.dense_latency,
                 "policy": {n: asdict(c) for n, c in self.policy.items()},
                 "sensitivity": {n: [asdict(c) for c in choices] for n, choices in self.sensitivity.items()}}
+
+
+def trial_tuning(labeled: bool, augment: int) -> dict:
+    """How every search's trials fine-tune: distilled from the dense model (class scores by KL,
+    other outputs by mean squared error), with the augmentation asked for."""
+    return {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}

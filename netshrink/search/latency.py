@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..errors import NetshrinkError
+from .found import trial_tuning
 from ..training.batches import Data, batches
 
 UNIT_KEEPS = (1.0, 0.75, 0.5, 0.35, 0.25)
@@ -123,7 +124,7 @@ def unit_steps(policy: dict[str, UnitChoice], epochs: float, lr: float, augment:
     keep = {group: c.keep for group, c in policy.items() if c.keep < 1}
     if not keep:
         return []
-    tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
+    tune = trial_tuning(labeled, augment)
     return [{"structured": {"keep": {**keep, "*": 1.0}}}, {"finetune": {"epochs": epochs, "lr": lr, **tune}}]
 
 

@@ -17,14 +17,13 @@ and the validation split, as the per-layer search judges its own.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 from torch import nn
 
-import copy
-
 from ..errors import NetshrinkError
-from .found import AutoResult
+from .found import AutoResult, trial_tuning
 
 START = 0.03  # loss per kilobyte of the first trial
 FACTOR = 4.0  # how far each trial moves until the budget is bracketed
@@ -33,7 +32,7 @@ FACTOR = 4.0  # how far each trial moves until the budget is bracketed
 def rate_steps(tradeoff: float, layers: list[str], epochs: float, lr: float, augment: int, labeled: bool,
                bias_bits: int | None) -> list[dict]:
     """One trial's recipe (what ``AutoResult.yaml()`` writes for the chosen one)."""
-    tune = {"distill": True if labeled else {"objective": "mse"}, **({"augment": augment} if augment else {})}
+    tune = trial_tuning(labeled, augment)
     steps = [{"rate": {"tradeoff": float(f"{tradeoff:.4g}"), "targets": layers},
               "gradual": {"epochs": epochs, "lr": lr, **tune}},
              {"unused": {}}]
