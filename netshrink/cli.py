@@ -80,6 +80,17 @@ def _training_arguments(parser: argparse.ArgumentParser, epochs: float, lr: floa
     parser.add_argument("--seed", type=int, default=0, help="(default: 0; the same seed gives the same model)")
 
 
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS", nargs="?", const="auto",
+                        help="run as several processes on a Ray cluster (Ray Train), each taking a share of every "
+                             "batch, as under torchrun: --ray alone (or 'auto') for the cluster this machine belongs "
+                             "to, HOST:PORT of its head, ray://HOST:10001, or 'local' to start one here. Files are read "
+                             "and written by path: run from a folder every node shares")
+    parser.add_argument("--workers", type=POSITIVE_INT, metavar="N",
+                        help="with --ray: this many processes, sharing the cluster's CPUs evenly (default: one per "
+                             "node, each with as many threads as the narrowest node has CPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="netshrink", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "after every epoch and kept when training is interrupted); Adam's moments and the "
                             "learning-rate schedule start afresh for the epochs left")
     train.add_argument("-o", "--output", type=Path, required=True, help="where to write the model")
+    _cluster_arguments(train)
 
     evaluate = sub.add_parser("evaluate", help="test accuracy of a saved model")
     evaluate.add_argument("path", type=Path)
@@ -152,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "smaller on disk (e.g. 1e-3); the accuracy shown is the file's. Default: exact")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("-o", "--output", type=Path, required=True)
+    _cluster_arguments(compress)
 
     export = sub.add_parser(
         "export", help="export a saved model for a runtime: ONNX Runtime, OpenVINO, llama.cpp (GGUF), compressed-tensors",
@@ -348,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                               *(("sklearn.datasets",) if getattr(args, "data", None) == "digits" else ()))
         from .training import distributed  # after PyTorch's import above
 
+        if args.command in ON_RAY and (args.ray is not None or args.workers is not None):
+            return _on_ray(args)
         started = distributed.start()  # launched by torchrun: one of several processes
         return COMMANDS[args.command](args) or 0
     except NetshrinkError as exc:
@@ -365,6 +380,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started:
             distributed.stop()
+
+
+ON_RAY = ("train", "compress")  # the commands that run as several processes with --ray
+
+
+def _on_ray(args) -> int:
+    """The command as processes of one job on a Ray cluster: each runs it as under torchrun."""
+    from .training.ray_cluster import run_processes
+
+    if args.workers is not None and args.ray is None:
+        raise NetshrinkError("--workers goes with --ray")
+    _outputs(args, args.output)
+    if getattr(args, "path", None) is not None and not args.path.is_file():  # before a cluster is started
+        raise NetshrinkError(f"cannot read file {args.path}: no such file")
+    processes = f"{args.workers} processes" if args.workers else "one process a node"
+    _print(f"on the Ray cluster at {args.ray}: {processes}, each a share of every batch; the first reports")
+    return run_processes(_run_command, argparse.Namespace(**{**vars(args), "ray": None}), address=args.ray,
+                         workers=args.workers) or 0
+
+
+def _run_command(args) -> int:
+    return COMMANDS[args.command](args) or 0
 
 
 def _caused_by_ctrl_c(exc: BaseException) -> bool:
@@ -552,6 +589,8 @@ def cmd_export(args) -> int:
             ids = torch.ones(1, 16, dtype=torch.long)
             options["example_inputs"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     report = netshrink.export(model, args.output, format=target, **options)
+    if report is None:  # one of several processes: the first wrote the file and reports it
+        return 0
     _print_rows(f"exported {args.output} ({'int8, ' + report.target if args.int8 else report.target})",
                 ["layer", "exported as"], [list(row) for row in report.layers])
     for note in report.notes:
@@ -630,7 +669,7 @@ def cmd_auto(args) -> int:
                                                      str(args.path))
     _print(f"validation: {scored_on}")
     if args.ray is not None:
-        from .search.sweep import check_address
+        from .training.ray_cluster import check_address
 
         cpus, here = check_address(args.ray), os.cpu_count() or 1
         _print(f"Ray cluster at {args.ray}: {cpus:g} CPUs" + (

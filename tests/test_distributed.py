@@ -130,3 +130,52 @@ def test_a_failing_process_stops_the_job_with_its_error_and_no_file(tmp_path):
     assert result.returncode != 0
     assert "NetshrinkError: the data contains NaN" in result.stderr
     assert not (tmp_path / "never.nsk").exists() and not list(tmp_path.glob("never*"))
+
+
+def test_activation_ranges_and_export_on_two_processes(tmp_path):
+    """Each process observes a share of the calibration examples: min/max ranges equal one process's
+    exactly; an export is written once, by the first process, and the others get no report."""
+    result = run(tmp_path, """
+        netshrink.quantize(model, activation_bits=8, calibration=train)
+        ranges = [[float(getattr(model, n).input_quantizer.low), float(getattr(model, n).input_quantizer.high)]
+                  for n in ("fc1", "fc2", "fc3")]
+        report = netshrink.export(model, "model.onnx")
+        np.save(f"ranges{distributed.rank()}.npy", np.array(ranges))
+        assert (report is None) == (distributed.rank() == 1)
+        distributed.stop()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "model.onnx").exists() and not list(tmp_path.glob("*.tmp*"))
+    model = single(prune=False)
+    netshrink.quantize(model, activation_bits=8, calibration=netshrink.load_dataset("digits", "train"))
+    one = [[float(getattr(model, n).input_quantizer.low), float(getattr(model, n).input_quantizer.high)]
+           for n in ("fc1", "fc2", "fc3")]
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"ranges{rank}.npy"), np.array(one))
+
+
+def test_the_command_line_on_a_local_ray_cluster(tmp_path):
+    """`--ray local --workers 2`: Ray Train runs the command as two processes of one group, which make
+    the one-process model to float rounding; the first process's tables are printed once; a process
+    that fails is one line naming it, and no file is written."""
+    pytest.importorskip("ray.train")
+    command = [sys.executable, "-m", "netshrink"]
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([*command, "train", "--data", "digits", "--epochs", "2", "-o", "dense.nsk"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    settings = ["compress", "dense.nsk", "--data", "digits", "--prune", "0.3", "--finetune", "1"]
+    subprocess.run([*command, *settings, "-o", "one.nsk"], cwd=tmp_path, check=True, capture_output=True)
+    two = subprocess.run([*command, *settings, "-o", "two.nsk", "--ray", "local", "--workers", "2"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("result (") == 1 and "2 processes" in two.stdout
+    a, b = netshrink.load(tmp_path / "one.nsk"), netshrink.load(tmp_path / "two.nsk")
+    for name in ("fc1", "fc2", "fc3"):
+        assert torch.equal(getattr(a, name).parametrizations.weight[0].mask, getattr(b, name).parametrizations.weight[0].mask)
+        assert torch.allclose(getattr(a, name).weight, getattr(b, name).weight, atol=1e-6)
+    (tmp_path / "forged.nsk").write_bytes((tmp_path / "dense.nsk").read_bytes()[:-100])  # cut short
+    failed = subprocess.run([*command, "compress", "forged.nsk", "--data", "digits", "--prune", "0.3", "-o", "never.nsk",
+                             "--ray", "local", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: process "), failed.stderr
+    assert not list(tmp_path.glob("never*"))

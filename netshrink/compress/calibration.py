@@ -136,7 +136,7 @@ class LayerInputs:
         for kind, shape in (("hessian", rows + rows[-1:]), ("sum", rows), ("sumsq", rows)):
             if (kind if kind != "sum" else "mean") in needs:
                 value = getattr(self, kind)
-                setattr(self, kind, distributed.all_sum(value if value is not None else torch.zeros(shape, device=layer.weight.device)))
+                setattr(self, kind, distributed.all_reduce(value if value is not None else torch.zeros(shape, device=layer.weight.device)))
         self.count = distributed.all_sum_number(self.count)
 
 

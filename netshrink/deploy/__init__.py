@@ -60,7 +60,8 @@ def hugging_face_model(model):
 
 def export(model, path: str | Path, *, format: str | None = None, **options):
     """Write ``model`` to ``path`` in ``format`` (default: from the file name), atomically; returns
-    the export's report (a table of how each layer was written).
+    the export's report (a table of how each layer was written). Under several processes
+    (``torchrun``), the first writes and returns the report; the others wait and return None.
 
     ``options`` go to the target: :func:`netshrink.deploy.to_onnx.export` (``int8``, ``low_bit``,
     ``calibration``, ``example_inputs``, ...), :func:`netshrink.deploy.to_openvino.export`,
@@ -76,5 +77,7 @@ def export(model, path: str | Path, *, format: str | None = None, **options):
     """
     import importlib
 
+    from ..training import distributed
+
     target = importlib.import_module(f".{_MODULES[format_of(path, format)]}", __name__)
-    return target.export(model, path, **options)
+    return distributed.first_process(lambda: target.export(model, path, **options), str(path))

@@ -47,7 +47,8 @@ from ..compress.methods.conv1d import as_linear
 from ..compress.methods.prune import RANKINGS, keep_largest
 from ..compress.methods.share import kmeans_1d
 from .latency import UNIT_KEEPS
-from .sweep import Runner, check_address
+from .sweep import Runner
+from ..training.ray_cluster import check_address
 from ..training.batches import (Data, Forward, batches, check_data, check_model_fits, default_forward, eval_mode, hold_out)
 from ..errors import check_number
 

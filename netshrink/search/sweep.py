@@ -12,14 +12,12 @@ serialization; no file from elsewhere is unpickled.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
-from ..errors import NetshrinkError, first_line
+from ..errors import NetshrinkError
+from ..training.ray_cluster import check_address_value, connect, fits_threads
 
 
 def _with_threads(function: Callable, threads: int, shared, job):
@@ -33,91 +31,6 @@ def _with_threads(function: Callable, threads: int, shared, job):
         torch.set_num_threads(before)
 
 
-def _import_ray(address: str):
-    try:
-        import ray
-    except ImportError:
-        raise NetshrinkError(f"address={address!r} runs on Ray, which is not installed: pip install 'ray>=2.9' "
-                             "(or netshrink[distributed])") from None
-    return ray
-
-
-CONNECT_SECONDS = 3  # a cluster's head answers a TCP connection at once; nothing listening fails here
-
-
-def _head(address: str) -> tuple[str, int] | None:
-    """(host, port) of a head node's address written ``host:port`` (its GCS port, 6379 by default)."""
-    host, _, port = address.rpartition(":")
-    return (host.strip("[]"), int(port)) if host and "://" not in address and port.isdigit() else None
-
-
-@contextlib.contextmanager
-def _ray(address: str) -> Iterator[object]:
-    ray = _import_ray(address)
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
-            raise NetshrinkError(f"cannot reach the Ray cluster at {address!r}: {first_line(exc, None)}"
-                                 f"{_token_hint(address)}") from None
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _token_hint(address: str) -> str:
-    """Why a head that answers may still refuse: a cluster `ray start` made (Ray 2.5x and later)
-    wants the token it saved, and Ray sends it to an address given as host:port only when told to
-    (so that it never hands the token to a host by mistake)."""
-    if _head(address) is None or os.environ.get("RAY_AUTH_MODE") or not (Path.home() / ".ray" / "auth_token").is_file():
-        return ""
-    return ("; if that cluster uses Ray's token authentication (the default of `ray start`), run with "
-            "RAY_AUTH_MODE=token so Ray sends your ~/.ray/auth_token, or use --ray alone on one of its machines")
-
-
-def check_address(address: str | None, threads: int | None = None) -> float | None:
-    """Before any long work: refuse an address that is not one, one Ray is not installed to reach,
-    one where nothing answers (in seconds, not after Ray's minute of retries), or a cluster with no
-    node that can run a task of ``threads`` CPUs. Returns the cluster's CPUs (None without an
-    address; for ``"local"``, this machine's, the cluster being started when the search is)."""
-    if address is None:
-        return None
-    _check_address_value(address)
-    _import_ray(address)
-    if address == "local":
-        return float(os.cpu_count() or 1)
-    head = _head(address)
-    if head is not None:
-        try:
-            socket.create_connection(head, timeout=CONNECT_SECONDS).close()
-        except OSError as exc:
-            raise NetshrinkError(f"nothing answers at {address} ({exc.strerror or exc}): start the cluster there "
-                                 "(`ray start --head --port PORT`) or give its address ('auto' on one of its "
-                                 "machines, host:port of its head, or ray://host:10001)") from None
-    with _ray(address) as ray:
-        return _fits_threads(ray, threads or torch.get_num_threads())
-
-
-def _check_address_value(address) -> None:
-    if not isinstance(address, str) or not address.strip():
-        raise NetshrinkError(f"address must be a Ray cluster address such as 'auto', 'local', 'host:6379' or "
-                             f"'ray://host:10001'. Received: address={address!r}")
-
-
-def _fits_threads(ray, threads: int) -> float:
-    """The cluster's CPUs, once it is known that some node runs a task of ``threads`` CPUs."""
-    widest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    if widest < threads:  # such a task would wait for ever
-        raise NetshrinkError(f"every run uses {threads} PyTorch threads (as in this process), but no "
-                             f"node of the Ray cluster has {threads} CPUs (largest: {widest:g}): set "
-                             f"torch.set_num_threads({int(widest) or 1}) first")
-    return float(ray.cluster_resources().get("CPU", 0))
-
-
 class Runner:
     """Runs ``function(shared, job)`` for rounds of jobs. ``address``: None for this process, a Ray
     cluster's address (``"ray://head:10001"``, ``"auto"`` for the cluster this machine is in), or
@@ -126,7 +39,7 @@ class Runner:
 
     def __init__(self, function: Callable, shared, address: str | None = None) -> None:
         if address is not None:
-            _check_address_value(address)
+            check_address_value(address)
         self.function, self.shared, self.address = function, shared, address
         self.threads = torch.get_num_threads()
         self._stack = contextlib.ExitStack()
@@ -134,8 +47,8 @@ class Runner:
 
     def __enter__(self) -> "Runner":
         if self.address is not None:
-            ray = self._stack.enter_context(_ray(self.address))
-            _fits_threads(ray, self.threads)
+            ray = self._stack.enter_context(connect(self.address))
+            fits_threads(ray, self.threads)
             self._remote = ray.remote(num_cpus=self.threads)(_with_threads)
             self._errors = ray.exceptions.RayTaskError
             self._shared_ref = ray.put(self.shared)

@@ -490,21 +490,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, recipe: list | None = Non
     def write() -> int:
         return atomic_write(path, lambda out: write_model(out, model, recipe=recipe, info=info, max_error=max_error))
 
-    if not distributed.active():
-        return write()
-    # Several processes hold the same model: the first writes, the others learn its size (or its failure).
-    size, error = -1, None
-    if distributed.is_main():
-        try:
-            size = write()
-        except BaseException as exc:  # the others must not wait for a file that will not come
-            error = exc
-    size = distributed.broadcast_number(size)
-    if error is not None:
-        raise error
-    if size < 0:
-        raise NetshrinkError(f"the first process could not write {path}")
-    return size
+    # Several processes hold the same model: the first writes, the others learn its size.
+    size = distributed.first_process(write, str(path))
+    return distributed.broadcast_number(size if size is not None else -1)
 
 
 def check_notes(recipe: list | None, info: dict | None) -> None:

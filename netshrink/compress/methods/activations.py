@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import real_positions, take
+from ..calibration import real_positions, shares, take
 from ...errors import NetshrinkError, first_line
+from ...training import distributed
 from ...training.batches import Data, call, eval_mode
 from .base import (LINEAR_CONV, Method, check_choice, check_range, per_layer, replace_weight, tied_weights, transforms, weight_of, weight_source)
 from .calibrated import FIXED_GRIDS
@@ -130,6 +131,19 @@ class _Observed:
         stride = max(1, rows.numel() // self.per_batch)
         self.samples.append(rows[::stride].clone())
 
+    def combine(self, channels: int) -> None:
+        """With several processes, each of which observed a share of the examples: the extremes over
+        all of them (then exactly one process's) and their samples together (a sample of the same
+        bound, drawn from the shares)."""
+        low = self.low if self.low is not None else torch.full((channels,), math.inf)
+        high = self.high if self.high is not None else torch.full((channels,), -math.inf)
+        self.low, self.high = distributed.all_reduce(low.clone(), "min"), distributed.all_reduce(high.clone(), "max")
+        rows = torch.cat(self.samples) if self.samples else torch.empty(0, channels if self.linear else 1)
+        gathered = distributed.all_gather_rows(rows)
+        self.samples = [gathered] if gathered.numel() else []
+        if not self.samples:  # no process reached the layer
+            self.low = self.high = None
+
     def sample(self, smooth: torch.Tensor | None) -> torch.Tensor:
         rows = torch.cat(self.samples)
         return (rows / smooth if smooth is not None else rows).flatten()
@@ -208,8 +222,10 @@ class QuantizeActivations(Method):
         if calibration is None or model is None:
             raise NetshrinkError("activation quantization needs calibration data "
                                  "(pass calibration=<data set, (x, y) tensors or DataLoader>)")
-        kept = take(calibration, self.samples, self.batch_size)
-        observed = {name: _Observed(isinstance(layer, nn.Linear), len(kept)) for name, layer in layers.items()}
+        # Several processes observe a share of each batch each; their ranges and samples are combined below.
+        kept = shares(take(calibration, self.samples, self.batch_size), summed=True)
+        observed = {name: _Observed(isinstance(layer, nn.Linear), max(1, len(kept)) * distributed.world_size())
+                    for name, layer in layers.items()}
 
         batch: list = []
 
@@ -239,6 +255,9 @@ class QuantizeActivations(Method):
             for name, layer in layers.items():
                 if previous[name] is not None:
                     layer.input_quantizer = previous[name]
+        if distributed.active():
+            for name, seen in observed.items():
+                seen.combine(layers[name].in_features if isinstance(layers[name], nn.Linear) else layers[name].in_channels)
         if not any(o.samples for o in observed.values()):
             raise NetshrinkError("calibration data yielded no batches")
         tied = tied_weights(model)
