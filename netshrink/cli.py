@@ -86,6 +86,11 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch, as under torchrun: --ray alone (or 'auto') for the cluster this machine belongs "
                              "to, HOST:PORT of its head, ray://HOST:10001, or 'local' to start one here. Files are read "
                              "and written by path: run from a folder every node shares")
+    parser.add_argument("--shard", action="store_true",
+                        help="with several processes (torchrun or --ray): split the model, its gradients and Adam's "
+                             "state between them while training (FSDP) instead of a whole copy in each (DDP), for a "
+                             "model whose training does not fit one process; not for steps that prune gradually or "
+                             "learn sparsity")
     parser.add_argument("--workers", type=POSITIVE_INT, metavar="N",
                         help="with --ray: this many processes, sharing the cluster's CPUs evenly (default: one per "
                              "node, each with as many threads as the narrowest node has CPUs)")
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ON_RAY and (args.ray is not None or args.workers is not None):
             return _on_ray(args)
         started = distributed.start()  # launched by torchrun: one of several processes
-        return COMMANDS[args.command](args) or 0
+        return _run_command(args)
     except NetshrinkError as exc:
         where = f"process {distributed.rank()}: " if started else ""
         sys.stderr.write(f"error: {where}{exc}\n")
@@ -401,6 +406,9 @@ def _on_ray(args) -> int:
 
 
 def _run_command(args) -> int:
+    from .training import distributed
+
+    distributed.shard_training(getattr(args, "shard", False))
     return COMMANDS[args.command](args) or 0
 
 

@@ -179,3 +179,62 @@ def test_the_command_line_on_a_local_ray_cluster(tmp_path):
                             timeout=600)
     assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: process "), failed.stderr
     assert not list(tmp_path.glob("never*"))
+
+
+def test_sharded_training_on_two_processes_gives_one_process_model(tmp_path):
+    """FSDP (shard=True) splits the parameters, gradients and Adam's moments between the processes,
+    trains the same steps, and brings the whole model back: the one-process model to float rounding,
+    masks identical; gradual pruning, which reads the model's own weights every step, is refused."""
+    result = run(tmp_path, """
+        netshrink.prune(model, keep=0.3)
+        netshrink.quantize(model, weight_bits=4)
+        sharded = distributed.sharded_copy(model)
+        local = sum(p.to_local().numel() for p in sharded.parameters())
+        assert local < 0.6 * sum(p.numel() for p in model.parameters()), local  # each process keeps about half
+        netshrink.fit(model, train, epochs=1, batch_size=64, lr=2e-3, seed=3, progress=False, shard=True)
+        np.save(f"rank{distributed.rank()}.npy", model.fc1.weight.detach().numpy())
+        netshrink.save(model, "sharded.nsk")
+        try:
+            netshrink.fit(model, train, epochs=1, shard=True, on_step=lambda step, total: None, progress=False)
+        except netshrink.NetshrinkError as exc:
+            assert "sharded training" in str(exc)
+        else:
+            raise AssertionError("a step callback was accepted")
+        distributed.stop()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
+    two, one = netshrink.load(tmp_path / "sharded.nsk"), single()
+    for name in ("fc1", "fc2", "fc3"):
+        a, b = getattr(one, name), getattr(two, name)
+        assert torch.equal(a.parametrizations.weight[0].mask, b.parametrizations.weight[0].mask), name
+        for tensor in ("weight", "bias"):
+            assert torch.allclose(getattr(a, tensor), getattr(b, tensor), atol=1e-6), (name, tensor)
+
+
+def test_batch_norm_over_two_processes_normalises_by_the_whole_batch(tmp_path):
+    """A CNN with BatchNorm, residual adds and depthwise convolutions: two processes with half of a
+    batch each give one process's gradients and running statistics on the whole batch (each
+    process's own statistics would not: Adam would then carry the difference into every weight)."""
+    result = run(tmp_path, """
+        torch.manual_seed(0)
+        net = netshrink.build_model("resmobile", in_shape=(1, 8, 8))
+        x, y = train.tensors[0][:64], train.tensors[1][:64]
+        part = slice(32 * distributed.rank(), 32 * (distributed.rank() + 1))
+        runner = torch.nn.parallel.DistributedDataParallel(net)  # as fit does: DDP first, then the statistics' group
+        with distributed.batch_norm_over_processes(net):
+            torch.nn.functional.cross_entropy(runner(x[part]), y[part]).backward()
+        if distributed.is_main():
+            torch.save({**{n: p.grad for n, p in net.named_parameters()}, **dict(net.named_buffers())}, "two.pt")
+        distributed.stop()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = netshrink.load_dataset("digits", "train")
+    torch.manual_seed(0)
+    net = netshrink.build_model("resmobile", in_shape=(1, 8, 8))
+    torch.nn.functional.cross_entropy(net(train.tensors[0][:64]), train.tensors[1][:64]).backward()
+    two = torch.load(tmp_path / "two.pt")
+    one = {**{n: p.grad for n, p in net.named_parameters()}, **dict(net.named_buffers())}
+    assert any("running_var" in name for name in one)
+    for name, value in one.items():
+        assert torch.allclose(value.float(), two[name].float(), rtol=1e-4, atol=1e-6), name

@@ -77,7 +77,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         progress: bool = True, desc: str = "train", forward: Forward | None = None,
         loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
         penalty: Callable[[], torch.Tensor] | None = None, validation: Data | None = None,
-        checks: int = 10) -> dict:
+        checks: int = 10, shard: bool | None = None) -> dict:
     """Train ``model`` in place with Adam; returns ``{"steps", "seconds", "loss"}``.
 
     ``epochs`` may be fractional. Batches may be labeled or not, and inputs a tensor, a tuple or a
@@ -96,6 +96,13 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     model ends with the weights that scored best, the starting ones included. Distilling a
     lightly pruned model on text unlike the user's can lower its fidelity; this returns it as it
     was instead. The result adds ``"validation"``: ``[(step, loss), ...]``, and ``"kept_step"``.
+
+    Under several processes (``torchrun``, Ray Train), each takes its share of every batch. By
+    default each holds the whole model, its gradients and Adam's moments (DDP); ``shard=True``
+    splits them over the processes (FSDP), for a model whose training does not fit one process's
+    memory (default: as ``distributed.shard_training`` set it, False unless ``--shard``). Sharded
+    training runs on a copy, whose values come back at the end, so it refuses ``on_step`` and
+    ``penalty``, which read the model's own weights every step.
     """
 
     if not isinstance(model, nn.Module):
@@ -106,6 +113,12 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     check_number("augment", augment, integer=True)
     check_number("seed", seed, integer=True)
     check_flag("progress", progress)
+    shard = distributed.sharding() if shard is None else shard
+    check_flag("shard", shard)
+    if shard and (on_step is not None or penalty is not None):
+        raise NetshrinkError("sharded training (shard=True, --shard) trains a copy of the model: it cannot follow a step "
+                             "callback or penalty that reads the model's own weights (gradual pruning, variational "
+                             "dropout, rate-aware training); train that step without sharding")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise NetshrinkError(f"teacher must be a torch.nn.Module. Received: {type(teacher).__name__}")
     if distill is not None and not isinstance(distill, Distill):
@@ -140,7 +153,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
         model.train()
         objective = None if validation is None else _Objective(validation, batch_size, forward, teacher, distill, loss)
         return _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
-                      augment, progress, desc, forward, loss, penalty, objective, checks)
+                      augment, progress, desc, forward, loss, penalty, objective, checks, shard)
 
 
 
@@ -185,22 +198,34 @@ class _Objective:
 
 
 def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay, augment,
-           progress, desc, forward, loss_function, penalty, objective=None, checks=10) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
+           progress, desc, forward, loss_function, penalty, objective=None, checks=10, shard=False) -> dict:
+    # Several processes: each runs its share of every batch, and the gradients are averaged: by
+    # DistributedDataParallel over whole copies, or by FSDP over a copy split between them. A share's
+    # loss is weighted by its size, so the average is the batch's.
+    sharded = shard and distributed.active()
+    runner = model if not distributed.active() else distributed.sharded_copy(model) if sharded else \
+        torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    trained = runner if sharded else model  # the modules that run: the sharded copy's, or the model's
+    with distributed.batch_norm_over_processes(trained):
+        return _steps(model, runner, trained, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
+                      augment, progress, desc, forward, loss_function, penalty, objective, checks, sharded)
+
+
+def _steps(model, runner, trained, data, total, lr, batch_size, generator, teacher, distill, on_step, lr_decay,
+           augment, progress, desc, forward, loss_function, penalty, objective, checks, sharded) -> dict:
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
                  if lr_decay and total else None)
     step, started, running = 0, time.perf_counter(), float("nan")
     bar = Progress(total, desc, enabled=progress and distributed.is_main())
-    # Several processes: each runs its share of every batch through DistributedDataParallel, which
-    # averages the gradients; a share's loss is weighted by its size, so the average is the batch's.
-    runner = model if not distributed.active() else torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=True)
     history, best, kept_step = [], None, 0
     check_at = {round(total * i / checks) for i in range(1, checks + 1)} if total else set()
 
     def check() -> None:
         nonlocal best, kept_step
+        if sharded:
+            distributed.gather_into(runner, model)
         history.append((step, objective(model)))
         if best is None or history[-1][1] < best[0]:  # keep a copy of the best weights seen
             best, kept_step = (history[-1][1], copy.deepcopy(model.state_dict())), step
@@ -248,6 +273,8 @@ def _train(model, data, total, lr, batch_size, generator, teacher, distill, on_s
     bar.close()
     if step == 0:
         raise NetshrinkError("the training data yielded no batches")
+    if sharded:
+        distributed.gather_into(runner, model)
     result = {"steps": step, "seconds": time.perf_counter() - started, "loss": running}
     if objective is not None:
         if history[-1][0] != step:  # data of unknown length: the end is a check too
