@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
@@ -209,9 +210,12 @@ def _length(data: Data, batch_size: int) -> int | None:
 
 class Progress:
     """Progress of long work, suited to where it is shown: a live bar on a terminal (tqdm), and
-    on a log file or pipe a plain line at every tenth of the way, with no carriage returns."""
+    on a log file or pipe a plain line at every tenth of the way, with no carriage returns. Of
+    several processes, only the first shows it."""
 
     def __init__(self, total: int | None, desc: str, enabled: bool = True, unit: str = "step") -> None:
+        # distributed.is_main(), asked of torch.distributed itself: that module builds on this one
+        enabled = enabled and not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
         self.total, self.desc, self.next_line, self.unit = total, desc, 0.1, unit
         self.started = time.perf_counter()
         self.live = enabled and sys.stderr.isatty()

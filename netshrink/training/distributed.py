@@ -11,7 +11,7 @@ code runs either way.
   its size, so uneven shares average exactly as one batch would.
 * Calibration (GPTQ and SparseGPT Hessians, Wanda's input norms, bias correction's means,
   activation ranges and their samples) gives each process a share of the examples and combines the
-  statistics across processes.
+  statistics across processes; block reconstruction sums each block's error and gradients.
 * BatchNorm normalises by the statistics of the whole global batch (:func:`batch_norm_over_processes`).
 * ``fit(shard=True)`` splits the parameters, gradients and optimizer state over the processes (FSDP).
 * ``save`` and ``export`` write from the first process only; the others wait until the file is in place.

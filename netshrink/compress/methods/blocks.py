@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 
 from ..calibration import _Reached, _run, calls_in_order, real_positions, split, take
 from ...errors import NetshrinkError
-from ...training.batches import Inputs, Progress, eval_mode
+from ...training import distributed
+from ...training.batches import Inputs, Progress, batch_length, eval_mode
 from .base import Report, keep_mask, replace_weight, tied_weights, transforms, weight_source
 from .grid import FixedGrid, expand, levels
 
@@ -271,8 +272,8 @@ def _error(block: nn.Module, inputs: list, targets: list, batches: list[Inputs])
         for (args, kwargs), target, batch in zip(inputs, targets, batches):
             out = real_positions(first_tensor(block(*args, **kwargs)), batch)
             goal = real_positions(target, batch)
-            total += float((out - goal).square().sum())
-            energy += float(goal.square().sum())
+            total += float(_summed((out - goal).square().sum()))
+            energy += float(_summed(goal.square().sum()))
     return total / max(energy, 1e-30)
 
 
@@ -296,7 +297,7 @@ def with_blocks(model: nn.Module, solve: Callable[[], Report], calibration, *, s
     layers = tuned if tuned is not None else {name: modules[name] for name, _ in report.changed if name in modules}
     changed = {name: layer for name, layer in layers.items()
                if id(weight_source(layer)) not in tied}  # a shared weight would have two targets
-    kept = split(take(calibration, samples, batch_size), batch_size)
+    kept = _shares(split(take(calibration, samples, batch_size), batch_size))
     if steps:
         done = reconstruct(model, reference, changed, kept, steps=steps, desc=f"{desc} blocks")
         report.changed += [(f"{name} (block)", detail) for name, detail in done]
@@ -308,6 +309,21 @@ def with_blocks(model: nn.Module, solve: Callable[[], Report], calibration, *, s
         report.notes.append(f"end-to-end tuning of scales, biases and norms: {end_to_end} batches, "
                             f"{time.perf_counter() - started:.0f}s")
     return report
+
+
+def _shares(kept: list[Inputs]) -> list[Inputs]:
+    """This process's share of each batch. Several processes each tune on a share, and the errors
+    and gradients are summed over them, so every process takes the steps one process would on the
+    whole batches and holds half (a third, ...) of the block's inputs. A batch too small to share is
+    left out, by every process alike."""
+    if not distributed.active():
+        return kept
+    return [distributed.share(b) for b in kept if batch_length(b) >= distributed.world_size()]
+
+
+def _summed(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the processes (each holding a share of the batch); as it is in one."""
+    return distributed.all_reduce(value.detach().clone()) if distributed.active() else value
 
 
 def reconstruct(model: nn.Module, reference: nn.Module, layers: Mapping[str, nn.Module], batches: list[Inputs],
@@ -383,10 +399,10 @@ def _tune(block, tuning: _Tuning, inputs, targets, batches, steps: int, lr: floa
         args, kwargs = inputs[i]
         out = real_positions(first_tensor(block(*args, **kwargs)), batches[i])
         goal = real_positions(targets[i], batches[i])
-        loss = (out - goal).square().sum() / goal.square().sum().clamp(min=1e-30)
+        loss = (out - goal).square().sum() / _summed(goal.square().sum()).clamp(min=1e-30)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g if g is not None else torch.zeros_like(p)
+        for p, g in zip(params, grads):  # several processes: the gradient of the whole batch's error
+            p.grad = _summed(g if g is not None else torch.zeros_like(p))
         rate = lr * (1 - step / steps)  # linear decay, as AutoRound
         for _, _, tuned, _ in tuning.grids:
             tuned.step(rate)
