@@ -202,3 +202,27 @@ def test_tiny_bert_int8_projections_use_one_fused_kernel_with_the_same_values(ti
     assert np.allclose(outputs[0], outputs[1], atol=1e-4)  # the QDQ graph, as ONNX Runtime runs it, is the reference
     with pytest.raises(netshrink.NetshrinkError, match="portable"):
         netshrink.export(tiny_bert, tmp_path / "x.onnx", example_inputs=data[0], int8=True, portable="yes")
+
+
+def test_inputs_follow_the_model_to_its_device():
+    """Data read on the CPU reaches a model on another device (the meta device stands in for a GPU
+    here): tensors, tuples and dicts of them are moved before the model runs, labels to the output's."""
+    from netshrink.training.batches import call
+
+    model = nn.Linear(4, 3).to("meta")
+    assert call(model, torch.ones(2, 4)).device.type == "meta"
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, features, mask):
+            return self.linear(features) * mask
+
+    keywords = Keywords().to("meta")
+    assert call(keywords, {"features": torch.ones(2, 4), "mask": torch.ones(2, 1)}).device.type == "meta"
+    assert call(keywords, (torch.ones(2, 4), torch.ones(2, 1))).device.type == "meta"
+    cpu = nn.Linear(4, 3)
+    x = torch.ones(2, 4)
+    assert torch.equal(call(cpu, x), cpu(x))  # already there: unchanged

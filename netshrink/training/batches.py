@@ -30,10 +30,30 @@ Forward = Callable[[nn.Module, Inputs], torch.Tensor]  # how to get the output t
 LABEL_KEYS = ("labels", "label")
 
 
+def on_device_of(model: nn.Module, inputs: Inputs) -> Inputs:
+    """``inputs`` (a tensor, a tuple or list, or a dict of them) on the device of ``model``'s
+    parameters: data read on the CPU reaches a model a user put on a GPU. Unchanged when already there."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return inputs
+    device = parameter.device
+
+    def moved(value):
+        return value.to(device) if torch.is_tensor(value) and value.device != device else value
+
+    if isinstance(inputs, Mapping):
+        return {key: moved(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(moved(value) for value in inputs)
+    return moved(inputs)
+
+
 def call(model: nn.Module, inputs: Inputs):
     """Run ``model`` on one batch's inputs: a tensor, a tuple or list (positional arguments), or a
     dict (keyword arguments, e.g. a tokenizer's ``input_ids`` and ``attention_mask``; or the dict
-    itself, for a model whose forward takes one, as a ``SentenceTransformer``'s does)."""
+    itself, for a model whose forward takes one, as a ``SentenceTransformer``'s does), moved to the
+    model's device first."""
+    inputs = on_device_of(model, inputs)
     if isinstance(inputs, Mapping):
         return model(dict(inputs)) if takes_one_dict(type(model)) else model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -257,7 +277,7 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 1000, forward: Forw
     labels = [y for _, y in batches(data, batch_size, checked=True)]  # predict checked the data
     if any(y is None for y in labels):
         raise NetshrinkError("evaluate needs labeled data")
-    labels = torch.cat(labels)
+    labels = torch.cat(labels).to(logits.device)
     if logits.dim() != 2 or len(logits) != len(labels):
         raise NetshrinkError(f"evaluate needs class scores [N, classes] and one label per input. Received: "
                              f"outputs {tuple(logits.shape)}, {len(labels)} labels")

@@ -161,6 +161,8 @@ def _objective(output: torch.Tensor, teacher_output: torch.Tensor | None, labels
                distill: Distill | None, loss_function) -> torch.Tensor:
     """What ``fit`` minimises on one batch, without the penalty: the distillation loss when there
     is a teacher's output, else ``loss_function``, else cross-entropy on the labels."""
+    if labels is not None and labels.device != output.device:  # labels read on the CPU, a model on a GPU
+        labels = labels.to(output.device)
     if teacher_output is not None:
         return distill.loss(output, teacher_output, labels)
     if loss_function is not None:
