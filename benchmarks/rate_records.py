@@ -41,6 +41,7 @@ import yaml
 import netshrink
 from auto_compression import dense_model, split  # benchmarks/ (scripts run from this folder's path)
 from common import command_line, write_results
+from netshrink.deploy.machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 # Test error (%) each model must stay within, the ratio to beat, and the published (ratio, error %) points.
@@ -53,6 +54,7 @@ TARGETS = {
         "Deep Compression (2016)": (40, 1.58), "Soft weight-sharing (2017)": (64, 1.94),
         "EPR (Oktay et al., 2019)": (124, 1.9), "netshrink auto (variational)": (100.1, 1.54)}},
 }
+DEFAULT_EPOCHS = 10  # rate-aware training epochs per run
 DEFAULT_RUNS = {"lenet-5": ["dense:0.1", "auto:0.1"], "lenet-300-100": ["dense:0.1", "dense:0.3", "auto:0.1"]}
 
 
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", help="start:tradeoff (start: dense, auto or auto/K: "
                         "auto's pruning keeping K times fewer weights; tradeoff: loss per kilobyte), "
                         "MODEL=start:tradeoff for one model only; default per model")
-    parser.add_argument("--epochs", type=float, default=10, help="rate-aware training epochs per run")
+    parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="rate-aware training epochs per run")
     parser.add_argument("--dense-epochs", type=float, default=30)
     parser.add_argument("--cache", type=Path, help="keep dense models here between runs")
     parser.add_argument("--output", type=Path, default=RESULTS / "rate_records.md")
@@ -124,7 +126,7 @@ def main() -> None:
     fit_data, validation = split(train, 6000, 0)
     lines = ["# Rate-aware training on LeNet-5 and LeNet-300-100: file bytes against test error", "",
              command_line(__file__),
-             f"Machine: 2 CPU threads, torch {torch.__version__}. Dense models train on 54,000 MNIST images; the "
+             f"Machine: {describe()}; 2 CPU threads, torch {torch.__version__}. {args.epochs:g} rate-aware epochs per run. Dense models train on 54,000 MNIST images; the "
              "record is the smallest file within the target on the other 6,000 (validation); the test split is "
              "only reported. Bytes are whole `.nsk` files on disk; ratio = 4 bytes per parameter / file bytes.", ""]
     runs = {}
@@ -157,7 +159,8 @@ def main() -> None:
             # the rate steps continue the recipe: they distil from the dense model, as one run would
             netshrink.Recipe.from_steps(rest).run(model, fit_data, progress=True, teacher=dense)
             seconds = (starts[start][1], time.perf_counter() - started)
-            path = scratch / f"{name}-{start.replace('/', '_')}-{tradeoff:g}.nsk"
+            longer = f"-{args.epochs:g}ep" if args.epochs != DEFAULT_EPOCHS else ""  # beside, not over, default runs
+            path = scratch / f"{name}-{start.replace('/', '_')}-{tradeoff:g}{longer}.nsk"
             netshrink.save(model, path)
             size = path.stat().st_size
             (RESULTS / "rate").mkdir(exist_ok=True)
@@ -181,8 +184,8 @@ def main() -> None:
             mark = " **(chosen)**" if r is chosen else ""
             lines.append(f"| {r['start']} | {r['tradeoff']:g}{mark} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['validation']:.2f}% | "
                          f"{r['test']:.2f}% | {', '.join(f'{k} {v:,}' for k, v in r['nonzero'].items())} | {r['seconds'][0]:.0f} + {r['seconds'][1]:.0f} s |")
-        lines += ["", f"Every run's file: `benchmarks/results/rate/{name}-<start>-<trade-off>.nsk` ('/' in a start "
-                  "written '_')."]
+        lines += ["", f"Every run's file: `benchmarks/results/rate/{name}-<start>-<trade-off>[-<epochs>ep].nsk` ('/' "
+                  f"in a start written '_'; epochs named when not {DEFAULT_EPOCHS:g})."]
         if "also" in target:
             near = [r for r in rows if r["validation"] <= target["also"]]
             best = min(near, key=lambda r: r["bytes"]) if near else None
