@@ -90,7 +90,7 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with several processes (torchrun or --ray): split the model, its gradients and Adam's "
                              "state between them while training (FSDP) instead of a whole copy in each (DDP), for a "
                              "model whose training does not fit one process; not for steps that prune gradually or "
-                             "learn sparsity")
+                             "learn sparsity, and train keeps no per-epoch checkpoint with it")
     parser.add_argument("--workers", type=POSITIVE_INT, metavar="N",
                         help="with --ray: this many processes, sharing the cluster's CPUs evenly (default: one per "
                              "node, each with as many threads as the narrowest node has CPUs)")
@@ -458,6 +458,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .training import distributed
     from .training.batches import check_model_fits, hold_out
 
     _outputs(args, args.output)
@@ -479,8 +480,10 @@ def cmd_train(args) -> int:
             netshrink.save(model, partial, info={**info, "epochs_done": done + step // per_epoch, "seed": args.seed})
 
     try:
+        # Sharded training brings the weights back only at its end: no model to keep after each epoch.
         result = netshrink.fit(model, fitted, epochs=args.epochs - done, lr=args.lr, batch_size=args.batch_size,
-                     seed=args.seed + done, augment=args.augment, on_step=checkpoint)
+                               seed=args.seed + done, augment=args.augment,
+                               on_step=None if distributed.sharding() and distributed.active() else checkpoint)
     except KeyboardInterrupt:
         if partial.exists():
             sys.stderr.write(f"the model after its last whole epoch is in {partial}: run the same command with "

@@ -115,7 +115,7 @@ def fit(model: nn.Module, data: Data, *, epochs: float = 1, lr: float = 1e-3, ba
     check_flag("progress", progress)
     shard = distributed.sharding() if shard is None else shard
     check_flag("shard", shard)
-    if shard and (on_step is not None or penalty is not None):
+    if shard and distributed.active() and (on_step is not None or penalty is not None):
         raise NetshrinkError("sharded training (shard=True, --shard) trains a copy of the model: it cannot follow a step "
                              "callback or penalty that reads the model's own weights (gradual pruning, variational "
                              "dropout, rate-aware training); train that step without sharding")
