@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import NetshrinkError
-from ..training.ray_cluster import check_address_value, connect, fits_threads
+from ..training.ray_cluster import check_address_value, connect, failed_on_cluster, fits_threads
 
 
 def _with_threads(function: Callable, threads: int, shared, job):
@@ -69,5 +69,4 @@ class Runner:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, NetshrinkError):
                 raise NetshrinkError(str(cause)) from None
-            detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
-            raise NetshrinkError(f"a run on the Ray cluster failed: {type(cause).__name__}: {detail}") from None
+            raise NetshrinkError(failed_on_cluster("a run", cause)) from None

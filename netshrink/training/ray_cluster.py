@@ -83,17 +83,25 @@ def check_address_value(address) -> None:
                              f"'ray://host:10001'. Received: address={address!r}")
 
 
-def check_address(address: str | None, threads: int | None = None, extra: str = "") -> float | None:
+def check_address(address: str | None, threads: int | None = None) -> float | None:
     """Before any long work: refuse an address that is not one, one Ray is not installed to reach,
     one where nothing answers (in seconds, not after Ray's minute of retries), or a cluster with no
     node that can run a task of ``threads`` CPUs. Returns the cluster's CPUs (None without an
     address; for ``"local"``, this machine's, the cluster being started when the work is)."""
     if address is None:
         return None
-    check_address_value(address)
-    import_ray(address, extra)
+    _check_reachable(address)
     if address == "local":
         return float(os.cpu_count() or 1)
+    with connect(address) as ray:
+        return fits_threads(ray, threads or torch.get_num_threads())
+
+
+def _check_reachable(address, extra: str = "") -> None:
+    """An address that is one, Ray (and ``ray.<extra>``) installed, and a head that answers when the
+    address names one: checked in seconds, before Ray's minute of retries."""
+    check_address_value(address)
+    import_ray(address, extra)
     head = _head(address)
     if head is not None:
         try:
@@ -102,8 +110,6 @@ def check_address(address: str | None, threads: int | None = None, extra: str = 
             raise NetshrinkError(f"nothing answers at {address} ({exc.strerror or exc}): start the cluster there "
                                  "(`ray start --head --port PORT`) or give its address ('auto' on one of its "
                                  "machines, host:port of its head, or ray://host:10001)") from None
-    with connect(address) as ray:
-        return fits_threads(ray, threads or torch.get_num_threads())
 
 
 def _node_cpus(ray) -> list[float]:
@@ -179,8 +185,8 @@ def run_processes(function: Callable, *arguments, address: str, workers: int | N
     check_address_value(address)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise NetshrinkError(f"workers must be a whole number of processes, 1 or more. Received: workers={workers!r}")
-    check_address(address, threads=1, extra="train")
-    with connect(address) as ray:
+    _check_reachable(address, extra="train")
+    with connect(address) as ray:  # once: _placement checks the cluster's CPUs
         from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Empty, Queue
@@ -225,8 +231,12 @@ def _failure(exc: Exception) -> str:
         return f"the job on the Ray cluster failed: {first_line(exc, None)}"
     rank = min(failures)
     cause = failures[rank]
-    if isinstance(cause, NetshrinkError):
-        return f"process {rank}: {cause}"
-    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    return f"process {rank} on the Ray cluster failed: {type(cause).__name__}: {detail}"
+    return f"process {rank}: {cause}" if isinstance(cause, NetshrinkError) else failed_on_cluster(f"process {rank}", cause)
+
+
+def failed_on_cluster(who: str, cause: BaseException | None) -> str:
+    """One line for an error other than netshrink's raised on the cluster: its type and first line."""
+    text = str(cause).strip() if cause is not None else ""
+    detail = text.splitlines()[0] if text else ""
+    return f"{who} on the Ray cluster failed: {type(cause).__name__}: {detail}"
 

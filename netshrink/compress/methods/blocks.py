@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..calibration import _Reached, _run, calls_in_order, real_positions, split, take
+from ..calibration import _Reached, _run, calls_in_order, real_positions, shares, split, take
 from ...errors import NetshrinkError
 from ...training import distributed
 from ...training.batches import Inputs, Progress, batch_length, eval_mode
@@ -267,13 +267,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _error(block: nn.Module, inputs: list, targets: list, batches: list[Inputs]) -> float:
     """The block's squared output error over the calibration set, relative to the targets' energy."""
-    total = energy = 0.0
+    sums = torch.zeros(2, dtype=torch.float64)  # error, energy: moved to the outputs' device by the first sum
     with torch.no_grad():
         for (args, kwargs), target, batch in zip(inputs, targets, batches):
             out = real_positions(first_tensor(block(*args, **kwargs)), batch)
             goal = real_positions(target, batch)
-            total += float(_summed((out - goal).square().sum()))
-            energy += float(_summed(goal.square().sum()))
+            sums = sums.to(goal.device) + torch.stack([(out - goal).square().sum(), goal.square().sum()]).double()
+    total, energy = _summed(sums).tolist()  # several processes: one exchange for the whole set
     return total / max(energy, 1e-30)
 
 
@@ -316,9 +316,7 @@ def _shares(kept: list[Inputs]) -> list[Inputs]:
     and gradients are summed over them, so every process takes the steps one process would on the
     whole batches and holds half (a third, ...) of the block's inputs. A batch too small to share is
     left out, by every process alike."""
-    if not distributed.active():
-        return kept
-    return [distributed.share(b) for b in kept if batch_length(b) >= distributed.world_size()]
+    return shares([b for b in kept if batch_length(b) >= distributed.world_size()], summed=True)
 
 
 def _summed(value: torch.Tensor) -> torch.Tensor:
